@@ -1,0 +1,239 @@
+"""The one way the agent runs external programs: argv lists on the reactor, never a shell."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterable, Iterable, Mapping
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_MAX_ERROR_OUTPUT = 4096
+KILL_GRACE = 10.0
+
+
+def _tail(data: bytes) -> str:
+    text = data.decode("utf-8", "replace")
+    return text if len(text) <= _MAX_ERROR_OUTPUT else "..." + text[-_MAX_ERROR_OUTPUT:]
+
+
+class ProcessExecutionError(Exception):
+    """A program failed: it exited badly, was killed, timed out or could not be found."""
+
+    def __init__(self, argv: Iterable[str], exit_code: int | None, stdout: bytes,
+                 stderr: bytes, reason: str = "") -> None:
+        self.argv = tuple(argv)
+        self.exit_code = exit_code
+        self.stdout = stdout
+        self.stderr = stderr
+        self.reason = reason or (f"exit code {exit_code}" if exit_code is not None
+                                 else "killed by a signal")
+        super().__init__(self.argv, exit_code, stderr)
+
+    def __str__(self) -> str:
+        return (f"Command {' '.join(self.argv)!r} failed ({self.reason}). "
+                f"stdout: {_tail(self.stdout)!r}; stderr: {_tail(self.stderr)!r}")
+
+
+class CommandNotFoundError(ProcessExecutionError):
+    """The program is not installed (not on PATH)."""
+
+    def __init__(self, argv: Iterable[str]) -> None:
+        argv = tuple(argv)
+        super().__init__(argv, None, b"", b"", reason=f"{argv[0]} not found on PATH")
+
+
+class ProcessTimeoutError(ProcessExecutionError):
+    """The program ran past its timeout and was killed."""
+
+
+@implementer(IPushProducer)
+class _Collector(ProcessProtocol):
+    """Gathers a child's output and feeds its stdin, honouring the pipe's backpressure."""
+
+    def __init__(self, ended: Deferred[tuple[int | None, bytes, bytes]]) -> None:
+        self._ended = ended
+        self._out: list[bytes] = []
+        self._err: list[bytes] = []
+        self._writable: Deferred[None] | None = None
+        self.finished = False
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        (self._out if childFD == 1 else self._err).append(data)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.finished = True
+        if self._writable is not None:
+            waiting, self._writable = self._writable, None
+            waiting.callback(None)
+        if isinstance(reason.value, (ProcessDone, ProcessTerminated)):
+            code = reason.value.exitCode
+        else:  # pragma: no cover - Twisted only delivers the two above
+            code = None
+        if not self._ended.called:
+            self._ended.callback((code, b"".join(self._out), b"".join(self._err)))
+
+    # IPushProducer, registered on the child's stdin pipe while we stream into it.
+    def pauseProducing(self) -> None:
+        if self._writable is None:
+            self._writable = Deferred()
+
+    def resumeProducing(self) -> None:
+        if self._writable is not None:
+            waiting, self._writable = self._writable, None
+            waiting.callback(None)
+
+    def stopProducing(self) -> None:
+        self.finished = True
+        self.resumeProducing()
+
+    async def feed(self, chunks: AsyncIterable[bytes]) -> None:
+        """Write ``chunks`` to the child's stdin, waiting while its pipe is full."""
+        assert self.transport is not None
+        stdin = getattr(self.transport, "pipes", {}).get(0)
+        if stdin is not None:
+            stdin.registerProducer(self, True)
+        try:
+            async for chunk in chunks:
+                if self.finished:
+                    break
+                self.transport.write(chunk)
+                if self._writable is not None:
+                    await self._writable
+        finally:
+            if stdin is not None and not self.finished:
+                stdin.unregisterProducer()
+            if not self.finished:
+                self.transport.closeStdin()
+
+
+class ProcessRunner:
+    """Runs programs as reactor children and gives their output as Deferreds."""
+
+    log = Logger()
+
+    def __init__(self, reactor: IReactorProcess, clock: IReactorTime,
+                 base_env: Mapping[str, str] | None = None) -> None:
+        self._reactor, self._clock = reactor, clock
+        # With no env, spawnProcess gives the child an EMPTY environment on POSIX.
+        self._env = dict(base_env) if base_env is not None else {
+            "PATH": os.environ.get("PATH") or DEFAULT_PATH, "LC_ALL": "C", "LANG": "C"}
+
+    def which(self, name: str) -> str | None:
+        """The full path of ``name`` on the runner's PATH, or None."""
+        if os.sep in name:
+            return name if os.access(name, os.X_OK) else None
+        return shutil.which(name, path=self._env.get("PATH", DEFAULT_PATH))
+
+    def execute(self, *argv: str, timeout: float | None = 60.0,
+                env: Mapping[str, str] | None = None,
+                stdin: bytes | AsyncIterable[bytes] | None = None,
+                check_exit_code: bool | Iterable[int] = True,
+                log_argv: Iterable[str] | None = None) -> Deferred[tuple[bytes, bytes]]:
+        """Run ``argv`` and fire with ``(stdout, stderr)``.
+
+        ``timeout`` (seconds, None for none) kills the child and fails with
+        ProcessTimeoutError. ``env`` is added to the base environment. ``stdin`` is written to
+        the child and then closed (else it is closed at once). ``check_exit_code`` is True
+        (only 0 is success), False (any exit is success) or the accepted codes. ``log_argv``
+        replaces argv in logs and errors when argv holds a secret.
+        """
+        return Deferred.fromCoroutine(self._execute(
+            tuple(argv), timeout, env, stdin, check_exit_code,
+            tuple(log_argv) if log_argv is not None else None))
+
+    async def _execute(self, argv: tuple[str, ...], timeout: float | None,
+                       env: Mapping[str, str] | None,
+                       stdin: bytes | AsyncIterable[bytes] | None,
+                       check_exit_code: bool | Iterable[int],
+                       log_argv: tuple[str, ...] | None) -> tuple[bytes, bytes]:
+        shown = log_argv or argv
+        if not argv:
+            raise ValueError("execute() needs a program to run")
+        executable = self.which(argv[0])
+        if executable is None:
+            self.log.debug("Not running {argv}: {program} not found", argv=shown,
+                           program=argv[0])
+            raise CommandNotFoundError(shown)
+        child_env = dict(self._env)
+        if env:
+            child_env.update(env)
+        started = self._clock.seconds()
+        timed_out = False
+        grace: list[Any] = []
+
+        def kill(_: object = None) -> None:
+            try:
+                process.signalProcess("KILL")
+            except Exception:  # already gone
+                pass
+
+        # Cancelling (the caller gave up) kills the child; the timeout kills it and then
+        # waits a little for it to be reaped, so no child outlives its command.
+        ended: Deferred[tuple[int | None, bytes, bytes]] = Deferred(kill)
+        collector = _Collector(ended)
+        self.log.debug("Running {argv}", argv=shown)
+        process = self._reactor.spawnProcess(collector, executable, argv, child_env)
+        feeding: Deferred[None] | None = None
+        if stdin is None:
+            process.closeStdin()
+        elif isinstance(stdin, bytes):
+            process.write(stdin)
+            process.closeStdin()
+        else:
+            feeding = Deferred.fromCoroutine(collector.feed(stdin))
+
+        def expire() -> None:
+            nonlocal timed_out
+            timed_out = True
+            kill()
+            # A child stuck in the kernel may not die: stop waiting for it after a grace.
+            grace.append(self._clock.callLater(
+                KILL_GRACE, lambda: ended.called or ended.cancel()))
+
+        expiry = self._clock.callLater(timeout, expire) if timeout is not None else None
+        try:
+            code, out, err = await ended
+        except CancelledError:
+            if timed_out:
+                raise ProcessTimeoutError(shown, None, b"", b"",
+                                          reason=f"timed out after {timeout} s; the "
+                                          f"child did not die within {KILL_GRACE} s")
+            raise
+        finally:
+            for call in [expiry, *grace]:
+                if call is not None and call.active():
+                    call.cancel()
+            if feeding is not None and not feeding.called:
+                feeding.cancel()
+        if timed_out:
+            self.log.debug("Killed {argv} after {timeout}s", argv=shown, timeout=timeout)
+            raise ProcessTimeoutError(shown, code, out, err, reason=f"timed out after {timeout} s")
+        self.log.debug("Ran {argv}: exit {code} in {elapsed:.3f}s", argv=shown, code=code,
+                       elapsed=self._clock.seconds() - started)
+        if check_exit_code is True:
+            ok = code == 0
+        elif check_exit_code is False:
+            ok = True
+        else:
+            ok = code in set(check_exit_code)
+        if not ok:
+            raise ProcessExecutionError(shown, code, out, err)
+        return out, err
+
+    async def try_execute(self, *argv: str, **kwargs: Any) -> tuple[bytes, bytes] | None:
+        """Like ``execute`` but None (logged at debug) instead of an error."""
+        try:
+            return await self.execute(*argv, **kwargs)
+        except ProcessExecutionError as e:
+            self.log.debug("{argv} failed: {error}", argv=argv, error=str(e))
+            return None

@@ -1,0 +1,174 @@
+"""The process runner: exit codes, timeouts that kill, environment, stdin, real children."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from ipa_twisted.process import (CommandNotFoundError, ProcessExecutionError, ProcessRunner,
+                                 ProcessTimeoutError)
+
+
+class FakeProcessReactor:
+    """spawnProcess records; the test plays the child."""
+
+    def __init__(self) -> None:
+        self.children: list[ProcessProtocol] = []
+        self.spawned: list[tuple[str, tuple[str, ...], dict[str, str]]] = []
+        self.signals: list[str] = []
+        self.stdin: list[bytes] = []
+        self.stdin_closed = 0
+
+    def spawnProcess(self, protocol: ProcessProtocol, executable: str, args: Any,
+                     env: Any = None, **kw: Any) -> FakeProcessReactor:
+        protocol.makeConnection(self)  # type: ignore[arg-type]
+        self.children.append(protocol)
+        self.spawned.append((executable, tuple(args), dict(env)))
+        return self
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+    def write(self, data: bytes) -> None:
+        self.stdin.append(data)
+
+    def closeStdin(self) -> None:
+        self.stdin_closed += 1
+
+
+class ProcessRunnerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.fake, self.clock = FakeProcessReactor(), Clock()
+        self.runner = ProcessRunner(self.fake, self.clock,  # type: ignore[arg-type]
+                                    base_env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+
+    def test_success_gives_output(self) -> None:
+        done = self.runner.execute("true")
+        child = self.fake.children[0]
+        child.childDataReceived(1, b"out")
+        child.childDataReceived(2, b"err")
+        child.processEnded(Failure(ProcessDone(0)))
+        self.assertEqual(self.successResultOf(done), (b"out", b"err"))
+        self.assertEqual(self.fake.stdin_closed, 1)
+
+    def test_bad_exit_carries_argv_code_and_output(self) -> None:
+        failed = self.runner.execute("false", "--flag")
+        child = self.fake.children[0]
+        child.childDataReceived(1, b"partial")
+        child.childDataReceived(2, b"nope")
+        child.processEnded(Failure(ProcessTerminated(exitCode=3)))
+        error = self.failureResultOf(failed, ProcessExecutionError).value
+        self.assertEqual((error.argv, error.exit_code, error.stdout, error.stderr),
+                         (("false", "--flag"), 3, b"partial", b"nope"))
+        self.assertIn("exit code 3", str(error))
+
+    def test_accepted_exit_codes(self) -> None:
+        done = self.runner.execute("false", check_exit_code=[0, 3])
+        self.fake.children[0].processEnded(Failure(ProcessTerminated(exitCode=3)))
+        self.successResultOf(done)
+        anything = self.runner.execute("false", check_exit_code=False)
+        self.fake.children[1].processEnded(Failure(ProcessTerminated(exitCode=9)))
+        self.successResultOf(anything)
+
+    def test_timeout_kills(self) -> None:
+        hung = self.runner.execute("sleep", "9", timeout=5)
+        self.clock.advance(4.9)
+        self.assertNoResult(hung)
+        self.clock.advance(0.1)
+        self.assertEqual(self.fake.signals, ["KILL"])
+        self.assertNoResult(hung)  # waits for the child to be reaped
+        self.fake.children[0].processEnded(Failure(ProcessTerminated(signal=9)))
+        error = self.failureResultOf(hung, ProcessTimeoutError).value
+        self.assertIn("timed out after 5", str(error))
+
+    def test_unkillable_child_gives_up_after_grace(self) -> None:
+        hung = self.runner.execute("sleep", "9", timeout=5)
+        self.clock.advance(5)
+        self.assertNoResult(hung)
+        self.clock.advance(10)
+        self.failureResultOf(hung, ProcessTimeoutError)
+
+    def test_cancel_kills(self) -> None:
+        running = self.runner.execute("sleep", "9")
+        running.cancel()
+        self.assertEqual(self.fake.signals, ["KILL"])
+        self.failureResultOf(running)
+
+    def test_missing_program(self) -> None:
+        failure = self.failureResultOf(self.runner.execute("no-such-program-xyz"),
+                                       CommandNotFoundError)
+        self.assertIn("no-such-program-xyz not found", str(failure.value))
+        self.assertEqual(self.fake.children, [])
+
+    def test_environment_is_explicit(self) -> None:
+        self.runner.execute("true", env={"EXTRA": "1"})
+        _, argv, env = self.fake.spawned[0]
+        self.assertEqual(env, {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "EXTRA": "1"})
+        self.assertEqual(argv, ("true",))
+
+    def test_stdin_bytes(self) -> None:
+        self.runner.execute("cat", stdin=b"data")
+        self.assertEqual((self.fake.stdin, self.fake.stdin_closed), ([b"data"], 1))
+
+    def test_logs_argv_and_exit_code_at_debug(self) -> None:
+        with capturedLogs() as events:
+            done = self.runner.execute("true", "x")
+            self.fake.children[0].processEnded(Failure(ProcessDone(0)))
+        self.successResultOf(done)
+        ran = [e for e in events if e.get("code") == 0]
+        self.assertEqual(ran[0]["argv"], ("true", "x"))
+        self.assertEqual(ran[0]["log_level"].name, "debug")
+
+    def test_log_argv_hides_secrets(self) -> None:
+        with capturedLogs() as events:
+            failed = self.runner.execute("true", "s3cret", log_argv=["true", "***"])
+            self.fake.children[0].processEnded(Failure(ProcessTerminated(exitCode=1)))
+        error = self.failureResultOf(failed, ProcessExecutionError).value
+        self.assertNotIn("s3cret", str(error) + repr(events))
+
+
+class RealProcessTests(TestCase):
+    """Real children on this machine's reactor."""
+
+    def setUp(self) -> None:
+        self.runner = ProcessRunner(reactor, reactor)
+
+    async def test_output_and_exit(self) -> None:
+        out, err = await self.runner.execute(
+            sys.executable, "-c", "import sys; print('hi'); sys.stderr.write('e')")
+        self.assertEqual((out, err), (b"hi\n", b"e"))
+        with self.assertRaises(ProcessExecutionError) as caught:
+            await self.runner.execute(sys.executable, "-c", "raise SystemExit(4)")
+        self.assertEqual(caught.exception.exit_code, 4)
+
+    async def test_timeout_kills_real_child(self) -> None:
+        with self.assertRaises(ProcessTimeoutError):
+            await self.runner.execute(sys.executable, "-c", "import time; time.sleep(60)",
+                                      timeout=0.5)
+
+    async def test_large_stdin_stream_with_backpressure(self) -> None:
+        chunk = b"x" * 65536
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(256):  # 16 MiB through a 64 KiB pipe
+                yield chunk
+
+        out, _ = await self.runner.execute(
+            sys.executable, "-c",
+            "import sys; n=0\nwhile True:\n b=sys.stdin.buffer.read(1<<20)\n"
+            " if not b: break\n n+=len(b)\nprint(n)", stdin=chunks(), timeout=60)
+        self.assertEqual(int(out), 256 * 65536)
+
+    async def test_no_environment_leaks(self) -> None:
+        out, _ = await self.runner.execute(sys.executable, "-c",
+                                           "import os; print(sorted(os.environ))")
+        self.assertEqual(out.strip(), b"['LANG', 'LC_ALL', 'PATH']")
