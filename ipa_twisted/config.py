@@ -1,0 +1,579 @@
+"""The agent's configuration: one immutable AgentConfig, merged from every source.
+
+Sources, later wins: built-in defaults < config files (``[DEFAULT]`` and the reference agent's
+other sections) < kernel command line ``ipa-*`` parameters < virtual media parameters < the
+command-line flags. Lookup data and mDNS may override a few options later through
+``AgentConfig.override``.
+
+Each field's metadata says where it comes from: ``section`` (INI section, default
+``DEFAULT``), ``name`` (its name in that section, default the field name), ``kernel`` (the
+kernel parameter, default ``ipa-`` + name with dashes; ``False`` for none), ``secret``,
+``choices``, ``minimum``/``maximum`` (numbers) and ``url`` (``mdns`` or an http(s) URL), and
+``help``. ``load_config`` merges the sources; ``render_docs`` documents them.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import glob
+import math
+import os
+import re
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+
+def _opt(default: Any, help: str, *, section: str = "DEFAULT", name: str | None = None,
+         kernel: str | None | bool = None, secret: bool = False,
+         choices: tuple[str, ...] | None = None, minimum: float | None = None,
+         maximum: float | None = None, url: bool = False) -> Any:
+    """Declare one option; ``kernel=False`` means no kernel parameter sets it.
+
+    Numeric options are non-negative unless ``minimum`` says otherwise.
+    """
+    numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+    if numeric and minimum is None:
+        minimum = 0
+    return field(default=default, metadata={
+        "help": help, "section": section, "name": name, "kernel": kernel,
+        "secret": secret, "choices": choices, "minimum": minimum, "maximum": maximum,
+        "url": url})
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Every option the agent reads, with the reference agent's names and defaults."""
+
+    # -- Ironic and the API ---------------------------------------------------------------
+    api_url: str | None = _opt(None, "URL of the Ironic API, or 'mdns' to discover it.",
+                                url=True)
+    global_request_id: str | None = _opt(None, "Request ID sent with every Ironic request.")
+    listen_host: str = _opt("::", "Host (address) the API listens on.")
+    listen_port: int = _opt(9999, "Port the API listens on.", minimum=1, maximum=65535)
+    listen_tls: bool = _opt(False, "Serve the API over TLS with [ssl] cert_file/key_file.")
+    enable_auto_tls: bool = _opt(True, "Generate a self-signed certificate when Ironic "
+                                 "supports API 1.68 and no manual TLS is set.")
+    advertise_host: str | None = _opt(None, "Address sent to Ironic in heartbeats; found "
+                                      "from the route to Ironic when unset.")
+    advertise_port: int = _opt(9999, "Port sent to Ironic in heartbeats.", minimum=1,
+                                maximum=65535)
+    advertise_protocol: str = _opt("http", "Protocol sent to Ironic in heartbeats.",
+                                   choices=("http", "https"))
+    ip_lookup_attempts: int = _opt(6, "Attempts to find an advertise address.", minimum=1)
+    ip_lookup_sleep: float = _opt(10.0, "Seconds between advertise address attempts.",
+                                   kernel="ipa-ip-lookup-timeout")
+    network_interface: str | None = _opt(None, "Interface whose address is advertised.")
+    lookup_timeout: float = _opt(300.0, "Seconds to keep trying to look up the node.")
+    lookup_interval: float = _opt(1.0, "Initial seconds between lookup attempts.")
+    heartbeat_timeout: float = _opt(300.0, "Ironic's heartbeat timeout until lookup says "
+                                    "otherwise; beats come every 0.3-0.6 of it.")
+    standalone: bool = _opt(False, "No lookup and no heartbeats (debugging, passive mode).")
+    agent_token: str | None = _opt(None, "Pre-shared agent token (else from lookup).",
+                                   secret=True)
+    agent_token_required: bool = _opt(False, "Deprecated: tokens are always checked once "
+                                      "known.")
+    hardware_initialization_delay: float = _opt(0.0, "Seconds to wait for hardware to "
+                                                "initialise before start-up.")
+    debug: bool = _opt(False, "Debug logging: commands run and their exit codes.")
+    # -- TLS client (outgoing requests) -----------------------------------------------------
+    insecure: bool = _opt(False, "Do not verify TLS certificates of Ironic and image "
+                          "servers.")
+    cafile: str | None = _opt(None, "PEM CA bundle to verify servers with.", kernel=False)
+    certfile: str | None = _opt(None, "PEM client certificate.", kernel=False)
+    keyfile: str | None = _opt(None, "PEM client key.", kernel=False)
+    # -- TLS server ([ssl]) -----------------------------------------------------------------
+    ssl_cert_file: str | None = _opt(None, "API server certificate (listen_tls).",
+                                     section="ssl", name="cert_file", kernel=False)
+    ssl_key_file: str | None = _opt(None, "API server private key (listen_tls).",
+                                    section="ssl", name="key_file", kernel=False)
+    ssl_ca_file: str | None = _opt(None, "CA that API clients' certificates must chain to.",
+                                   section="ssl", name="ca_file", kernel=False)
+    tls_minimum_version: str = _opt("TLSv1.2", "Lowest TLS version the API and client "
+                                    "accept.", choices=("TLSv1.2", "TLSv1.3"), kernel=False)
+    # -- Inspection -------------------------------------------------------------------------
+    inspection_callback_url: str | None = _opt(None, "Inspection receiver URL, or 'mdns'.",
+                                                url=True)
+    inspection_collectors: str = _opt("default", "Comma-separated inspection collectors.")
+    inspection_dhcp_timeout: float = _opt(60.0, "Seconds to wait for DHCP before "
+                                          "inspection.")
+    inspection_dhcp_all_interfaces: bool = _opt(False, "Wait for DHCP on every interface, "
+                                                "not only the PXE one.")
+    inspection_benchmarks: str = _opt("", "Benchmarks for the extra-hardware collector.")
+    introspection_daemon: bool = _opt(False, "Keep posting inspection data periodically.",
+                                      kernel=False)
+    introspection_daemon_post_interval: float = _opt(300.0, "Seconds between posts in "
+                                                     "daemon mode.", kernel=False)
+    collect_lldp: bool = _opt(False, "Collect LLDP TLVs into the inventory.")
+    lldp_timeout: float = _opt(30.0, "Seconds to listen for LLDP frames.")
+    enable_vlan_interfaces: str = _opt("", "VLAN interfaces to create: iface.vlan items, "
+                                       "interface names, or 'all'.")
+    # -- Clock and disks --------------------------------------------------------------------
+    ntp_server: str | None = _opt(None, "NTP server to sync the clock with.")
+    fail_if_clock_not_set: bool = _opt(False, "Fail start-up if the clock cannot be set.")
+    disk_wait_attempts: int = _opt(10, "Attempts to wait for a suitable disk.")
+    disk_wait_delay: float = _opt(3.0, "Seconds between disk wait attempts.")
+    # -- Images -----------------------------------------------------------------------------
+    image_download_connection_timeout: float = _opt(60.0, "Seconds to connect to an image "
+                                                    "server.")
+    image_download_connection_retries: int = _opt(9, "Download retries per URL.")
+    image_download_connection_retry_interval: float = _opt(10.0, "Seconds between download "
+                                                           "retries.")
+    # -- Metrics ----------------------------------------------------------------------------
+    metrics_backend: str = _opt("noop", "Metrics backend.", section="metrics",
+                                name="backend", kernel=False, choices=("noop", "statsd"))
+    metrics_prepend_host: bool = _opt(False, "Prefix metric names with the host name.",
+                                      section="metrics", name="prepend_host", kernel=False)
+    metrics_prepend_uuid: bool = _opt(False, "Prefix metric names with the node UUID.",
+                                      section="metrics", name="prepend_uuid", kernel=False)
+    metrics_prepend_host_reverse: bool = _opt(True, "Reverse the host name's labels.",
+                                              section="metrics", name="prepend_host_reverse",
+                                              kernel=False)
+    metrics_global_prefix: str | None = _opt(None, "Prefix for every metric name.",
+                                             section="metrics", name="global_prefix",
+                                             kernel=False)
+    metrics_statsd_host: str = _opt("localhost", "statsd host.", section="metrics_statsd",
+                                    name="statsd_host", kernel=False)
+    metrics_statsd_port: int = _opt(8125, "statsd UDP port.", section="metrics_statsd",
+                                    name="statsd_port", kernel=False, minimum=1,
+                                    maximum=65535)
+    # -- ipa-twisted: system roots and commands that tests replace ---------------------------
+    cmdline_path: str = _opt("/proc/cmdline", "Kernel command line to read ipa-* "
+                             "parameters from.", kernel=False)
+    sys_path: str = _opt("/sys", "Root of sysfs.", kernel=False)
+    proc_path: str = _opt("/proc", "Root of procfs.", kernel=False)
+    dev_path: str = _opt("/dev", "Root of device nodes.", kernel=False)
+    etc_path: str = _opt("/etc", "Root of /etc (rescue config, hostname).", kernel=False)
+    reboot_command: str = _opt("reboot -f", "Command (argv, space-separated) that reboots.",
+                               kernel=False)
+    poweroff_command: str = _opt("poweroff -f", "Command (argv, space-separated) that "
+                                 "powers off.", kernel=False)
+    command_timeout: float = _opt(600.0, "Default seconds before an external command is "
+                                  "killed.", kernel=False)
+    max_request_body: int = _opt(1048576, "Largest API request body in bytes.",
+                                 kernel=False, minimum=1)
+
+    def override(self, **changes: Any) -> AgentConfig:
+        """A copy with ``changes`` applied (lookup data, mDNS TXT properties)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def listen(self) -> tuple[str, int]:
+        """(host, port) the API listens on."""
+        return self.listen_host, self.listen_port
+
+
+OPTIONS: tuple[dataclasses.Field[Any], ...] = tuple(dataclasses.fields(AgentConfig))
+"""Every option, in declaration order (for loaders, docs and --help)."""
+
+
+# -- Loading -------------------------------------------------------------------------------
+
+DEFAULT_CONFIG_FILES: tuple[str, ...] = (
+    "ironic-python-agent/ironic-python-agent.conf",
+    "ironic-python-agent.conf",
+)
+"""Config files read, when present, relative to ``/etc``; then ``DEFAULT_CONFIG_DIR``."""
+
+DEFAULT_CONFIG_DIR = "ironic-python-agent.d"
+"""Directory under ``/etc`` whose ``*.conf`` files are read, sorted by name."""
+
+KERNEL_PREFIX = "ipa-"
+"""Kernel (and virtual media) parameters with this prefix are agent options."""
+
+_TRUE = frozenset({"1", "t", "true", "on", "y", "yes"})
+_FALSE = frozenset({"0", "f", "false", "off", "n", "no"})
+_INTEGER = re.compile(r"[+-]?[0-9]+\Z")
+_HINTS = typing.get_type_hints(AgentConfig)
+_FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in OPTIONS}
+
+
+class ConfigError(Exception):
+    """A configuration source or value the agent cannot use; its str is one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(re.sub(r"\s*[\r\n]+\s*", " ", message).strip())
+
+
+def parse_bool(text: str) -> bool:
+    """The boolean ``text`` spells (as oslo.config reads it), else ValueError."""
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError("not a boolean (use true/false, yes/no, on/off or 1/0)")
+
+
+def parse_kernel_cmdline(text: str) -> dict[str, str]:
+    """Every parameter of a kernel command line, as the kernel splits it.
+
+    Parameters are separated by whitespace; double quotes protect spaces and are removed
+    around a whole parameter or a whole value (``key="a b"``, ``"key=a b"``). A bare
+    ``key`` maps to ``""``; a repeated key keeps its last value; the ``--`` separator is
+    skipped and the parameters after it (init's) are kept too.
+    """
+    params: dict[str, str] = {}
+    i, n = 0, len(text)
+    while i < n:
+        while i < n and text[i].isspace():
+            i += 1
+        start, quoted = i, False
+        while i < n and (quoted or not text[i].isspace()):
+            if text[i] == '"':
+                quoted = not quoted
+            i += 1
+        token = text[start:i]
+        if len(token) > 1 and token[0] == '"' and token[-1] == '"':
+            token = token[1:-1]
+        elif token.startswith('"'):
+            token = token[1:]
+        if not token or token == "--":
+            continue
+        key, equals, value = token.partition("=")
+        if equals and value.startswith('"'):
+            value = value[1:-1] if len(value) > 1 and value.endswith('"') else value[1:]
+        params[key] = value
+    return params
+
+
+def validate_url(text: str) -> None:
+    """Accept ``mdns`` or an absolute http(s) URL with a host, else ValueError."""
+    if text == "mdns":
+        return
+    if any(c.isspace() for c in text):
+        raise ValueError("not a URL: contains whitespace")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("not 'mdns' or an http:// or https:// URL")
+    try:
+        host, _ = parts.hostname, parts.port
+    except ValueError as e:
+        raise ValueError(f"not a valid URL: {e}") from None
+    if not host:
+        raise ValueError("URL has no host")
+
+
+def default_config_files(etc: str = "/etc") -> list[str]:
+    """The default config files that exist under ``etc``, in the order they are read."""
+    files = [os.path.join(etc, name) for name in DEFAULT_CONFIG_FILES]
+    found = [path for path in files if os.path.isfile(path)]
+    found.extend(sorted(glob.glob(os.path.join(glob.escape(etc), DEFAULT_CONFIG_DIR,
+                                               "*.conf"))))
+    return found
+
+
+def load_config(*, cli: Mapping[str, Any], config_files: Sequence[str] = (),
+                default_files: bool = True, cmdline_path: str | None = None,
+                vmedia_params: Mapping[str, str] | None = None,
+                cli_names: Mapping[str, str] | None = None,
+                ) -> tuple[AgentConfig, list[str]]:
+    """Merge every source into an ``AgentConfig``, with warnings for what was ignored.
+
+    Later wins: defaults < the default config files (when ``default_files``) <
+    ``config_files`` in order < kernel ``ipa-*`` parameters (from ``cmdline_path``, else
+    the ``cmdline_path`` option, read if readable) < ``vmedia_params`` < ``cli`` (field
+    name to typed or string value; ``None`` is ignored). ``cli_names`` names the flag
+    each ``cli`` entry came from, for errors (default ``--field-name``). The
+    ``cmdline_path`` argument, when given, is also the result's ``cmdline_path``.
+
+    Raises ConfigError for a missing or unparsable explicit file, an unparsable default
+    file, and any invalid value.
+    """
+    warnings: list[str] = []
+    values: dict[str, Any] = {}
+    for path in default_config_files() if default_files else []:
+        values.update(_read_config_file(path, warnings))
+    for path in config_files:
+        values.update(_read_config_file(path, warnings))
+    from_cli = _read_cli(cli, cli_names or {})
+    if cmdline_path is None:
+        cmdline_path = from_cli.get("cmdline_path", values.get(
+            "cmdline_path", _FIELDS["cmdline_path"].default))
+    assert cmdline_path is not None
+    values.update(_read_params(_read_cmdline(cmdline_path), "kernel command line",
+                               warnings))
+    if vmedia_params:
+        values.update(_read_params(vmedia_params, "virtual media parameters", warnings))
+    values.update(from_cli)
+    values["cmdline_path"] = cmdline_path
+    return AgentConfig(**values), warnings
+
+
+def ini_name(option: dataclasses.Field[Any]) -> str:
+    """The option's name in its config file section."""
+    return option.metadata["name"] or option.name
+
+
+def kernel_name(option: dataclasses.Field[Any]) -> str | None:
+    """The kernel parameter that sets the option, or None."""
+    kernel = option.metadata["kernel"]
+    if kernel is False:
+        return None
+    if isinstance(kernel, str):
+        return kernel
+    return KERNEL_PREFIX + option.name.replace("_", "-")
+
+
+_BY_INI: dict[tuple[str, str], dataclasses.Field[Any]] = {
+    (f.metadata["section"].lower(), ini_name(f).lower()): f for f in OPTIONS}
+_BY_KERNEL: dict[str, dataclasses.Field[Any]] = {
+    name: f for f in OPTIONS if (name := kernel_name(f)) is not None}
+_SECTIONS = {section for section, _ in _BY_INI}
+_NO_DEFAULT_SECTION = "\0"   # configparser would copy [DEFAULT] into every section
+
+
+def _read_config_file(path: str, warnings: list[str]) -> dict[str, Any]:
+    parser = configparser.ConfigParser(default_section=_NO_DEFAULT_SECTION,
+                                       interpolation=None, strict=False,
+                                       empty_lines_in_values=False)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f, source=path)
+    except OSError as e:
+        raise ConfigError(f"Cannot read config file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"Cannot read config file {path}: not UTF-8 text") from None
+    except configparser.Error as e:
+        raise ConfigError(f"Cannot parse config file {path}: {_parse_problem(e)}") from None
+    values: dict[str, Any] = {}
+    for section in parser.sections():
+        if section.lower() not in _SECTIONS:
+            warnings.append(f"Unknown section [{section}] in {path} (ignored)")
+            continue
+        for key, raw in parser.items(section, raw=True):
+            option = _BY_INI.get((section.lower(), key.replace("-", "_")))
+            if option is None:
+                warnings.append(f"Unknown option {key!r} in {path} [{section}] (ignored)")
+                continue
+            values[option.name] = _convert(option, raw, ini_name(option),
+                                           f"in {path} [{section}]")
+    return values
+
+
+def _parse_problem(error: configparser.Error) -> str:
+    """Where and what is wrong, without the line itself: it may hold a secret."""
+    if isinstance(error, configparser.MissingSectionHeaderError):
+        return f"line {error.lineno}: an option before any [section] header"
+    if isinstance(error, configparser.ParsingError):
+        lines = ", ".join(str(lineno) for lineno, _ in error.errors)
+        return f"line {lines}: neither [section], 'name = value' nor a comment"
+    return type(error).__name__
+
+
+def _read_cmdline(path: str) -> dict[str, str]:
+    try:
+        with open(path, "rb") as f:
+            return parse_kernel_cmdline(f.read().decode("utf-8", "replace"))
+    except OSError:
+        return {}
+
+
+def _read_params(params: Mapping[str, str], where: str,
+                 warnings: list[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, raw in params.items():
+        if not key.startswith(KERNEL_PREFIX):
+            continue
+        option = _BY_KERNEL.get(key)
+        if option is None:
+            warnings.append(f"Unknown parameter {key} from {where} (ignored)")
+            continue
+        values[option.name] = _convert(option, raw, option.name, f"from {where} ({key})")
+    return values
+
+
+def _read_cli(cli: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, raw in cli.items():
+        if raw is None:
+            continue
+        flag = names.get(name, "--" + name.replace("_", "-"))
+        option = _FIELDS.get(name)
+        if option is None:
+            raise ConfigError(f"Unknown option {name!r} from {flag}")
+        values[name] = _convert(option, raw, name, f"from {flag}")
+    return values
+
+
+def _type_of(option: dataclasses.Field[Any]) -> tuple[type, bool]:
+    """(base type, whether None is allowed) of an option."""
+    hint = _HINTS[option.name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = typing.get_args(hint)
+        return next(a for a in args if a is not type(None)), type(None) in args
+    return hint, False
+
+
+def _convert(option: dataclasses.Field[Any], raw: Any, label: str, source: str) -> Any:
+    """``raw`` as the option's type, checked; ConfigError naming ``label`` and ``source``."""
+    try:
+        value = _coerce(option, raw)
+        if value is not None:
+            _check(option, value)
+    except ValueError as e:
+        shown = "<secret>" if option.metadata["secret"] else repr(raw)
+        raise ConfigError(f"Invalid value {shown} for {label} {source}: {e}") from None
+    return value
+
+
+def _coerce(option: dataclasses.Field[Any], raw: Any) -> Any:
+    base, optional = _type_of(option)
+    if isinstance(raw, str):
+        if optional and not raw.strip():
+            return None
+        if base is bool:
+            return parse_bool(raw)
+        if base is int:
+            if not _INTEGER.match(raw.strip()):
+                raise ValueError("not an integer")
+            return int(raw)
+        if base is float:
+            try:
+                return float(raw)
+            except ValueError:
+                raise ValueError("not a number") from None
+        return raw
+    if base is bool and isinstance(raw, bool):
+        return raw
+    if base is int and isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if base is float and isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return float(raw)
+    raise ValueError(f"expected {_TYPE_NAMES[base]}, not {type(raw).__name__}")
+
+
+def _check(option: dataclasses.Field[Any], value: Any) -> None:
+    meta = option.metadata
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("not a finite number")
+    low, high = meta["minimum"], meta["maximum"]
+    if low is not None and high is not None and not low <= value <= high:
+        raise ValueError(f"must be between {low} and {high}")
+    if low is not None and value < low:
+        raise ValueError("must not be negative" if low == 0 else f"must be at least {low}")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ValueError(f"not one of: {', '.join(meta['choices'])}")
+    if meta["url"]:
+        validate_url(value)
+
+
+# -- Documentation --------------------------------------------------------------------------
+
+_TYPE_NAMES: dict[type, str] = {str: "string", int: "integer", float: "number",
+                                bool: "boolean"}
+
+_DOCS_INTRO = """\
+# Configuration
+
+<!-- Generated by `python -m ipa_twisted.config --docs > docs/configuration.md`.
+     Do not edit: tests/test_config.py checks it matches the code. -->
+
+The agent reads one set of options, with the reference agent's (ironic-python-agent)
+names, sections, kernel parameters and defaults, from several sources.
+
+## Sources and precedence
+
+Later sources win:
+
+1. Built-in defaults (the table below).
+2. Config files, INI syntax: `[DEFAULT]`, `[ssl]`, `[metrics]` and `[metrics_statsd]`.
+   Unless `--no-default-config-files` is given, these are read when present:
+   `/etc/ironic-python-agent/ironic-python-agent.conf`, `/etc/ironic-python-agent.conf`,
+   then `/etc/ironic-python-agent.d/*.conf` sorted by name. Then each `--config-file`,
+   in the order given. Option names are case-insensitive and may use `-` for `_`.
+3. Kernel command line `ipa-*` parameters, read from `--cmdline-path` (or the
+   `cmdline_path` option; default `/proc/cmdline`). Values may be double-quoted:
+   `ipa-ntp-server="pool.ntp.org"`. A missing or unreadable file means no parameters.
+4. Virtual media parameters, with the same `ipa-*` names.
+5. Command-line flags of `twistd ipa` (see `twistd ipa --help`): `--api-url`,
+   `--listen HOST:PORT` (`listen_host`, `listen_port`; IPv6 as `[::1]:9999`),
+   `--advertise HOST:PORT` (`advertise_host`, `advertise_port`), `--standalone`,
+   `--debug`, `--cmdline-path`, `--config-file` (repeatable) and
+   `--no-default-config-files`. Secrets such as `agent_token` have no flag.
+
+Lookup data and mDNS may override a few options once the agent runs.
+
+## Values
+
+- Booleans, case-insensitive: `1`, `t`, `true`, `on`, `y`, `yes` or `0`, `f`, `false`,
+  `off`, `n`, `no`.
+- Integers are decimal; numbers may have a fraction. Ports are 1-65535; other numbers must
+  not be negative.
+- URLs (`api_url`, `inspection_callback_url`) are `mdns` or an absolute `http://` or
+  `https://` URL with a host.
+- An empty value unsets an option whose default is unset.
+
+## Errors and warnings
+
+An invalid value in any source, or an explicit `--config-file` that is missing or not valid
+INI, stops the agent with one line naming the option, the source and the value (secrets are
+shown as `<secret>`), for example
+`Invalid value 'abc' for listen_port in /etc/ironic-python-agent.conf [DEFAULT]: not an integer`.
+Unknown sections and options in config files, and unknown `ipa-*` parameters, are logged
+as warnings and ignored; other kernel parameters (`BOOTIF`, `console`, ...) are ignored
+silently.
+
+## Options
+
+| Section | Option | Kernel parameter | Type | Default | Description |
+|---|---|---|---|---|---|
+"""
+
+
+def _doc_type(option: dataclasses.Field[Any]) -> str:
+    base, optional = _type_of(option)
+    meta = option.metadata
+    text = _TYPE_NAMES[base]
+    if meta["choices"] is not None:
+        text += ": " + ", ".join(f"`{c}`" for c in meta["choices"])
+    elif meta["url"]:
+        text = "URL or `mdns`"
+    elif meta["maximum"] is not None:
+        text += f" {meta['minimum']}-{meta['maximum']}"
+    elif meta["minimum"] is not None:
+        text += f" >= {meta['minimum']}"
+    return text
+
+
+def _doc_default(option: dataclasses.Field[Any]) -> str:
+    default = option.default
+    if default is None:
+        return "unset"
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
+    if default == "":
+        return "empty"
+    return f"`{default}`"
+
+
+def render_docs() -> str:
+    """Markdown documentation of the sources, their precedence and every option."""
+    rows = []
+    for option in OPTIONS:
+        kernel = kernel_name(option)
+        cells = [f"`[{option.metadata['section']}]`", f"`{ini_name(option)}`",
+                 f"`{kernel}`" if kernel else "-", _doc_type(option), _doc_default(option),
+                 option.metadata["help"] + (" Secret." if option.metadata["secret"] else "")]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |\n")
+    return _DOCS_INTRO + "".join(rows)
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """``python -m ipa_twisted.config --docs``: print ``docs/configuration.md``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args != ["--docs"]:
+        print("usage: python -m ipa_twisted.config --docs > docs/configuration.md",
+              file=sys.stderr)
+        return 2
+    (out or sys.stdout).write(render_docs())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

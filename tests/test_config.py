@@ -1,0 +1,407 @@
+"""Tests for ipa_twisted.config: parsing, merging, validation and the generated docs."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from ipa_twisted.config import (
+    OPTIONS,
+    AgentConfig,
+    ConfigError,
+    default_config_files,
+    kernel_name,
+    load_config,
+    main,
+    parse_bool,
+    parse_kernel_cmdline,
+    render_docs,
+)
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+
+
+class ConfigTestCase(SynchronousTestCase):
+    """Writes temp files; never reads /etc or /proc/cmdline."""
+
+    def write(self, text: str) -> str:
+        path = str(self.mktemp())
+        Path(path).write_text(text, encoding="utf-8")
+        return path
+
+    def load(self, *files: str, cmdline: str = "", cli: dict[str, Any] | None = None,
+             vmedia: dict[str, str] | None = None) -> tuple[AgentConfig, list[str]]:
+        return load_config(cli=cli or {}, config_files=files, default_files=False,
+                           cmdline_path=self.write(cmdline), vmedia_params=vmedia)
+
+    def error(self, *files: str, cmdline: str = "", cli: dict[str, Any] | None = None,
+              vmedia: dict[str, str] | None = None) -> str:
+        with self.assertRaises(ConfigError) as raised:
+            self.load(*files, cmdline=cmdline, cli=cli, vmedia=vmedia)
+        message = str(raised.exception)
+        self.assertNotIn("\n", message)
+        return message
+
+
+class ParseBoolTests(SynchronousTestCase):
+    def test_true_spellings(self) -> None:
+        for text in ["1", "t", "true", "on", "y", "yes", "TRUE", "Yes", " On "]:
+            self.assertIs(parse_bool(text), True, text)
+
+    def test_false_spellings(self) -> None:
+        for text in ["0", "f", "false", "off", "n", "no", "FALSE", "No", "oFF"]:
+            self.assertIs(parse_bool(text), False, text)
+
+    def test_anything_else_is_a_value_error(self) -> None:
+        for text in ["", "2", "maybe", "enable", "truee", "-1"]:
+            self.assertRaises(ValueError, parse_bool, text)
+
+
+class ParseKernelCmdlineTests(SynchronousTestCase):
+    def test_plain_parameters(self) -> None:
+        self.assertEqual(
+            parse_kernel_cmdline("BOOTIF=01-52-54-00-12-34-56 ipa-debug=1 quiet "
+                                 "console=ttyS0,115200n8 boot_method=vmedia\n"),
+            {"BOOTIF": "01-52-54-00-12-34-56", "ipa-debug": "1", "quiet": "",
+             "console": "ttyS0,115200n8", "boot_method": "vmedia"})
+
+    def test_quoted_values_keep_spaces(self) -> None:
+        self.assertEqual(
+            parse_kernel_cmdline('a="x y"  "b=p q"\tc=d=e e= "f"'),
+            {"a": "x y", "b": "p q", "c": "d=e", "e": "", "f": ""})
+
+    def test_inner_quotes_are_kept(self) -> None:
+        self.assertEqual(parse_kernel_cmdline('a=x"y z"w b'), {"a": 'x"y z"w', "b": ""})
+
+    def test_unterminated_quote_runs_to_the_end(self) -> None:
+        self.assertEqual(parse_kernel_cmdline('a="x y'), {"a": "x y"})
+
+    def test_last_repeat_wins_and_separator_is_skipped(self) -> None:
+        self.assertEqual(parse_kernel_cmdline("a=1 -- a=2 b"), {"a": "2", "b": ""})
+
+    def test_empty(self) -> None:
+        self.assertEqual(parse_kernel_cmdline("  \n"), {})
+
+
+class PrecedenceTests(ConfigTestCase):
+    def test_defaults(self) -> None:
+        config, warnings = self.load()
+        self.assertEqual(warnings, [])
+        self.assertEqual(config.override(cmdline_path="/proc/cmdline"), AgentConfig())
+
+    def test_each_source_overrides_the_previous(self) -> None:
+        first = self.write("[DEFAULT]\napi_url = http://one:6385\nlisten_port = 1\n"
+                           "lookup_timeout = 1\ndebug = true\ninsecure = true\n"
+                           "ntp_server = ntp1\n")
+        second = self.write("[DEFAULT]\napi_url = http://two:6385\nlisten_port = 2\n"
+                            "lookup_timeout = 2\ndebug = false\n")
+        cmdline = "ipa-api-url=http://three:6385 ipa-listen-port=3 ipa-debug=1"
+        vmedia = {"ipa-api-url": "http://four:6385", "ipa-listen-port": "4"}
+        cli = {"api_url": "http://five:6385", "listen_port": None}
+        config, warnings = self.load(first, second, cmdline=cmdline, vmedia=vmedia, cli=cli)
+        self.assertEqual(warnings, [])
+        self.assertEqual(config.api_url, "http://five:6385")     # cli
+        self.assertEqual(config.listen_port, 4)                  # vmedia (cli None ignored)
+        self.assertIs(config.debug, True)                        # kernel
+        self.assertEqual(config.lookup_timeout, 2.0)             # later file
+        self.assertIs(config.insecure, True)                     # first file
+        self.assertEqual(config.ntp_server, "ntp1")
+        self.assertEqual(config.heartbeat_timeout, 300.0)        # default
+
+    def test_typed_cli_values(self) -> None:
+        config, _ = self.load(cli={"listen_port": 8080, "lookup_timeout": 5,
+                                   "standalone": True, "listen_host": "::1"})
+        self.assertEqual((config.listen_port, config.lookup_timeout), (8080, 5.0))
+        self.assertIsInstance(config.lookup_timeout, float)
+        self.assertEqual((config.standalone, config.listen_host), (True, "::1"))
+
+    def test_string_cli_values_are_converted(self) -> None:
+        config, _ = self.load(cli={"listen_port": "8080", "insecure": "yes"})
+        self.assertEqual((config.listen_port, config.insecure), (8080, True))
+
+    def test_empty_string_unsets_optional(self) -> None:
+        conf = self.write("[DEFAULT]\nntp_server = ntp1\nadvertise_host = 10.0.0.1\n")
+        config, _ = self.load(conf, cmdline="ipa-ntp-server=", cli={"advertise_host": ""})
+        self.assertIsNone(config.ntp_server)
+        self.assertIsNone(config.advertise_host)
+
+    def test_other_sections(self) -> None:
+        conf = self.write("[ssl]\ncert_file = /c.pem\nkey_file = /k.pem\n"
+                          "[metrics]\nbackend = statsd\nprepend_host_reverse = no\n"
+                          "[metrics_statsd]\nstatsd_port = 9125\n")
+        config, warnings = self.load(conf)
+        self.assertEqual(warnings, [])
+        self.assertEqual((config.ssl_cert_file, config.ssl_key_file), ("/c.pem", "/k.pem"))
+        self.assertEqual((config.metrics_backend, config.metrics_statsd_port),
+                         ("statsd", 9125))
+        self.assertIs(config.metrics_prepend_host_reverse, False)
+
+    def test_names_ignore_case_and_dashes(self) -> None:
+        conf = self.write("[default]\nLISTEN-PORT = 1234\nAdvertise_Protocol = https\n"
+                          "[SSL]\nCert-File = /c.pem\n")
+        config, warnings = self.load(conf)
+        self.assertEqual(warnings, [])
+        self.assertEqual((config.listen_port, config.advertise_protocol,
+                          config.ssl_cert_file), (1234, "https", "/c.pem"))
+
+    def test_default_section_is_not_copied_into_others(self) -> None:
+        conf = self.write("[DEFAULT]\ninsecure = true\n[ssl]\ncert_file = /c.pem\n")
+        config, warnings = self.load(conf)
+        self.assertEqual(warnings, [])
+        self.assertIs(config.insecure, True)
+
+    def test_repeated_option_last_wins(self) -> None:
+        conf = self.write("[DEFAULT]\nlisten_port = 1\n[DEFAULT]\nlisten_port = 2\n")
+        self.assertEqual(self.load(conf)[0].listen_port, 2)
+
+    def test_ip_lookup_sleep_uses_the_reference_kernel_name(self) -> None:
+        config, warnings = self.load(cmdline="ipa-ip-lookup-timeout=4")
+        self.assertEqual((config.ip_lookup_sleep, warnings), (4.0, []))
+
+    def test_documented_kernel_parameters(self) -> None:
+        cmdline = ("ipa-api-url=mdns ipa-debug=1 ipa-insecure=1 ipa-standalone=true "
+                   "ipa-agent-token=tok ipa-global-request-id=req-1 "
+                   "ipa-inspection-callback-url=http://[fd00::1]:5050/v1/continue "
+                   'ipa-inspection-collectors="default,logs" ipa-collect-lldp=1 '
+                   "ipa-lldp-timeout=2.5 ipa-enable-vlan-interfaces=eth0.100 "
+                   "ipa-ntp-server=pool.ntp.org ipa-disk-wait-attempts=3 "
+                   "ipa-disk-wait-delay=0.5 ipa-advertise-host=10.0.0.2 "
+                   "ipa-listen-host=0.0.0.0 BOOTIF=01-aa boot_method=pxe")
+        config, warnings = self.load(cmdline=cmdline)
+        self.assertEqual(warnings, [])
+        self.assertEqual(config.api_url, "mdns")
+        self.assertTrue(config.debug and config.insecure and config.standalone
+                        and config.collect_lldp)
+        self.assertEqual(config.agent_token, "tok")
+        self.assertEqual(config.global_request_id, "req-1")
+        self.assertEqual(config.inspection_callback_url, "http://[fd00::1]:5050/v1/continue")
+        self.assertEqual(config.inspection_collectors, "default,logs")
+        self.assertEqual(config.lldp_timeout, 2.5)
+        self.assertEqual(config.enable_vlan_interfaces, "eth0.100")
+        self.assertEqual(config.ntp_server, "pool.ntp.org")
+        self.assertEqual((config.disk_wait_attempts, config.disk_wait_delay), (3, 0.5))
+        self.assertEqual((config.advertise_host, config.listen_host),
+                         ("10.0.0.2", "0.0.0.0"))
+
+
+class CmdlinePathTests(ConfigTestCase):
+    def test_path_from_a_config_file(self) -> None:
+        cmdline = self.write("ipa-listen-port=7000")
+        conf = self.write(f"[DEFAULT]\ncmdline_path = {cmdline}\n")
+        config, _ = load_config(cli={}, config_files=[conf], default_files=False)
+        self.assertEqual((config.listen_port, config.cmdline_path), (7000, cmdline))
+
+    def test_path_from_cli_beats_the_file(self) -> None:
+        ignored, used = self.write("ipa-listen-port=7000"), self.write("ipa-listen-port=7001")
+        conf = self.write(f"[DEFAULT]\ncmdline_path = {ignored}\n")
+        config, _ = load_config(cli={"cmdline_path": used}, config_files=[conf],
+                                default_files=False)
+        self.assertEqual((config.listen_port, config.cmdline_path), (7001, used))
+
+    def test_argument_beats_everything(self) -> None:
+        ignored, used = self.write("ipa-listen-port=7000"), self.write("ipa-listen-port=7001")
+        config, _ = load_config(cli={"cmdline_path": ignored}, default_files=False,
+                                cmdline_path=used)
+        self.assertEqual((config.listen_port, config.cmdline_path), (7001, used))
+
+    def test_missing_file_means_no_parameters(self) -> None:
+        missing = self.mktemp()
+        config, warnings = load_config(cli={}, default_files=False, cmdline_path=missing)
+        self.assertEqual((config.listen_port, warnings), (9999, []))
+
+
+class WarningTests(ConfigTestCase):
+    def test_unknown_options_and_sections(self) -> None:
+        conf = self.write("[DEFAULT]\nlisten_port = 1\nbogus = 1\n[ssl]\ninsecure = 1\n"
+                          "[nope]\nx = 1\n")
+        config, warnings = self.load(conf)
+        self.assertEqual(config.listen_port, 1)
+        self.assertEqual(warnings, [
+            f"Unknown option 'bogus' in {conf} [DEFAULT] (ignored)",
+            f"Unknown option 'insecure' in {conf} [ssl] (ignored)",
+            f"Unknown section [nope] in {conf} (ignored)"])
+
+    def test_unknown_ipa_parameters(self) -> None:
+        _, warnings = self.load(cmdline="ipa-bogus=1 ipa-cafile=/x BOOTIF=1 console=tty0",
+                                vmedia={"ipa-nope": "2", "other": "3"})
+        self.assertEqual(warnings, [
+            "Unknown parameter ipa-bogus from kernel command line (ignored)",
+            "Unknown parameter ipa-cafile from kernel command line (ignored)",
+            "Unknown parameter ipa-nope from virtual media parameters (ignored)"])
+
+    def test_values_of_unknown_options_are_not_shown(self) -> None:
+        conf = self.write("[DEFAULT]\nagent_tokn = s3cr3t\n")
+        _, warnings = self.load(conf, cmdline="ipa-agent-tokn=s3cr3t")
+        self.assertEqual(len(warnings), 2)
+        self.assertNotIn("s3cr3t", " ".join(warnings))
+
+
+class ErrorTests(ConfigTestCase):
+    def test_bad_values_in_a_file(self) -> None:
+        cases = [
+            ("listen_port = abc", "Invalid value 'abc' for listen_port", "not an integer"),
+            ("listen_port = 1.5", "for listen_port", "not an integer"),
+            ("listen_port = 0", "for listen_port", "must be between 1 and 65535"),
+            ("advertise_port = 65536", "for advertise_port", "must be between 1 and 65535"),
+            ("lookup_timeout = soon", "for lookup_timeout", "not a number"),
+            ("lookup_timeout = -1", "for lookup_timeout", "must not be negative"),
+            ("lldp_timeout = nan", "for lldp_timeout", "not a finite number"),
+            ("disk_wait_delay = inf", "for disk_wait_delay", "not a finite number"),
+            ("ip_lookup_attempts = 0", "for ip_lookup_attempts", "must be at least 1"),
+            ("debug = maybe", "Invalid value 'maybe' for debug", "not a boolean"),
+            ("insecure =", "Invalid value '' for insecure", "not a boolean"),
+            ("advertise_protocol = ftp", "for advertise_protocol", "not one of: http, https"),
+            ("api_url = ironic:6385", "for api_url", "not 'mdns' or an http"),
+            ("api_url = http://", "for api_url", "URL has no host"),
+            ("api_url = http://h:port/", "for api_url", "not a valid URL"),
+            ("inspection_callback_url = /v1/continue", "for inspection_callback_url",
+             "not 'mdns'"),
+            ("tls_minimum_version = TLSv1.0", "for tls_minimum_version", "not one of"),
+        ]
+        for line, head, reason in cases:
+            conf = self.write(f"[DEFAULT]\n{line}\n")
+            message = self.error(conf)
+            self.assertIn(head, message, line)
+            self.assertIn(f" in {conf} [DEFAULT]: ", message, line)
+            self.assertIn(f": {reason}", message)
+
+    def test_bad_value_in_another_section(self) -> None:
+        conf = self.write("[metrics_statsd]\nstatsd_port = 0\n")
+        self.assertEqual(self.error(conf), f"Invalid value '0' for statsd_port in {conf} "
+                         "[metrics_statsd]: must be between 1 and 65535")
+        conf = self.write("[metrics]\nbackend = graphite\n")
+        self.assertIn("for backend in", self.error(conf))
+
+    def test_bad_kernel_parameter(self) -> None:
+        self.assertEqual(
+            self.error(cmdline="ipa-api-url=ftp://x ipa-debug=1"),
+            "Invalid value 'ftp://x' for api_url from kernel command line (ipa-api-url): "
+            "not 'mdns' or an http:// or https:// URL")
+        self.assertIn("for lldp_timeout from kernel command line (ipa-lldp-timeout): "
+                      "not a number", self.error(cmdline="ipa-lldp-timeout=x"))
+
+    def test_bare_kernel_flag_is_not_a_boolean(self) -> None:
+        self.assertIn("Invalid value '' for debug from kernel command line (ipa-debug)",
+                      self.error(cmdline="ipa-debug"))
+
+    def test_bad_vmedia_parameter(self) -> None:
+        self.assertEqual(
+            self.error(vmedia={"ipa-listen-port": "99999"}),
+            "Invalid value '99999' for listen_port from virtual media parameters "
+            "(ipa-listen-port): must be between 1 and 65535")
+
+    def test_bad_cli_values(self) -> None:
+        self.assertEqual(self.error(cli={"api_url": "nope"}),
+                         "Invalid value 'nope' for api_url from --api-url: not 'mdns' or "
+                         "an http:// or https:// URL")
+        self.assertIn("for listen_port from --listen-port: expected integer, not bool",
+                      self.error(cli={"listen_port": True}))
+        self.assertIn("for debug from --debug: expected boolean, not int",
+                      self.error(cli={"debug": 1}))
+        self.assertIn("for lookup_timeout from --lookup-timeout: must not be negative",
+                      self.error(cli={"lookup_timeout": -0.5}))
+
+    def test_cli_names_name_the_flag(self) -> None:
+        with self.assertRaises(ConfigError) as raised:
+            load_config(cli={"listen_port": 0}, default_files=False,
+                        cmdline_path=self.write(""), cli_names={"listen_port": "--listen"})
+        self.assertEqual(str(raised.exception),
+                         "Invalid value 0 for listen_port from --listen: must be between "
+                         "1 and 65535")
+
+    def test_unknown_cli_option(self) -> None:
+        self.assertEqual(self.error(cli={"bogus": 1}), "Unknown option 'bogus' from --bogus")
+
+    def test_secret_is_masked(self) -> None:
+        for message in [
+            self.error(cli={"agent_token": 1234}),
+            self.error(self.write("[DEFAULT]\nagent_token 1234\n")),
+            self.error(self.write("agent_token = 1234\n")),
+        ]:
+            self.assertNotIn("1234", message)
+        message = self.error(cli={"agent_token": 1234})
+        self.assertEqual(message, "Invalid value <secret> for agent_token from "
+                         "--agent-token: expected string, not int")
+
+    def test_missing_explicit_file(self) -> None:
+        missing = self.mktemp()
+        self.assertEqual(self.error(missing),
+                         f"Cannot read config file {missing}: No such file or directory")
+
+    def test_directory_as_file(self) -> None:
+        directory = self.mktemp()
+        os.mkdir(directory)
+        self.assertIn(f"Cannot read config file {directory}: ", self.error(directory))
+
+    def test_unparsable_files(self) -> None:
+        cases = [("listen_port = 1\n", "line 1: an option before any [section] header"),
+                 ("[DEFAULT]\nno delimiter\n\nx\n",
+                  "line 2, 4: neither [section], 'name = value' nor a comment"),
+                 ("[DEFAULT\nx = 1\n", "line 1: an option before any [section] header")]
+        for text, reason in cases:
+            conf = self.write(text)
+            self.assertEqual(self.error(conf), f"Cannot parse config file {conf}: {reason}")
+
+    def test_not_utf8(self) -> None:
+        conf = self.mktemp()
+        Path(conf).write_bytes(b"[DEFAULT]\nntp_server = \xff\n")
+        self.assertEqual(self.error(conf), f"Cannot read config file {conf}: not UTF-8 text")
+
+
+class DefaultFilesTests(SynchronousTestCase):
+    def test_order_and_presence(self) -> None:
+        etc = Path(self.mktemp())
+        (etc / "ironic-python-agent.d").mkdir(parents=True)
+        (etc / "ironic-python-agent").mkdir()
+        names = ["ironic-python-agent.conf", "ironic-python-agent.d/b.conf",
+                 "ironic-python-agent.d/a.conf", "ironic-python-agent.d/c.txt",
+                 "ironic-python-agent/ironic-python-agent.conf"]
+        for name in names:
+            (etc / name).write_text("")
+        self.assertEqual(default_config_files(str(etc)), [
+            str(etc / "ironic-python-agent/ironic-python-agent.conf"),
+            str(etc / "ironic-python-agent.conf"),
+            str(etc / "ironic-python-agent.d/a.conf"),
+            str(etc / "ironic-python-agent.d/b.conf")])
+
+    def test_none_present(self) -> None:
+        self.assertEqual(default_config_files(self.mktemp()), [])
+
+
+class MetadataTests(SynchronousTestCase):
+    def test_kernel_names(self) -> None:
+        names = {f.name: kernel_name(f) for f in OPTIONS}
+        self.assertEqual(names["api_url"], "ipa-api-url")
+        self.assertEqual(names["inspection_callback_url"], "ipa-inspection-callback-url")
+        self.assertIsNone(names["cafile"])
+        self.assertIsNone(names["ssl_cert_file"])
+
+    def test_defaults_pass_their_own_validation(self) -> None:
+        cli = {f.name: f.default for f in OPTIONS}
+        config, _ = load_config(cli=cli, default_files=False, cmdline_path=self.mktemp())
+        self.assertEqual(config.override(cmdline_path="/proc/cmdline"), AgentConfig())
+
+
+class DocsTests(SynchronousTestCase):
+    def test_docs_are_up_to_date(self) -> None:
+        self.assertEqual(
+            DOCS.read_text(encoding="utf-8"), render_docs(),
+            "docs/configuration.md is stale: run "
+            "python -m ipa_twisted.config --docs > docs/configuration.md")
+
+    def test_every_option_is_documented(self) -> None:
+        docs = render_docs()
+        for option in OPTIONS:
+            self.assertIn(option.metadata["help"], docs)
+            kernel = kernel_name(option)
+            if kernel:
+                self.assertIn(f"`{kernel}`", docs)
+
+    def test_main_prints_the_docs(self) -> None:
+        out = io.StringIO()
+        self.assertEqual(main(["--docs"], out), 0)
+        self.assertEqual(out.getvalue(), render_docs())
