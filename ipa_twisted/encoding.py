@@ -17,7 +17,7 @@ class Serializable:
         return {name: getattr(self, name) for name in self.serializable_fields}
 
     def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.serialize() == other.serialize()  # type: ignore[attr-defined]
+        return type(self) is type(other) and self.serialize() == other.serialize()
 
     __hash__ = None  # type: ignore[assignment]
 

@@ -198,7 +198,7 @@ class ProcessRunner:
             kill()
             # A child stuck in the kernel may not die: stop waiting for it after a grace.
             grace.append(self._clock.callLater(
-                KILL_GRACE, lambda: ended.called or ended.cancel()))
+                KILL_GRACE, lambda: None if ended.called else ended.cancel()))
 
         expiry = self._clock.callLater(timeout, expire) if timeout is not None else None
         try:
