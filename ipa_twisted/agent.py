@@ -1,0 +1,197 @@
+"""The agent's state: node, token, command results, extensions; and command execution."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from ipa_twisted import __version__, errors
+from ipa_twisted.commands import (CommandResult, CommandResults, run_command, split_command,
+                                  validate_params)
+from ipa_twisted.config import AgentConfig
+
+if TYPE_CHECKING:
+    from ipa_twisted.extensions.base import Extension
+    from ipa_twisted.hardware.dispatch import HardwareManagers
+    from ipa_twisted.process import ProcessRunner
+
+MIN_TOKEN_LENGTH = 32
+
+
+class Agent:
+    """Everything the API and the extensions share about this agent's run."""
+
+    log = Logger()
+
+    def __init__(self, config: AgentConfig, clock: IReactorTime, runner: ProcessRunner,
+                 managers: HardwareManagers | None = None,
+                 extensions: Iterable[type[Extension]] | None = None,
+                 reactor: Any = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.reactor = reactor if reactor is not None else clock
+        self.runner = runner
+        self.version = __version__
+        self.started_at = clock.seconds()
+        self.node: dict[str, Any] | None = None
+        self.managers: HardwareManagers | None = None
+        self._managers_waiting: list[Deferred[HardwareManagers]] = []
+        if managers is not None:
+            self.set_managers(managers)
+        self.agent_token: str | None = config.agent_token or None
+        self.heartbeat_timeout = config.heartbeat_timeout
+        self.lookup_config: dict[str, Any] = {}
+        self.results = CommandResults()
+        self._running_async: CommandResult | None = None
+        self._sync_in_flight: list[CommandResult] = []
+        self.heartbeat_requested: Callable[[], None] = lambda: None
+        self.stop_requested: Callable[[], None] = lambda: None
+        if extensions is None:
+            from ipa_twisted.extensions import default_extensions
+            extensions = default_extensions()
+        self.extensions: dict[str, Extension] = {e.name: e(self) for e in extensions}
+
+    def set_managers(self, managers: HardwareManagers) -> None:
+        """Adopt the loaded hardware managers and release whoever waits for them."""
+        self.managers = managers
+        if self.node is not None:
+            managers.cache_node(self.node)
+        waiting, self._managers_waiting = self._managers_waiting, []
+        for waiter in waiting:
+            waiter.callback(managers)
+
+    async def get_managers(self) -> HardwareManagers:
+        """The hardware managers, once loaded."""
+        if self.managers is not None:
+            return self.managers
+        waiter: Deferred[HardwareManagers] = Deferred(self._managers_waiting.remove)
+        self._managers_waiting.append(waiter)
+        return await waiter
+
+    # -- status and identity ----------------------------------------------------------------
+
+    @property
+    def standalone(self) -> bool:
+        """Whether the agent runs without lookup and heartbeats."""
+        return self.config.standalone
+
+    def get_status(self) -> dict[str, Any]:
+        """``{started_at, version}`` as the reference agent answers on /v1/status."""
+        return {"started_at": self.started_at, "version": self.version}
+
+    def get_node_uuid(self) -> str:
+        """The node's UUID; UnknownNodeError before lookup."""
+        if not self.node or "uuid" not in self.node:
+            raise errors.UnknownNodeError()
+        return str(self.node["uuid"])
+
+    def validate_agent_token(self, token: str | None) -> bool:
+        """Whether ``token`` matches ours, compared in constant time.
+
+        Without a token of our own (standalone, or an Ironic that issues none) only a
+        request without a token passes, as with the reference agent.
+        """
+        if self.agent_token is None:
+            return not token
+        if not token:
+            return False
+        return hmac.compare_digest(token.encode("utf-8", "replace"),
+                                   self.agent_token.encode("utf-8"))
+
+    def process_lookup_data(self, content: Mapping[str, Any]) -> None:
+        """Adopt the node and configuration Ironic returned from lookup (or set_node_info)."""
+        node = content.get("node")
+        if not isinstance(node, dict) or not node.get("uuid"):
+            raise errors.InvalidCommandParamsError("Lookup data must hold node.uuid")
+        config = content.get("config") or {}
+        if not isinstance(config, dict):
+            raise errors.InvalidCommandParamsError("Lookup data config must be an object")
+        self.node = node
+        self.lookup_config = {k: v for k, v in config.items() if k != "agent_token"}
+        timeout = config.get("heartbeat_timeout")
+        if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
+            self.heartbeat_timeout = float(timeout)
+        token = config.get("agent_token")
+        if isinstance(token, str) and token:
+            if len(token) >= MIN_TOKEN_LENGTH:
+                self.agent_token = token
+            elif token == "******":
+                self.log.warn("Ironic says the agent token was already retrieved; commands "
+                              "will be refused unless a token was configured")
+            else:
+                self.log.warn("Ignoring an agent token shorter than {length} characters",
+                              length=MIN_TOKEN_LENGTH)
+        if self.managers is not None:
+            self.managers.cache_node(node)
+        self.log.info("Node {uuid} adopted; heartbeat timeout {timeout}s",
+                      uuid=node["uuid"], timeout=self.heartbeat_timeout)
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def list_command_results(self) -> list[CommandResult]:
+        """Every kept command result, oldest first."""
+        return self.results.all()
+
+    def get_command_result(self, result_id: str) -> CommandResult:
+        """The result with ``result_id`` (404 if unknown)."""
+        return self.results.get(result_id)
+
+    def _resolve(self, full_name: Any, params: Any) -> tuple[Any, Any]:
+        extension_name, command_name = split_command(full_name)
+        extension = self.extensions.get(extension_name)
+        if extension is None:
+            raise errors.RequestedObjectNotFoundError("Extension", extension_name)
+        spec, method = extension.command(command_name)
+        if not isinstance(params, dict):
+            raise errors.InvalidCommandParamsError("Command params must be an object")
+        validate_params(method, params)
+        if spec.validator is not None:
+            spec.validator(extension, **params)
+        return spec, method
+
+    def check_command(self, full_name: Any, params: Any) -> None:
+        """Raise what ``execute_command`` would for a bad name or bad parameters."""
+        self._resolve(full_name, params)
+
+    async def execute_command(self, full_name: Any, params: Any) -> CommandResult:
+        """Run ``ext.cmd`` with ``params``; sync commands are done when this returns.
+
+        400/404 errors for bad names or parameters are raised before anything runs; 409
+        (AgentIsBusy) while an async command runs, or an async one is asked for while a
+        sync one is running. A command's own failure is a FAILED result, not an error.
+        """
+        spec, method = self._resolve(full_name, params)
+        running = self._running_async
+        if running is not None and not running.is_done():
+            raise errors.AgentIsBusy(running.command_name)
+        if spec.is_async and self._sync_in_flight:
+            raise errors.AgentIsBusy(self._sync_in_flight[-1].command_name)
+        result = CommandResult(spec.name, params, spec.is_async)
+        self.results.add(result)
+        self.log.info("Executing command {command}", command=full_name)
+        if spec.is_async:
+            self._running_async = result
+            finished = Deferred.fromCoroutine(run_command(method, params, result))
+            finished.addBoth(self._async_finished)
+            return result
+        self._sync_in_flight.append(result)
+        try:
+            await run_command(method, params, result)
+        finally:
+            self._sync_in_flight.remove(result)
+        return result
+
+    async def execute_nested(self, full_name: Any, params: Any) -> CommandResult:
+        """Run a command on behalf of another (a flow): no busy rule, not listed."""
+        spec, method = self._resolve(full_name, params)
+        result = CommandResult(spec.name, params, spec.is_async)
+        return await run_command(method, params, result)
+
+    def _async_finished(self, result: object) -> object:
+        self.heartbeat_requested()
+        return None

@@ -1,0 +1,20 @@
+"""The agent's extensions: each one a group of commands (``<extension>.<command>``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ipa_twisted.extensions.base import Extension
+
+
+def default_extensions() -> list[type[Extension]]:
+    """Every extension the agent serves."""
+    from ipa_twisted.extensions.clean import CleanExtension
+    from ipa_twisted.extensions.deploy import DeployExtension
+    from ipa_twisted.extensions.flow import FlowExtension
+    from ipa_twisted.extensions.log import LogExtension
+    from ipa_twisted.extensions.poll import PollExtension
+    from ipa_twisted.extensions.standby import StandbyExtension
+    return [CleanExtension, DeployExtension, FlowExtension, LogExtension, PollExtension,
+            StandbyExtension]

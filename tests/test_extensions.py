@@ -1,0 +1,253 @@
+"""The extensions' commands on fake hardware managers: clean, deploy, poll, standby, log."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import tarfile
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from ipa_twisted import errors
+from ipa_twisted.agent import Agent
+from ipa_twisted.commands import CommandResult
+from ipa_twisted.config import AgentConfig
+from ipa_twisted.hardware.dispatch import HardwareManagers
+from ipa_twisted.hardware.inventory import NetworkInterface
+from ipa_twisted.testing.fake_process import Exit, FakeRunner
+
+NODE = {"uuid": "n-1", "properties": {}}
+
+
+class Vendor:
+    HARDWARE_MANAGER_NAME = "vendor"
+    HARDWARE_MANAGER_VERSION = "2.0"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def evaluate_hardware_support(self) -> int:
+        return 3
+
+    def get_clean_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
+        return [{"step": "flash", "priority": 10, "interface": "deploy",
+                 "reboot_requested": False, "abortable": False},
+                {"step": "shared", "priority": 1, "interface": "deploy"}]
+
+    def get_deploy_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
+        return [{"step": "write_file", "priority": 0, "interface": "deploy",
+                 "argsinfo": {"path": {"required": True}}}]
+
+    async def flash(self, node: Any, ports: Any, **kwargs: Any) -> str:
+        self.calls.append(("flash", kwargs))
+        return "flashed"
+
+    def shared(self, node: Any, ports: Any) -> None:
+        raise errors.IncompatibleHardwareMethodError("not here")
+
+    def write_file(self, node: Any, ports: Any, path: str) -> tuple[str, int]:
+        self.calls.append(("write_file", path))
+        return (path, 1)
+
+
+class Generic:
+    HARDWARE_MANAGER_NAME = "generic"
+    HARDWARE_MANAGER_VERSION = "1.1"
+
+    def evaluate_hardware_support(self) -> int:
+        return 1
+
+    def get_clean_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
+        return [{"step": "shared", "priority": 50, "interface": "deploy"},
+                {"step": "explode", "priority": 5, "interface": "deploy"}]
+
+    def shared(self, node: Any, ports: Any) -> str:
+        return "generic did it"
+
+    def explode(self, node: Any, ports: Any) -> None:
+        raise OSError("disk on fire")
+
+    def list_hardware_info(self) -> dict[str, Any]:
+        return {"interfaces": [NetworkInterface(name="eth0", mac_address="aa:bb:cc:dd:ee:ff")],
+                "hostname": "node"}
+
+
+class ExtensionTestCase(SynchronousTestCase):
+    standalone = False
+
+    def setUp(self) -> None:
+        self.vendor, self.generic = Vendor(), Generic()
+        self.managers = HardwareManagers([(self.vendor, 3), (self.generic, 1)])
+        self.runner = FakeRunner()
+        self.agent = Agent(AgentConfig(standalone=self.standalone), Clock(),
+                           self.runner, managers=self.managers)  # type: ignore[arg-type]
+
+    def run_command(self, name: str, **params: Any) -> CommandResult:
+        result: CommandResult = self.successResultOf(
+            Deferred.fromCoroutine(self.agent.execute_command(name, params)))
+        self.successResultOf(result.wait())
+        return result
+
+    def versions(self) -> dict[str, str]:
+        return {"vendor": "2.0", "generic": "1.1"}
+
+
+class CleanTests(ExtensionTestCase):
+    def test_get_clean_steps_deduplicated_with_versions(self) -> None:
+        result = self.run_command("clean.get_clean_steps", node=NODE, ports=[])
+        steps = result.command_result["clean_steps"]
+        self.assertEqual(sorted(s["step"] for s in steps["vendor"]), ["flash", "shared"])
+        self.assertEqual([s["step"] for s in steps["generic"]], ["explode"])
+        self.assertEqual(result.command_result["hardware_manager_version"], self.versions())
+
+    def test_execute_clean_step(self) -> None:
+        step = {"step": "flash", "priority": 10, "interface": "deploy",
+                "args": {"image": "v2"}}
+        result = self.run_command("clean.execute_clean_step", step=step, node=NODE, ports=[],
+                                  clean_version=self.versions())
+        self.assertEqual(result.command_status.value, "SUCCEEDED")
+        self.assertEqual(result.command_result, {"clean_result": "flashed", "clean_step": step})
+        self.assertEqual(self.vendor.calls, [("flash", {"image": "v2"})])
+
+    def test_incompatible_falls_through_to_next_manager(self) -> None:
+        result = self.run_command("clean.execute_clean_step",
+                                  step={"step": "shared"}, node=NODE, ports=[])
+        self.assertEqual(result.command_result["clean_result"], "generic did it")
+
+    def test_version_mismatch(self) -> None:
+        result = self.run_command("clean.execute_clean_step", step={"step": "flash"},
+                                  node=NODE, ports=[],
+                                  clean_version={"vendor": "1.0", "generic": "1.1"})
+        self.assertEqual(result.command_status.value, "CLEAN_VERSION_MISMATCH")
+        self.assertIsInstance(result.command_error, errors.VersionMismatch)
+
+    def test_old_list_version_format_accepted(self) -> None:
+        result = self.run_command("clean.execute_clean_step", step={"step": "flash"},
+                                  node=NODE, ports=[], clean_version=[
+                                      {"name": "vendor", "version": "2.0"},
+                                      {"name": "generic", "version": "1.1"}])
+        self.assertEqual(result.command_status.value, "SUCCEEDED")
+
+    def test_failing_step_is_cleaning_error(self) -> None:
+        result = self.run_command("clean.execute_clean_step", step={"step": "explode"},
+                                  node=NODE, ports=[])
+        self.assertEqual(result.command_status.value, "FAILED")
+        assert result.command_error is not None
+        self.assertEqual(result.command_error.type, "CleaningError")
+        self.assertIn("disk on fire", result.command_error.details)
+
+    def test_unadvertised_step_is_refused(self) -> None:
+        for name in ("list_hardware_info", "evaluate_hardware_support"):
+            result = self.run_command("clean.execute_clean_step", step={"step": name},
+                                      node=NODE, ports=[])
+            self.assertEqual(result.command_status.value, "FAILED")
+            assert result.command_error is not None
+            self.assertIn("no hardware manager offers it", result.command_error.details)
+
+    def test_malformed_step_is_400(self) -> None:
+        for step in ({}, {"step": ""}, {"step": "_private"}, {"step": "flash", "args": [1]}):
+            failure = self.failureResultOf(Deferred.fromCoroutine(self.agent.execute_command(
+                "clean.execute_clean_step", {"step": step, "node": NODE, "ports": []})))
+            self.assertIsInstance(failure.value, errors.InvalidCommandParamsError)
+
+
+class DeployTests(ExtensionTestCase):
+    def test_get_and_execute_deploy_steps(self) -> None:
+        steps = self.run_command("deploy.get_deploy_steps", node=NODE, ports=[])
+        self.assertEqual(steps.command_result["deploy_steps"]["vendor"][0]["step"],
+                         "write_file")
+        result = self.run_command("deploy.execute_deploy_step",
+                                  step={"step": "write_file", "args": {"path": "/x"}},
+                                  node=NODE, ports=[], deploy_version=self.versions())
+        self.assertEqual(result.command_result["deploy_result"], ["/x", 1])
+
+    def test_failure_is_deployment_error(self) -> None:
+        result = self.run_command("deploy.execute_deploy_step",
+                                  step={"step": "write_file"}, node=NODE, ports=[])
+        self.assertEqual(result.command_status.value, "FAILED")
+        assert result.command_error is not None
+        self.assertEqual(result.command_error.type, "DeploymentError")
+
+
+class PollTests(ExtensionTestCase):
+    def test_get_hardware_info(self) -> None:
+        result = self.run_command("poll.get_hardware_info")
+        self.assertEqual(result.command_result["interfaces"][0]["mac_address"],
+                         "aa:bb:cc:dd:ee:ff")
+
+    def test_set_node_info_refused_unless_standalone(self) -> None:
+        failure = self.failureResultOf(Deferred.fromCoroutine(self.agent.execute_command(
+            "poll.set_node_info", {"node_info": {"node": {"uuid": "x"}}})))
+        self.assertIsInstance(failure.value, errors.InvalidCommandError)
+
+
+class StandalonePollTests(ExtensionTestCase):
+    standalone = True
+
+    def test_set_node_info_adopts_node_and_token(self) -> None:
+        result = self.run_command("poll.set_node_info", node_info={
+            "node": {"uuid": "n-9"}, "config": {"agent_token": "z" * 32,
+                                                "heartbeat_timeout": 42}})
+        self.assertEqual(result.command_status.value, "SUCCEEDED")
+        self.assertEqual(self.agent.get_node_uuid(), "n-9")
+        self.assertEqual(self.agent.heartbeat_timeout, 42)
+        self.assertTrue(self.agent.validate_agent_token("z" * 32))
+        self.assertEqual(self.managers.cached_node["uuid"], "n-9")
+
+    def test_set_node_info_validates(self) -> None:
+        for info in (None, {"node": {}}, {"node": {"uuid": "x"}, "config": []}):
+            failure = self.failureResultOf(Deferred.fromCoroutine(self.agent.execute_command(
+                "poll.set_node_info", {"node_info": info})))
+            self.assertIsInstance(failure.value, errors.InvalidContentError)
+
+
+class StandbyTests(ExtensionTestCase):
+    def test_sync_runs_sync(self) -> None:
+        self.runner = FakeRunner({("sync",): Exit(0)})
+        self.agent.runner = self.runner  # type: ignore[assignment]
+        result = self.run_command("standby.sync")
+        self.assertEqual(result.command_status.value, "SUCCEEDED")
+        self.assertEqual([c.argv for c in self.runner.calls], [("sync",)])
+
+    def test_sync_failure(self) -> None:
+        self.runner = FakeRunner({("sync",): Exit(1, stderr=b"I/O error")})
+        self.agent.runner = self.runner  # type: ignore[assignment]
+        result = self.run_command("standby.sync")
+        self.assertEqual(result.command_status.value, "FAILED")
+        assert result.command_error is not None
+        self.assertIn("Flushing file system buffers failed", result.command_error.details)
+
+    def test_partition_uuids_empty_before_deploy(self) -> None:
+        self.assertEqual(self.run_command("standby.get_partition_uuids").command_result, {})
+
+
+class ManagersLoadingTests(SynchronousTestCase):
+    def test_commands_wait_for_managers(self) -> None:
+        agent = Agent(AgentConfig(), Clock(), FakeRunner())  # type: ignore[arg-type]
+        pending = Deferred.fromCoroutine(agent.execute_command("poll.get_hardware_info", {}))
+        self.assertNoResult(pending)
+        agent.set_managers(HardwareManagers([(Generic(), 1)]))
+        result = self.successResultOf(pending)
+        self.assertEqual(result.command_result["hostname"], "node")
+
+
+class LogTests(TestCase):
+    async def test_collect_system_logs(self) -> None:
+        runner = FakeRunner({("dmesg",): Exit(0, stdout=b"kernel says hi\n")},
+                            unknown_missing=True)
+        agent = Agent(AgentConfig(), reactor, runner, reactor=reactor)  # type: ignore[arg-type]
+        result = await agent.execute_command("log.collect_system_logs", {})
+        self.assertEqual(result.command_status.value, "SUCCEEDED", result.serialize())
+        archive = base64.b64decode(result.command_result["system_logs"])
+        with tarfile.open(fileobj=io.BytesIO(gzip.decompress(archive))) as tar:
+            names = tar.getnames()
+            dmesg = [n for n in names if n.endswith("dmesg")]
+            self.assertTrue(dmesg, names)
+            member = tar.extractfile(dmesg[0])
+            assert member is not None
+            self.assertEqual(member.read(), b"kernel says hi\n")
