@@ -1,0 +1,124 @@
+"""The agent's service tree: the API listener, then lookup, then the heartbeater."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import deferLater
+from twisted.logger import ILogObserver, Logger
+
+from ipa_twisted import errors
+from ipa_twisted.agent import Agent
+from ipa_twisted.hardware.dispatch import HardwareManagers
+from ipa_twisted.ironic.client import IronicClient, callback_url
+from ipa_twisted.ironic.heartbeat import Heartbeater
+
+LOOKUP_RETRY_PAUSE = 10.0
+
+
+class AgentService(MultiService):
+    """Starts the agent in the reference agent's order, every wait on the reactor.
+
+    The API port is bound with the service tree (twistd fails at once, with a clear line,
+    if it cannot listen) and answers while the hardware managers load; commands that need
+    them wait for them. Unless standalone, the node is then looked up (retried for as long
+    as it takes: an Ironic outage never stops the agent) and heartbeats begin.
+    """
+
+    log = Logger()
+
+    def __init__(self, agent: Agent, api_service: IService,
+                 load_managers: Callable[[], Awaitable[HardwareManagers]],
+                 ironic: IronicClient | None,
+                 find_address: Callable[[], Awaitable[str]] | None = None,
+                 log_observer: ILogObserver | None = None) -> None:
+        super().__init__()
+        self.agent = agent
+        self._api_service = api_service
+        self._load_managers = load_managers
+        self._ironic = ironic
+        self._find_address = find_address
+        self._log_observer = log_observer
+        self._startup: Deferred[None] = Deferred()
+        self.heartbeater: Heartbeater | None = None
+        api_service.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        # Under twistd the parent is the Application: give it our level-filtered observer
+        # so that --debug decides whether debug events are written.
+        if self._log_observer is not None and hasattr(parent, "setComponent"):
+            if parent.getComponent(ILogObserver, None) is None:
+                parent.setComponent(ILogObserver, self._log_observer)
+
+    def startService(self) -> None:
+        super().startService()
+        self._startup = Deferred.fromCoroutine(self._start())
+        self._startup.addErrback(self._startup_failed)
+
+    def _startup_failed(self, failure: Any) -> None:
+        if failure.check(CancelledError):
+            return None
+        self.log.failure("Agent start-up failed", failure)
+        return None
+
+    async def _start(self) -> None:
+        config = self.agent.config
+        clock = self.agent.clock
+        if config.hardware_initialization_delay > 0:
+            self.log.info("Waiting {delay}s for hardware to initialise",
+                          delay=config.hardware_initialization_delay)
+            await deferLater(clock, config.hardware_initialization_delay, lambda: None)
+        managers = await self._load_managers()
+        self.agent.set_managers(managers)
+        self.log.info("Hardware managers: {managers}",
+                      managers=managers.get_current_versions())
+        if config.standalone or self._ironic is None:
+            self.log.info("Standalone mode: no lookup, no heartbeats")
+            return
+        await self._look_up()
+        host = config.advertise_host
+        if not host:
+            assert self._find_address is not None
+            host = await self._find_address()
+        url = callback_url(host, config.advertise_port, config.advertise_protocol)
+        self.log.info("Advertising {url} to Ironic", url=url)
+        ironic = self._ironic
+
+        async def beat() -> None:
+            await ironic.heartbeat(self.agent.get_node_uuid(), url, self.agent.agent_token)
+
+        self.heartbeater = Heartbeater(beat, lambda: self.agent.heartbeat_timeout, clock)
+        self.agent.heartbeat_requested = self.heartbeater.force
+        self.heartbeater.setServiceParent(self)
+
+    async def _look_up(self) -> None:
+        assert self._ironic is not None
+        managers = await self.agent.get_managers()
+        config = self.agent.config
+        while True:
+            try:
+                interfaces = await managers.dispatch_to_managers(
+                    "list_network_interfaces")
+                macs = [i.mac_address for i in interfaces if getattr(i, "mac_address", None)]
+                content = await self._ironic.lookup(
+                    macs, timeout=config.lookup_timeout, interval=config.lookup_interval)
+            except CancelledError:
+                raise
+            except errors.LookupNodeError as e:
+                self.log.error("Lookup failed for {timeout}s ({error}); still trying",
+                               timeout=config.lookup_timeout, error=str(e))
+            except Exception:
+                self.log.failure("Lookup failed unexpectedly; retrying")
+            else:
+                self.agent.process_lookup_data(content)
+                return
+            await deferLater(self.agent.clock, LOOKUP_RETRY_PAUSE, lambda: None)
+
+    def stopService(self) -> Deferred[None]:
+        self._startup.cancel()
+        stopped: Deferred[None] = super().stopService()
+        return stopped

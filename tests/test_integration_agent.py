@@ -1,0 +1,218 @@
+"""A real ``twistd ipa`` process against a recording Ironic test service, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from tests.processes import TWISTD, Child, free_port, physical_macs, poll, sleep
+
+TOKEN = "integration-token-" + "x" * 32
+NODE = "1be26c0b-03f2-4d2e-ae87-c02d7f33c123"
+HEARTBEAT_TIMEOUT = 2.0
+
+
+class IronicDrivenAgentTests(TestCase):
+    """Lookup, jittered heartbeats, an Ironic outage, and commands with and without token."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.macs = physical_macs()
+        if not self.macs:
+            raise self.skipTest("this machine has no physical network interface to look up by")
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.record = os.path.join(self.dir, "ironic.jsonl")
+        self.cmdline = os.path.join(self.dir, "cmdline")
+        with open(self.cmdline, "w") as f:
+            f.write("console=ttyS0\n")
+        self.children: list[Child] = []
+
+    async def tearDown(self) -> None:
+        for child in self.children:
+            await child.stop("KILL")
+
+    def start_ironic(self, port: int = 0) -> Child:
+        args = [sys.executable, "-m", "ipa_twisted.testing.fake_ironic", "--port", str(port),
+                "--node-uuid", NODE, "--token", TOKEN, "--heartbeat-timeout",
+                str(HEARTBEAT_TIMEOUT), "--record", self.record]
+        for mac in self.macs:
+            args += ["--mac", mac]
+        child = Child(args)
+        self.children.append(child)
+        return child
+
+    def start_agent(self, ironic_port: int, agent_port: int) -> Child:
+        config = os.path.join(self.dir, "agent.conf")
+        with open(config, "w") as f:
+            f.write(f"[DEFAULT]\nadvertise_port = {agent_port}\nlookup_interval = 0.2\n")
+        child = Child(TWISTD + [
+            "-n", "--pidfile=", "ipa", "--no-default-config-files", "--config-file", config,
+            "--cmdline-path", self.cmdline, "--api-url", f"http://127.0.0.1:{ironic_port}",
+            "--listen", f"127.0.0.1:{agent_port}", "--debug"])
+        self.children.append(child)
+        return child
+
+    def records(self, kind: str) -> list[dict[str, Any]]:
+        if not os.path.exists(self.record):
+            return []
+        with open(self.record) as f:
+            return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+    async def get(self, url: str, **params: str) -> tuple[int, Any]:
+        response = await treq.get(url, params=params, timeout=10, persistent=False)
+        return response.code, await response.json()
+
+    async def post(self, url: str, body: Any, **params: str) -> tuple[int, Any]:
+        response = await treq.post(url, json=body, params=params, timeout=30,
+                                   persistent=False)
+        return response.code, await response.json()
+
+    async def test_lookup_heartbeats_outage_and_commands(self) -> None:
+        ironic = self.start_ironic()
+        ironic_port = int((await ironic.wait_for(rb"listening on (\d+)")).group(1))
+        agent_port = free_port()
+        agent = self.start_agent(ironic_port, agent_port)
+        base = f"http://127.0.0.1:{agent_port}"
+
+        # Lookup carries this machine's MACs.
+        lookups = await poll(lambda: [r for r in self.records("lookup") if r["status"] == 200])
+        self.assertEqual(sorted(lookups[0]["addresses"]), sorted(self.macs))
+        headers = {k.lower(): v for k, v in lookups[0]["headers"].items()}
+        self.assertEqual(headers.get("x-openstack-ironic-api-version"), "1.68", headers)
+
+        # Heartbeats arrive with the reference agent's fields, at jittered intervals.
+        beats = await poll(lambda: len(self.records("heartbeat")) >= 4 and
+                           self.records("heartbeat"), timeout=30)
+        body = beats[0]["body"]
+        self.assertEqual(body["callback_url"], f"http://127.0.0.1:{agent_port}")
+        self.assertEqual(body["agent_token"], TOKEN)
+        self.assertIsInstance(body["agent_version"], str)
+        self.assertEqual(beats[0]["node_uuid"], NODE)
+        gaps = [b["time"] - a["time"] for a, b in zip(beats, beats[1:4])]
+        for gap in gaps:
+            self.assertTrue(0.3 * HEARTBEAT_TIMEOUT - 0.2 <= gap <= 0.6 * HEARTBEAT_TIMEOUT + 0.5,
+                            gaps)
+        self.assertGreater(len({round(g, 2) for g in gaps}), 1, f"no jitter in {gaps}")
+
+        # Commands over real HTTP: 401 without the token, served with it.
+        code, answer = await self.post(f"{base}/v1/commands/",
+                                       {"name": "poll.get_hardware_info", "params": {}})
+        self.assertEqual((code, answer), (401, {"faultcode": "Client",
+                                                "faultstring": "Token invalid."}))
+        self.assertEqual((await self.get(f"{base}/v1/commands/"))[0], 401)
+        code, answer = await self.post(f"{base}/v1/commands/",
+                                       {"name": "poll.get_hardware_info", "params": {}},
+                                       agent_token=TOKEN)
+        self.assertEqual(code, 200)
+        self.assertEqual(answer["command_status"], "SUCCEEDED", answer)
+        macs = {i["mac_address"] for i in answer["command_result"]["interfaces"]}
+        self.assertTrue(set(self.macs) <= macs)
+        code, listing = await self.get(f"{base}/v1/commands/", agent_token=TOKEN)
+        self.assertEqual([c["id"] for c in listing["commands"]], [answer["id"]])
+
+        # Ironic goes away: the agent keeps serving, and heartbeats resume when it is back.
+        await ironic.stop("KILL")
+        await sleep(3)
+        self.assertEqual((await self.get(f"{base}/v1/status"))[0], 200)
+        self.assertIsNone(agent.exit_code)
+        before = len(self.records("heartbeat"))
+        ironic = self.start_ironic(ironic_port)
+        await ironic.wait_for(rb"listening on")
+        await poll(lambda: len(self.records("heartbeat")) > before, timeout=20)
+
+        # The token never reaches the log, and SIGTERM stops the agent cleanly.
+        await agent.stop("TERM")
+        self.assertTrue(agent.stopped_cleanly, agent.output[-2000:])
+        self.assertNotIn(TOKEN.encode(), agent.output)
+        self.assertIn(b"Running ", agent.output, "--debug shows commands run")
+
+
+class StandaloneAgentTests(TestCase):
+    """The README's standalone agent on loopback."""
+
+    timeout = 60
+
+    async def test_standalone_answers_and_stops(self) -> None:
+        port = free_port()
+        cmdline = os.path.abspath(self.mktemp())
+        with open(cmdline, "w") as f:
+            f.write("\n")
+        started = reactor.seconds()
+        agent = Child(TWISTD + ["-n", "--pidfile=", "ipa", "--standalone",
+                                "--no-default-config-files", "--cmdline-path", cmdline,
+                                "--listen", f"127.0.0.1:{port}"])
+        self.addCleanup(agent.stop, "KILL")
+
+        async def root() -> Any:
+            response = await treq.get(f"http://127.0.0.1:{port}/", timeout=2,
+                                       persistent=False)
+            return response.code == 200 and await response.json()
+
+        body = await poll(root, timeout=30, interval=0.05)
+        self.assertEqual(body["name"], "OpenStack Ironic Python Agent API")
+        print(f"\n  standalone start-up to first 200: {reactor.seconds() - started:.2f}s")
+        response = await treq.post(f"http://127.0.0.1:{port}/v1/commands/?wait=true",
+                                   json={"name": "standby.sync", "params": {}}, timeout=30,
+                                   persistent=False)
+        self.assertEqual((await response.json())["command_status"], "SUCCEEDED")
+        await agent.stop("TERM")
+        self.assertTrue(agent.stopped_cleanly, agent.output[-2000:])
+
+
+class StartupErrorTests(TestCase):
+    """Bad configuration stops start-up with one clear line and a non-zero exit."""
+
+    timeout = 60
+
+    async def run_twistd(self, *args: str) -> Child:
+        child = Child(TWISTD + ["-n", "--pidfile=", "ipa", "--no-default-config-files",
+                                *args])
+        self.addCleanup(child.stop, "KILL")
+        await child.ended
+        return child
+
+    async def test_bad_port_in_config_file(self) -> None:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("[DEFAULT]\nlisten_port = abc\n")
+        child = await self.run_twistd("--standalone", "--config-file", path)
+        self.assertNotEqual(child.exit_code, 0)
+        lines = child.output.decode().strip().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("listen_port", lines[0])
+        self.assertIn(path, lines[0])
+
+    async def test_malformed_api_url_on_kernel_cmdline(self) -> None:
+        cmdline = os.path.abspath(self.mktemp())
+        with open(cmdline, "w") as f:
+            f.write("ipa-api-url=not-a-url console=ttyS0\n")
+        child = await self.run_twistd("--cmdline-path", cmdline)
+        self.assertNotEqual(child.exit_code, 0)
+        self.assertIn(b"api_url", child.output)
+        self.assertIn(b"kernel command line", child.output)
+
+    async def test_missing_api_url(self) -> None:
+        cmdline = os.path.abspath(self.mktemp())
+        with open(cmdline, "w") as f:
+            f.write("\n")
+        child = await self.run_twistd("--cmdline-path", cmdline)
+        self.assertNotEqual(child.exit_code, 0)
+        self.assertIn(b"api_url is required", child.output)
+
+    async def test_help_lists_and_documents(self) -> None:
+        child = Child(TWISTD + ["--help"])
+        await child.ended
+        self.assertIn(b"ipa", child.output)
+        child = Child(TWISTD + ["ipa", "--help"])
+        await child.ended
+        for flag in (b"--standalone", b"--debug", b"--api-url", b"--listen", b"--config-file",
+                     b"--advertise", b"--cmdline-path", b"--no-default-config-files"):
+            self.assertIn(flag, child.output)
