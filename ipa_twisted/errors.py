@@ -143,6 +143,12 @@ class SystemRebootError(RESTError):
                          f"stderr: {stderr}")
 
 
+class InstanceDeployFailure(RESTError):
+    """Preparing the instance (partitions, config drive) failed."""
+
+    message = "Failed to deploy instance"
+
+
 class BlockDeviceEraseError(RESTError):
     message = "Error erasing block device"
 

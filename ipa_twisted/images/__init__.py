@@ -1,0 +1,1 @@
+"""The image pipeline: download, verify, convert and write OS images."""
