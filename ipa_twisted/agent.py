@@ -126,10 +126,35 @@ class Agent:
             else:
                 self.log.warn("Ignoring an agent token shorter than {length} characters",
                               length=MIN_TOKEN_LENGTH)
+        self._apply_metrics_config(config)
         if self.managers is not None:
             self.managers.cache_node(node)
         self.log.info("Node {uuid} adopted; heartbeat timeout {timeout}s",
                       uuid=node["uuid"], timeout=self.heartbeat_timeout)
+
+    def _apply_metrics_config(self, config: Mapping[str, Any]) -> None:
+        """Take Ironic's ``metrics``/``metrics_statsd`` settings, ignoring bad values."""
+        current = self.config
+        changes: dict[str, Any] = {}
+        for group, prefix in (("metrics", "metrics_"), ("metrics_statsd", "metrics_")):
+            values = config.get(group)
+            if not isinstance(values, dict):
+                continue
+            for key, value in values.items():
+                field = prefix + key
+                if not hasattr(current, field) or value is None:
+                    self.log.warn("Ignoring unknown lookup setting {group}.{key}", group=group,
+                                  key=key)
+                    continue
+                wanted = type(getattr(current, field))
+                if getattr(current, field) is None or isinstance(value, wanted) and not (
+                        isinstance(value, bool) and wanted is int):
+                    changes[field] = value
+                else:
+                    self.log.warn("Ignoring lookup setting {group}.{key}: not a {type}",
+                                  group=group, key=key, type=wanted.__name__)
+        if changes:
+            self.config = current.override(**changes)
 
     # -- commands ---------------------------------------------------------------------------
 

@@ -342,6 +342,26 @@ class TokenTests(APITestCase):
         self.assertEqual(self.request("GET", "/v1/commands/", token=TOKEN)[0], 401)
 
 
+class LookupDataTests(APITestCase):
+    def test_metrics_settings_applied(self) -> None:
+        self.agent.process_lookup_data({"node": {"uuid": "n1"}, "config": {
+            "heartbeat_timeout": 60, "metrics": {"backend": "statsd", "prepend_uuid": True,
+                                                 "bogus": 1, "prepend_host": "yes"},
+            "metrics_statsd": {"statsd_host": "10.0.0.5", "statsd_port": 8126}}})
+        config = self.agent.config
+        self.assertEqual((config.metrics_backend, config.metrics_prepend_uuid,
+                          config.metrics_prepend_host, config.metrics_statsd_host,
+                          config.metrics_statsd_port),
+                         ("statsd", True, False, "10.0.0.5", 8126))
+        self.assertEqual(self.agent.heartbeat_timeout, 60)
+
+    def test_short_or_masked_token_ignored(self) -> None:
+        for token in ("short", "******"):
+            self.agent.process_lookup_data({"node": {"uuid": "n1"},
+                                            "config": {"agent_token": token}})
+            self.assertEqual(self.agent.agent_token, TOKEN)
+
+
 class NoTokenTests(APITestCase):
     """Without a token of its own (standalone), the agent takes requests without one."""
 
