@@ -18,6 +18,7 @@ from ipa_twisted.config import AgentConfig
 if TYPE_CHECKING:
     from ipa_twisted.extensions.base import Extension
     from ipa_twisted.hardware.dispatch import HardwareManagers
+    from ipa_twisted.hardware.interface import HardwareContext
     from ipa_twisted.process import ProcessRunner
 
 MIN_TOKEN_LENGTH = 32
@@ -39,6 +40,7 @@ class Agent:
         self.version = __version__
         self.started_at = clock.seconds()
         self.node: dict[str, Any] | None = None
+        self.context: HardwareContext | None = None
         self.managers: HardwareManagers | None = None
         self._managers_waiting: list[Deferred[HardwareManagers]] = []
         if managers is not None:
@@ -55,6 +57,14 @@ class Agent:
             from ipa_twisted.extensions import default_extensions
             extensions = default_extensions()
         self.extensions: dict[str, Extension] = {e.name: e(self) for e in extensions}
+
+    def hardware_context(self) -> HardwareContext:
+        """What hardware code needs: config, runner, clock, HTTP client, progress reports."""
+        if self.context is None:
+            from ipa_twisted.hardware.interface import HardwareContext
+            self.context = HardwareContext(self.config, self.runner, self.clock, self.reactor,
+                                           report_progress=self.report_progress)
+        return self.context
 
     def set_managers(self, managers: HardwareManagers) -> None:
         """Adopt the loaded hardware managers and release whoever waits for them."""
@@ -216,6 +226,14 @@ class Agent:
         spec, method = self._resolve(full_name, params)
         result = CommandResult(spec.name, params, spec.is_async)
         return await run_command(method, params, result)
+
+    def report_progress(self, progress: Any) -> None:
+        """Show ``progress`` (with ``serialize()``) on the command running now."""
+        running = self._running_async
+        if running is not None and not running.is_done():
+            running.progress = progress
+        elif self._sync_in_flight:
+            self._sync_in_flight[-1].progress = progress
 
     def _async_finished(self, result: object) -> object:
         self.heartbeat_requested()

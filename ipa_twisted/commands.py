@@ -148,6 +148,8 @@ class CommandResult:
         self.command_status = CommandStatus.RUNNING
         self.command_error: errors.RESTError | None = None
         self.command_result: Any = None
+        self.progress: Any = None
+        """While RUNNING, an object whose ``serialize()`` shows how far the command is."""
         self._waiters: list[Deferred[CommandResult]] = []
 
     def is_done(self) -> bool:
@@ -196,14 +198,17 @@ class CommandResult:
             waiter.callback(self)
 
     def serialize(self) -> dict[str, Any]:
-        """The JSON shape Ironic reads."""
+        """The JSON shape Ironic reads; a running command shows its progress as its result."""
+        result = self.command_result
+        if self.progress is not None and self.command_status is CommandStatus.RUNNING:
+            result = {"progress": self.progress.serialize()}
         return {
             "id": self.id,
             "command_name": self.command_name,
             "command_status": self.command_status.value,
             "command_error": (self.command_error.serialize()
                               if self.command_error is not None else None),
-            "command_result": self.command_result,
+            "command_result": result,
         }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 import sys
 from typing import Any
@@ -140,20 +141,28 @@ def makeService(options: Options) -> IService:
         log.warn("Configuration: {warning}", warning=warning)
     runner = ProcessRunner(reactor, reactor)
     agent = Agent(config, reactor, runner, reactor=reactor)
+
+    @functools.cache
+    def http_client() -> Any:
+        from ipa_twisted.http import make_http_client
+        return make_http_client(reactor, config)
+
+    context = HardwareContext(config, runner, reactor, reactor, http_client=http_client,
+                              report_progress=agent.report_progress)
+    agent.context = context
     api_service = StreamServerEndpointService(make_endpoint(reactor, config),
                                               make_site(AgentAPI(agent)))
     api_service._raiseSynchronously = True  # twistd exits at once if it cannot listen
 
     async def load_managers() -> HardwareManagers:
-        return await HardwareManagers.load(HardwareContext(config, runner, reactor, reactor))
+        return await HardwareManagers.load(context)
 
     ironic = find_address = None
     if not config.standalone:
-        from ipa_twisted.http import make_http_client
         from ipa_twisted.ironic.address import find_advertise_address
         from ipa_twisted.ironic.client import IronicClient
         assert config.api_url is not None
-        ironic = IronicClient(config.api_url, make_http_client(reactor, config), reactor,
+        ironic = IronicClient(config.api_url, http_client(), reactor,
                               agent.version, config.global_request_id)
         api_url = config.api_url
 

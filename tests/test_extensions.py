@@ -251,3 +251,104 @@ class LogTests(TestCase):
             member = tar.extractfile(dmesg[0])
             assert member is not None
             self.assertEqual(member.read(), b"kernel says hi\n")
+
+
+class ImageWriter:
+    """A manager whose write_image records, reports progress and waits on a gate."""
+
+    HARDWARE_MANAGER_NAME = "writer"
+    HARDWARE_MANAGER_VERSION = "1"
+
+    def __init__(self, context: Any) -> None:
+        self.context = context
+        self.writes: list[tuple[Any, ...]] = []
+        self.gate: Deferred[None] = Deferred()
+
+    def evaluate_hardware_support(self) -> int:
+        return 2
+
+    class Progress:
+        def serialize(self) -> dict[str, Any]:
+            return {"bytes_written": 1024, "eta_seconds": 3}
+
+    async def write_image(self, node: Any, ports: Any, image_info: Any,
+                          configdrive: Any = None) -> None:
+        self.writes.append((node, image_info["id"], configdrive))
+        self.context.report_progress(self.Progress())
+        await self.gate
+        self.context.deployment.image_id = image_info["id"]
+        self.context.deployment.device = "/dev/sdz"
+        self.context.deployment.partition_uuids = {"root uuid": "abcd"}
+
+
+IMAGE = {"id": "img-1", "urls": ["http://images/x.raw"], "checksum": "a" * 32}
+
+
+class StandbyImageTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.proc = self.mktemp()
+        import os
+        os.makedirs(self.proc)
+        self.runner = FakeRunner({("sync",): Exit(0), ("reboot", "-f"): Exit(0),
+                                  ("poweroff", "-f"): Exit(1, stderr=b"nope")})
+        self.agent = Agent(AgentConfig(proc_path=self.proc), Clock(),
+                           self.runner)  # type: ignore[arg-type]
+        self.writer = ImageWriter(self.agent.hardware_context())
+        self.agent.set_managers(HardwareManagers([(self.writer, 2)]))
+
+    def start(self, name: str, **params: Any) -> CommandResult:
+        return self.successResultOf(Deferred.fromCoroutine(
+            self.agent.execute_command(name, params)))
+
+    def test_prepare_image_shows_progress_then_result(self) -> None:
+        result = self.start("standby.prepare_image", image_info=IMAGE, configdrive="H4sI")
+        self.assertEqual(result.serialize()["command_result"],
+                         {"progress": {"bytes_written": 1024, "eta_seconds": 3}})
+        self.writer.gate.callback(None)
+        self.assertEqual(result.command_status.value, "SUCCEEDED")
+        self.assertEqual(result.command_result["result"],
+                         "prepare_image: image (img-1) written to device /dev/sdz "
+                         "and configdrive written ")
+        self.assertEqual(self.start("standby.get_partition_uuids").command_result,
+                         {"root uuid": "abcd"})
+
+    def test_cache_image_skips_when_present_unless_forced(self) -> None:
+        self.writer.gate.callback(None)
+        self.start("standby.cache_image", image_info=IMAGE)
+        again = self.start("standby.cache_image", image_info=IMAGE)
+        self.assertIn("already present", again.command_result["result"])
+        self.assertEqual(len(self.writer.writes), 1)
+        self.start("standby.cache_image", image_info=IMAGE, force=True)
+        self.assertEqual(len(self.writer.writes), 2)
+
+    def test_image_info_validated_before_anything_runs(self) -> None:
+        bad = [None, {}, {"id": "x"}, {"id": "x", "urls": []},
+               {"id": "x", "urls": ["http://a"]},
+               {"id": "x", "urls": ["http://a"], "os_hash_algo": "sha256"},
+               {"id": "x", "urls": ["http://a"], "checksum": 5},
+               {"id": "x", "urls": ["http://a"], "checksum": "a" * 32, "root_mb": -1}]
+        for info in bad:
+            failure = self.failureResultOf(Deferred.fromCoroutine(
+                self.agent.execute_command("standby.prepare_image", {"image_info": info})))
+            self.assertIsInstance(failure.value, errors.InvalidCommandParamsError, info)
+        self.assertEqual(self.writer.writes, [])
+
+    def test_run_image_syncs_then_reboots(self) -> None:
+        result = self.start("standby.run_image")
+        self.assertEqual(result.command_status.value, "SUCCEEDED")
+        self.assertEqual(self.runner.argvs, [("sync",), ("reboot", "-f")])
+
+    def test_power_off_falls_back_to_sysrq(self) -> None:
+        import os
+        trigger = os.path.join(self.proc, "sysrq-trigger")
+        open(trigger, "w").close()
+        result = self.start("standby.power_off")
+        self.assertEqual(result.command_status.value, "SUCCEEDED")
+        with open(trigger) as f:
+            self.assertEqual(f.read(), "o")
+
+    def test_power_off_failure_reported(self) -> None:
+        result = self.start("standby.power_off")  # no sysrq-trigger file in proc_path
+        self.assertEqual(result.command_status.value, "FAILED")
+        assert result.command_error is not None
+        self.assertEqual(result.command_error.type, "SystemRebootError")

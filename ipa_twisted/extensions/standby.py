@@ -1,34 +1,113 @@
-"""``standby.*``: image preparation and the machine's power actions."""
+"""``standby.*``: write the instance image, and the machine's power actions."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ipa_twisted import errors
-from ipa_twisted.commands import sync_command
+from ipa_twisted.commands import async_command, sync_command
 from ipa_twisted.extensions.base import Extension
+from ipa_twisted.images.info import validate_image_info
 from ipa_twisted.process import ProcessExecutionError
 
 
+def _validate_image(extension: Extension, image_info: Any = None, **_: Any) -> None:
+    validate_image_info(image_info)
+
+
 class StandbyExtension(Extension):
-    """Writes images and reboots into them (image commands come with the deploy work)."""
+    """Writes images to the install disk and reboots or powers off into them."""
 
     name = "standby"
 
-    def __init__(self, agent: Any) -> None:
-        super().__init__(agent)
-        self.partition_uuids: dict[str, Any] = {}
+    async def _write(self, image_info: dict[str, Any], configdrive: str | None) -> str:
+        """Write through the managers' ``write_image`` (the deploy step), so a vendor
+        manager that overrides the step also serves the standby commands."""
+        managers = await self.agent.get_managers()
+        node = managers.cached_node or {}
+        await managers.dispatch_to_managers("write_image", node, [], image_info, configdrive)
+        deployment = self.agent.hardware_context().deployment
+        return str(deployment.device)
+
+    @async_command("prepare_image", validator=_validate_image)
+    async def prepare_image(self, image_info: dict[str, Any] | None = None,
+                            configdrive: str | None = None) -> str:
+        """Write the image (and config drive) to the install device."""
+        assert image_info is not None
+        device = await self._write(image_info, configdrive)
+        message = f"image ({image_info['id']}) written to device {device} "
+        if configdrive:
+            message += "and configdrive written "
+        return message
+
+    @async_command("cache_image", validator=_validate_image)
+    async def cache_image(self, image_info: dict[str, Any] | None = None,
+                          force: bool = False, configdrive: str | None = None) -> str:
+        """Write the image unless it is already on the install device (or ``force``)."""
+        assert image_info is not None
+        deployment = self.agent.hardware_context().deployment
+        if deployment.image_id == image_info["id"] and not force:
+            return f"image ({image_info['id']}) already present on device {deployment.device} "
+        device = await self._write(image_info, configdrive)
+        return f"image ({image_info['id']}) cached to device {device} "
 
     @sync_command("get_partition_uuids")
     def get_partition_uuids(self) -> dict[str, Any]:
         """Partition UUIDs of the last partition image written (empty before)."""
-        return dict(self.partition_uuids)
+        return dict(self.agent.hardware_context().deployment.partition_uuids)
+
+    # -- buffers and power ----------------------------------------------------------------------
 
     @sync_command("sync")
     async def sync(self) -> None:
         """Flush file system buffers to disk."""
+        await self._sync()
+
+    async def _sync(self) -> None:
         try:
             await self.agent.runner.execute("sync", timeout=self.agent.config.command_timeout)
         except ProcessExecutionError as e:
             raise errors.CommandExecutionError(
                 f"Flushing file system buffers failed. Error: {e}") from e
+
+    @async_command("run_image")
+    async def run_image(self) -> None:
+        """Reboot into the written image."""
+        self.log.info("Rebooting system")
+        await self._shutdown("reboot")
+
+    @async_command("power_off")
+    async def power_off(self) -> None:
+        """Power the machine off."""
+        self.log.info("Powering off system")
+        await self._shutdown("poweroff")
+
+    async def _shutdown(self, action: str) -> None:
+        config = self.agent.config
+        command = config.reboot_command if action == "reboot" else config.poweroff_command
+        try:
+            await self._sync()
+        except errors.CommandExecutionError as e:
+            self.log.warn("{error}; going on with {action}", error=str(e), action=action)
+        argv = command.split()
+        try:
+            await self.agent.runner.execute(*argv, timeout=60)
+            return
+        except ProcessExecutionError as e:
+            self.log.error("{action} command {argv} failed: {error}; trying sysrq",
+                           action=action, argv=argv, error=str(e))
+            failure = e
+        trigger = os.path.join(config.proc_path, "sysrq-trigger")
+        try:
+            fd = os.open(trigger, os.O_WRONLY)  # never creates: it must be procfs's
+            try:
+                os.write(fd, b"b" if action == "reboot" else b"o")
+            finally:
+                os.close(fd)
+        except OSError as sysrq_error:
+            self.log.error("sysrq {action} failed: {error}", action=action,
+                           error=str(sysrq_error))
+            raise errors.SystemRebootError(
+                failure.exit_code, failure.stdout.decode(errors="replace"),
+                failure.stderr.decode(errors="replace")) from failure

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import socket
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, Union
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -68,6 +68,15 @@ class CommandRunner(Protocol):
         ...
 
 
+@dataclass
+class DeploymentState:
+    """What the last image write left: shared by the write_image step and ``standby.*``."""
+
+    image_id: str | None = None
+    device: str | None = None
+    partition_uuids: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class HardwareContext:
     """What managers are given to do their work: configuration, processes and time."""
@@ -76,6 +85,17 @@ class HardwareContext:
     runner: CommandRunner          # a ProcessRunner
     clock: IReactorTime
     reactor: Any
+    http_client: Callable[[], Any] | None = None
+    """Gives the agent's HTTP client (made on first use; image downloads need it)."""
+    report_progress: Callable[[Any], None] = lambda progress: None
+    """Shows a long step's progress object (``serialize()``) on the running command."""
+    deployment: DeploymentState = field(default_factory=DeploymentState)
+
+    def http(self) -> Any:
+        """The agent's HTTP client (treq HTTPClient)."""
+        if self.http_client is None:
+            raise RuntimeError("this HardwareContext has no HTTP client")
+        return self.http_client()
 
 
 def call_manager_method(method: Callable[..., Any], *args: Any,
