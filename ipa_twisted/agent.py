@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from ipa_twisted.process import ProcessRunner
 
 MIN_TOKEN_LENGTH = 32
+STOP_DELAY = 0.5
+"""Seconds between answering a command that stops the agent and stopping it."""
 
 
 class Agent:
@@ -53,6 +55,10 @@ class Agent:
         self._sync_in_flight: list[CommandResult] = []
         self.heartbeat_requested: Callable[[], None] = lambda: None
         self.stop_requested: Callable[[], None] = lambda: None
+        """Called to stop the whole agent once the current answer is sent (rescue)."""
+        self.lockdown_requested: Callable[[], None] = lambda: None
+        """Called to close the API and stop heartbeats, keeping the process (lockdown)."""
+        self.locked_down = False
         if extensions is None:
             from ipa_twisted.extensions import default_extensions
             extensions = default_extensions()
@@ -201,6 +207,8 @@ class Agent:
         sync one is running. A command's own failure is a FAILED result, not an error.
         """
         spec, method = self._resolve(full_name, params)
+        if self.locked_down:
+            raise errors.CommandExecutionError("The agent is locked down")
         running = self._running_async
         if running is not None and not running.is_done():
             raise errors.AgentIsBusy(running.command_name)
@@ -226,6 +234,15 @@ class Agent:
         spec, method = self._resolve(full_name, params)
         result = CommandResult(spec.name, params, spec.is_async)
         return await run_command(method, params, result)
+
+    def request_stop(self) -> None:
+        """Stop the agent soon, after the answer in progress has been sent."""
+        self.clock.callLater(STOP_DELAY, self.stop_requested)
+
+    def request_lockdown(self) -> None:
+        """Refuse commands from now on; close the API after this answer is sent."""
+        self.locked_down = True
+        self.clock.callLater(STOP_DELAY, self.lockdown_requested)
 
     def report_progress(self, progress: Any) -> None:
         """Show ``progress`` (with ``serialize()``) on the command running now."""

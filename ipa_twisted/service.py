@@ -34,7 +34,8 @@ class AgentService(MultiService):
                  load_managers: Callable[[], Awaitable[HardwareManagers]],
                  ironic: IronicClient | None,
                  find_address: Callable[[], Awaitable[str]] | None = None,
-                 log_observer: ILogObserver | None = None) -> None:
+                 log_observer: ILogObserver | None = None,
+                 stop_process: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.agent = agent
         self._api_service = api_service
@@ -45,6 +46,17 @@ class AgentService(MultiService):
         self._startup: Deferred[None] = Deferred()
         self.heartbeater: Heartbeater | None = None
         api_service.setServiceParent(self)
+        agent.lockdown_requested = self._lock_down
+        if stop_process is not None:
+            agent.stop_requested = stop_process
+
+    def _lock_down(self) -> None:
+        """Close the API and stop heartbeats; the process stays (so nothing restarts it)."""
+        self.log.info("Locked down: closing the API and stopping heartbeats")
+        self._startup.cancel()
+        for service in (self._api_service, self.heartbeater):
+            if service is not None and service.running:
+                service.stopService()
 
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)

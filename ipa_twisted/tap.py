@@ -174,4 +174,4 @@ def makeService(options: Options) -> IService:
                 resolver=getattr(reactor, "resolver", None))
 
     return AgentService(agent, api_service, load_managers, ironic, find_address,
-                        make_log_observer(options, config.debug))
+                        make_log_observer(options, config.debug), stop_process=reactor.stop)

@@ -15,6 +15,9 @@ def default_extensions() -> list[type[Extension]]:
     from ipa_twisted.extensions.flow import FlowExtension
     from ipa_twisted.extensions.log import LogExtension
     from ipa_twisted.extensions.poll import PollExtension
+    from ipa_twisted.extensions.rescue import RescueExtension
+    from ipa_twisted.extensions.service import ServiceExtension
     from ipa_twisted.extensions.standby import StandbyExtension
+    from ipa_twisted.extensions.system import SystemExtension
     return [CleanExtension, DeployExtension, FlowExtension, LogExtension, PollExtension,
-            StandbyExtension]
+            RescueExtension, ServiceExtension, StandbyExtension, SystemExtension]
