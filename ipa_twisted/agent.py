@@ -11,8 +11,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ipa_twisted import __version__, errors
-from ipa_twisted.commands import (CommandResult, CommandResults, run_command, split_command,
-                                  validate_params)
+from ipa_twisted.commands import (CommandResult, CommandResults, CommandStatus, run_command,
+                                  split_command, validate_params)
 from ipa_twisted.config import AgentConfig
 
 if TYPE_CHECKING:
@@ -51,6 +51,8 @@ class Agent:
         self.heartbeat_timeout = config.heartbeat_timeout
         self.lookup_config: dict[str, Any] = {}
         self.results = CommandResults()
+        from ipa_twisted.metrics import Metrics
+        self.metrics = Metrics(self.reactor)
         self._running_async: CommandResult | None = None
         self._sync_in_flight: list[CommandResult] = []
         self.heartbeat_requested: Callable[[], None] = lambda: None
@@ -219,14 +221,26 @@ class Agent:
         self.log.info("Executing command {command}", command=full_name)
         if spec.is_async:
             self._running_async = result
-            finished = Deferred.fromCoroutine(run_command(method, params, result))
+            finished = Deferred.fromCoroutine(self._run_measured(method, params, result))
             finished.addBoth(self._async_finished)
             return result
         self._sync_in_flight.append(result)
         try:
-            await run_command(method, params, result)
+            await self._run_measured(method, params, result)
         finally:
             self._sync_in_flight.remove(result)
+        return result
+
+    async def _run_measured(self, method: Any, params: dict[str, Any],
+                            result: CommandResult) -> CommandResult:
+        """Run the command, timing it and counting failures in the metrics."""
+        uuid = self.node.get("uuid") if self.node else None
+        started = self.clock.seconds()
+        await run_command(method, params, result)
+        name = f"ironic_python_agent.commands.{result.command_name}"
+        self.metrics.timing(self.config, uuid, name, (self.clock.seconds() - started) * 1000)
+        if result.command_status is not CommandStatus.SUCCEEDED:
+            self.metrics.counter(self.config, uuid, name + ".failed")
         return result
 
     async def execute_nested(self, full_name: Any, params: Any) -> CommandResult:
