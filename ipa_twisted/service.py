@@ -12,6 +12,7 @@ from twisted.logger import ILogObserver, Logger
 
 from ipa_twisted import errors
 from ipa_twisted.agent import Agent
+from ipa_twisted.clock_sync import sync_clock
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.ironic.client import IronicClient, callback_url
 from ipa_twisted.ironic.heartbeat import Heartbeater
@@ -47,6 +48,7 @@ class AgentService(MultiService):
         self.heartbeater: Heartbeater | None = None
         api_service.setServiceParent(self)
         agent.lockdown_requested = self._lock_down
+        self._stop_process = stop_process
         if stop_process is not None:
             agent.stop_requested = stop_process
 
@@ -74,7 +76,11 @@ class AgentService(MultiService):
     def _startup_failed(self, failure: Any) -> None:
         if failure.check(CancelledError):
             return None
-        self.log.failure("Agent start-up failed", failure)
+        # Lookup retries forever, so what fails here is fatal (no hardware manager, the
+        # clock with fail_if_clock_not_set): stop rather than serve a half-started agent.
+        self.log.failure("Agent start-up failed; stopping", failure)
+        if self._stop_process is not None:
+            self._stop_process()
         return None
 
     async def _start(self) -> None:
@@ -88,6 +94,9 @@ class AgentService(MultiService):
         self.agent.set_managers(managers)
         self.log.info("Hardware managers: {managers}",
                       managers=managers.get_current_versions())
+        if config.ntp_server:
+            await sync_clock(self.agent.runner, config,
+                             ignore_errors=not config.fail_if_clock_not_set)
         if config.standalone or self._ironic is None:
             self.log.info("Standalone mode: no lookup, no heartbeats")
             return

@@ -171,3 +171,22 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(self.ironic.heartbeats[0].body["callback_url"],
                          "https://[fd00::5]:8443")
         self.successResultOf(service.stopService())
+
+
+class StartupFailureTests(SynchronousTestCase):
+    def test_fatal_startup_error_stops_the_process(self) -> None:
+        from ipa_twisted.testing.fake_process import FakeRunner
+        clock, stopped = Clock(), []
+        agent = Agent(AgentConfig(standalone=True, ntp_server="ntp.example",
+                                  fail_if_clock_not_set=True), clock,
+                      FakeRunner({}, unknown_missing=True))  # type: ignore[arg-type]
+
+        async def load() -> HardwareManagers:
+            return HardwareManagers([(Interfaces(), 1)])
+
+        service = AgentService(agent, Recorder([]), load, None,
+                               stop_process=lambda: stopped.append(True))
+        service.startService()
+        self.assertEqual(stopped, [True])
+        from ipa_twisted.errors import ClockSyncError
+        self.assertEqual(len(self.flushLoggedErrors(ClockSyncError)), 1)

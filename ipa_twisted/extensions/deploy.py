@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ipa_twisted import errors
+from ipa_twisted.clock_sync import sync_clock
 from ipa_twisted.commands import async_command, sync_command
 from ipa_twisted.extensions.base import Extension
 from ipa_twisted.extensions.steps import execute_step, list_steps, validate_step
@@ -23,6 +24,8 @@ class DeployExtension(Extension):
     async def get_deploy_steps(self, node: dict[str, Any], ports: list[Any]) -> dict[str, Any]:
         """Deploy steps by manager, and the manager versions."""
         managers = await self.agent.get_managers()
+        # Cleaning and deploying start here: set the clock first (when ntp_server is set).
+        await sync_clock(self.agent.runner, self.agent.config, ignore_errors=True)
         return {"deploy_steps": await list_steps(managers, "deploy", node, ports),
                 "hardware_manager_version": managers.get_current_versions()}
 
