@@ -160,7 +160,9 @@ class Agent:
                 continue
             for key, value in values.items():
                 field = prefix + key
-                if not hasattr(current, field) or value is None:
+                if value is None:  # Ironic sends every option, unset ones as null
+                    continue
+                if not hasattr(current, field):
                     self.log.warn("Ignoring unknown lookup setting {group}.{key}", group=group,
                                   key=key)
                     continue

@@ -346,7 +346,8 @@ class LookupDataTests(APITestCase):
     def test_metrics_settings_applied(self) -> None:
         self.agent.process_lookup_data({"node": {"uuid": "n1"}, "config": {
             "heartbeat_timeout": 60, "metrics": {"backend": "statsd", "prepend_uuid": True,
-                                                 "bogus": 1, "prepend_host": "yes"},
+                                                 "bogus": 1, "prepend_host": "yes",
+                                                 "global_prefix": None},
             "metrics_statsd": {"statsd_host": "10.0.0.5", "statsd_port": 8126}}})
         config = self.agent.config
         self.assertEqual((config.metrics_backend, config.metrics_prepend_uuid,
