@@ -1,0 +1,1 @@
+"""A real Ironic (from its own virtualenv, ``.venv-ironic``) as a peer for integration tests."""
