@@ -18,6 +18,8 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Agents started by tests never reboot or power off this machine, whatever asks them to.
+SAFE_POWER = "reboot_command = true\npoweroff_command = true\n"
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 

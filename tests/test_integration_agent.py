@@ -11,7 +11,7 @@ import treq
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from tests.processes import TWISTD, Child, free_port, physical_macs, poll, sleep
+from tests.processes import SAFE_POWER, TWISTD, Child, free_port, physical_macs, poll, sleep
 
 TOKEN = "integration-token-" + "x" * 32
 NODE = "1be26c0b-03f2-4d2e-ae87-c02d7f33c123"
@@ -52,7 +52,8 @@ class IronicDrivenAgentTests(TestCase):
     def start_agent(self, ironic_port: int, agent_port: int) -> Child:
         config = os.path.join(self.dir, "agent.conf")
         with open(config, "w") as f:
-            f.write(f"[DEFAULT]\nadvertise_port = {agent_port}\nlookup_interval = 0.2\n")
+            f.write(f"[DEFAULT]\nadvertise_port = {agent_port}\nlookup_interval = 0.2\n"
+                    f"{SAFE_POWER}")
         child = Child(TWISTD + [
             "-n", "--pidfile=", "ipa", "--no-default-config-files", "--config-file", config,
             "--cmdline-path", self.cmdline, "--api-url", f"http://127.0.0.1:{ironic_port}",

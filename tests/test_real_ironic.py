@@ -12,7 +12,7 @@ from twisted.trial.unittest import TestCase
 
 import ipa_twisted
 from tests.ironic.harness import RealIronic, skip_reason
-from tests.processes import TWISTD, Child, free_port, physical_macs, poll
+from tests.processes import SAFE_POWER, TWISTD, Child, free_port, physical_macs, poll
 
 HEARTBEAT_TIMEOUT = 10          # [api]ramdisk_heartbeat_timeout: the agent beats every 3-6 s
 
@@ -35,7 +35,8 @@ class RealIronicTests(TestCase):
     def start_agent(self, api_url: str, port: int) -> Child:
         config = os.path.join(self.dir, "agent.conf")
         with open(config, "w") as f:
-            f.write(f"[DEFAULT]\nadvertise_port = {port}\nlookup_interval = 0.2\n")
+            f.write(f"[DEFAULT]\nadvertise_port = {port}\nlookup_interval = 0.2\n"
+                    f"{SAFE_POWER}")
         cmdline = os.path.join(self.dir, "cmdline")
         with open(cmdline, "w") as f:
             f.write("\n")
