@@ -36,7 +36,9 @@ class AgentService(MultiService):
                  ironic: IronicClient | None,
                  find_address: Callable[[], Awaitable[str]] | None = None,
                  log_observer: ILogObserver | None = None,
-                 stop_process: Callable[[], None] | None = None) -> None:
+                 stop_process: Callable[[], None] | None = None,
+                 inspect: Callable[[HardwareManagers],
+                                   Awaitable[tuple[str | None, Any]]] | None = None) -> None:
         super().__init__()
         self.agent = agent
         self._api_service = api_service
@@ -49,6 +51,7 @@ class AgentService(MultiService):
         api_service.setServiceParent(self)
         agent.lockdown_requested = self._lock_down
         self._stop_process = stop_process
+        self._inspect = inspect
         if stop_process is not None:
             agent.stop_requested = stop_process
 
@@ -97,10 +100,15 @@ class AgentService(MultiService):
         if config.ntp_server:
             await sync_clock(self.agent.runner, config,
                              ignore_errors=not config.fail_if_clock_not_set)
+        node_uuid, lookup = await self._run_inspection(managers)
         if config.standalone or self._ironic is None:
             self.log.info("Standalone mode: no lookup, no heartbeats")
             return
-        await self._look_up()
+        if lookup is not None:
+            # Ironic's continue_inspection answers like lookup does: no lookup needed.
+            self.agent.process_lookup_data(lookup)
+        else:
+            await self._look_up(node_uuid)
         host = config.advertise_host
         if not host:
             assert self._find_address is not None
@@ -116,7 +124,20 @@ class AgentService(MultiService):
         self.agent.heartbeat_requested = self.heartbeater.force
         self.heartbeater.setServiceParent(self)
 
-    async def _look_up(self) -> None:
+    async def _run_inspection(self, managers: HardwareManagers
+                              ) -> tuple[str | None, Any]:
+        """Inspect and post the data if configured: (node UUID, lookup content)."""
+        if self._inspect is None:
+            return None, None
+        try:
+            return await self._inspect(managers)
+        except CancelledError:
+            raise
+        except Exception as e:
+            self.log.error("Inspection failed ({error}); going on with lookup", error=str(e))
+            return None, None
+
+    async def _look_up(self, node_uuid: str | None = None) -> None:
         assert self._ironic is not None
         managers = await self.agent.get_managers()
         config = self.agent.config
@@ -126,7 +147,8 @@ class AgentService(MultiService):
                     "list_network_interfaces")
                 macs = [i.mac_address for i in interfaces if getattr(i, "mac_address", None)]
                 content = await self._ironic.lookup(
-                    macs, timeout=config.lookup_timeout, interval=config.lookup_interval)
+                    macs, node_uuid, timeout=config.lookup_timeout,
+                    interval=config.lookup_interval)
             except CancelledError:
                 raise
             except errors.LookupNodeError as e:

@@ -173,5 +173,12 @@ def makeService(options: Options) -> IService:
                 network_interface=config.network_interface, sys_path=config.sys_path,
                 resolver=getattr(reactor, "resolver", None))
 
+    inspect = None
+    if config.inspection_callback_url:
+        async def inspect(managers: HardwareManagers) -> tuple[str | None, Any]:
+            from ipa_twisted.inspector.inspect import inspect as run_inspection
+            return await run_inspection(context, managers, agent.config, http_client())
+
     return AgentService(agent, api_service, load_managers, ironic, find_address,
-                        make_log_observer(options, config.debug), stop_process=reactor.stop)
+                        make_log_observer(options, config.debug), stop_process=reactor.stop,
+                        inspect=inspect)

@@ -56,7 +56,7 @@ class Recorder(Service):
         self.events.append("api")
 
 
-class ServiceTests(SynchronousTestCase):
+class ServiceFixture(SynchronousTestCase):
     def setUp(self) -> None:
         Gate.gate = Deferred()
         self.clock = Clock()
@@ -86,6 +86,9 @@ class ServiceTests(SynchronousTestCase):
         for _ in range(int(seconds / step)):
             self.clock.advance(step)
             self.treq.flush()
+
+
+class ServiceTests(ServiceFixture):
 
     def test_api_first_then_managers_lookup_heartbeat(self) -> None:
         service = self.make()
@@ -190,3 +193,41 @@ class StartupFailureTests(SynchronousTestCase):
         self.assertEqual(stopped, [True])
         from ipa_twisted.errors import ClockSyncError
         self.assertEqual(len(self.flushLoggedErrors(ClockSyncError)), 1)
+
+
+class InspectionWiringTests(ServiceFixture):
+    def make_inspecting(self, answer: Any) -> AgentService:
+        service = self.make()
+
+        async def inspect(managers: HardwareManagers) -> Any:
+            self.events.append("inspect")
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        service._inspect = inspect
+        return service
+
+    def test_inspection_node_uuid_goes_to_lookup(self) -> None:
+        service = self.make_inspecting(("node-1", None))
+        service.startService()
+        self.pump(1)
+        self.assertEqual(self.events, ["api", "managers", "inspect"])
+        self.assertEqual(self.ironic.lookups[0].node_uuid, "node-1")
+        self.successResultOf(service.stopService())
+
+    def test_continue_inspection_answer_replaces_lookup(self) -> None:
+        service = self.make_inspecting(("node-1", {"node": {"uuid": "node-1"},
+                                                   "config": {"agent_token": TOKEN}}))
+        service.startService()
+        self.pump(1)
+        self.assertEqual(self.ironic.lookups, [])
+        self.assertEqual(self.ironic.heartbeats[0].node_uuid, "node-1")
+        self.successResultOf(service.stopService())
+
+    def test_failed_inspection_still_looks_up(self) -> None:
+        service = self.make_inspecting(RuntimeError("receiver down"))
+        service.startService()
+        self.pump(1)
+        self.assertEqual(self.agent.get_node_uuid(), "node-1")
+        self.successResultOf(service.stopService())

@@ -1,0 +1,1 @@
+Inspection: the default, logs, pci-devices, extra-hardware, dmi-decode, numa-topology and lldp collectors; posting to ironic-inspector's /v1/continue or Ironic's /v1/continue_inspection with the reference backoff; the ironic-collect-introspection-data command (docs/inspection.md).
