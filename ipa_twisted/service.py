@@ -12,6 +12,8 @@ from twisted.logger import ILogObserver, Logger
 
 from ipa_twisted import errors
 from ipa_twisted.agent import Agent
+from ipa_twisted.config import AgentConfig
+from ipa_twisted.net.autotls import SwitchableTLSFactory, prepare_api_tls
 from ipa_twisted.clock_sync import sync_clock
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.ironic.client import IronicClient, callback_url
@@ -38,7 +40,12 @@ class AgentService(MultiService):
                  log_observer: ILogObserver | None = None,
                  stop_process: Callable[[], None] | None = None,
                  inspect: Callable[[HardwareManagers],
-                                   Awaitable[tuple[str | None, Any]]] | None = None) -> None:
+                                   Awaitable[tuple[str | None, Any]]] | None = None,
+                 resolve_config: Callable[[AgentConfig], Awaitable[AgentConfig]] | None = None,
+                 connect: Callable[[AgentConfig], tuple[IronicClient,
+                                                        Callable[[], Awaitable[str]]]]
+                 | None = None,
+                 api_tls: SwitchableTLSFactory | None = None) -> None:
         super().__init__()
         self.agent = agent
         self._api_service = api_service
@@ -52,6 +59,9 @@ class AgentService(MultiService):
         agent.lockdown_requested = self._lock_down
         self._stop_process = stop_process
         self._inspect = inspect
+        self._resolve_config = resolve_config
+        self._connect = connect
+        self._api_tls = api_tls
         if stop_process is not None:
             agent.stop_requested = stop_process
 
@@ -87,8 +97,13 @@ class AgentService(MultiService):
         return None
 
     async def _start(self) -> None:
-        config = self.agent.config
         clock = self.agent.clock
+        if self._resolve_config is not None:
+            # mDNS first: it says where Ironic is and may override settings.
+            self.agent.config = await self._resolve_config(self.agent.config)
+        config = self.agent.config
+        if self._connect is not None and self._ironic is None and not config.standalone:
+            self._ironic, self._find_address = self._connect(config)
         if config.hardware_initialization_delay > 0:
             self.log.info("Waiting {delay}s for hardware to initialise",
                           delay=config.hardware_initialization_delay)
@@ -113,12 +128,19 @@ class AgentService(MultiService):
         if not host:
             assert self._find_address is not None
             host = await self._find_address()
-        url = callback_url(host, config.advertise_port, config.advertise_protocol)
-        self.log.info("Advertising {url} to Ironic", url=url)
         ironic = self._ironic
+        protocol, verify_ca = config.advertise_protocol, None
+        if self._api_tls is not None:
+            tls = await prepare_api_tls(config, ironic, host, clock=clock)
+            if tls.context is not None:
+                self._api_tls.start_tls(tls.context)
+            protocol, verify_ca = tls.protocol, tls.agent_verify_ca
+        url = callback_url(host, config.advertise_port, protocol)
+        self.log.info("Advertising {url} to Ironic", url=url)
 
         async def beat() -> None:
-            await ironic.heartbeat(self.agent.get_node_uuid(), url, self.agent.agent_token)
+            await ironic.heartbeat(self.agent.get_node_uuid(), url, self.agent.agent_token,
+                                   agent_verify_ca=verify_ca)
 
         self.heartbeater = Heartbeater(beat, lambda: self.agent.heartbeat_timeout, clock)
         self.agent.heartbeat_requested = self.heartbeater.force

@@ -41,9 +41,6 @@ def check_startup_config(config: AgentConfig) -> None:
         if not config.api_url:
             raise ConfigError("api_url is required unless the agent runs standalone "
                               "(--api-url, ipa-api-url= or [DEFAULT] api_url)")
-        if config.api_url == "mdns":
-            raise ConfigError("api_url=mdns: mDNS discovery is not available in this "
-                              "version; give the Ironic URL")
     if config.listen_tls:
         if not (config.ssl_cert_file and config.ssl_key_file):
             raise ConfigError("listen_tls needs [ssl] cert_file and key_file")
@@ -150,20 +147,26 @@ def makeService(options: Options) -> IService:
     context = HardwareContext(config, runner, reactor, reactor, http_client=http_client,
                               report_progress=agent.report_progress)
     agent.context = context
+    site = make_site(AgentAPI(agent))
+    api_tls = None
+    if not config.standalone and not config.listen_tls:
+        # Plain HTTP until automatic TLS (or mDNS enabling it) switches new connections.
+        from ipa_twisted.net.autotls import SwitchableTLSFactory
+        api_tls = SwitchableTLSFactory(site)
     api_service = StreamServerEndpointService(make_endpoint(reactor, config),
-                                              make_site(AgentAPI(agent)))
+                                              api_tls or site)
     api_service._raiseSynchronously = True  # twistd exits at once if it cannot listen
 
     async def load_managers() -> HardwareManagers:
         return await HardwareManagers.load(context)
 
-    ironic = find_address = None
-    if not config.standalone:
+    def connect(config: AgentConfig) -> tuple[Any, Any]:
+        """The Ironic client and advertise-address finder for the (resolved) config."""
         from ipa_twisted.ironic.address import find_advertise_address
         from ipa_twisted.ironic.client import IronicClient
         assert config.api_url is not None
-        ironic = IronicClient(config.api_url, http_client(), reactor,
-                              agent.version, config.global_request_id)
+        ironic = IronicClient(config.api_url, http_client(), reactor, agent.version,
+                              config.global_request_id)
         api_url = config.api_url
 
         async def find_address() -> str:
@@ -172,6 +175,13 @@ def makeService(options: Options) -> IService:
                 delay=config.ip_lookup_sleep, clock=reactor,
                 network_interface=config.network_interface, sys_path=config.sys_path,
                 resolver=getattr(reactor, "resolver", None))
+        return ironic, find_address
+
+    resolve_config = None
+    if "mdns" in (config.api_url, config.inspection_callback_url):
+        async def resolve_config(config: AgentConfig) -> AgentConfig:
+            from ipa_twisted.net.mdns import resolve_mdns_urls
+            return await resolve_mdns_urls(config, reactor)
 
     inspect = None
     if config.inspection_callback_url:
@@ -179,6 +189,7 @@ def makeService(options: Options) -> IService:
             from ipa_twisted.inspector.inspect import inspect as run_inspection
             return await run_inspection(context, managers, agent.config, http_client())
 
-    return AgentService(agent, api_service, load_managers, ironic, find_address,
+    return AgentService(agent, api_service, load_managers, None, None,
                         make_log_observer(options, config.debug), stop_process=reactor.stop,
-                        inspect=inspect)
+                        inspect=inspect, resolve_config=resolve_config, connect=connect,
+                        api_tls=api_tls)

@@ -67,21 +67,32 @@ class IronicDrivenAgentTests(TestCase):
         with open(self.record) as f:
             return [r for r in map(json.loads, f) if r["kind"] == kind]
 
+    client: Any = treq
+
     async def get(self, url: str, **params: str) -> tuple[int, Any]:
-        response = await treq.get(url, params=params, timeout=10, persistent=False)
+        response = await self.client.get(url, params=params, timeout=10)
         return response.code, await response.json()
 
     async def post(self, url: str, body: Any, **params: str) -> tuple[int, Any]:
-        response = await treq.post(url, json=body, params=params, timeout=30,
-                                   persistent=False)
+        response = await self.client.post(url, json=body, params=params, timeout=30)
         return response.code, await response.json()
+
+    def trust(self, pem: str) -> None:
+        """Talk to the agent over HTTPS, trusting only ``pem`` (as Ironic does)."""
+        from twisted.internet.ssl import Certificate
+        from twisted.web.client import Agent as WebAgent, HTTPConnectionPool
+        from treq.client import HTTPClient
+        from ipa_twisted.http import AgentTLSPolicy
+        policy = AgentTLSPolicy(trust_root=Certificate.loadPEM(pem.encode()))
+        self.client = HTTPClient(WebAgent(reactor, contextFactory=policy,
+                                          pool=HTTPConnectionPool(reactor, persistent=False)))
 
     async def test_lookup_heartbeats_outage_and_commands(self) -> None:
         ironic = self.start_ironic()
         ironic_port = int((await ironic.wait_for(rb"listening on (\d+)")).group(1))
         agent_port = free_port()
         agent = self.start_agent(ironic_port, agent_port)
-        base = f"http://127.0.0.1:{agent_port}"
+        base = f"https://127.0.0.1:{agent_port}"
 
         # Lookup carries this machine's MACs.
         lookups = await poll(lambda: [r for r in self.records("lookup") if r["status"] == 200])
@@ -93,7 +104,9 @@ class IronicDrivenAgentTests(TestCase):
         beats = await poll(lambda: len(self.records("heartbeat")) >= 4 and
                            self.records("heartbeat"), timeout=30)
         body = beats[0]["body"]
-        self.assertEqual(body["callback_url"], f"http://127.0.0.1:{agent_port}")
+        # Automatic TLS (on by default, Ironic >= 1.68): HTTPS with the certificate sent.
+        self.assertEqual(body["callback_url"], f"https://127.0.0.1:{agent_port}")
+        self.assertIn("BEGIN CERTIFICATE", body["agent_verify_ca"])
         self.assertEqual(body["agent_token"], TOKEN)
         self.assertIsInstance(body["agent_version"], str)
         self.assertEqual(beats[0]["node_uuid"], NODE)
@@ -103,7 +116,16 @@ class IronicDrivenAgentTests(TestCase):
                             gaps)
         self.assertGreater(len({round(g, 2) for g in gaps}), 1, f"no jitter in {gaps}")
 
-        # Commands over real HTTP: 401 without the token, served with it.
+        # Plain HTTP is gone; a client with another CA is refused; Ironic's way works.
+        with self.assertRaises(Exception):
+            await treq.get(f"http://127.0.0.1:{agent_port}/v1/status", timeout=5,
+                           persistent=False)
+        self.trust(_other_certificate())
+        with self.assertRaises(Exception):
+            await self.get(f"{base}/v1/status")
+        self.trust(body["agent_verify_ca"])
+
+        # Commands over real HTTPS: 401 without the token, served with it.
         code, answer = await self.post(f"{base}/v1/commands/",
                                        {"name": "poll.get_hardware_info", "params": {}})
         self.assertEqual((code, answer), (401, {"faultcode": "Client",
@@ -134,6 +156,15 @@ class IronicDrivenAgentTests(TestCase):
         self.assertTrue(agent.stopped_cleanly, agent.output[-2000:])
         self.assertNotIn(TOKEN.encode(), agent.output)
         self.assertIn(b"Running ", agent.output, "--debug shows commands run")
+
+
+def _other_certificate() -> str:
+    """A certificate for 127.0.0.1 that the agent does not have."""
+    import tempfile
+
+    from ipa_twisted.tls import generate_tls_certificate
+    with tempfile.TemporaryDirectory() as directory:
+        return generate_tls_certificate("127.0.0.1", directory=directory).text
 
 
 class StandaloneAgentTests(TestCase):

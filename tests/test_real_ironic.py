@@ -63,7 +63,9 @@ class RealIronicTests(TestCase):
         port = free_port()
         agent = self.start_agent(ironic.api_url, port)
         info = await poll(lambda: recorded_heartbeat(ironic, uuid), timeout=60, interval=0.25)
-        self.assertEqual(info["agent_url"], f"http://127.0.0.1:{port}")
+        # Ironic requires TLS by default: our automatic TLS makes that work.
+        self.assertEqual(info["agent_url"], f"https://127.0.0.1:{port}")
+        self.assertIn("agent_verify_ca", info)
         self.assertEqual(info["agent_secret_token"], "******")    # issued, and hidden
         self.assertEqual(info["agent_version"], ipa_twisted.__version__)
         await poll(lambda: recorded_heartbeat(ironic, uuid, after=info["agent_last_heartbeat"]),

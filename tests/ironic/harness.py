@@ -89,7 +89,7 @@ class RealIronic:
     """One standalone Ironic, its SQLite database, configuration and log in ``directory``."""
 
     def __init__(self, directory: str, *, restrict_lookup: bool = True,
-                 fast_track: bool = False, require_tls: bool = False,
+                 fast_track: bool = False, require_tls: bool = True,
                  heartbeat_timeout: int = 30, callback_timeout: int = 300,
                  options: Mapping[str, Mapping[str, object]] | None = None) -> None:
         """``heartbeat_timeout`` is ``[api]ramdisk_heartbeat_timeout``, which Ironic hands the
