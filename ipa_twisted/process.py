@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import AsyncIterable, Iterable, Mapping
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -66,6 +66,18 @@ class _Collector(ProcessProtocol):
         self._err: list[bytes] = []
         self._writable: Deferred[None] | None = None
         self.finished = False
+        self.failure: Failure | None = None
+        """Why the run must fail whatever the exit code (stdin source or consumer error)."""
+
+    def fail(self, failure: Failure) -> None:
+        """Record ``failure`` (the first one wins) and kill the child."""
+        if self.failure is None:
+            self.failure = failure
+        if not self.finished and self.transport is not None:
+            try:
+                self.transport.signalProcess("KILL")
+            except Exception:  # already gone
+                pass
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         (self._out if childFD == 1 else self._err).append(data)
@@ -116,6 +128,68 @@ class _Collector(ProcessProtocol):
                 self.transport.closeStdin()
 
 
+_MAX_STREAM_STDERR = 64 * 1024
+
+
+class _Streamer(_Collector):
+    """Hands a child's stdout to a consumer as it comes, pausing the pipe while it is busy.
+
+    ``on_stdout(data)`` may return a Deferred: the child's output pipes are not read until it
+    fires, so a slow consumer stalls the child (the kernel pipe fills) instead of memory
+    growing. stderr is kept (its last 64 KiB) for errors.
+    """
+
+    def __init__(self, ended: Deferred[tuple[int | None, bytes, bytes]],
+                 on_stdout: Callable[[bytes], Deferred[Any] | None]) -> None:
+        super().__init__(ended)
+        self._on_stdout = on_stdout
+        self._err_size = 0
+        self.busy: Deferred[Any] | None = None
+        self.dropping = False
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD != 1:
+            self._err.append(data)
+            self._err_size += len(data)
+            while self._err_size > _MAX_STREAM_STDERR and len(self._err) > 1:
+                self._err_size -= len(self._err.pop(0))
+            return
+        if self.dropping or self.failure is not None:
+            return
+        try:
+            result = self._on_stdout(data)
+        except Exception:
+            self.fail(Failure())
+            return
+        if isinstance(result, Deferred):
+            if result.called:
+                result.addErrback(self.fail)
+                return
+            assert self.transport is not None
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            self.busy = result
+            result.addCallbacks(self._consumed, self._consumer_failed)
+
+    def _consumed(self, _: object) -> None:
+        self.busy = None
+        if not self.finished and self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def _consumer_failed(self, failure: Failure) -> None:
+        self.busy = None
+        self.fail(failure)
+
+    def fail(self, failure: Failure) -> None:
+        super().fail(failure)
+        self.release()
+
+    def release(self) -> None:
+        """Read (and drop) the rest of the output, so a killed child's pipes reach EOF."""
+        self.dropping = True
+        if not self.finished and self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+
 class ProcessRunner:
     """Runs programs as reactor children and gives their output as Deferreds."""
 
@@ -155,7 +229,9 @@ class ProcessRunner:
                        env: Mapping[str, str] | None,
                        stdin: bytes | AsyncIterable[bytes] | None,
                        check_exit_code: bool | Iterable[int],
-                       log_argv: tuple[str, ...] | None) -> tuple[bytes, bytes]:
+                       log_argv: tuple[str, ...] | None,
+                       on_stdout: Callable[[bytes], Deferred[Any] | None] | None = None,
+                       ) -> tuple[bytes, bytes]:
         shown = log_argv or argv
         if not argv:
             raise ValueError("execute() needs a program to run")
@@ -176,11 +252,13 @@ class ProcessRunner:
                 process.signalProcess("KILL")
             except Exception:  # already gone
                 pass
+            if isinstance(collector, _Streamer):
+                collector.release()
 
         # Cancelling (the caller gave up) kills the child; the timeout kills it and then
         # waits a little for it to be reaped, so no child outlives its command.
         ended: Deferred[tuple[int | None, bytes, bytes]] = Deferred(kill)
-        collector = _Collector(ended)
+        collector = _Collector(ended) if on_stdout is None else _Streamer(ended, on_stdout)
         self.log.debug("Running {argv}", argv=shown)
         process = self._reactor.spawnProcess(collector, executable, argv, child_env)
         feeding: Deferred[None] | None = None
@@ -191,6 +269,7 @@ class ProcessRunner:
             process.closeStdin()
         else:
             feeding = Deferred.fromCoroutine(collector.feed(stdin))
+            feeding.addErrback(lambda f: None if f.check(CancelledError) else collector.fail(f))
 
         def expire() -> None:
             nonlocal timed_out
@@ -215,6 +294,12 @@ class ProcessRunner:
                     call.cancel()
             if feeding is not None and not feeding.called:
                 feeding.cancel()
+        if isinstance(collector, _Streamer) and collector.busy is not None:
+            await collector.busy  # the consumer's last piece (a failure lands in .failure)
+        if collector.failure is not None:
+            self.log.debug("{argv} stopped: {error}", argv=shown,
+                           error=collector.failure.getErrorMessage())
+            collector.failure.raiseException()
         if timed_out:
             self.log.debug("Killed {argv} after {timeout}s", argv=shown, timeout=timeout)
             raise ProcessTimeoutError(shown, code, out, err, reason=f"timed out after {timeout} s")
@@ -229,6 +314,26 @@ class ProcessRunner:
         if not ok:
             raise ProcessExecutionError(shown, code, out, err)
         return out, err
+
+    def stream(self, *argv: str, on_stdout: Callable[[bytes], Deferred[Any] | None],
+               stdin: bytes | AsyncIterable[bytes] | None = None,
+               timeout: float | None = None, env: Mapping[str, str] | None = None,
+               check_exit_code: bool | Iterable[int] = True,
+               log_argv: Iterable[str] | None = None) -> Deferred[bytes]:
+        """Run ``argv``, handing its stdout to ``on_stdout`` as it comes; fire with stderr.
+
+        ``on_stdout(data)`` may return a Deferred: the child's output is not read until it
+        fires (the child blocks on a full pipe), so memory stays bounded whatever the output
+        size. If it raises or its Deferred fails, the child is killed and that error is
+        raised; likewise an error from an ``AsyncIterable`` ``stdin``. The other arguments are
+        those of ``execute``; ``timeout`` defaults to none, as streams may be long.
+        """
+        async def run() -> bytes:
+            _, err = await self._execute(
+                tuple(argv), timeout, env, stdin, check_exit_code,
+                tuple(log_argv) if log_argv is not None else None, on_stdout)
+            return err
+        return Deferred.fromCoroutine(run())
 
     async def try_execute(self, *argv: str, **kwargs: Any) -> tuple[bytes, bytes] | None:
         """Like ``execute`` but None (logged at debug) instead of an error."""

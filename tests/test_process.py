@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
@@ -172,3 +173,131 @@ class RealProcessTests(TestCase):
         out, _ = await self.runner.execute(sys.executable, "-c",
                                            "import os; print(sorted(os.environ))")
         self.assertEqual(out.strip(), b"['LANG', 'LC_ALL', 'PATH']")
+
+
+class _PausableFake(FakeProcessReactor):
+    """The fake child's transport also records pause/resume of its output pipes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flow: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.flow.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.flow.append("resume")
+
+
+class StreamTests(SynchronousTestCase):
+    """ProcessRunner.stream: stdout handed on as it comes, paused while the consumer is busy."""
+
+    def setUp(self) -> None:
+        self.fake, self.clock = _PausableFake(), Clock()
+        self.runner = ProcessRunner(self.fake, self.clock,  # type: ignore[arg-type]
+                                    base_env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+
+    def test_busy_consumer_pauses_the_pipe(self) -> None:
+        got: list[bytes] = []
+        busy: list[Deferred[None]] = []
+
+        def consume(data: bytes) -> Deferred[None] | None:
+            got.append(data)
+            if data == b"slow":
+                busy.append(Deferred())
+                return busy[-1]
+            return None
+
+        done = self.runner.stream("cat", on_stdout=consume)
+        child = self.fake.children[0]
+        child.childDataReceived(1, b"fast")
+        child.childDataReceived(1, b"slow")
+        self.assertEqual(self.fake.flow, ["pause"])
+        busy[0].callback(None)
+        self.assertEqual(self.fake.flow, ["pause", "resume"])
+        child.childDataReceived(2, b"warning")
+        child.processEnded(Failure(ProcessDone(0)))
+        self.assertEqual(self.successResultOf(done), b"warning")
+        self.assertEqual(got, [b"fast", b"slow"])
+
+    def test_consumer_error_kills_the_child(self) -> None:
+        def consume(data: bytes) -> None:
+            raise ValueError("disk full")
+
+        done = self.runner.stream("cat", on_stdout=consume)
+        child = self.fake.children[0]
+        child.childDataReceived(1, b"data")
+        self.assertEqual(self.fake.signals, ["KILL"])
+        child.childDataReceived(1, b"more")  # dropped
+        child.processEnded(Failure(ProcessTerminated(signal=9)))
+        self.failureResultOf(done, ValueError)
+
+    def test_bad_exit_is_an_execution_error(self) -> None:
+        done = self.runner.stream("zstd", "-dc", on_stdout=lambda data: None)
+        child = self.fake.children[0]
+        child.childDataReceived(2, b"zstd: corrupted block")
+        child.processEnded(Failure(ProcessTerminated(exitCode=1)))
+        error = self.failureResultOf(done, ProcessExecutionError).value
+        self.assertEqual((error.exit_code, error.stderr), (1, b"zstd: corrupted block"))
+
+
+class RealStreamTests(TestCase):
+    """stream() with real children: large outputs through a slow consumer."""
+
+    def setUp(self) -> None:
+        self.runner = ProcessRunner(reactor, reactor)
+
+    async def test_slow_consumer_gets_everything_in_order(self) -> None:
+        chunk = bytes(range(256)) * 256  # 64 KiB
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(128):  # 8 MiB through cat, both pipes with backpressure
+                yield bytes([i]) + chunk[1:]
+
+        got: list[bytes] = []
+        pending: list[Deferred[None]] = []
+        overlaps = 0
+
+        def consume(data: bytes) -> Deferred[None]:
+            nonlocal overlaps
+            if pending and not pending[-1].called:
+                overlaps += 1  # data while we said we were busy
+            got.append(data)
+            d: Deferred[None] = Deferred()
+            reactor.callLater(0, d.callback, None)
+            pending.append(d)
+            return d
+
+        await self.runner.stream("cat", stdin=chunks(), on_stdout=consume, timeout=60)
+        out = b"".join(got)
+        self.assertEqual(len(out), 128 * 65536)
+        self.assertEqual([out[i * 65536] for i in range(128)], list(range(128)))
+        self.assertEqual(overlaps, 0)
+
+    async def test_consumer_failure_stops_an_endless_child(self) -> None:
+        calls = 0
+
+        def consume(data: bytes) -> Deferred[None]:
+            nonlocal calls
+            calls += 1
+            d: Deferred[None] = Deferred()
+            if calls == 3:
+                reactor.callLater(0, d.errback, RuntimeError("write failed"))
+            else:
+                reactor.callLater(0, d.callback, None)
+            return d
+
+        with self.assertRaises(RuntimeError):
+            await self.runner.stream(sys.executable, "-c",
+                                     "import sys\nwhile True: sys.stdout.buffer.write(b'x' * 65536)",
+                                     on_stdout=consume, timeout=30)
+        self.assertEqual(calls, 3)
+
+    async def test_stdin_source_failure_kills_the_child(self) -> None:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"some"
+            raise OSError("download failed")
+
+        with self.assertRaises(OSError):
+            await self.runner.stream("cat", stdin=chunks(), on_stdout=lambda d: None,
+                                     timeout=30)

@@ -1,0 +1,339 @@
+"""The image pipeline against `curl | tee >(openssl dgst -sha256) | dd oflag=direct`.
+
+Usage: .venv/bin/python bench/deploy.py [--size-gib 2] [--runs 3] [--qcow2-gib 1,4,8]
+                                        [--workdir DIR]
+
+1. A SIZE GiB incompressible raw image is served over HTTP on 127.0.0.1 (a small sendfile
+   server in a child process, with Range support) and written to a loop device on a sparse
+   file (as root with losetup; otherwise to a regular file, and the output says so) by
+   ``write_image`` in a child process, sha256 verified on the stream and read back once;
+   the reference pipe writes the same device in the same run. Median of RUNS runs each, and
+   the ratio pipe time / our time (target >= 0.9). Our time includes the final fsync; the
+   pipe's dd does not fsync.
+2. Peak RSS of ``write_image`` deploying a qcow2 of 1, 4 and 8 GiB virtual size (made by
+   ``qemu-img convert`` from a sparse raw with random data spread through it, 1/16 of the
+   virtual size), checked against that raw with ``cmp``.
+
+Only loop devices this script attached to its own sparse files, or regular files, are
+written; they are detached and the files removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import statistics
+import subprocess  # a benchmark driver, not agent code
+import sys
+import tempfile
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+# -- the image server (child process) --------------------------------------------------------
+
+def serve(directory: str, port_file: str) -> None:
+    """Serve ``directory`` over HTTP/1.1 with sendfile and Range support until killed."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            path = os.path.join(directory, os.path.basename(self.path.split("?")[0]))
+            try:
+                f = open(path, "rb")
+            except OSError:
+                self.send_error(404)
+                return
+            with f:
+                size = os.fstat(f.fileno()).st_size
+                start, end = 0, size - 1
+                match = re.match(r"bytes=(\d+)-(\d*)$", self.headers.get("Range", ""))
+                if match:
+                    start = int(match.group(1))
+                    end = min(end, int(match.group(2))) if match.group(2) else end
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(end - start + 1))
+                self.end_headers()
+                self.wfile.flush()
+                self.connection.sendfile(f, start, end - start + 1)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    with open(port_file + ".tmp", "w") as f:
+        f.write(str(server.server_address[1]))
+    os.rename(port_file + ".tmp", port_file)
+    server.serve_forever()
+
+
+# -- our pipeline (child process) -------------------------------------------------------------
+
+def write(url: str, device: str, checksum: str | None, disk_format: str) -> None:
+    """Run write_image once; print a JSON line: elapsed, RSS before and peak (KiB)."""
+    sys.path.insert(0, ROOT)
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+
+    from ipa_twisted.config import AgentConfig
+    from ipa_twisted.http import make_http_client
+    from ipa_twisted.images.pipeline import write_image
+    from ipa_twisted.process import ProcessRunner
+
+    def status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        return -1
+
+    result: dict[str, Any] = {}
+
+    async def main() -> None:
+        config = AgentConfig()
+        info: dict[str, Any] = {"id": "bench", "urls": [url], "disk_format": disk_format}
+        if checksum:
+            info.update(os_hash_algo="sha256", os_hash_value=checksum)
+        result["rss_before_kib"] = status("VmRSS")
+        started = time.monotonic()
+        written = await write_image(info, device, http=make_http_client(reactor, config),
+                                    reactor=reactor, runner=ProcessRunner(reactor, reactor),
+                                    config=config)
+        result["elapsed"] = time.monotonic() - started
+        result["peak_rss_kib"] = status("VmHWM")
+        result["checksum"] = written.checksum
+        result["size"] = written.size
+
+    def run() -> None:
+        done = Deferred.fromCoroutine(main())
+        done.addErrback(lambda f: result.update(error=f.getErrorMessage()))
+        done.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(run)
+    reactor.run()
+    print(json.dumps(result))
+    sys.exit(1 if "error" in result else 0)
+
+
+# -- the driver -------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, workdir: str) -> None:
+        self.workdir = workdir
+        self.loops: list[str] = []
+        self.server: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def start_server(self) -> None:
+        port_file = os.path.join(self.workdir, "port")
+        self.server = subprocess.Popen([sys.executable, __file__, "serve", self.workdir,
+                                        port_file])
+        deadline = time.monotonic() + 10
+        while not os.path.exists(port_file):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the image server did not start")
+            time.sleep(0.05)
+        with open(port_file) as f:
+            self.port = int(f.read())
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def target(self, name: str, size: int) -> tuple[str, bool]:
+        """A loop device on a new sparse file (root), else the regular file itself."""
+        backing = os.path.join(self.workdir, name)
+        with open(backing, "wb") as f:
+            f.truncate(size)
+        if os.getuid() != 0 or shutil.which("losetup") is None:
+            return backing, False
+        device = subprocess.run(["losetup", "--find", "--show", backing], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        if not re.fullmatch(r"/dev/loop\d+", device):
+            raise RuntimeError(f"losetup gave {device!r}")
+        self.loops.append(device)
+        listed = subprocess.run(["losetup", "--noheadings", "-O", "BACK-FILE", device],
+                                check=True, capture_output=True, text=True).stdout.strip()
+        if os.path.realpath(listed) != os.path.realpath(backing):
+            raise RuntimeError(f"{device} is backed by {listed}, not by our {backing}")
+        return device, True
+
+    def detach(self, device: str) -> None:
+        if device in self.loops:
+            subprocess.run(["losetup", "-d", device], check=False)
+            self.loops.remove(device)
+
+    def ours(self, url: str, device: str, checksum: str | None,
+             disk_format: str) -> dict[str, Any]:
+        out = subprocess.run([sys.executable, __file__, "write", url, device, checksum or "",
+                              disk_format], capture_output=True, text=True)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        if out.returncode != 0 or not lines:
+            raise RuntimeError(f"write_image failed: {out.stdout[-2000:]}{out.stderr[-2000:]}")
+        result: dict[str, Any] = json.loads(lines[-1])
+        return result
+
+    def pipe(self, url: str, device: str) -> float:
+        started = time.monotonic()
+        subprocess.run(["bash", "-c", f"curl -s {url} | tee >(openssl dgst -sha256 "
+                        f">/dev/null) | dd of={device} bs=4M oflag=direct status=none"],
+                       check=True)
+        return time.monotonic() - started
+
+    def close(self) -> None:
+        for device in list(self.loops):
+            self.detach(device)
+        if self.server is not None:
+            self.server.kill()
+            self.server.wait()
+
+
+def make_raw(path: str, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(size // (16 * MiB)):
+            block = os.urandom(16 * MiB)
+            digest.update(block)
+            f.write(block)
+    return digest.hexdigest()
+
+
+def device_sha256(device: str, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(device, "rb") as f:
+        left = size
+        while left:
+            block = f.read(min(16 * MiB, left))
+            if not block:
+                break
+            digest.update(block)
+            left -= len(block)
+    return digest.hexdigest()
+
+
+def tmpfs_used() -> int:
+    used = 0
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == "tmpfs":
+                try:
+                    usage = shutil.disk_usage(fields[1])
+                except OSError:
+                    continue
+                used += usage.used
+    return used
+
+
+def raw_bench(bench: Bench, size_gib: float, runs: int) -> None:
+    size = int(size_gib * GiB)
+    print(f"Making a {size_gib:g} GiB incompressible raw image ...", flush=True)
+    checksum = make_raw(os.path.join(bench.workdir, "image.raw"), size)
+    os.sync()  # its write-back would slow the first run down
+    device, is_loop = bench.target("raw-target", size + 64 * MiB)
+    print(f"Target: {device}" + ("" if is_loop else
+                                 " (a REGULAR FILE: not root or no losetup, no loop device)"))
+    url = bench.url("image.raw")
+    ours: list[float] = []
+    pipe: list[float] = []
+    for run in range(runs):
+        result = bench.ours(url, device, checksum, "raw")
+        if result["checksum"] != checksum:
+            raise RuntimeError("checksum mismatch")
+        ours.append(result["elapsed"])
+        if run == 0:
+            if device_sha256(device, size) != checksum:
+                raise RuntimeError("the device does not hold the image")
+            print("  read back from the device: sha256 matches")
+        pipe.append(bench.pipe(url, device))
+        print(f"  run {run + 1}: ours {ours[-1]:.2f} s (peak RSS "
+              f"{result['peak_rss_kib'] / 1024:.0f} MiB), pipe {pipe[-1]:.2f} s", flush=True)
+    ours_median, pipe_median = statistics.median(ours), statistics.median(pipe)
+    print(f"raw {size_gib:g} GiB, median of {runs}: ours {ours_median:.2f} s "
+          f"({size / ours_median / MiB:.0f} MiB/s), pipe {pipe_median:.2f} s "
+          f"({size / pipe_median / MiB:.0f} MiB/s), ratio pipe/ours "
+          f"{pipe_median / ours_median:.2f} (target >= 0.9)")
+    bench.detach(device)
+    os.remove(os.path.join(bench.workdir, "raw-target"))
+    os.remove(os.path.join(bench.workdir, "image.raw"))
+
+
+def qcow2_bench(bench: Bench, sizes_gib: list[float]) -> None:
+    if shutil.which("qemu-img") is None:
+        print("qcow2: skipped, qemu-img is not installed (Debian package qemu-utils)")
+        return
+    for vsize_gib in sizes_gib:
+        vsize = int(vsize_gib * GiB)
+        raw = os.path.join(bench.workdir, "q.raw")
+        rng = random.Random(int(vsize_gib * 1000))
+        with open(raw, "wb") as f:
+            f.truncate(vsize)
+            for _ in range(vsize // (16 * 4 * MiB)):  # 1/16 of it, 4 MiB pieces
+                f.seek(rng.randrange(0, vsize // MiB - 4) * MiB)
+                f.write(os.urandom(4 * MiB))
+        qcow2 = os.path.join(bench.workdir, "image.qcow2")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow2],
+                       check=True)
+        with open(qcow2, "rb") as f:
+            checksum = hashlib.file_digest(f, "sha256").hexdigest()
+        device, is_loop = bench.target("qcow2-target", vsize)
+        tmpfs_before = tmpfs_used()
+        result = bench.ours(bench.url("image.qcow2"), device, checksum, "qcow2")
+        tmpfs_delta = tmpfs_used() - tmpfs_before
+        same = subprocess.run(["cmp", "-n", str(vsize), device, raw],
+                              capture_output=True).returncode == 0
+        print(f"qcow2 {vsize_gib:g} GiB virtual ({os.path.getsize(qcow2) / MiB:.0f} MiB file) "
+              f"to {'a loop device' if is_loop else 'a regular file'}: "
+              f"{result['elapsed']:.1f} s, peak RSS {result['peak_rss_kib'] / 1024:.0f} MiB "
+              f"(RSS before writing {result['rss_before_kib'] / 1024:.0f} MiB), "
+              f"tmpfs grew {tmpfs_delta / MiB:.0f} MiB, "
+              f"{'identical to' if same else 'DIFFERENT FROM'} the source raw", flush=True)
+        bench.detach(device)
+        for name in ("q.raw", "image.qcow2", "qcow2-target"):
+            os.remove(os.path.join(bench.workdir, name))
+        if not same:
+            raise RuntimeError("the converted image differs from its source")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-gib", type=float, default=2.0)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--qcow2-gib", default="1,4,8",
+                        help="virtual sizes for the qcow2 memory runs ('' for none)")
+    parser.add_argument("--workdir", default=None,
+                        help="where images and targets go (default: a new dir in /var/tmp)")
+    args = parser.parse_args()
+    workdir = tempfile.mkdtemp(prefix="ipa-bench-deploy-", dir=args.workdir or "/var/tmp")
+    bench = Bench(workdir)
+    try:
+        bench.start_server()
+        if args.size_gib > 0:
+            raw_bench(bench, args.size_gib, args.runs)
+        qcow2_bench(bench, [float(s) for s in args.qcow2_gib.split(",") if s.strip()])
+    finally:
+        bench.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "serve":
+        serve(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) > 1 and sys.argv[1] == "write":
+        write(sys.argv[2], sys.argv[3], sys.argv[4] or None, sys.argv[5])
+    else:
+        main()

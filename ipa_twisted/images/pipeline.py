@@ -1,0 +1,639 @@
+"""The image pipeline: HTTP body -> checksum -> (decompress | qcow2 convert | raw) -> device.
+
+``write_image`` streams one image to a device with bounded memory and returns once the data is
+on the device (fsynced) and its checksum verified:
+
+- the body arrives on the reactor thread (``download.ImageDownload``), in batches of
+  ``BATCH`` bytes handed to two dedicated worker threads: one hashes (hashlib releases the
+  GIL), one decompresses/converts and writes (``writer.DeviceWriter``). A ``Valve`` pauses
+  the HTTP transport while more than ``Valve.high`` bytes wait in either;
+- the format is detected from the first bytes and refused (``formats.check_safe``) before
+  the device is even opened for writing;
+- raw and ISO bytes are written in order; gzip, bzip2 and xz raw images are decompressed in
+  the writer thread; zstd through ``zstd -dc`` (``ProcessRunner.stream``, whose stdout is
+  paused while the writer is behind); qcow2 is converted by ``qcow2.Qcow2Converter``, which
+  may ask for a few ranges again (HTTP Range requests) when its metadata came after its data;
+- a checksum mismatch wipes the partition tables (first and last MiB) and raises
+  ImageChecksumError; any failure after the first write wipes them too, so the node cannot
+  boot a partial image.
+
+``ImageProgress`` is what the API shows while the command runs; it is logged every
+``ImageProgress.log_interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from ipa_twisted import errors
+from ipa_twisted.config import AgentConfig
+from ipa_twisted.images import formats
+from ipa_twisted.images.checksum import ExpectedChecksum, expected_checksum, new_hash
+from ipa_twisted.images.decompress import DecompressingSink
+from ipa_twisted.images.download import ImageDownload, Valve, fetch_small, proxy_for
+from ipa_twisted.images.qcow2 import Qcow2Converter
+from ipa_twisted.images.writer import DeviceWriter, SequentialSink, wipe_partition_tables
+from ipa_twisted.http import make_pool, make_proxy_http_client
+from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError
+
+log = Logger()
+
+BATCH = 4 * 1024 * 1024
+"""Bytes gathered on the reactor before a batch goes to the worker threads."""
+
+
+class ImageProgress:
+    """Progress of one image: counters, rate over a sliding window, ETA; ``serialize``.
+
+    ``bytes_received`` counts HTTP body bytes (refetched qcow2 ranges too), ``total`` is the
+    image's size when the server gave it, ``bytes_written`` the bytes written to the device
+    and ``bytes_zeroed`` the ranges zeroed there. ``rate`` (bytes/s) is that of
+    ``bytes_received`` over the last ``window`` seconds.
+    """
+
+    log = Logger()
+    log_interval = 5.0
+
+    def __init__(self, clock: Any, window: float = 10.0) -> None:
+        self._clock = clock
+        self.window = window
+        self.phase = "pending"
+        self.url: str | None = None
+        self.total: int | None = None
+        self.bytes_received = 0
+        self.bytes_written = 0
+        self.bytes_zeroed = 0
+        self.started: float | None = None
+        self._samples: collections.deque[tuple[float, int]] = collections.deque()
+        self._loop: LoopingCall | None = None
+        self._last_log = 0.0
+        self.writer: DeviceWriter | None = None
+
+    def _refresh(self) -> None:
+        if self.writer is not None:  # counters owned by the writer thread; reads are safe
+            self.bytes_written = self.writer.bytes_written
+            self.bytes_zeroed = self.writer.bytes_zeroed
+
+    def sample(self) -> None:
+        """Record ``bytes_received`` now (called every second while running)."""
+        now = self._clock.seconds()
+        self._refresh()
+        self._samples.append((now, self.bytes_received))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window:
+            self._samples.popleft()
+
+    @property
+    def rate(self) -> float | None:
+        if not self._samples:
+            return None
+        now = self._clock.seconds()
+        then, received = self._samples[0]
+        if now - then <= 0:
+            return None
+        rate: float = max(0.0, (self.bytes_received - received) / (now - then))
+        return rate
+
+    @property
+    def eta_seconds(self) -> float | None:
+        rate = self.rate
+        if self.total is None or not rate:
+            return None
+        return max(0.0, (self.total - self.bytes_received) / rate)
+
+    @property
+    def elapsed(self) -> float | None:
+        return None if self.started is None else self._clock.seconds() - self.started
+
+    def serialize(self) -> dict[str, Any]:
+        """The JSON-ready view the API exposes."""
+        self._refresh()
+        rate, eta = self.rate, self.eta_seconds
+        return {"phase": self.phase, "url": self.url, "total": self.total,
+                "bytes_received": self.bytes_received, "bytes_written": self.bytes_written,
+                "bytes_zeroed": self.bytes_zeroed,
+                "rate": None if rate is None else round(rate, 1),
+                "eta_seconds": None if eta is None else round(eta, 1),
+                "elapsed": None if self.elapsed is None else round(self.elapsed, 1)}
+
+    def start(self) -> None:
+        """Sample every second and log every ``log_interval`` seconds, on the clock."""
+        self.started = self._clock.seconds()
+        self._last_log = self.started
+        self._samples.clear()
+        self.sample()
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = self._clock
+        self._loop.start(1.0, now=False)
+
+    def _tick(self) -> None:
+        self.sample()
+        now = self._clock.seconds()
+        if now - self._last_log >= self.log_interval:
+            self._last_log = now
+            state = self.serialize()
+            rate = state["rate"] or 0.0
+            self.log.info("Image {phase}: {received} of {total} bytes received, {written} "
+                          "written, {mib_per_s:.1f} MiB/s, ETA {eta} s", phase=self.phase,
+                          received=self.bytes_received, total=self.total,
+                          written=self.bytes_written, mib_per_s=rate / 2**20,
+                          eta=state["eta_seconds"], rate=rate)
+
+    def stop(self, phase: str) -> None:
+        self.phase = phase
+        self._refresh()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+
+
+@dataclass(frozen=True)
+class WrittenImage:
+    """What ``write_image`` wrote."""
+
+    format: str
+    """The format detected from the bytes: raw, iso, qcow2, or gzip/xz/bzip2/zstd (raw)."""
+    size: int
+    """Bytes of the device the image covers (raw size, or qcow2 virtual size)."""
+    virtual_size: int
+    checksum_algo: str | None
+    checksum: str | None
+    """The verified hex digest (None when image_info had no checksum)."""
+    url: str
+
+
+class _Worker:
+    """One dedicated thread; jobs run one at a time, in the order submitted."""
+
+    def __init__(self, reactor: Any, name: str) -> None:
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
+        self._pool.start()
+
+    def submit(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        done: Deferred[Any] = deferToThreadPool(self._reactor, self._pool, f, *args)
+        return done
+
+    def stop(self) -> None:
+        self._pool.stop()  # joins the idle thread: callers wait for their jobs first
+
+
+def _feed_all(sink: Any, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        sink.feed(chunk)
+
+
+def _hash_all(hasher: Any, chunks: list[bytes]) -> None:
+    # hashlib releases the GIL during an update, and taking it back costs when the reactor
+    # and the writer are busy: many small chunks are joined into one update (a copy), large
+    # ones (the socket is read 1 MiB at a time) are hashed as they are.
+    if len(chunks) > 16:
+        hasher.update(b"".join(chunks))
+    else:
+        for chunk in chunks:
+            hasher.update(chunk)
+
+
+class _ChunkQueue:
+    """An async iterable of chunks for a child's stdin; ``put`` fires once they are taken."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[tuple[list[bytes], Deferred[None]]] = (
+            collections.deque())
+        self._index = 0
+        self._waiter: Deferred[None] | None = None
+        self._closed = False
+
+    def put(self, chunks: list[bytes]) -> Deferred[None]:
+        taken: Deferred[None] = Deferred()
+        if self._closed:
+            taken.callback(None)
+        else:
+            self._items.append((chunks, taken))
+            self._wake()
+        return taken
+
+    def close(self) -> None:
+        """No more chunks: iteration ends once the queued ones are taken."""
+        self._closed = True
+        self._wake()
+
+    def abort(self) -> None:
+        """The reader is gone: drop what is queued (its ``put`` Deferreds fire)."""
+        self._closed = True
+        items, self._items, self._index = self._items, collections.deque(), 0
+        for _, taken in items:
+            taken.callback(None)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            waiter, self._waiter = self._waiter, None
+            waiter.callback(None)
+
+    def __aiter__(self) -> _ChunkQueue:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while True:
+            if self._items:
+                chunks, taken = self._items[0]
+                if self._index < len(chunks):
+                    self._index += 1
+                    return chunks[self._index - 1]
+                self._items.popleft()
+                self._index = 0
+                taken.callback(None)
+                continue
+            if self._closed:
+                raise StopAsyncIteration
+            self._waiter = Deferred()
+            await self._waiter
+
+
+class _ZstdSink:
+    """zstd-compressed raw image: ``zstd -dc`` in a child, its output to the writer thread.
+
+    The compressed chunks queue up for the child's stdin (``put`` fires when the child took
+    them, which is what the Valve counts); its stdout is batched and written in the writer
+    thread, the child's pipe paused meanwhile.
+    """
+
+    def __init__(self, runner: Any, worker: _Worker, sink: SequentialSink, image_id: str,
+                 on_error: Callable[[BaseException], None]) -> None:
+        self._worker, self._sink, self._image_id = worker, sink, image_id
+        self._on_error = on_error
+        self._queue = _ChunkQueue()
+        self._out: list[bytes] = []
+        self._out_size = 0
+        self._killed = False
+        self.error: BaseException | None = None
+        self.ended: Deferred[None] = Deferred()
+        running: Deferred[bytes] = runner.stream("zstd", "-dcq", stdin=self._queue,
+                                                 on_stdout=self._stdout, timeout=None)
+        running.addBoth(self._end)
+
+    def _end(self, result: object) -> None:
+        self._queue.abort()
+        if isinstance(result, Failure) and not self._killed:
+            e: BaseException = result.value  # type: ignore[assignment]
+            if isinstance(e, CommandNotFoundError):
+                self.error = errors.ImageDownloadError(
+                    self._image_id, "zstd-compressed image but the zstd program is not "
+                    "installed")
+            elif isinstance(e, ProcessExecutionError):
+                self.error = errors.ImageDownloadError(
+                    self._image_id, f"zstd decompression failed: "
+                    f"{e.stderr.decode('utf-8', 'replace').strip() or e.reason}")
+            else:
+                self.error = e
+            self._on_error(self.error)
+        self.ended.callback(None)
+
+    def put(self, chunks: list[bytes]) -> Deferred[None]:
+        return self._queue.put(chunks)
+
+    def _stdout(self, data: bytes) -> Deferred[Any] | None:
+        self._out.append(data)
+        self._out_size += len(data)
+        if self._out_size < BATCH:
+            return None
+        batch, self._out, self._out_size = self._out, [], 0
+        return self._worker.submit(_feed_all, self._sink, batch)  # pauses zstd until written
+
+    async def finish(self) -> None:
+        self._queue.close()
+        await self.ended
+        if self.error is not None:
+            raise self.error
+        batch, self._out, self._out_size = self._out, [], 0
+        await self._worker.submit(_feed_all, self._sink, batch)
+        await self._worker.submit(self._sink.finish)
+
+    def kill(self) -> Deferred[None]:
+        """Stop the child (a restart or a failure); fires once it is gone."""
+        self._killed = True
+        self._queue.abort()
+        return self.ended
+
+
+class _ImageJob:
+    """One ``write_image`` call: the BodyConsumer of its download, and what follows."""
+
+    def __init__(self, image_info: Mapping[str, Any], device: str, download: ImageDownload,
+                 expected: ExpectedChecksum | None, reactor: Any, runner: Any,
+                 progress: ImageProgress, writer: DeviceWriter | None = None) -> None:
+        self.image_id = str(image_info.get("id", ""))
+        self.declared = formats.declared_format(image_info)
+        self.device = device
+        self.download = download
+        self.expected = expected
+        self.reactor, self.runner, self.progress = reactor, runner, progress
+        self.valve = Valve()
+        self.writer = writer if writer is not None else DeviceWriter(device)
+        progress.writer = self.writer
+        self.hasher_thread = _Worker(reactor, "ipa-image-hash")
+        self.writer_thread = _Worker(reactor, "ipa-image-write")
+        self.failure: BaseException | None = None
+        self.format = formats.RAW
+        self.info: formats.Qcow2Info | None = None
+        self._inflight: set[Deferred[Any]] = set()
+        self._reset(None)
+
+    # -- BodyConsumer ----------------------------------------------------------------------
+
+    def _reset(self, total: int | None) -> None:
+        self.total = total
+        self.received = 0
+        self.hash = new_hash(self.expected.algorithm) if self.expected else None
+        self.head: list[bytes] = []
+        self.head_size = 0
+        self.sink: Any = None
+        self.zstd: _ZstdSink | None = None
+        self.batch: list[bytes] = []
+        self.batch_size = 0
+
+    async def begin(self, total: int | None) -> None:
+        if self.received or self.sink is not None:
+            if self.zstd is not None:
+                await self.zstd.kill()
+            await self.drain()
+        self._reset(total)
+        self.progress.total = total
+        self.progress.bytes_received = 0
+        self.progress.phase = "downloading"
+
+    def data(self, chunk: bytes) -> None:
+        if self.failure is not None:
+            return
+        self.received += len(chunk)
+        self.progress.bytes_received += len(chunk)
+        if self.sink is None:
+            self.head.append(chunk)
+            self.head_size += len(chunk)
+            if self.head_size >= formats.HEAD_SIZE:
+                self._start()
+            return
+        self.batch.append(chunk)
+        self.batch_size += len(chunk)
+        if self.batch_size >= BATCH:
+            self._flush()
+
+    def fail(self, reason: BaseException) -> None:
+        """Stop everything: the download ends with ``reason``."""
+        if self.failure is None:
+            self.failure = reason
+        self.download.abort(reason)
+
+    def _track(self, d: Deferred[Any], size: int = 0) -> None:
+        self._inflight.add(d)
+        if size:
+            self.valve.add(size)
+
+        def done(result: object) -> None:
+            self._inflight.discard(d)
+            if size:
+                self.valve.done(size)
+            if isinstance(result, Failure) and result.value is not None:
+                self.fail(result.value)
+
+        d.addBoth(done)
+
+    async def drain(self) -> None:
+        """Wait until every job handed to the threads and zstd has finished."""
+        while self._inflight:
+            await DeferredList(list(self._inflight), consumeErrors=True)
+
+    # -- format, sink ------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        head = b"".join(self.head)
+        self.head, self.head_size = [], 0
+        try:
+            self._choose_sink(head)
+        except Exception as e:
+            self.fail(e)
+            return
+        self.batch, self.batch_size = [head], len(head)
+        if self.batch_size >= BATCH:
+            self._flush()
+
+    def _choose_sink(self, head: bytes) -> None:
+        fmt = formats.detect_format(head, self.total)
+        info = None
+        if fmt == formats.QCOW2:
+            try:
+                info = formats.inspect_qcow2(head)
+            except ValueError as e:
+                raise formats.ImageFormatRefused(self.image_id, f"invalid qcow2 header: {e}")
+        formats.check_safe(fmt, info, self.declared, self.image_id)
+        self.format, self.info = fmt, info
+        log.info("Image {image_id} is {image_format} ({declared} declared){virtual}",
+                 image_id=self.image_id, image_format=fmt, declared=self.declared or "nothing",
+                 virtual=f", virtual size {info.virtual_size}" if info else "")
+        if fmt == formats.ZSTD and self.runner.which("zstd") is None:
+            raise errors.ImageDownloadError(self.image_id, "zstd-compressed image but the "
+                                            "zstd program is not installed")
+        needed = info.virtual_size if info else (
+            self.total if fmt in (formats.RAW, formats.ISO) else None)
+        self._track(self.writer_thread.submit(self._open_writer, needed))
+
+        def check_inner(inner_head: bytes) -> None:
+            inner = formats.detect_format(inner_head)
+            formats.check_safe(fmt, None, self.declared, self.image_id, inner=inner)
+
+        if fmt == formats.QCOW2:
+            assert info is not None
+            self.sink = Qcow2Converter(self.writer, info, self.image_id)
+        elif fmt in formats.COMPRESSED:
+            inner_sink = SequentialSink(self.writer, check_inner)
+            if fmt == formats.ZSTD:
+                self.zstd = _ZstdSink(self.runner, self.writer_thread, inner_sink,
+                                      self.image_id, self.fail)
+                self.sink = self.zstd
+            else:
+                self.sink = DecompressingSink(fmt, inner_sink, self.image_id)
+        else:
+            self.sink = SequentialSink(self.writer)
+
+    def _open_writer(self, needed: int | None) -> None:
+        if not self.writer.opened:
+            self.writer.open()
+        if needed is not None and self.writer.size is not None and needed > self.writer.size:
+            raise errors.ImageWriteError(
+                self.device, None, "", f"the image needs {needed} bytes, the device has "
+                f"{self.writer.size}")
+
+    def _flush(self) -> None:
+        batch, size = self.batch, self.batch_size
+        self.batch, self.batch_size = [], 0
+        if not batch or self.failure is not None:
+            return
+        if self.hash is not None:
+            self._track(self.hasher_thread.submit(_hash_all, self.hash, batch), size)
+        if self.zstd is not None:
+            self._track(self.zstd.put(batch), size)
+        else:
+            self._track(self.writer_thread.submit(_feed_all, self.sink, batch), size)
+
+    # -- the whole job -----------------------------------------------------------------------
+
+    async def run(self) -> WrittenImage:
+        try:
+            url = await self.download.stream(self)
+            self.progress.url = url
+            if self.received == 0:
+                raise errors.ImageDownloadError(self.image_id, f"{url} served an empty image")
+            if self.failure is None and self.sink is None:
+                self._start()  # an image smaller than the head
+            self._flush()
+            await self.drain()
+            self._raise_failure()
+            if self.zstd is not None:
+                await self.zstd.finish()
+            elif isinstance(self.sink, Qcow2Converter):
+                await self._qcow2_passes(self.sink, url)
+            else:
+                await self.writer_thread.submit(self.sink.finish)
+            digest = None
+            if self.hash is not None:
+                digest = await self.hasher_thread.submit(self.hash.hexdigest)
+            self.progress.phase = "syncing"
+            virtual = self.info.virtual_size if self.info else self.writer.end
+            await self.writer_thread.submit(self.writer.finish, virtual)
+            if self.expected is not None and digest != self.expected.value:
+                raise errors.ImageChecksumError(self.image_id, url, self.expected.value,
+                                                str(digest))
+            return WrittenImage(format=self.format, size=self.writer.end,
+                                virtual_size=virtual,
+                                checksum_algo=self.expected.algorithm if self.expected else None,
+                                checksum=digest, url=url)
+        except BaseException as e:
+            await self._clean_up_after(e)
+            raise
+        finally:
+            self.hasher_thread.stop()
+            self.writer_thread.stop()
+
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    async def _qcow2_passes(self, converter: Qcow2Converter, url: str) -> None:
+        while True:
+            ranges = await self.writer_thread.submit(converter.end_pass)
+            if not ranges:
+                break
+            self.progress.phase = f"refetching (pass {converter.passes + 1})"
+            await self.writer_thread.submit(converter.begin_pass, ranges)
+            for start, end in ranges:
+                self._track(self.writer_thread.submit(converter.seek, start))
+
+                def deliver(offset: int, data: bytes) -> None:
+                    if self.failure is not None:
+                        return
+                    self.progress.bytes_received += len(data)
+                    self.batch.append(data)
+                    self.batch_size += len(data)
+                    if self.batch_size >= BATCH:
+                        self._flush_refetch()
+
+                await self.download.fetch_range(url, start, end, deliver, self.valve)
+                self._flush_refetch()
+                await self.drain()
+                self._raise_failure()
+        await self.writer_thread.submit(converter.finish)
+
+    def _flush_refetch(self) -> None:
+        batch, size = self.batch, self.batch_size
+        self.batch, self.batch_size = [], 0
+        if batch and self.failure is None:
+            self._track(self.writer_thread.submit(_feed_all, self.sink, batch), size)
+
+    async def _clean_up_after(self, error: BaseException) -> None:
+        self.fail(self.failure or error)
+        if self.zstd is not None:
+            await self.zstd.kill()
+        await self.drain()
+        wrote = self.writer.bytes_written or self.writer.bytes_zeroed
+        await self.writer_thread.submit(self.writer.close)
+        if wrote or isinstance(error, errors.ImageChecksumError):
+            try:
+                await wipe_partition_tables(self.device, self.reactor)
+            except errors.ImageWriteError as e:
+                log.error("Could not wipe {device} after a failed image write: {error}",
+                          device=self.device, error=str(e))
+
+
+async def write_image(image_info: Mapping[str, Any], device: str, *, http: Any, reactor: Any,
+                      runner: Any, config: AgentConfig,
+                      progress: ImageProgress | None = None,
+                      writer: DeviceWriter | None = None) -> WrittenImage:
+    """Stream the image ``image_info`` describes to ``device``; verify it; return what was
+    written.
+
+    ``http`` is the agent's treq client (``ipa_twisted.http.make_http_client``); URLs that
+    ``proxies``/``no_proxy`` send through a proxy get a proxy client of their own. Raises
+    ImageDownloadError (every URL failed, refused format, bad checksum source),
+    ImageChecksumError (mismatch: the device's partition tables are wiped first) or
+    ImageWriteError. ``progress`` is updated as the image streams; ``writer`` replaces the
+    ``DeviceWriter(device)`` (tests give a slow one).
+    """
+    progress = progress if progress is not None else ImageProgress(reactor)
+    image_id = str(image_info.get("id", ""))
+    proxies = image_info.get("proxies") or {}
+    no_proxy = image_info.get("no_proxy")
+    proxy_clients: dict[str, Any] = {}
+    pools: list[Any] = []
+
+    def client_for(url: str) -> Any:
+        proxy = proxy_for(url, proxies, no_proxy)
+        if proxy is None:
+            return http
+        if proxy not in proxy_clients:
+            pools.append(make_pool(reactor))
+            proxy_clients[proxy] = make_proxy_http_client(
+                reactor, config, proxy, pool=pools[-1],
+                connect_timeout=config.image_download_connection_timeout)
+        return proxy_clients[proxy]
+
+    started = time.monotonic()
+    progress.phase = "starting"
+    progress.start()
+    phase = "failed"
+    try:
+        download = ImageDownload(image_info, http=http, clock=reactor, config=config,
+                                 client_for=client_for)
+        auth = dict(download.headers)
+
+        async def fetch(url: str) -> bytes:
+            return await fetch_small(url, client_for(url), headers=auth,
+                                     timeout=config.image_download_connection_timeout,
+                                     clock=reactor)
+
+        progress.phase = "fetching checksum"
+        expected = await expected_checksum(image_info, fetch)
+        job = _ImageJob(image_info, device, download, expected, reactor, runner, progress,
+                        writer)
+        written = await job.run()
+        phase = "done"
+        elapsed = time.monotonic() - started
+        log.info("Wrote image {image_id} ({image_format}, {size} bytes) to {device} in "
+                 "{elapsed:.1f} s; {algo} {checksum} verified", image_id=image_id,
+                 image_format=written.format, size=written.size, device=device, elapsed=elapsed,
+                 algo=written.checksum_algo, checksum=written.checksum)
+        return written
+    finally:
+        progress.stop(phase)
+        for pool in pools:
+            await pool.closeCachedConnections()
