@@ -445,3 +445,30 @@ class BaseInventoryTests(DispatchTestCase):
 
         managers = self.load(StepsOnly(), Inventory())
         self.assertEqual(self.result(managers.list_hardware_info()), {"from": "inventory"})
+
+
+class CacheNodePropagationTests(SynchronousTestCase):
+    def test_managers_with_cache_node_get_the_node(self) -> None:
+        class Remembering:
+            HARDWARE_MANAGER_NAME = "remembering"
+            HARDWARE_MANAGER_VERSION = "1"
+            node: Any = None
+
+            def evaluate_hardware_support(self) -> int:
+                return 1
+
+            def cache_node(self, node: Any) -> None:
+                self.node = node
+
+        class Forgetful:
+            HARDWARE_MANAGER_NAME = "forgetful"
+            HARDWARE_MANAGER_VERSION = "1"
+
+            def evaluate_hardware_support(self) -> int:
+                return 1
+
+        remembering = Remembering()
+        managers = HardwareManagers([(remembering, 2), (Forgetful(), 1)])
+        self.assertTrue(managers.cache_node({"uuid": "n1"}))
+        self.assertEqual(remembering.node, {"uuid": "n1"})
+        self.assertFalse(managers.cache_node({"uuid": "n1"}))

@@ -239,6 +239,11 @@ class HardwareManagers:
         """
         changed = _node_uuid(node) != _node_uuid(self._node) or self._node is None
         self._node = node
+        # Managers that choose devices by the node's hints keep their own copy.
+        for manager in self.managers:
+            remember = getattr(manager, "cache_node", None)
+            if callable(remember):
+                remember(node)
         return changed
 
     @property

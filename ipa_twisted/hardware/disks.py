@@ -1,0 +1,402 @@
+"""Disk plumbing shared by erasure, partitioning and image writing.
+
+Every program runs through the context's runner (``parted``, ``sgdisk``, ``wipefs``,
+``blkid``, ``partprobe``, ``udevadm``) and every device path is explicit: nothing here picks
+a disk by itself. Reading or writing device contents happens in the reactor's thread pool.
+
+Partition device nodes are normally made by the kernel (devtmpfs) or udev. Where neither
+runs (a test sandbox whose /dev is a plain tmpfs, or ``dev_path`` pointing at a directory
+of hand-made nodes), ``wait_for_partition`` makes the missing node itself from the
+``major:minor`` the kernel publishes in ``{sys_path}/class/block/<name>/dev``; it only ever
+does so under the configured ``dev_path``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from ipa_twisted.errors import CommandExecutionError, InstanceDeployFailure
+from ipa_twisted.hardware.interface import HardwareContext
+from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError
+
+log = Logger()
+
+MiB = 1 << 20
+DISK_COMMAND_TIMEOUT = 300.0
+"""Longest wait for one partitioning or probing command."""
+PARTITION_WAIT_ATTEMPTS = 20
+PARTITION_WAIT_DELAY = 0.5
+"""How long ``wait_for_partition`` waits for a partition node: attempts and seconds apart."""
+
+Wiper = Callable[[str, Any], Awaitable[object]]
+"""``wipe(device, reactor)``: zero the first and last MiB of a device."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One partition of a disk; offsets and sizes in bytes (``end`` inclusive)."""
+
+    number: int
+    start: int
+    end: int
+    size: int
+    filesystem: str
+    name: str
+    flags: frozenset[str]
+    path: str
+
+
+@dataclass(frozen=True)
+class FreeSpace:
+    """A free region of a disk (bytes; ``end`` inclusive)."""
+
+    start: int
+    end: int
+    size: int
+
+
+@dataclass(frozen=True)
+class DiskLayout:
+    """A disk's partition table as parted reads it."""
+
+    device: str
+    size: int
+    logical_sector_size: int
+    table: str
+    """``gpt``, ``msdos``, another parted label name, or ``unknown`` (no table)."""
+    partitions: tuple[Partition, ...]
+    free: tuple[FreeSpace, ...]
+
+
+def _timeout(context: HardwareContext) -> float:
+    return min(context.config.command_timeout, DISK_COMMAND_TIMEOUT)
+
+
+def partition_index_to_path(device: str, index: int) -> str:
+    """The path of partition ``index`` of ``device``: sda → sda1, nvme0n1/loop0 → ...p1."""
+    return f"{device}p{index}" if device[-1:].isdigit() else f"{device}{index}"
+
+
+# -- reading partition tables -------------------------------------------------------------------
+
+_BYTES = re.compile(r"^(\d+)B$")
+
+
+def _bytes(text: str) -> int:
+    match = _BYTES.match(text.strip())
+    if match is None:
+        raise ValueError(f"not a size in bytes: {text!r}")
+    return int(match.group(1))
+
+
+def parse_parted_machine_output(device: str, output: str) -> DiskLayout:
+    """A DiskLayout from ``parted -s -m DEVICE unit B print free``.
+
+    ValueError if the output has no device line.
+    """
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    try:
+        start = lines.index("BYT;")
+    except ValueError:
+        raise ValueError(f"parted printed no device information for {device}") from None
+    if len(lines) <= start + 1:
+        raise ValueError(f"parted printed no device information for {device}")
+    header = lines[start + 1].rstrip(";").split(":")
+    if len(header) < 6:
+        raise ValueError(f"unexpected parted device line for {device}: {lines[start + 1]!r}")
+    size, sector, table = _bytes(header[1]), int(header[3]), header[5] or "unknown"
+    partitions: list[Partition] = []
+    free: list[FreeSpace] = []
+    for line in lines[start + 2:]:
+        fields = line.rstrip(";").split(":")
+        if len(fields) == 5 and fields[4] == "free":
+            free.append(FreeSpace(_bytes(fields[1]), _bytes(fields[2]), _bytes(fields[3])))
+        elif len(fields) >= 7:
+            number = int(fields[0])
+            flags = frozenset(f.strip() for f in ":".join(fields[6:]).split(",") if f.strip())
+            partitions.append(Partition(
+                number=number, start=_bytes(fields[1]), end=_bytes(fields[2]),
+                size=_bytes(fields[3]), filesystem=fields[4], name=fields[5], flags=flags,
+                path=partition_index_to_path(device, number)))
+        else:
+            log.warn("Unexpected parted output line for {device}: {line}", device=device,
+                     line=line)
+    return DiskLayout(device, size, sector, table, tuple(partitions), tuple(free))
+
+
+async def read_layout(context: HardwareContext, device: str) -> DiskLayout:
+    """The partition table of ``device`` (``table`` is ``unknown`` if it has none)."""
+    out, err = await context.runner.execute(
+        "parted", "-s", "-m", device, "unit", "B", "print", "free",
+        timeout=_timeout(context), check_exit_code=False)
+    try:
+        return parse_parted_machine_output(device, out.decode("utf-8", "replace"))
+    except ValueError as e:
+        raise CommandExecutionError(f"Cannot read the partition table of {device}: {e}; "
+                                    f"parted said: {err.decode('utf-8', 'replace')}") from e
+
+
+async def list_partitions(context: HardwareContext, device: str) -> list[Partition]:
+    """The partitions of ``device`` (none without a partition table)."""
+    return list((await read_layout(context, device)).partitions)
+
+
+async def scan_partition_table_type(context: HardwareContext, device: str) -> str:
+    """``gpt``, ``msdos`` or ``unknown``."""
+    table = (await read_layout(context, device)).table
+    return table if table in ("gpt", "msdos") else "unknown"
+
+
+async def get_efi_part_on_device(context: HardwareContext, device: str) -> int | None:
+    """The number of the EFI system partition of ``device``, or None.
+
+    A partition flagged ``esp``, or ``boot`` on a GPT disk, is the EFI partition.
+    """
+    layout = await read_layout(context, device)
+    for partition in layout.partitions:
+        if "esp" in partition.flags or ("boot" in partition.flags and layout.table == "gpt"):
+            return partition.number
+    return None
+
+
+async def create_partition_table(context: HardwareContext, device: str,
+                                 table_type: str) -> None:
+    """Write an empty ``table_type`` (gpt, msdos) table; CommandExecutionError on failure."""
+    log.info("Creating a {table} partition table on {device}", table=table_type,
+             device=device)
+    try:
+        await context.runner.execute("parted", device, "-s", "--", "mklabel", table_type,
+                                     timeout=_timeout(context))
+    except ProcessExecutionError as e:
+        raise CommandExecutionError(
+            f"Failed to create partition table on {device}: {e}") from e
+
+
+# -- erasing ------------------------------------------------------------------------------------
+
+def _default_wiper() -> Wiper:
+    from ipa_twisted.images.writer import wipe_partition_tables
+    return wipe_partition_tables
+
+
+async def destroy_disk_metadata(context: HardwareContext, device: str, *,
+                                whole_disk: bool = True, wipe: Wiper | None = None) -> None:
+    """Erase the signatures and partition tables of ``device``, not its data.
+
+    ``wipefs --force --all``; then, for a whole disk, ``sgdisk -Z`` (both GPT headers and
+    the protective MBR) when sgdisk is installed; then the first and last MiB are zeroed.
+    ProcessExecutionError or OSError on failure.
+    """
+    runner = context.runner
+    log.info("Destroying the metadata of {device}", device=device)
+    try:
+        await runner.execute("wipefs", "--force", "--all", device, timeout=_timeout(context))
+    except ProcessExecutionError as e:
+        if isinstance(e, CommandNotFoundError) or "--force" not in e.stderr.decode(
+                "utf-8", "replace"):
+            raise
+        await runner.execute("wipefs", "--all", device, timeout=_timeout(context))
+    if whole_disk:
+        if runner.which("sgdisk") is not None:
+            await runner.execute("sgdisk", "-Z", device, timeout=_timeout(context))
+        else:
+            log.info("sgdisk is not installed: zeroing the GPT areas of {device} only",
+                     device=device)
+    await (wipe or _default_wiper())(device, context.reactor)
+    log.info("Metadata of {device} destroyed", device=device)
+
+
+# -- the kernel's view --------------------------------------------------------------------------
+
+async def udev_settle(context: HardwareContext) -> bool:
+    """Wait for udev's event queue to empty; False (logged) if it cannot be waited for."""
+    if context.runner.which("udevadm") is None:
+        return False
+    try:
+        await context.runner.execute("udevadm", "settle", timeout=_timeout(context))
+    except ProcessExecutionError as e:
+        log.warn("udevadm settle failed: {error}", error=str(e))
+        return False
+    return True
+
+
+async def partprobe(context: HardwareContext, device: str) -> bool:
+    """Have the kernel re-read the partition table of ``device``; False (logged) if not."""
+    try:
+        await context.runner.execute("partprobe", device, timeout=_timeout(context))
+    except ProcessExecutionError as e:
+        log.warn("Unable to probe for partitions on {device}; the partition table may be "
+                 "broken: {error}", device=device, error=str(e))
+        return False
+    return True
+
+
+async def rescan_device(context: HardwareContext, device: str) -> bool:
+    """Flush buffers, settle udev, re-read the partition table, settle again."""
+    try:
+        await context.runner.execute("sync", timeout=_timeout(context))
+    except ProcessExecutionError as e:
+        log.warn("sync failed: {error}", error=str(e))
+    await udev_settle(context)
+    probed = await partprobe(context, device)
+    await udev_settle(context)
+    return probed
+
+
+def _sysfs_dev(context: HardwareContext, name: str) -> int | None:
+    """The device number the kernel gives block device ``name``, or None."""
+    try:
+        with open(os.path.join(context.config.sys_path, "class", "block", name, "dev"),
+                  encoding="ascii") as f:
+            major, _, minor = f.read().strip().partition(":")
+        return os.makedev(int(major), int(minor))
+    except (OSError, ValueError):
+        return None
+
+
+def _node_state(path: str) -> int | None:
+    """The device number of block node ``path``; -1 if it is not a block node; None if absent."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return -1
+    return status.st_rdev if stat.S_ISBLK(status.st_mode) else -1
+
+
+def _make_node(context: HardwareContext, path: str, number: int) -> bool:
+    """Make (or correct) block node ``path`` as device ``number``; only under ``dev_path``."""
+    directory = os.path.realpath(os.path.dirname(path))
+    if directory != os.path.realpath(context.config.dev_path):
+        return False
+    current = _node_state(path)
+    if current == number:
+        return True
+    if current == -1:
+        log.warn("{path} exists but is not a block device; not replacing it", path=path)
+        return False
+    if current is not None:
+        os.unlink(path)           # a stale node: the kernel renumbered the partition
+    os.mknod(path, 0o600 | stat.S_IFBLK, number)
+    log.info("Created the missing device node {path} ({major}:{minor}) from sysfs",
+             path=path, major=os.major(number), minor=os.minor(number))
+    return True
+
+
+async def wait_for_partition(context: HardwareContext, disk: str, path: str, *,
+                             attempts: int = PARTITION_WAIT_ATTEMPTS,
+                             delay: float = PARTITION_WAIT_DELAY) -> None:
+    """Wait until ``path``, a partition of ``disk``, is a block device node.
+
+    When sysfs knows ``disk``, the node must also be the device the kernel has for that
+    partition now (a stale node left by an earlier table is replaced); the node is made
+    from sysfs when nothing else makes it (see the module docstring). Without sysfs any
+    block node at ``path`` is accepted. InstanceDeployFailure if it never appears.
+    """
+    kernel_knows_disk = _sysfs_dev(context, os.path.basename(os.path.realpath(disk))) \
+        is not None
+    name = os.path.basename(path)
+    for attempt in range(1, attempts + 1):
+        number = _sysfs_dev(context, name)
+        current = _node_state(path)
+        if number is None:
+            if not kernel_knows_disk and current is not None and current >= 0:
+                return
+        elif current == number:
+            return
+        else:
+            try:
+                if _make_node(context, path, number):
+                    return
+            except OSError as e:
+                log.warn("Cannot create the device node {path}: {error}", path=path,
+                         error=str(e))
+        if attempt < attempts:
+            await deferLater(context.clock, delay)
+    raise InstanceDeployFailure(f"Partition device {path} did not appear")
+
+
+# -- identifiers --------------------------------------------------------------------------------
+
+async def probe(context: HardwareContext, path: str) -> dict[str, str]:
+    """What ``blkid -p`` finds on ``path`` (TYPE, UUID, LABEL, PART_ENTRY_UUID ...)."""
+    out, _ = await context.runner.execute("blkid", "-p", "-o", "export", path,
+                                          timeout=_timeout(context), check_exit_code=[0, 2])
+    values: dict[str, str] = {}
+    for line in out.decode("utf-8", "replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            values[key.strip()] = value.strip()
+    return values
+
+
+async def block_uuid(context: HardwareContext, path: str) -> str:
+    """The file system UUID on ``path``, else its partition UUID, else ``""``."""
+    found = await probe(context, path)
+    return found.get("UUID") or found.get("PART_ENTRY_UUID") or ""
+
+
+def _read_at(path: str, offset: int, length: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+async def get_disk_identifier(context: HardwareContext, device: str) -> str:
+    """The MBR disk signature (bytes 440-443) as ``0x%08x``, like ``hexdump`` gives it."""
+    data = await deferToThreadPool(context.reactor, context.reactor.getThreadPool(),
+                                   _read_at, device, 440, 4)
+    if len(data) != 4:
+        raise InstanceDeployFailure(f"Cannot read the disk identifier of {device}")
+    return "0x%08x" % struct.unpack("<I", data)[0]
+
+
+async def fix_gpt_partition(context: HardwareContext, device: str) -> None:
+    """Move the backup GPT to the end of the disk (after a smaller image was written).
+
+    Nothing to do on a disk without GPT. InstanceDeployFailure on failure.
+    """
+    try:
+        if (await read_layout(context, device)).table != "gpt":
+            return
+        out, _ = await context.runner.execute("sgdisk", "-v", device,
+                                              timeout=_timeout(context))
+        if _MISPLACED_BACKUP_GPT not in " ".join(out.decode("utf-8", "replace").split()):
+            return
+        log.info("Moving the backup GPT of {device} to the end of the disk", device=device)
+        await context.runner.execute("sgdisk", "-e", device, timeout=_timeout(context))
+    except (ProcessExecutionError, CommandExecutionError) as e:
+        raise InstanceDeployFailure(
+            f"Failed to fix GPT data structures on disk {device}. Error: {e}") from e
+
+
+_MISPLACED_BACKUP_GPT = "doesn't reside at the end of the disk"
+
+
+def write_at(path: str, data: bytes | Sequence[bytes], offset: int = 0) -> None:
+    """Write ``data`` to ``path`` at ``offset`` and flush it (blocking: run in a thread)."""
+    chunks = [data] if isinstance(data, bytes) else list(data)
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        position = offset
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                written = os.pwrite(fd, view, position)
+                view, position = view[written:], position + written
+        os.fsync(fd)
+    finally:
+        os.close(fd)

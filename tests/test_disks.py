@@ -1,0 +1,299 @@
+"""Tests for ipa_twisted.hardware.disks and erase_devices_metadata.
+
+The tests touching block devices use loop devices on sparse files only, named by path; the
+agent sees nothing else (LoopOnlyRunner). They need root and the disk tools, and skip
+otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+from ipa_twisted.config import AgentConfig
+from ipa_twisted.errors import BlockDeviceEraseError, InstanceDeployFailure
+from ipa_twisted.hardware import disks
+from ipa_twisted.hardware.generic import GenericHardwareManager
+from ipa_twisted.hardware.interface import HardwareContext
+from ipa_twisted.process import ProcessExecutionError, ProcessRunner
+from ipa_twisted.testing.fake_process import Exit, FakeRunner
+from ipa_twisted.testing.fake_system import FakeSystem
+from ipa_twisted.testing.sandbox import (LoopDevice, LoopOnlyRunner, attach_loop_devices,
+                                         loop_devices_unavailable)
+
+MiB = 1 << 20
+TOOLS = ("parted", "sgdisk", "wipefs", "mkfs.ext4", "blkid", "partprobe")
+
+PARTED_GPT = """\
+BYT;
+/dev/sdz:1073741824B:scsi:512:4096:gpt:QEMU HARDDISK:;
+1:17408B:1048575B:1031168B:free;
+1:1048576B:577765375B:576716800B:fat32:primary:boot, esp;
+2:577765376B:1006632959B:428867584B:ext4:root:;
+1:1006632960B:1073724927B:67091968B:free;
+"""
+
+
+class ParsingTests(SynchronousTestCase):
+    def test_parted_machine_output(self) -> None:
+        layout = disks.parse_parted_machine_output("/dev/sdz", PARTED_GPT)
+        self.assertEqual((layout.size, layout.logical_sector_size, layout.table),
+                         (1073741824, 512, "gpt"))
+        self.assertEqual([(p.number, p.start, p.size, p.filesystem, p.name, p.path)
+                          for p in layout.partitions],
+                         [(1, MiB, 576716800, "fat32", "primary", "/dev/sdz1"),
+                          (2, 577765376, 428867584, "ext4", "root", "/dev/sdz2")])
+        self.assertEqual(layout.partitions[0].flags, frozenset({"boot", "esp"}))
+        self.assertEqual([(f.start, f.end) for f in layout.free],
+                         [(17408, 1048575), (1006632960, 1073724927)])
+
+    def test_no_table(self) -> None:
+        layout = disks.parse_parted_machine_output(
+            "/dev/loop3", "BYT;\n/dev/loop3:209715200B:loopback:512:512:unknown:Loopback "
+            "device:;\n")
+        self.assertEqual((layout.table, layout.partitions, layout.free), ("unknown", (), ()))
+        self.assertRaises(ValueError, disks.parse_parted_machine_output, "/dev/x", "Error")
+
+    def test_partition_paths(self) -> None:
+        self.assertEqual(disks.partition_index_to_path("/dev/sda", 2), "/dev/sda2")
+        self.assertEqual(disks.partition_index_to_path("/dev/nvme0n1", 1), "/dev/nvme0n1p1")
+        self.assertEqual(disks.partition_index_to_path("/dev/loop7", 3), "/dev/loop7p3")
+
+
+def _lsblk(kname: str, size: int, type_: str, **extra: Any) -> dict[str, Any]:
+    row = {"kname": kname, "model": None, "size": size, "rota": False, "type": type_,
+           "uuid": None, "partuuid": None, "serial": None, "wwn": None, "vendor": None,
+           "log-sec": 512, "phy-sec": 512, "tran": None}
+    row.update(extra)
+    return row
+
+
+LSBLK = json.dumps({"blockdevices": [
+    _lsblk("sda", 100 * 2**30, "disk", children=[_lsblk("sda1", 2**30, "part"),
+                                                  _lsblk("sda2", 2**30, "part")]),
+    _lsblk("sdb", 100 * 2**30, "disk"),
+    _lsblk("sdc", 100 * 2**30, "disk"),
+    _lsblk("sdd", 100 * 2**30, "disk"),
+    _lsblk("sr0", 2**30, "rom"),
+]}).encode()
+
+
+class EraseMetadataFakeTests(SynchronousTestCase):
+    """Ordering, skipping, concurrency and error collection, on recorded outputs."""
+
+    def setUp(self) -> None:
+        self.system = FakeSystem(self.mktemp())
+        for name in ("sda", "sdb", "sdc", "sdd"):
+            self.system.add_block_device(name)
+        self.system.write("sys/class/block/sdc/ro", "1\n")
+        self.system.write("sys/class/block/sdd/removable", "1\n")
+        self.wiped: list[str] = []
+
+    def manager(self, runner: FakeRunner) -> GenericHardwareManager:
+        async def wipe(device: str, reactor: Any) -> None:
+            self.wiped.append(os.path.basename(device))
+        manager = GenericHardwareManager(udev=lambda name: {}, wipe=wipe)
+        manager.bind(HardwareContext(self.system.config(), runner, Clock(), None))
+        return manager
+
+    def names(self, runner: FakeRunner, program: str) -> list[str]:
+        return [os.path.basename(argv[-1]) for argv in runner.argvs if argv[0] == program]
+
+    def test_partitions_first_disks_concurrently(self) -> None:
+        runner = FakeRunner({("lsblk",): LSBLK, ("wipefs",): b"", ("sgdisk",): b""},
+                            hold=True)
+        erasing = Deferred.fromCoroutine(self.manager(runner).erase_devices_metadata({}, []))
+        runner.release_one()                    # lsblk
+        self.assertEqual(self.names(runner, "wipefs"), ["sda2", "sdb"])   # both at once
+        runner.release()
+        self.successResultOf(erasing)
+        self.assertEqual(self.names(runner, "wipefs"), ["sda2", "sdb", "sda1", "sda"])
+        self.assertEqual(self.names(runner, "sgdisk"), ["sdb", "sda"])
+        self.assertEqual([name for name in self.wiped if name.startswith("sda")],
+                         ["sda2", "sda1", "sda"])
+        self.assertEqual(sorted(self.wiped), ["sda", "sda1", "sda2", "sdb"])
+        self.assertIn(("wipefs", "--force", "--all", f"{self.system.dev_path}/sdb"),
+                      runner.argvs)
+
+    def test_errors_collected_after_trying_everything(self) -> None:
+        runner = FakeRunner({("lsblk",): LSBLK, ("wipefs",): b"", ("sgdisk",): b"",
+                             ("wipefs", "--force", "--all", f"{self.system.dev_path}/sdb"):
+                             Exit(1, b"", b"wipefs: error: probing initialization failed")})
+        failure = self.failureResultOf(Deferred.fromCoroutine(
+            self.manager(runner).erase_devices_metadata({}, [])), BlockDeviceEraseError)
+        self.assertIn(f'"{self.system.dev_path}/sdb"', str(failure.value))
+        self.assertIn("probing initialization failed", str(failure.value))
+        self.assertNotIn("/sda", str(failure.value))
+        self.assertEqual(self.wiped, ["sda2", "sda1", "sda"])
+        self.flushLoggedErrors()
+
+    def test_old_wipefs_and_no_sgdisk(self) -> None:
+        dev = self.system.dev_path
+        runner = FakeRunner({("wipefs", "--force", "--all", f"{dev}/sdb"):
+                             Exit(1, b"", b"wipefs: unrecognized option '--force'"),
+                             ("wipefs", "--all", f"{dev}/sdb"): b""}, missing=["sgdisk"])
+        context = HardwareContext(self.system.config(), runner, Clock(), None)
+
+        async def wipe(device: str, reactor: Any) -> None:
+            self.wiped.append(device)
+        self.successResultOf(Deferred.fromCoroutine(
+            disks.destroy_disk_metadata(context, f"{dev}/sdb", wipe=wipe)))
+        self.assertEqual(runner.argvs, [("wipefs", "--force", "--all", f"{dev}/sdb"),
+                                        ("wipefs", "--all", f"{dev}/sdb")])
+        self.assertEqual(self.wiped, [f"{dev}/sdb"])
+
+
+class LoopTestCase(TestCase):
+    """Real loop devices (root only); each is detached and its file removed afterwards."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        reason = loop_devices_unavailable()
+        missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+        if reason is None and missing:
+            reason = f"missing tools: {', '.join(missing)}"
+        if reason is not None:
+            raise SkipTest(reason)
+        self.real_runner = ProcessRunner(reactor, reactor)
+        self.workdir = os.path.abspath(self.mktemp())
+
+    async def loops(self, *sizes: int, read_only: bool = False) -> list[LoopDevice]:
+        return await attach_loop_devices(self.real_runner, self.workdir, sizes, self.addCleanup,
+                                         read_only=read_only)
+
+    def context(self, runner: Any, **config: Any) -> HardwareContext:
+        return HardwareContext(AgentConfig(**config), runner, reactor, reactor)
+
+    async def sh(self, *argv: str) -> str:
+        out, _ = await self.real_runner.execute(*argv)
+        return out.decode()
+
+    async def make_gpt_with_ext4(self, device: str) -> int:
+        """A GPT with an ESP and an ext4 partition; the ext4 partition's offset."""
+        await self.sh("parted", "-s", "-a", "optimal", device, "--", "unit", "MiB",
+                       "mklabel", "gpt", "mkpart", "esp", "fat32", "1", "9", "set", "1",
+                       "esp", "on", "mkpart", "root", "ext4", "9", "100%")
+        await self.sh("partprobe", device)
+        await self.sh("mkfs.ext4", "-q", "-F", disks.partition_index_to_path(device, 2))
+        return 9 * MiB
+
+    def read(self, device: str, offset: int, length: int) -> bytes:
+        with open(device, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    async def signatures(self, device: str) -> str:
+        return (await self.sh("wipefs", device)).strip()
+
+
+class DestroyMetadataTests(LoopTestCase):
+    async def test_gpt_and_signatures_gone(self) -> None:
+        [loop] = await self.loops(64 * MiB)
+        await self.make_gpt_with_ext4(loop.path)
+        self.assertIn("gpt", await self.signatures(loop.path))
+        context = self.context(LoopOnlyRunner(self.real_runner, [loop.path]))
+        await disks.destroy_disk_metadata(context, loop.path)
+        self.assertEqual(await self.signatures(loop.path), "")
+        self.assertEqual(self.read(loop.path, 0, MiB), bytes(MiB))
+        self.assertEqual(self.read(loop.path, loop.size - MiB, MiB), bytes(MiB))
+        self.assertEqual(await disks.scan_partition_table_type(context, loop.path), "unknown")
+
+    async def test_tables_and_efi_partition(self) -> None:
+        [loop] = await self.loops(64 * MiB)
+        context = self.context(LoopOnlyRunner(self.real_runner, [loop.path]))
+        await disks.create_partition_table(context, loop.path, "msdos")
+        self.assertEqual(await disks.scan_partition_table_type(context, loop.path), "msdos")
+        self.assertIsNone(await disks.get_efi_part_on_device(context, loop.path))
+        await self.make_gpt_with_ext4(loop.path)
+        self.assertEqual(await disks.scan_partition_table_type(context, loop.path), "gpt")
+        self.assertEqual(await disks.get_efi_part_on_device(context, loop.path), 1)
+        self.assertEqual([p.number for p in await disks.list_partitions(context, loop.path)],
+                         [1, 2])
+
+
+class PartitionNodeTests(LoopTestCase):
+    async def test_missing_nodes_made_from_sysfs_under_dev_path_only(self) -> None:
+        [loop] = await self.loops(64 * MiB)
+        dev = os.path.join(self.workdir, "dev")
+        os.makedirs(dev)
+        node = os.path.join(dev, os.path.basename(loop.path))
+        os.mknod(node, 0o600 | stat.S_IFBLK, os.stat(loop.path).st_rdev)
+        context = self.context(LoopOnlyRunner(self.real_runner, [node]), dev_path=dev)
+        await self.make_gpt_with_ext4(loop.path)      # the same device, seen from /dev
+        part = disks.partition_index_to_path(node, 2)
+        self.assertFalse(os.path.exists(part))
+        await disks.wait_for_partition(context, node, part)
+        self.assertEqual(os.stat(part).st_rdev,
+                         os.stat(disks.partition_index_to_path(loop.path, 2)).st_rdev)
+        self.assertEqual((await disks.probe(context, part)).get("TYPE"), "ext4")
+        # a stale node (another device number) is replaced
+        os.unlink(part)
+        os.mknod(part, 0o600 | stat.S_IFBLK, os.makedev(1, 3))
+        await disks.wait_for_partition(context, node, part)
+        self.assertTrue(stat.S_ISBLK(os.stat(part).st_mode))
+        self.assertNotEqual(os.stat(part).st_rdev, os.makedev(1, 3))
+        # outside dev_path nothing is created; a partition that does not exist times out
+        elsewhere = os.path.join(self.workdir, "elsewhere")
+        os.makedirs(elsewhere)
+        with self.assertRaises(InstanceDeployFailure):
+            await disks.wait_for_partition(context, node,
+                                           os.path.join(elsewhere, os.path.basename(part)),
+                                           attempts=2, delay=0.01)
+        with self.assertRaises(InstanceDeployFailure):
+            await disks.wait_for_partition(context, node, disks.partition_index_to_path(
+                node, 7), attempts=2, delay=0.01)
+        self.assertEqual(os.listdir(elsewhere), [])
+
+
+class EraseDevicesMetadataTests(LoopTestCase):
+    async def test_erases_loop_disks_and_partitions_skipping_read_only(self) -> None:
+        first, second = await self.loops(64 * MiB, 80 * MiB)
+        offsets = [await self.make_gpt_with_ext4(loop.path) for loop in (first, second)]
+        spare = (await self.loops(64 * MiB))[0]
+        await self.make_gpt_with_ext4(spare.path)
+        [read_only] = await attach_loop_devices(self.real_runner, self.workdir + "-ro",
+                                                [64 * MiB], self.addCleanup, read_only=True)
+        runner = LoopOnlyRunner(self.real_runner, [first.path, second.path, read_only.path])
+        manager = GenericHardwareManager()
+        manager.bind(self.context(runner, include_loop_devices=True))
+        devices = [d.name for d in await manager.list_block_devices(include_partitions=True)]
+        self.assertEqual(sorted(devices), sorted([
+            first.path, first.path + "p1", first.path + "p2",
+            second.path, second.path + "p1", second.path + "p2", read_only.path]))
+
+        await manager.erase_devices_metadata({"uuid": "node-1"}, [])
+
+        self.assertEqual(runner.refused, [])
+        for loop, offset in zip((first, second), offsets):
+            self.assertEqual(await self.signatures(loop.path), "")
+            self.assertEqual(self.read(loop.path, 0, MiB), bytes(MiB))
+            self.assertEqual(self.read(loop.path, loop.size - MiB, MiB), bytes(MiB))
+            # the ext4 superblock of partition 2 was wiped before the table went away
+            self.assertEqual(self.read(loop.path, offset + 1024, 1024), bytes(1024))
+        self.assertIn("gpt", await self.signatures(spare.path))      # never seen
+        self.assertEqual(await manager.get_os_install_device(
+            node={"properties": {"root_device": {"name": first.path}}}), first.path)
+
+    async def test_failures_are_collected(self) -> None:
+        [loop] = await self.loops(64 * MiB)
+        runner = LoopOnlyRunner(self.real_runner, [loop.path])
+        manager = GenericHardwareManager()
+
+        async def broken_wipe(device: str, reactor: Any) -> None:
+            raise ProcessExecutionError(["wipe", device], 1, b"", b"no luck")
+        manager = GenericHardwareManager(wipe=broken_wipe)
+        manager.bind(self.context(runner, include_loop_devices=True))
+        with self.assertRaises(BlockDeviceEraseError) as caught:
+            await manager.erase_devices_metadata({}, [])
+        self.assertIn(loop.path, str(caught.exception))
+        self.assertIn("no luck", str(caught.exception))
+        self.flushLoggedErrors()
