@@ -117,6 +117,9 @@ class AgentConfig:
     ntp_server: str | None = _opt(None, "NTP server to sync the clock with.")
     fail_if_clock_not_set: bool = _opt(False, "Fail start-up if the clock cannot be set.")
     disk_wait_attempts: int = _opt(10, "Attempts to wait for a suitable disk.")
+    ignore_bootloader_failure: bool = _opt(False, "Report success when installing the "
+                                           "bootloader fails (Ironic may override it).",
+                                           kernel=False)
     disk_wait_delay: float = _opt(3.0, "Seconds between disk wait attempts.")
     # -- Images -----------------------------------------------------------------------------
     image_download_connection_timeout: float = _opt(60.0, "Seconds to connect to an image "
@@ -149,10 +152,15 @@ class AgentConfig:
     proc_path: str = _opt("/proc", "Root of procfs.", kernel=False)
     dev_path: str = _opt("/dev", "Root of device nodes.", kernel=False)
     etc_path: str = _opt("/etc", "Root of /etc (rescue config, hostname).", kernel=False)
+    run_path: str = _opt("/run", "Root of /run (bind-mounted into images' chroots).",
+                         kernel=False)
     reboot_command: str = _opt("reboot -f", "Command (argv, space-separated) that reboots.",
                                kernel=False)
     poweroff_command: str = _opt("poweroff -f", "Command (argv, space-separated) that "
                                  "powers off.", kernel=False)
+    include_loop_devices: bool = _opt(False, "List loop devices as disks (inventory, "
+                                      "install device, erasure): for tests on loop "
+                                      "devices only.", kernel=False)
     command_timeout: float = _opt(600.0, "Default seconds before an external command is "
                                   "killed.", kernel=False)
     max_request_body: int = _opt(1048576, "Largest API request body in bytes.",

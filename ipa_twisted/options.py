@@ -7,6 +7,7 @@ have no flag, since argv is visible to every process on the machine.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.python import usage
@@ -89,8 +90,12 @@ class Options(usage.Options):
             raise usage.UsageError("--cmdline-path needs a file name")
 
 
-def config_from_options(options: Options) -> tuple[AgentConfig, list[str]]:
+def config_from_options(options: Options, vmedia_params: Mapping[str, str] | None = None
+                        ) -> tuple[AgentConfig, list[str]]:
     """The merged configuration the parsed ``options`` select, with its warnings.
+
+    ``vmedia_params`` (read from a virtual media device at start-up) rank above the kernel
+    command line and below the flags.
 
     Raises ``ipa_twisted.config.ConfigError`` for a bad value in any source.
     """
@@ -108,4 +113,4 @@ def config_from_options(options: Options) -> tuple[AgentConfig, list[str]]:
             names[flag] = f"--{flag}"
     return load_config(cli=cli, config_files=list(options["config-files"]),
                        default_files=not options["no-default-config-files"],
-                       cli_names=names)
+                       cli_names=names, vmedia_params=vmedia_params)

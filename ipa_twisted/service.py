@@ -45,7 +45,9 @@ class AgentService(MultiService):
                  connect: Callable[[AgentConfig], tuple[IronicClient,
                                                         Callable[[], Awaitable[str]]]]
                  | None = None,
-                 api_tls: SwitchableTLSFactory | None = None) -> None:
+                 api_tls: SwitchableTLSFactory | None = None,
+                 vmedia_config: Callable[[AgentConfig], Awaitable[AgentConfig]] | None = None
+                 ) -> None:
         super().__init__()
         self.agent = agent
         self._api_service = api_service
@@ -62,6 +64,7 @@ class AgentService(MultiService):
         self._resolve_config = resolve_config
         self._connect = connect
         self._api_tls = api_tls
+        self._vmedia_config = vmedia_config
         if stop_process is not None:
             agent.stop_requested = stop_process
 
@@ -98,6 +101,9 @@ class AgentService(MultiService):
 
     async def _start(self) -> None:
         clock = self.agent.clock
+        if self._vmedia_config is not None:
+            # Booted from virtual media: its parameters rank above the kernel command line.
+            self.agent.config = await self._vmedia_config(self.agent.config)
         if self._resolve_config is not None:
             # mDNS first: it says where Ironic is and may override settings.
             self.agent.config = await self._resolve_config(self.agent.config)

@@ -189,7 +189,18 @@ def makeService(options: Options) -> IService:
             from ipa_twisted.inspector.inspect import inspect as run_inspection
             return await run_inspection(context, managers, agent.config, http_client())
 
+    async def vmedia_config(config: AgentConfig) -> AgentConfig:
+        from ipa_twisted.vmedia import get_vmedia_params
+        params = await get_vmedia_params(runner, config)
+        if not params:
+            return config
+        log.info("Virtual media parameters: {names}", names=sorted(params))
+        merged, warnings = _options.config_from_options(options, vmedia_params=params)
+        for warning in warnings:
+            log.warn("Configuration: {warning}", warning=warning)
+        return merged
+
     return AgentService(agent, api_service, load_managers, None, None,
                         make_log_observer(options, config.debug), stop_process=reactor.stop,
                         inspect=inspect, resolve_config=resolve_config, connect=connect,
-                        api_tls=api_tls)
+                        api_tls=api_tls, vmedia_config=vmedia_config)

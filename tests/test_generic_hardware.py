@@ -286,10 +286,15 @@ class ManagerBasicsTests(GenericTestCase):
                          {"name": "generic_hardware_manager", "version": "1.1"})
         self.assertEqual(manager.evaluate_hardware_support(), HardwareSupport.GENERIC)
 
-    def test_no_steps_yet(self) -> None:
+    def test_steps(self) -> None:
         manager = self.manager()
-        self.assertEqual(manager.get_clean_steps({}, []), [])
-        self.assertEqual(manager.get_deploy_steps({}, []), [])
+        self.assertEqual([(s["step"], s["priority"], s["interface"])
+                          for s in manager.get_clean_steps({}, [])],
+                         [("erase_devices_metadata", 99, "deploy")])
+        self.assertEqual([(s["step"], s["priority"], s["interface"])
+                          for s in manager.get_deploy_steps({}, [])],
+                         [("write_image", 0, "deploy"), ("erase_devices_metadata", 0, "deploy"),
+                          ("inject_files", 0, "deploy")])
         self.assertEqual(manager.get_service_steps({}, []), [])
 
 

@@ -231,3 +231,21 @@ class InspectionWiringTests(ServiceFixture):
         self.pump(1)
         self.assertEqual(self.agent.get_node_uuid(), "node-1")
         self.successResultOf(service.stopService())
+
+
+class VmediaWiringTests(ServiceFixture):
+    def test_vmedia_config_applies_before_anything_else(self) -> None:
+        service = self.make()
+        seen: list[str] = []
+
+        async def vmedia(config: AgentConfig) -> AgentConfig:
+            seen.append("vmedia")
+            return config.override(advertise_port=8123)
+
+        service._vmedia_config = vmedia
+        service.startService()
+        self.pump(1)
+        self.assertEqual(seen, ["vmedia"])
+        self.assertEqual(self.ironic.heartbeats[0].body["callback_url"],
+                         "http://192.0.2.10:8123")
+        self.successResultOf(service.stopService())

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
@@ -20,6 +21,9 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ipa_twisted.errors import BlockDeviceEraseError, DeviceNotFound
+from ipa_twisted.hardware import root_device
+from ipa_twisted.hardware.inject import INJECT_FILES_STEP, InjectFilesMixin
 from ipa_twisted.hardware.interface import HardwareManager, HardwareSupport
 from ipa_twisted.hardware.inventory import (CPU, BlockDevice, BootInfo, Memory,
                                             NetworkInterface, SystemFirmware,
@@ -55,7 +59,7 @@ UdevLookup = Callable[[str], Mapping[str, str]]
 log = Logger()
 
 
-class GenericHardwareManager(HardwareManager):
+class GenericHardwareManager(InjectFilesMixin, HardwareManager):
     """Inventory and (later) steps for any Linux machine; the fallback for every method."""
 
     HARDWARE_MANAGER_NAME = "generic_hardware_manager"
@@ -63,9 +67,17 @@ class GenericHardwareManager(HardwareManager):
 
     log = Logger()
 
-    def __init__(self, udev: UdevLookup | None = None) -> None:
-        """``udev`` replaces the pyudev lookup of block device properties (for tests)."""
+    def __init__(self, udev: UdevLookup | None = None,
+                 wipe: Callable[[str, Any], Awaitable[object]] | None = None,
+                 writer: Callable[[Mapping[str, Any], str], Awaitable[object]] | None = None
+                 ) -> None:
+        """For tests: ``udev`` replaces the pyudev lookup of block device properties,
+        ``wipe`` the zeroing of a device's first and last MiB, ``writer`` the image
+        pipeline (``writer(image_info, device)``)."""
         self._udev = udev
+        self._wipe = wipe
+        self._writer = writer
+        self._node: Any = None
         self._udev_context: Any = None
         self._biosdevname_missing = False
         self._in_flight: dict[str, list[Deferred[Any]]] = {}
@@ -156,22 +168,31 @@ class GenericHardwareManager(HardwareManager):
                                  ) -> list[BlockDevice]:
         """Disks (and partitions if asked) from ``lsblk``, enriched from udev and sysfs.
 
-        Empty devices, floppies and RAM disks are left out; so are loop devices, ROMs, LVM
-        volumes and md RAID devices (not TYPE disk).
+        Empty devices, floppies, RAM disks, ROMs and LVM volumes are left out; md RAID
+        devices count as disks (their partitions are not listed); loop devices are left
+        out unless ``include_loop_devices`` is set (tests on loop devices).
         """
+        return [listed.device for listed in await self._list_devices(include_partitions)]
+
+    async def _list_devices(self, include_partitions: bool) -> list[_Listed]:
         rows = await self._lsblk()
-        wanted = {"disk", "part"} if include_partitions else {"disk"}
+        include_loop = self.context.config.include_loop_devices
         by_path = self._by_path_links()
-        devices = []
+        listed = []
         for row in rows:
             name = row.get("KNAME")
             size = _int(row.get("SIZE"))
-            if (not name or row.get("TYPE") not in wanted or not size
-                    or name.startswith(_SKIPPED_DISK_PREFIXES)):
+            kind = _device_kind(row.get("TYPE"), include_loop)
+            if (not name or kind is None or (kind == "part" and not include_partitions)
+                    or not size or name.startswith(_SKIPPED_DISK_PREFIXES)):
                 continue
+            parent = (row.get("PKNAME") or self._parent_disk(name)) if kind == "part" \
+                else None
+            if parent is not None and parent.startswith("md"):
+                continue                    # partitions of RAID devices: the RAID's business
             udev = self._udev_properties(name)
             path = self._dev(name)
-            devices.append(BlockDevice(
+            listed.append(_Listed(BlockDevice(
                 name=path,
                 model=row.get("MODEL") or _clean(udev.get("ID_MODEL")),
                 size=size,
@@ -188,8 +209,39 @@ class GenericHardwareManager(HardwareManager):
                 logical_sectors=_int(row.get("LOG-SEC")),
                 physical_sectors=_int(row.get("PHY-SEC")),
                 tran=row.get("TRAN"),
-            ))
-        return devices
+            ), name, kind, parent))
+        return listed
+
+    def _sysfs_flag(self, name: str, flag: str) -> bool:
+        """Whether ``{sys}/class/block/<name>/<flag>`` (ro, removable) reads 1.
+
+        A partition without the file takes its disk's.
+        """
+        value = _read(self._sys("class", "block", name, flag))
+        if value is None:
+            parent = self._parent_disk(name)
+            if parent is not None and parent != name:
+                value = _read(self._sys("class", "block", parent, flag))
+        return value == "1"
+
+    def _parent_disk(self, name: str) -> str | None:
+        """The disk a partition belongs to, from sysfs (None if sysfs does not say)."""
+        link = self._sys("class", "block", name)
+        if not os.path.exists(os.path.join(link, "partition")):
+            return None
+        return os.path.basename(os.path.dirname(os.path.realpath(link))) or None
+
+    def _is_read_only(self, name: str) -> bool:
+        return self._sysfs_flag(name, "ro")
+
+    def _is_removable(self, name: str) -> bool:
+        return self._sysfs_flag(name, "removable")
+
+    def _is_virtual_media(self, device: BlockDevice) -> bool:
+        """Whether ``device`` is the BMC's virtual media (``by-label/ir-vfd-dev``)."""
+        label = self._dev("disk", "by-label", "ir-vfd-dev")
+        return (os.path.lexists(label)
+                and os.path.realpath(label) == os.path.realpath(device.name))
 
     async def _lsblk(self) -> list[dict[str, str | None]]:
         """lsblk's rows, flat: JSON output, else the older KEY="value" output."""
@@ -445,12 +497,165 @@ class GenericHardwareManager(HardwareManager):
         return BootInfo(current_boot_mode=mode,
                         pxe_interface=_bootif_mac(_read(self.context.config.cmdline_path)))
 
-    # -- steps: none yet -------------------------------------------------------------------
+    # -- the install device ----------------------------------------------------------------
+    def cache_node(self, node: Any) -> None:
+        """Remember the Ironic node whose root device hints choose the install device."""
+        self._node = node
+
+    async def get_os_install_device(self, permit_refresh: bool = False, *,
+                                    node: Any = None) -> str:
+        """The path of the disk the instance goes on (``/dev/sda``).
+
+        With root device hints (``node``'s, else the cached node's) the first disk they
+        match, else the smallest disk of at least 4 GiB. Read-only disks and those the
+        node's ``skip_block_devices`` names are never chosen; neither are those
+        ``list_block_devices`` leaves out (ROMs, floppies, RAM disks, empty and, unless
+        configured, loop devices). DeviceNotFound when no disk fits.
+
+        ``permit_refresh`` is accepted for compatibility: the disks are listed afresh on
+        every call, and refreshing the node from Ironic is the caller's business.
+        """
+        node = node if node is not None else self._node
+        dev_path = self.context.config.dev_path
+        candidates = [listed.device for listed in await self._list_devices(False)
+                      if not self._is_read_only(listed.kname)]
+        try:
+            hints = root_device.root_device_hints_from_node(node)
+            skipped = root_device.skipped_devices(candidates, node, dev_path=dev_path)
+            if skipped:
+                self.log.info("Not installing on {devices}: skip_block_devices names them",
+                              devices=", ".join(sorted(skipped)))
+                candidates = [d for d in candidates if d.name not in skipped]
+            if not hints:
+                device = root_device.guess_root_disk(candidates)
+            else:
+                found = root_device.match_root_device_hints(candidates, hints,
+                                                            dev_path=dev_path)
+                if found is None:
+                    raise DeviceNotFound("No suitable device was found for deployment "
+                                         f"using these hints {hints}")
+                assert isinstance(found, BlockDevice)
+                device = found
+        except root_device.RootDeviceHintError as e:
+            raise DeviceNotFound(
+                f"No devices could be found using the root device hints {hints} because "
+                f"they failed to validate. Error: {e}") from e
+        self.log.info("Install device: {device}", device=device.name)
+        return device.name
+
+    # -- erasure -----------------------------------------------------------------------------
+    async def erase_devices_metadata(self, node: Any, ports: Any) -> None:
+        """Erase partition tables and signatures (not data) from every writable disk.
+
+        Disks are erased concurrently; on each, its partitions first (their file system
+        signatures), then the disk itself (see ``disks.destroy_disk_metadata``).
+        Read-only, removable and virtual media devices are skipped. BlockDeviceEraseError
+        naming every device that failed, after all were tried.
+        """
+        listed = await self._list_devices(include_partitions=True)
+        disks_ = [item for item in listed if item.kind != "part"]
+        jobs = []
+        for disk in disks_:
+            reason = self._skip_erasing(disk)
+            if reason is not None:
+                self.log.info("Skipping the metadata erase of {device}: {reason}",
+                              device=disk.device.name, reason=reason)
+                continue
+            partitions = sorted((item for item in listed
+                                 if item.kind == "part" and item.parent == disk.kname),
+                                key=lambda item: item.kname, reverse=True)
+            jobs.append(Deferred.fromCoroutine(self._erase_disk(disk, partitions)))
+        failed: dict[str, Exception] = {}
+        for job in jobs:
+            failed.update(await job)
+        if failed:
+            raise BlockDeviceEraseError(
+                "Failed to erase the metadata on the device(s): " + "; ".join(
+                    f'"{name}": {error}' for name, error in sorted(failed.items())))
+
+    def _skip_erasing(self, disk: _Listed) -> str | None:
+        if self._is_read_only(disk.kname):
+            return "it is read-only"
+        if self._is_removable(disk.kname):
+            return "it is removable"
+        if self._is_virtual_media(disk.device):
+            return "it is the virtual media device"
+        return None
+
+    async def _erase_disk(self, disk: _Listed, partitions: list[_Listed]
+                          ) -> dict[str, Exception]:
+        """Erase ``partitions`` then ``disk``; {device: error} of what failed."""
+        from ipa_twisted.hardware.disks import destroy_disk_metadata
+        failed: dict[str, Exception] = {}
+        for item in [*partitions, disk]:
+            try:
+                await destroy_disk_metadata(self.context, item.device.name,
+                                            whole_disk=item is disk, wipe=self._wipe)
+            except Exception as e:
+                self.log.error("Failed to erase the metadata on device {device}: {error}",
+                               device=item.device.name, error=str(e))
+                failed[item.device.name] = e
+        return failed
+
+    # -- deployment --------------------------------------------------------------------------
+    async def write_image(self, node: Any, ports: Any, image_info: dict[str, Any],
+                          configdrive: Any = None) -> None:
+        """The ``deploy.write_image`` step: the image (and config drive) to the install disk.
+
+        The partition UUIDs land in the context's ``deployment`` (``standby`` reads them).
+        """
+        from ipa_twisted.deploy import write_image_to_disk
+        node = node if node else self._node
+        device = await self.get_os_install_device(permit_refresh=True, node=node)
+        self.log.info("Writing image {image} to {device}", image=image_info.get("id"),
+                      device=device)
+        uuids = await write_image_to_disk(self.context, device, image_info, configdrive,
+                                          node=node, write=self._writer, wipe=self._wipe)
+        deployment = self.context.deployment
+        deployment.image_id = image_info.get("id")
+        deployment.device = device
+        deployment.partition_uuids = uuids
+
+    # -- steps -------------------------------------------------------------------------------
     def get_clean_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
-        return []
+        return [{"step": "erase_devices_metadata", "priority": 99, "interface": "deploy",
+                 "reboot_requested": False, "abortable": True}]
 
     def get_deploy_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
-        return []
+        return [
+            {"step": "write_image", "priority": 0, "interface": "deploy",
+             "reboot_requested": False,
+             "argsinfo": {"image_info": {"description": "Image information dictionary",
+                                         "required": True},
+                          "configdrive": {"description": "Config drive: a URL, or its "
+                                          "gzipped and base64-encoded content",
+                                          "required": False}}},
+            {"step": "erase_devices_metadata", "priority": 0, "interface": "deploy",
+             "reboot_requested": False},
+            dict(INJECT_FILES_STEP),
+        ]
+
+
+@dataclass(frozen=True)
+class _Listed:
+    """A listed device with what the inventory does not show: kernel name, kind, parent."""
+
+    device: BlockDevice
+    kname: str
+    kind: str
+    """``disk`` (disks, md RAID devices, loop devices when included) or ``part``."""
+    parent: str | None
+
+
+def _device_kind(lsblk_type: str | None, include_loop: bool) -> str | None:
+    """``disk``, ``part`` or None (not listed) for an lsblk TYPE."""
+    if lsblk_type in ("disk", "part"):
+        return lsblk_type
+    if lsblk_type is not None and (lsblk_type.startswith("raid") or lsblk_type == "md"):
+        return "disk"
+    if lsblk_type == "loop" and include_loop:
+        return "disk"
+    return None
 
 
 class _IPMIUnusable(Exception):
@@ -536,16 +741,18 @@ def _lsblk_json_rows(output: bytes) -> list[dict[str, str | None]]:
     rows: list[dict[str, str | None]] = []
     seen: set[str] = set()
 
-    def walk(devices: Iterable[Mapping[str, Any]]) -> None:
+    def walk(devices: Iterable[Mapping[str, Any]], parent: str | None) -> None:
         for device in devices:
             row = {key.upper().replace("_", "-"): _clean(value)
                    for key, value in device.items() if key != "children"}
+            if parent is not None:
+                row.setdefault("PKNAME", parent)
             if row.get("KNAME") not in seen:
                 seen.add(str(row.get("KNAME")))
                 rows.append(row)
-            walk(device.get("children") or ())
+            walk(device.get("children") or (), row.get("KNAME"))
 
-    walk(document["blockdevices"])
+    walk(document["blockdevices"], None)
     return rows
 
 

@@ -20,5 +20,9 @@ plugin cache.
 """
 
 from ipa_twisted.hardware.generic import GenericHardwareManager
+from ipa_twisted.hardware.vendors.intel_cna import IntelCnaHardwareManager
+from ipa_twisted.hardware.vendors.mellanox import MellanoxDeviceHardwareManager
 
 generic_hardware_manager = GenericHardwareManager()
+mellanox_hardware_manager = MellanoxDeviceHardwareManager()
+intel_cna_hardware_manager = IntelCnaHardwareManager()

@@ -1,0 +1,70 @@
+"""``image.install_bootloader``: make the deployed instance bootable.
+
+The work is in ``ipa_twisted.hardware.bootloader`` (see its docstring for the steps). This
+command picks the install device and the agent's own boot mode from the hardware managers,
+stops an iSCSI target exposing the disk (``iscsi.start_iscsi_target``) first, and applies
+``ignore_bootloader_failure`` (the command's, else the ``ignore_bootloader_failure`` option
+when the configuration has one, else False).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ipa_twisted import errors
+from ipa_twisted.commands import async_command
+from ipa_twisted.extensions.base import Extension
+from ipa_twisted.hardware import bootloader
+
+BOOT_MODES = ("bios", "uefi")
+
+
+def _validate(extension: Extension, root_uuid: Any = None, efi_system_part_uuid: Any = None,
+              prep_boot_part_uuid: Any = None, target_boot_mode: Any = "bios",
+              ignore_bootloader_failure: Any = None) -> None:
+    if target_boot_mode is not None and target_boot_mode not in BOOT_MODES:
+        raise errors.InvalidCommandParamsError(
+            f"target_boot_mode must be one of {', '.join(BOOT_MODES)}, not "
+            f"{target_boot_mode!r}")
+    for name, value in (("root_uuid", root_uuid),
+                        ("efi_system_part_uuid", efi_system_part_uuid),
+                        ("prep_boot_part_uuid", prep_boot_part_uuid)):
+        if value is not None and not value.strip():
+            raise errors.InvalidCommandParamsError(f"{name} must not be empty")
+
+
+class ImageExtension(Extension):
+    """Installs the boot loader of a freshly written image."""
+
+    name = "image"
+
+    @async_command("install_bootloader", validator=_validate)
+    async def install_bootloader(self, root_uuid: str | None,
+                                 efi_system_part_uuid: str | None = None,
+                                 prep_boot_part_uuid: str | None = None,
+                                 target_boot_mode: str | None = "bios",
+                                 ignore_bootloader_failure: bool | None = None) -> None:
+        """Install GRUB2 (or register the image's EFI loaders) for the instance.
+
+        ``root_uuid``: the root partition's UUID (None or ``0x00000000`` for whole-disk
+        images); ``efi_system_part_uuid``: the ESP, for UEFI; ``prep_boot_part_uuid``: the
+        PReP partition (PowerPC); ``target_boot_mode``: ``bios`` or ``uefi``.
+        CommandExecutionError if the boot loader cannot be installed, DeviceNotFound if a
+        partition cannot be found.
+        """
+        managers = await self.agent.get_managers()
+        device = await managers.dispatch_to_managers("get_os_install_device")
+        iscsi = self.agent.extensions.get("iscsi")
+        cleanup = getattr(iscsi, "clean_up_started_target", None)
+        if cleanup is not None:
+            await cleanup(device)
+        boot = await managers.dispatch_to_managers("get_boot_info")
+        ignore = ignore_bootloader_failure
+        if ignore is None:
+            ignore = bool(getattr(self.agent.config, "ignore_bootloader_failure", False))
+        await bootloader.install_bootloader(
+            self.agent.hardware_context(), str(device), root_uuid,
+            efi_system_part_uuid=efi_system_part_uuid,
+            prep_boot_part_uuid=prep_boot_part_uuid, target_boot_mode=target_boot_mode,
+            current_boot_mode=str(getattr(boot, "current_boot_mode", "bios")),
+            ignore_failure=ignore)

@@ -1,0 +1,101 @@
+"""``python -m tests.sandboxed_agent SPEC``: run one agent command inside the disk sandbox.
+
+Tests start this with ``run_in_sandbox`` (a private mount namespace whose /dev holds only
+their loop devices; see ``ipa_twisted.testing.sandbox``), so every mount the agent makes
+stays in there. SPEC is JSON:
+
+- ``device``: the install device (a loop device) and ``boot_mode``: what the agent's
+  boot mode is said to be (``bios`` or ``uefi``), both answered by ``LoopManager``;
+- ``command`` and ``params``: the agent command to run (``image.install_bootloader``); or
+  ``step`` and ``params`` to run a deploy step through ``deploy.execute_deploy_step`` with
+  ``InjectFilesMixin`` mixed into the manager; or ``call: "vmedia"`` to read virtual media
+  parameters (``get_vmedia_params``);
+- ``config``: AgentConfig fields; ``node``: the node the step is run for;
+- ``private_run``: mount a tmpfs on /run first (tgtd's control socket lives there).
+
+The result is printed as one JSON line: ``{"status", "result", "error"}``. Commands run
+through a real ProcessRunner whose PATH is this process's: a test puts fakes (efibootmgr)
+first on it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+
+from ipa_twisted.agent import Agent
+from ipa_twisted.config import AgentConfig
+from ipa_twisted.hardware.dispatch import HardwareManagers
+from ipa_twisted.hardware.inject import INJECT_FILES_STEP, InjectFilesMixin
+from ipa_twisted.hardware.interface import HardwareManager
+from ipa_twisted.hardware.inventory import BootInfo
+from ipa_twisted.process import ProcessRunner
+
+
+class LoopManager(HardwareManager):
+    """Installs on the given device; the boot mode is what the test says."""
+
+    HARDWARE_MANAGER_NAME = "loop_manager"
+
+    def __init__(self, device: str, boot_mode: str) -> None:
+        self.device, self.boot_mode = device, boot_mode
+
+    def evaluate_hardware_support(self) -> int:
+        return 3
+
+    def get_os_install_device(self, permit_refresh: bool = False, *,
+                              node: Any = None) -> str:
+        return self.device
+
+    def get_boot_info(self) -> BootInfo:
+        return BootInfo(current_boot_mode=self.boot_mode, pxe_interface=None)
+
+
+class InjectingLoopManager(InjectFilesMixin, LoopManager):
+    def get_deploy_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
+        return [dict(INJECT_FILES_STEP)]
+
+
+async def main(reactor: Any, spec: dict[str, Any]) -> None:
+    runner = ProcessRunner(reactor, reactor)
+    if spec.get("private_run"):
+        await runner.execute("mount", "-t", "tmpfs", "-o", "mode=0755,size=16m", "tmpfs",
+                             "/run")
+    config = AgentConfig(**spec.get("config", {}))
+    if spec.get("call") == "vmedia":
+        from ipa_twisted.vmedia import get_vmedia_params
+        try:
+            found = await get_vmedia_params(runner, config)
+        except Exception as e:
+            print(json.dumps({"status": "FAILED", "result": None,
+                              "error": {"type": type(e).__name__, "details": str(e)}}))
+        else:
+            print(json.dumps({"status": "SUCCEEDED", "result": found, "error": None}))
+        return
+    manager_class = InjectingLoopManager if "step" in spec else LoopManager
+    manager = manager_class(spec["device"], spec.get("boot_mode", "bios"))
+    agent = Agent(config, reactor, runner, managers=HardwareManagers([(manager, 3)]),
+                  reactor=reactor)
+    manager.bind(agent.hardware_context())
+    params: dict[str, Any]
+    if "step" in spec:
+        name = "deploy.execute_deploy_step"
+        params = {"step": {"step": spec["step"], "priority": 0, "interface": "deploy",
+                           "args": spec.get("params", {})},
+                  "node": spec.get("node", {"uuid": "sandboxed"}), "ports": []}
+    else:
+        name, params = spec["command"], spec.get("params", {})
+    result = await agent.execute_command(name, params)
+    await result.wait()
+    serialized = result.serialize()
+    print(json.dumps({"status": serialized["command_status"],
+                      "result": serialized["command_result"],
+                      "error": serialized["command_error"]}, default=str))
+
+
+if __name__ == "__main__":
+    task.react(lambda reactor: Deferred.fromCoroutine(main(reactor, json.loads(sys.argv[1]))))
