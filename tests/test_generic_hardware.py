@@ -686,3 +686,50 @@ class RealMachineSmokeTests(TestCase):
         for interface in inventory["interfaces"]:
             if re.match(r"^(eth|en)", interface["name"]):
                 self.assertRegex(interface["mac_address"], r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+
+
+class LLDPAndVLANInventoryTests(GenericTestCase):
+    """collect_lldp fills interfaces' lldp; enable_vlan_interfaces adds VLAN interfaces."""
+
+    LLDP = {"eth0": [(1, "04525400123456"), (127, "0080c203006407766c616e313030"),
+                     (0, "")]}
+
+    def lldp_manager(self, **config: Any) -> GenericHardwareManager:
+        def add_vlan(argv: tuple[str, ...]) -> bytes:
+            # What the kernel would do: the VLAN interface appears in sysfs.
+            self.system.add_interface("eth0.100", "52:54:00:12:34:56", physical=False)
+            return b""
+
+        manager = self.manager(self.answers(**{
+            "ip_link_add_link_eth0_name_eth0.100_type_vlan_id_100": add_vlan,
+            "ip_link_set_dev_eth0.100_up": b""}))
+        lldp = self.LLDP
+
+        async def fake_lldp(names: list[str]) -> dict[str, Any]:
+            self.asked = names
+            return dict(lldp)
+
+        manager._lldp = fake_lldp  # type: ignore[method-assign]
+        manager.bind(HardwareContext(self.system.config(**config), self.runner, self.clock,
+                                     None))
+        return manager
+
+    def test_lldp_collected_per_interface(self) -> None:
+        manager = self.lldp_manager(collect_lldp=True)
+        interfaces = {i.name: i for i in self.result(manager.list_network_interfaces())}
+        self.assertEqual(interfaces["eth0"].lldp,
+                         [[1, "04525400123456"], [127, "0080c203006407766c616e313030"],
+                          [0, ""]])
+        self.assertEqual(interfaces["eth1"].lldp, [])
+        self.assertEqual(self.asked, ["eth0", "eth1"])
+
+    def test_no_lldp_unless_asked(self) -> None:
+        interfaces = self.result(self.lldp_manager().list_network_interfaces())
+        self.assertTrue(all(i.lldp is None for i in interfaces))
+
+    def test_vlan_from_lldp_is_brought_up_and_listed(self) -> None:
+        manager = self.lldp_manager(collect_lldp=True, enable_vlan_interfaces="eth0")
+        names = [i.name for i in self.result(manager.list_network_interfaces())]
+        self.assertIn(("ip", "link", "add", "link", "eth0", "name", "eth0.100", "type", "vlan",
+                       "id", "100"), self.runner.argvs)
+        self.assertEqual(names[-1], "eth0.100")

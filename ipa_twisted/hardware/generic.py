@@ -316,13 +316,45 @@ class GenericHardwareManager(InjectFilesMixin, HardwareManager):
 
     # -- network ---------------------------------------------------------------------------
     async def list_network_interfaces(self) -> list[NetworkInterface]:
-        """Physical interfaces (those with a ``device`` link in sysfs), by name."""
+        """Physical interfaces (those with a ``device`` link in sysfs), by name, then the
+        VLAN interfaces ``enable_vlan_interfaces`` asks for; LLDP TLVs when
+        ``collect_lldp`` is set."""
+        config = self.context.config
         names = self._physical_interfaces()
-        addressing = Deferred.fromCoroutine(self._interface_addresses())
         naming = Deferred.fromCoroutine(self._biosdevnames(names))
-        addresses, biosdevnames = await addressing, await naming
-        return [self._interface(name, addresses.get(name, (None, None)),
-                                biosdevnames.get(name)) for name in names]
+        lldp: dict[str, Any] | None = None
+        if config.collect_lldp:
+            lldp = await self._lldp(names)
+        vlans: list[str] = []
+        if config.enable_vlan_interfaces:
+            from ipa_twisted.net.vlan import bring_up_vlan_interfaces
+            try:
+                vlans = await bring_up_vlan_interfaces(
+                    self.context.runner, names, lldp, config.enable_vlan_interfaces,
+                    sys_path=config.sys_path)
+            except Exception as e:  # the physical interfaces still count
+                self.log.warn("VLAN interfaces not brought up: {error}", error=str(e))
+        addresses = await self._interface_addresses()   # after VLANs exist
+        biosdevnames = await naming
+        interfaces = [self._interface(name, addresses.get(name, (None, None)),
+                                      biosdevnames.get(name)) for name in names]
+        interfaces += [self._interface(name, addresses.get(name, (None, None)), None)
+                       for name in vlans if name not in names]
+        if lldp is not None:
+            for interface in interfaces:
+                interface.lldp = [list(tlv) for tlv in lldp.get(interface.name, [])]
+        return interfaces
+
+    async def _lldp(self, names: list[str]) -> dict[str, Any] | None:
+        """LLDP TLVs per interface, or None (logged) when they cannot be read."""
+        from ipa_twisted.net.lldp import get_lldp_info
+        config = self.context.config
+        try:
+            return dict(await get_lldp_info(names, config.lldp_timeout, self.context.reactor,
+                                            config.sys_path))
+        except Exception as e:
+            self.log.warn("LLDP not collected: {error}", error=str(e))
+            return None
 
     def _physical_interfaces(self) -> list[str]:
         directory = self._sys("class", "net")
