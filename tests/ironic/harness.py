@@ -124,7 +124,7 @@ class RealIronic:
                 "graceful_shutdown_timeout": 5,
                 "force_raw_images": False,
                 "enabled_hardware_types": HARDWARE_TYPE,
-                "enabled_boot_interfaces": "fake",
+                "enabled_boot_interfaces": "fake,fake-rescue",
                 "enabled_deploy_interfaces": "direct,custom-agent,fake",
                 "enabled_management_interfaces": "noop",
                 "enabled_power_interfaces": "fake",

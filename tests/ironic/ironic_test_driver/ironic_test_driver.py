@@ -20,12 +20,19 @@ from ironic.drivers.modules.network import noop as noop_net
 from ironic.drivers.modules.storage import noop as noop_storage
 
 
+class RescueFakeBoot(fake.FakeBoot):
+    """Fake boot that also "boots" the rescue ramdisk (the test starts the agent itself)."""
+
+    def validate_rescue(self, task):
+        pass
+
+
 class TestHardware(generic.GenericHardware):
     """Fake boot and power, noop management, the agent for everything in-band."""
 
     @property
     def supported_boot_interfaces(self):
-        return [fake.FakeBoot]
+        return [fake.FakeBoot, RescueFakeBoot]
 
     @property
     def supported_deploy_interfaces(self):
