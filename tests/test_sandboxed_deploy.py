@@ -108,6 +108,15 @@ class SandboxedDeployTests(TestCase):
             self.assertEqual(result["command_status"], "SUCCEEDED", (name, result))
             self.assertEqual(self.disk(IMAGE_SIZE), self.image, name)
 
+    async def test_zstd_image(self) -> None:
+        if shutil.which("zstd") is None:
+            raise self.skipTest("zstd is not installed")
+        runner = ProcessRunner(reactor, reactor)
+        data, _ = await runner.execute("zstd", "-q", "-c", stdin=self.image, timeout=60)
+        result = await self.prepare(self.serve("img.zst", ImageResource(data)), data)
+        self.assertEqual(result["command_status"], "SUCCEEDED", result)
+        self.assertEqual(self.disk(IMAGE_SIZE), self.image)
+
     async def test_dropped_connections_resume(self) -> None:
         resource = ImageResource(self.image, cuts=[3 * MiB, 9 * MiB, 20 * MiB])
         result = await self.prepare(self.serve("cut.raw", resource), self.image)
