@@ -23,6 +23,8 @@ from twisted.python.failure import Failure
 
 from ipa_twisted.errors import BlockDeviceEraseError, DeviceNotFound
 from ipa_twisted.hardware import root_device
+from ipa_twisted.fileutils import read_text as _read
+from ipa_twisted.hardware.infiniband import infiniband_ids as _infiniband_ids
 from ipa_twisted.hardware.inject import INJECT_FILES_STEP, InjectFilesMixin
 from ipa_twisted.hardware.interface import HardwareManager, HardwareSupport
 from ipa_twisted.hardware.inventory import (CPU, BlockDevice, BootInfo, Memory,
@@ -48,7 +50,6 @@ _SKIPPED_DISK_PREFIXES = ("fd", "ram", "zram")
 _PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$", re.IGNORECASE)
 _MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 _ARPHRD_INFINIBAND = "32"
-_INFINIBAND_CLIENT_ID_PREFIX = "ff:00:00:00:00:00:02:00:00:02:c9:00:"
 _DMI_SIZE = re.compile(r"^(\d+)\s*(bytes|kB|KB|MB|GB|TB)$")
 _DMI_SIZE_MB = {"bytes": 1 / 1024 / 1024, "kB": 1 / 1024, "KB": 1 / 1024, "MB": 1, "GB": 1024,
                 "TB": 1024 * 1024}
@@ -695,13 +696,6 @@ class _IPMIUnusable(Exception):
 
 
 # -- parsing (pure functions) -----------------------------------------------------------------
-def _read(path: str) -> str | None:
-    """A small file's stripped text, or None if it cannot be read."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 def _int(value: object) -> int | None:
@@ -815,13 +809,6 @@ def _pci_address(device_path: str) -> str | None:
     return None
 
 
-def _infiniband_ids(address: str) -> tuple[str | None, str | None]:
-    """(MAC, DHCP client-id) of an InfiniBand interface from its 20-byte address."""
-    octets = address.split(":")
-    if len(octets) != 20:
-        return address, None
-    guid = octets[-8:]
-    return ":".join(guid[:3] + guid[5:]), _INFINIBAND_CLIENT_ID_PREFIX + ":".join(guid)
 
 
 def _ip_addresses(document: Any) -> dict[str, tuple[str | None, str | None]]:

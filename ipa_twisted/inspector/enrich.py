@@ -15,6 +15,8 @@ dicts (a third-party manager's); both are handled, and neither is modified in pl
 
 from __future__ import annotations
 
+from ipa_twisted.fileutils import read_text as _read
+
 import dataclasses
 import os
 import re
@@ -68,12 +70,6 @@ def guess_root_disk(disks: Sequence[Any] | None,
 
 
 # -- facts from sysfs ----------------------------------------------------------------------
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 def permanent_macs(sys_path: str) -> dict[str, str]:

@@ -12,33 +12,21 @@ import json
 import os
 
 from ipa_twisted.errors import IncompatibleHardwareMethodError
+from ipa_twisted.fileutils import read_text as _read
+from ipa_twisted.hardware.infiniband import (INFINIBAND_ADDR_LEN, INFINIBAND_CLIENT_ID_PREFIX,  # noqa: F401
+                                             generate_client_id, infiniband_address_to_mac)
 from ipa_twisted.hardware.interface import HardwareManager, HardwareSupport
 from ipa_twisted.hardware.inventory import NetworkInterface
 from ipa_twisted.process import ProcessExecutionError
 
 MLNX_VENDOR_ID = "0x15b3"
-INFINIBAND_CLIENT_ID_PREFIX = "ff:00:00:00:00:00:02:00:00:02:c9:00:"
-INFINIBAND_ADDR_LEN = 59
 IP_TIMEOUT = 10.0
 
 
-def infiniband_address_to_mac(address: str) -> str:
-    """The MAC of a 59-character InfiniBand address: GUID bytes 1-3 and 6-8."""
-    guid = address.lower().split(":")[-8:]
-    return ":".join(guid[:3] + guid[5:])
 
 
-def generate_client_id(address: str) -> str:
-    """The DHCP client-id of a 59-character InfiniBand address."""
-    return INFINIBAND_CLIENT_ID_PREFIX + ":".join(address.lower().split(":")[-8:])
 
 
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 class MellanoxDeviceHardwareManager(HardwareManager):
