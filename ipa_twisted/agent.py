@@ -66,6 +66,18 @@ class Agent:
             extensions = default_extensions()
         self.extensions: dict[str, Extension] = {e.name: e(self) for e in extensions}
 
+    @property
+    def config(self) -> AgentConfig:
+        """The configuration in force (virtual media, mDNS and lookup may change it)."""
+        return self._config
+
+    @config.setter
+    def config(self, config: AgentConfig) -> None:
+        self._config = config
+        context = getattr(self, "context", None)
+        if context is not None:
+            context.config = config     # managers see what the agent sees
+
     def hardware_context(self) -> HardwareContext:
         """What hardware code needs: config, runner, clock, HTTP client, progress reports."""
         if self.context is None:

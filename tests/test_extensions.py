@@ -352,3 +352,14 @@ class StandbyImageTests(SynchronousTestCase):
         self.assertEqual(result.command_status.value, "FAILED")
         assert result.command_error is not None
         self.assertEqual(result.command_error.type, "SystemRebootError")
+
+
+class ConfigFollowsTests(SynchronousTestCase):
+    def test_managers_see_configuration_changes(self) -> None:
+        agent = Agent(AgentConfig(), Clock(), FakeRunner())  # type: ignore[arg-type]
+        context = agent.hardware_context()
+        agent.process_lookup_data({"node": {"uuid": "n"},
+                                   "config": {"metrics": {"backend": "statsd"}}})
+        self.assertEqual(context.config.metrics_backend, "statsd")
+        agent.config = agent.config.override(lldp_timeout=5.0)
+        self.assertEqual(context.config.lldp_timeout, 5.0)

@@ -77,9 +77,13 @@ class DeploymentState:
     partition_uuids: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass
 class HardwareContext:
-    """What managers are given to do their work: configuration, processes and time."""
+    """What managers are given to do their work: configuration, processes and time.
+
+    ``config`` follows the agent's: when virtual media, mDNS or lookup change the
+    configuration, the agent updates it here too.
+    """
 
     config: AgentConfig
     runner: CommandRunner          # a ProcessRunner
