@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -39,6 +41,81 @@ class PluginDiscoveryTests(TestCase):
         await child.ended
         self.assertIn(b"BusinessLogicHardwareManager", child.output)
         self.assertIn(b"GenericHardwareManager", child.output)
+
+
+def _can_build_wheels_offline() -> bool:
+    """Whether this Python's setuptools makes wheels without downloading anything.
+
+    setuptools 70.1 and later have ``bdist_wheel`` built in; older ones need ``wheel``.
+    """
+    import setuptools
+    try:
+        major, minor = (int(part) for part in setuptools.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (70, 1) or importlib.util.find_spec("wheel") is not None
+
+
+class PackagingTests(TestCase):
+    """Each example installs from its pyproject.toml, offline, and is then found as a plugin."""
+
+    async def run_child(self, argv: list[str], env: dict[str, str] | None = None) -> bytes:
+        child = Child(argv, env=env)
+        code = await child.ended
+        self.assertEqual(code, 0, child.output.decode(errors="replace")[-3000:])
+        return child.output
+
+    async def test_installed_examples_found_by_get_plugins(self) -> None:
+        work = os.path.abspath(self.mktemp())
+        targets = {}
+        for example in ("business_logic", "custom_disk_erase"):
+            # One directory each: pip --target does not merge into an existing twisted/.
+            target = targets[example] = os.path.join(work, "site-" + example)
+            # Build from a copy: setuptools writes build/ and *.egg-info next to the sources.
+            source = os.path.join(work, example)
+            shutil.copytree(os.path.join(EXAMPLES, example), source,
+                            ignore=shutil.ignore_patterns("__pycache__", "dropin.cache",
+                                                          "build", "*.egg-info"))
+            if _can_build_wheels_offline():
+                await self.run_child([sys.executable, "-m", "pip", "install", "-q",
+                                      "--no-deps", "--no-build-isolation", "--no-index",
+                                      "--disable-pip-version-check", "--target", target,
+                                      source])
+            else:
+                # No bdist_wheel here (setuptools < 70.1 without wheel): let setuptools lay
+                # out, from the same pyproject.toml, the files a wheel would hold.
+                await self.run_child([sys.executable, "-W", "ignore", "-c",
+                                      "import os, sys\n"
+                                      "os.chdir(sys.argv.pop(1))\n"
+                                      "from setuptools import setup\n"
+                                      "setup()", source, "-q", "build_py",
+                                      "--build-lib", target])
+        plugins = os.path.join(targets["business_logic"], "twisted", "plugins")
+        self.assertTrue(os.path.exists(os.path.join(plugins, "companyx_hardware.py")))
+        for target in targets.values():
+            self.assertFalse(os.path.exists(os.path.join(target, "twisted", "__init__.py")))
+            self.assertFalse(os.path.exists(os.path.join(target, "twisted", "plugins",
+                                                         "__init__.py")))
+        # The repository's examples are not on this path: only the installed copies are.
+        env = {"PATH": os.environ["PATH"],
+               "PYTHONPATH": os.pathsep.join([*targets.values(), ROOT])}
+        output = await self.run_child(
+            [sys.executable, "-c",
+             "from twisted.plugin import getPlugins\n"
+             "import twisted.plugins, sys\n"
+             "from ipa_twisted.hardware.interface import IHardwareManager\n"
+             "for p in getPlugins(IHardwareManager, twisted.plugins):\n"
+             "    print(type(p).__name__, sys.modules[type(p).__module__].__file__)\n"],
+            env=env)
+        lines = output.decode().splitlines()
+        for example, name in (("business_logic", "BusinessLogicHardwareManager"),
+                              ("custom_disk_erase", "ExampleDiskEraseHardwareManager")):
+            found = [line for line in lines if line.startswith(name + " ")]
+            self.assertEqual(len(found), 1, output)
+            self.assertTrue(found[0].split(" ", 1)[1].startswith(targets[example] + os.sep),
+                            found[0])
+        self.assertTrue(any(line.startswith("GenericHardwareManager ") for line in lines),
+                        output)
 
 
 class BusinessLogicTests(SynchronousTestCase):
