@@ -106,7 +106,11 @@ class RealIronicInspectionTests(TestCase):
             self.fail(f"no ports created; node {await self.ironic.node(uuid)}"
                       f"{self.ironic.log_excerpt(30)}")
         self.assertEqual(addresses, set(self.macs))
-        _, data = await self.ironic.request("GET", f"/v1/nodes/{uuid}/inventory",
-                                            expect=[200])
+        async def inventory() -> Any:
+            code, body = await self.ironic.request("GET", f"/v1/nodes/{uuid}/inventory",
+                                                   expect=[200, 404])
+            return body if code == 200 else None
+
+        data = await poll(inventory, timeout=60, interval=0.5)   # stored after the ports
         self.assertEqual(data["inventory"]["hostname"], os.uname().nodename)
         self.assertIn(b"Inspection", agent.output)
