@@ -120,6 +120,8 @@ class AgentConfig:
     ignore_bootloader_failure: bool = _opt(False, "Report success when installing the "
                                            "bootloader fails (Ironic may override it).",
                                            kernel=False)
+    disk_erasure_concurrency: int = _opt(0, "Disks erase_devices erases at once when the "
+                                         "node does not say; 0: all.", kernel=False)
     disk_wait_delay: float = _opt(3.0, "Seconds between disk wait attempts.")
     # -- Images -----------------------------------------------------------------------------
     image_download_connection_timeout: float = _opt(60.0, "Seconds to connect to an image "

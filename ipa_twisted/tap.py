@@ -158,7 +158,9 @@ def makeService(options: Options) -> IService:
     api_service._raiseSynchronously = True  # twistd exits at once if it cannot listen
 
     async def load_managers() -> HardwareManagers:
-        return await HardwareManagers.load(context)
+        managers = await HardwareManagers.load(context)
+        context.dispatch = managers.dispatch_to_managers
+        return managers
 
     def connect(config: AgentConfig) -> tuple[Any, Any]:
         """The Ironic client and advertise-address finder for the (resolved) config."""

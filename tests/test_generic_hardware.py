@@ -290,11 +290,15 @@ class ManagerBasicsTests(GenericTestCase):
         manager = self.manager()
         self.assertEqual([(s["step"], s["priority"], s["interface"])
                           for s in manager.get_clean_steps({}, [])],
-                         [("erase_devices_metadata", 99, "deploy")])
+                         [("erase_devices_metadata", 99, "deploy"),
+                          ("erase_devices", 10, "deploy"),
+                          ("erase_devices_express", 0, "deploy"),
+                          ("delete_configuration", 0, "raid"),
+                          ("create_configuration", 0, "raid")])
         self.assertEqual([(s["step"], s["priority"], s["interface"])
                           for s in manager.get_deploy_steps({}, [])],
                          [("write_image", 0, "deploy"), ("erase_devices_metadata", 0, "deploy"),
-                          ("inject_files", 0, "deploy")])
+                          ("inject_files", 0, "deploy"), ("apply_configuration", 0, "raid")])
         self.assertEqual(manager.get_service_steps({}, []), [])
 
 

@@ -25,7 +25,9 @@ from ipa_twisted.errors import BlockDeviceEraseError, DeviceNotFound
 from ipa_twisted.hardware import root_device
 from ipa_twisted.fileutils import read_text as _read
 from ipa_twisted.hardware.infiniband import infiniband_ids as _infiniband_ids
+from ipa_twisted.hardware.erase import EraseMixin, erase_clean_steps
 from ipa_twisted.hardware.inject import INJECT_FILES_STEP, InjectFilesMixin
+from ipa_twisted.hardware.raid import SoftwareRaidMixin, raid_clean_steps, raid_deploy_steps
 from ipa_twisted.hardware.interface import HardwareManager, HardwareSupport
 from ipa_twisted.hardware.inventory import (CPU, BlockDevice, BootInfo, Memory,
                                             NetworkInterface, SystemFirmware,
@@ -60,7 +62,7 @@ UdevLookup = Callable[[str], Mapping[str, str]]
 log = Logger()
 
 
-class GenericHardwareManager(InjectFilesMixin, HardwareManager):
+class GenericHardwareManager(EraseMixin, SoftwareRaidMixin, InjectFilesMixin, HardwareManager):
     """Inventory and (later) steps for any Linux machine; the fallback for every method."""
 
     HARDWARE_MANAGER_NAME = "generic_hardware_manager"
@@ -550,6 +552,11 @@ class GenericHardwareManager(InjectFilesMixin, HardwareManager):
         """
         node = node if node is not None else self._node
         dev_path = self.context.config.dev_path
+        if not root_device.root_device_hints_from_node(node):
+            raid_device = await self.software_raid_install_device(node)
+            if raid_device is not None:
+                self.log.info("Install device: {device} (software RAID)", device=raid_device)
+                return raid_device
         candidates = [listed.device for listed in await self._list_devices(False)
                       if not self._is_read_only(listed.kname)]
         try:
@@ -652,7 +659,8 @@ class GenericHardwareManager(InjectFilesMixin, HardwareManager):
     # -- steps -------------------------------------------------------------------------------
     def get_clean_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
         return [{"step": "erase_devices_metadata", "priority": 99, "interface": "deploy",
-                 "reboot_requested": False, "abortable": True}]
+                 "reboot_requested": False, "abortable": True},
+                *erase_clean_steps(), *raid_clean_steps()]
 
     def get_deploy_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
         return [
@@ -666,6 +674,7 @@ class GenericHardwareManager(InjectFilesMixin, HardwareManager):
             {"step": "erase_devices_metadata", "priority": 0, "interface": "deploy",
              "reboot_requested": False},
             dict(INJECT_FILES_STEP),
+            *raid_deploy_steps(),
         ]
 
 

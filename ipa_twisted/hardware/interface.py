@@ -94,6 +94,9 @@ class HardwareContext:
     report_progress: Callable[[Any], None] = lambda progress: None
     """Shows a long step's progress object (``serialize()``) on the running command."""
     deployment: DeploymentState = field(default_factory=DeploymentState)
+    dispatch: Callable[..., Awaitable[Any]] | None = None
+    """Calls a method on the best manager that has it (``dispatch_to_managers``); set once
+    the managers are loaded."""
 
     def http(self) -> Any:
         """The agent's HTTP client (treq HTTPClient)."""

@@ -1,0 +1,750 @@
+"""Erasing disks: ATA secure erase, NVMe format, shred; every disk at once.
+
+``EraseMixin`` gives the generic hardware manager the ``erase_devices`` clean step (priority
+10), ``erase_block_device`` (the per-disk method other managers may take over) and
+``erase_devices_express`` (priority 0: a hardware erase where it is quick, else the metadata
+erase). How to erase follows the node, as Ironic sends it in ``driver_internal_info`` (a value
+in ``driver_info`` is used when Ironic sends none):
+
+- ``agent_erase_devices_iterations`` (1): random passes of ``shred``;
+- ``agent_erase_devices_zeroize`` (True): a final pass of zeros;
+- ``agent_enable_ata_secure_erase`` / ``agent_enable_nvme_secure_erase`` (True);
+- ``agent_continue_if_secure_erase_failed`` (else the older
+  ``agent_continue_if_ata_erase_failed``; False): shred when a supported secure erase fails;
+- ``agent_erase_skip_read_only`` (False): skip read-only disks instead of failing;
+- ``disk_erasure_concurrency``: disks erased at once (default: the agent's
+  ``disk_erasure_concurrency`` option, 0 meaning all of them).
+
+A disk that supports neither hardware erase is shredded; one whose supported erase fails stops
+the step unless shredding instead is allowed. Erasure is slow: ``EraseProgress`` shows on the
+running command what each disk is doing and how far it got (the bytes the kernel has written
+to it, from sysfs), and is logged every ``PROGRESS_LOG_INTERVAL`` seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import DeferredSemaphore
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from ipa_twisted.errors import BlockDeviceEraseError
+from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError
+
+if TYPE_CHECKING:
+    from ipa_twisted.hardware.interface import HardwareContext
+    from ipa_twisted.hardware.inventory import BlockDevice
+
+log = Logger()
+
+NVME_FORMAT_SUPPORTED = 0b10
+"""OACS bit 1: the controller supports the Format NVM command."""
+NVME_CRYPTO_ERASE_SUPPORTED = 0b100
+"""FNA bit 2: Format NVM can do a cryptographic erase."""
+NVME_SANITIZE_CRYPTO, NVME_SANITIZE_BLOCK, NVME_SANITIZE_OVERWRITE = 0b1, 0b10, 0b100
+"""SANICAP bits 0-2: the sanitize actions the controller supports."""
+
+PROBE_TIMEOUT = 60.0
+"""Longest wait for hdparm -I, smartctl, nvme id-ctrl and lsblk."""
+SECURITY_COMMAND_TIMEOUT = 60.0
+"""Longest wait for an ATA password command (set, unlock, disable)."""
+NVME_FORMAT_TIMEOUT = 6 * 3600.0
+"""Longest wait for ``nvme format`` (a user-data erase may overwrite the whole drive)."""
+PROGRESS_LOG_INTERVAL = 60.0
+SECTOR = 512
+"""Unit of the sector counts in ``/sys/class/block/<dev>/stat``, whatever the disk's."""
+
+
+# -- what the node asks for ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EraseSettings:
+    """How to erase, from the node (see the module docstring for the keys)."""
+
+    iterations: int = 1
+    zeroize: bool = True
+    enable_ata_secure_erase: bool = True
+    enable_nvme_secure_erase: bool = True
+    continue_if_secure_erase_failed: bool = False
+    skip_read_only: bool = False
+    concurrency: int = 0
+    """Disks erased at once; 0 means all of them."""
+
+    @classmethod
+    def from_node(cls, node: Mapping[str, Any] | None,
+                  default_concurrency: int = 0) -> EraseSettings:
+        node = node or {}
+        sources = [node.get("driver_internal_info") or {}, node.get("driver_info") or {}]
+
+        def value(*keys: str) -> Any:
+            for source in sources:
+                for key in keys:
+                    if isinstance(source, Mapping) and source.get(key) is not None:
+                        return source[key]
+            return None
+
+        def flag(default: bool, *keys: str) -> bool:
+            found = value(*keys)
+            return default if found is None else _bool(found)
+
+        iterations = value("agent_erase_devices_iterations")
+        concurrency = value("disk_erasure_concurrency")
+        return cls(
+            iterations=max(0, int(iterations)) if iterations is not None else 1,
+            zeroize=flag(True, "agent_erase_devices_zeroize"),
+            enable_ata_secure_erase=flag(True, "agent_enable_ata_secure_erase"),
+            enable_nvme_secure_erase=flag(True, "agent_enable_nvme_secure_erase",
+                                          "agent_enable_nvme_erase"),
+            continue_if_secure_erase_failed=flag(False, "agent_continue_if_secure_erase_failed",
+                                                 "agent_continue_if_ata_erase_failed"),
+            skip_read_only=flag(False, "agent_erase_skip_read_only"),
+            concurrency=max(0, int(concurrency if concurrency is not None
+                                   else default_concurrency or 0)),
+        )
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+# -- hdparm ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AtaSecurity:
+    """The ATA security state of a drive, as ``hdparm -I`` shows it."""
+
+    supported: bool
+    enabled: bool
+    locked: bool
+    frozen: bool
+    count_expired: bool
+    enhanced_erase_supported: bool
+    erase_minutes: int | None
+    enhanced_erase_minutes: int | None
+
+    @property
+    def state(self) -> str:
+        """The ATA security state: SEC1 (no password) ... SEC6 (password set, frozen)."""
+        if not self.enabled:
+            return "SEC2" if self.frozen else "SEC1"
+        if self.locked:
+            return "SEC4"
+        return "SEC6" if self.frozen else "SEC5"
+
+
+_ERASE_TIME = re.compile(r"(\d+)\s*min\s+for\s+SECURITY ERASE UNIT", re.IGNORECASE)
+_ENHANCED_ERASE_TIME = re.compile(r"(\d+)\s*min\s+for\s+ENHANCED SECURITY ERASE UNIT",
+                                  re.IGNORECASE)
+
+
+def security_lines(hdparm_output: str) -> list[str] | None:
+    """The lines of the ``Security:`` section of ``hdparm -I``, whitespace collapsed.
+
+    None when there is no such section (not an ATA drive, or no security feature set).
+    """
+    lines = hdparm_output.splitlines()
+    for index, line in enumerate(lines):
+        if line.strip() == "Security:":
+            section = []
+            for entry in lines[index + 1:]:
+                if not entry.startswith(("\t", " ")) or not entry.strip():
+                    break
+                section.append(" ".join(entry.split()))
+            return section
+    return None
+
+
+def parse_ata_security(hdparm_output: str) -> AtaSecurity | None:
+    """The security state in ``hdparm -I`` output; None without a Security section."""
+    lines = security_lines(hdparm_output)
+    if lines is None:
+        return None
+    present = set(lines)
+    text = " ".join(lines)
+    erase = _ERASE_TIME.search(text.replace("ENHANCED SECURITY", "ENHANCED-SECURITY"))
+    enhanced = _ENHANCED_ERASE_TIME.search(text)
+    return AtaSecurity(
+        supported="supported" in present,
+        enabled="enabled" in present,
+        locked="locked" in present,
+        frozen="frozen" in present,
+        count_expired="expired: security count" in present,
+        enhanced_erase_supported="supported: enhanced erase" in present,
+        erase_minutes=int(erase.group(1)) if erase else None,
+        enhanced_erase_minutes=int(enhanced.group(1)) if enhanced else None,
+    )
+
+
+# -- nvme-cli --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NvmeCapabilities:
+    """What ``nvme id-ctrl -o json`` says about erasing."""
+
+    format_supported: bool
+    crypto_erase_supported: bool
+    sanitize_crypto: bool
+    sanitize_block: bool
+    sanitize_overwrite: bool
+
+    @property
+    def format_mode(self) -> int | None:
+        """``--ses`` for ``nvme format``: 2 (crypto erase), 1 (user data erase) or None."""
+        if not self.format_supported:
+            return None
+        return 2 if self.crypto_erase_supported else 1
+
+
+def parse_nvme_id_ctrl(output: bytes | str) -> NvmeCapabilities:
+    """NvmeCapabilities from ``nvme id-ctrl DEVICE -o json``; ValueError if unreadable."""
+    try:
+        document = json.loads(output)
+        oacs, fna = int(document["oacs"]), int(document.get("fna", 0))
+        sanicap = int(document.get("sanicap", 0))
+    except (TypeError, KeyError, ValueError) as e:
+        raise ValueError(f"unexpected nvme id-ctrl output: {e}") from None
+    return NvmeCapabilities(
+        format_supported=bool(oacs & NVME_FORMAT_SUPPORTED),
+        crypto_erase_supported=bool(fna & NVME_CRYPTO_ERASE_SUPPORTED),
+        sanitize_crypto=bool(sanicap & NVME_SANITIZE_CRYPTO),
+        sanitize_block=bool(sanicap & NVME_SANITIZE_BLOCK),
+        sanitize_overwrite=bool(sanicap & NVME_SANITIZE_OVERWRITE))
+
+
+# -- shred -----------------------------------------------------------------------------------
+
+def shred_argv(device: str, iterations: int, zeroize: bool) -> list[str]:
+    """``shred --force [--zero] --verbose --iterations N DEVICE``."""
+    argv = ["shred", "--force"]
+    if zeroize:
+        argv.append("--zero")
+    return [*argv, "--verbose", "--iterations", str(iterations), device]
+
+
+# -- progress ---------------------------------------------------------------------------------
+
+def sectors_written(sys_path: str, name: str) -> int | None:
+    """Sectors (512 bytes) the kernel has written to block device ``name`` since boot."""
+    try:
+        with open(os.path.join(sys_path, "class", "block", name, "stat"),
+                  encoding="ascii") as f:
+            fields = f.read().split()
+        return int(fields[6])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class DiskErase:
+    """One disk's part of an erase: method, state, and what the kernel wrote to it."""
+
+    def __init__(self, device: str, size: int, clock: IReactorTime, sys_path: str) -> None:
+        self.device, self.size = device, size
+        self._clock, self._sys_path = clock, sys_path
+        self._kname = os.path.basename(device)
+        self.state = "waiting"
+        self.method: str | None = None
+        self.bytes_to_write: int | None = None
+        self.expected_seconds: float | None = None
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.error: str | None = None
+        self._start_sectors: int | None = None
+        self._end_sectors: int | None = None
+
+    def start(self) -> None:
+        self.state, self.started = "running", self._clock.seconds()
+        self._start_sectors = sectors_written(self._sys_path, self._kname)
+
+    def use(self, method: str, *, bytes_to_write: int | None = None,
+            expected_seconds: float | None = None) -> None:
+        """Record how the disk is erased (and how much there is to do)."""
+        self.method, self.bytes_to_write = method, bytes_to_write
+        self.expected_seconds = expected_seconds
+
+    def finish(self, state: str, error: str | None = None) -> None:
+        self._end_sectors = self._sectors_now()
+        self.state, self.finished, self.error = state, self._clock.seconds(), error
+
+    def _sectors_now(self) -> int | None:
+        if self._end_sectors is not None:
+            return self._end_sectors
+        return sectors_written(self._sys_path, self._kname)
+
+    @property
+    def bytes_written(self) -> int | None:
+        now = self._sectors_now()
+        if now is None or self._start_sectors is None:
+            return None
+        return max(0, now - self._start_sectors) * SECTOR
+
+    @property
+    def elapsed(self) -> float | None:
+        if self.started is None:
+            return None
+        return (self.finished if self.finished is not None else self._clock.seconds()) \
+            - self.started
+
+    @property
+    def fraction(self) -> float | None:
+        """How far along, 0 to 1, when it can be told."""
+        if self.state == "done":
+            return 1.0
+        if self.state != "running":
+            return None
+        written, elapsed = self.bytes_written, self.elapsed
+        if self.bytes_to_write and written is not None:
+            return min(1.0, written / self.bytes_to_write)
+        if self.expected_seconds and elapsed is not None:
+            return min(0.99, elapsed / self.expected_seconds)
+        return None
+
+    def serialize(self) -> dict[str, Any]:
+        fraction, elapsed = self.fraction, self.elapsed
+        eta = None
+        if fraction and elapsed and self.state == "running" and fraction < 1:
+            eta = round(elapsed * (1 - fraction) / fraction, 1)
+        return {"state": self.state, "method": self.method, "size": self.size,
+                "bytes_written": self.bytes_written, "bytes_to_write": self.bytes_to_write,
+                "percent": None if fraction is None else round(100 * fraction, 1),
+                "elapsed": None if elapsed is None else round(elapsed, 1),
+                "eta_seconds": eta, "error": self.error}
+
+
+class EraseProgress:
+    """The progress of an ``erase_devices`` run, shown on the running command."""
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, sys_path: str,
+                 log_interval: float = PROGRESS_LOG_INTERVAL) -> None:
+        self._clock, self._sys_path, self.log_interval = clock, sys_path, log_interval
+        self.phase = "erasing"
+        self.disks: dict[str, DiskErase] = {}
+        self.started = clock.seconds()
+        self._loop: LoopingCall | None = None
+
+    def add(self, device: str, size: int) -> DiskErase:
+        disk = self.disks[device] = DiskErase(device, size, self._clock, self._sys_path)
+        return disk
+
+    def serialize(self) -> dict[str, Any]:
+        """The JSON-ready view the API exposes."""
+        return {"phase": self.phase, "elapsed": round(self._clock.seconds() - self.started, 1),
+                "devices": {name: disk.serialize() for name, disk in self.disks.items()}}
+
+    def start(self) -> None:
+        self._loop = LoopingCall(self._report)
+        self._loop.clock = self._clock
+        self._loop.start(self.log_interval, now=False)
+
+    def _report(self) -> None:
+        for disk in self.disks.values():
+            if disk.state != "running":
+                continue
+            state = disk.serialize()
+            self.log.info("Erasing {device} ({method}): {percent}% done, {written} bytes "
+                          "written in {elapsed} s, ETA {eta} s", device=disk.device,
+                          method=disk.method, percent=state["percent"],
+                          written=state["bytes_written"], elapsed=state["elapsed"],
+                          eta=state["eta_seconds"])
+
+    def stop(self, phase: str) -> None:
+        self.phase = phase
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+
+
+# -- the mixin -----------------------------------------------------------------------------
+
+Dispatcher = Callable[..., Awaitable[Any]]
+"""``dispatch(method, *args)``: call a hardware-manager method on the best manager."""
+
+
+class EraseMixin:
+    """The disk erase steps of the generic hardware manager.
+
+    Mixed into ``GenericHardwareManager``; uses its ``context``, ``list_block_devices``,
+    read-only and virtual-media checks and ``erase_devices_metadata``. ``erase_devices`` asks
+    every disk's erase through ``context.dispatch`` when the context has one (so another
+    manager's ``erase_block_device`` may take a disk over), else through its own.
+    """
+
+    log = Logger()
+    _erase_progress: EraseProgress | None = None
+
+    if TYPE_CHECKING:
+        @property
+        def context(self) -> HardwareContext: ...
+
+        async def list_block_devices(self, include_partitions: bool = False
+                                     ) -> list[BlockDevice]: ...
+
+        async def erase_devices_metadata(self, node: Any, ports: Any) -> None: ...
+
+        def _is_read_only(self, name: str) -> bool: ...
+
+        def _is_virtual_media(self, device: BlockDevice) -> bool: ...
+
+    # -- the steps -------------------------------------------------------------------------
+    async def erase_devices(self, node: Any, ports: Any) -> dict[str, Any]:
+        """Erase every disk, concurrently: ``{device: what was done}``.
+
+        Each disk goes through ``erase_block_device`` (dispatched to the managers). Every
+        disk is tried; then a failure is raised: the disk's own error when one failed,
+        BlockDeviceEraseError naming them all when several did.
+        """
+        settings = self._erase_settings(node)
+        devices = await self.list_block_devices()
+        progress = EraseProgress(self.context.clock, self.context.config.sys_path)
+        for device in devices:
+            progress.add(device.name, device.size)
+        self._erase_progress = progress
+        self.context.report_progress(progress)
+        progress.start()
+        limit = settings.concurrency or max(1, len(devices))
+        self.log.info("Erasing {count} disk(s), {limit} at a time: {devices}",
+                      count=len(devices), limit=limit,
+                      devices=", ".join(d.name for d in devices))
+        semaphore = DeferredSemaphore(limit)
+        dispatch: Dispatcher | None = getattr(self.context, "dispatch", None)
+
+        async def erase(device: BlockDevice) -> Any:
+            disk = progress.disks[device.name]
+            disk.start()
+            self.log.info("Erasing {device}", device=device.name)
+            try:
+                if dispatch is not None:
+                    result = await dispatch("erase_block_device", node, device)
+                else:
+                    result = await self.erase_block_device(node, device)
+            except Exception as e:
+                disk.finish("failed", str(e))
+                self.log.error("Erasing {device} failed: {error}", device=device.name,
+                               error=str(e))
+                raise
+            disk.finish("skipped" if disk.method == "skipped" else "done")
+            self.log.info("Erased {device} ({method}) in {elapsed:.1f} s",
+                          device=device.name, method=disk.method or "by another manager",
+                          elapsed=disk.elapsed or 0.0)
+            return result
+
+        jobs = [semaphore.run(erase, device) for device in devices]
+        results: dict[str, Any] = {}
+        failures: dict[str, Exception] = {}
+        for device, job in zip(devices, jobs):
+            try:
+                results[device.name] = await job
+            except Exception as e:
+                failures[device.name] = e
+        progress.stop("failed" if failures else "done")
+        self._erase_progress = None
+        if len(failures) == 1:
+            raise next(iter(failures.values()))
+        if failures:
+            raise BlockDeviceEraseError("Erasing failed on the device(s): " + "; ".join(
+                f'"{name}": {error}' for name, error in sorted(failures.items())))
+        return results
+
+    async def erase_block_device(self, node: Any, block_device: BlockDevice) -> str:
+        """Erase one disk the best way it supports; what was done, as text.
+
+        Virtual media and software RAID members are left alone; a read-only disk is left
+        alone if the node allows it, else fails. NVMe: ``nvme format`` (crypto erase when
+        supported, else user data erase). Others: ATA (enhanced) secure erase when the drive
+        supports it. Otherwise, or when a secure erase failed and the node allows shredding
+        instead: ``shred``. BlockDeviceEraseError on failure.
+        """
+        settings = self._erase_settings(node)
+        name = block_device.name
+        disk = self._progress_for(block_device)
+        skip = await self._erase_skip_reason(block_device, settings)
+        if skip is not None:
+            self.log.info("Not erasing {device}: {reason}", device=name, reason=skip)
+            disk.use("skipped")
+            return f"skipped: {skip}"
+        try:
+            if _is_nvme(name):
+                if settings.enable_nvme_secure_erase:
+                    done = await self._nvme_erase(block_device, disk)
+                    if done is not None:
+                        return done
+            elif settings.enable_ata_secure_erase:
+                done = await self._ata_erase(block_device, disk)
+                if done is not None:
+                    return done
+        except BlockDeviceEraseError as e:
+            if not settings.continue_if_secure_erase_failed:
+                raise BlockDeviceEraseError(
+                    f"Secure erase of {name} failed, and shredding instead is not enabled "
+                    f"(agent_continue_if_secure_erase_failed): {e.details}") from e
+            self.log.warn("Secure erase of {device} failed, shredding it instead: {error}",
+                          device=name, error=e.details)
+        return await self._shred(block_device, settings, disk)
+
+    async def erase_devices_express(self, node: Any, ports: Any) -> dict[str, str]:
+        """Quick erase: hardware erase where it is quick, then the metadata erase of all.
+
+        NVMe drives are formatted (crypto or user data erase) and non-rotational ATA drives
+        secure-erased when they support it (a failure there is logged, not fatal); then
+        ``erase_devices_metadata`` runs on every disk. ``{device: what was done}``.
+        """
+        settings = self._erase_settings(node)
+        devices = await self.list_block_devices()
+        progress = EraseProgress(self.context.clock, self.context.config.sys_path)
+        self._erase_progress = progress
+        self.context.report_progress(progress)
+        semaphore = DeferredSemaphore(settings.concurrency or max(1, len(devices)))
+
+        async def fast_erase(device: BlockDevice) -> str:
+            disk = progress.add(device.name, device.size)
+            disk.start()
+            skip = await self._erase_skip_reason(device, settings)
+            try:
+                done = None
+                if skip is not None:
+                    disk.use("skipped")
+                    done = f"skipped: {skip}"
+                elif _is_nvme(device.name) and settings.enable_nvme_secure_erase:
+                    done = await self._nvme_erase(device, disk)
+                elif (not _is_nvme(device.name) and not device.rotational
+                      and settings.enable_ata_secure_erase):
+                    done = await self._ata_erase(device, disk)
+            except BlockDeviceEraseError as e:
+                self.log.warn("Hardware erase of {device} failed; its metadata will be "
+                              "erased: {error}", device=device.name, error=e.details)
+                done = None
+            disk.finish("done" if done is not None else "waiting")
+            return done or "metadata erased"
+
+        jobs = [semaphore.run(fast_erase, device) for device in devices]
+        results = {device.name: await job for device, job in zip(devices, jobs)}
+        progress.phase = "erasing metadata"
+        try:
+            await self.erase_devices_metadata(node, ports)
+        finally:
+            progress.stop("done")
+            self._erase_progress = None
+        return results
+
+    # -- methods -------------------------------------------------------------------------
+    async def _ata_erase(self, device: BlockDevice, disk: DiskErase) -> str | None:
+        """ATA (enhanced) secure erase; None when the drive cannot do it.
+
+        The password dance: a drive left locked or with a password by an interrupted erase
+        is unlocked first (the password is "NULL", then empty); a drive without one gets
+        the user password "NULL" (security enabled); the erase clears it again. A failed
+        erase unlocks and disables security, so the drive stays usable for ``shred``.
+        """
+        name = device.name
+        security = await self._ata_security(name)
+        if security is None or not security.supported:
+            self.log.info("{device} does not support ATA secure erase", device=name)
+            return None
+        if not await self._smartctl_allows_security(name):
+            return None
+        if security.frozen:
+            raise BlockDeviceEraseError(f"Block device {name} is frozen and cannot be erased "
+                                        f"(ATA security state {security.state})")
+        if security.locked:
+            security = await self._ata_unlock(name) or security
+            if security.locked:
+                raise BlockDeviceEraseError(
+                    f"Block device {name} already has a security password set")
+        if not security.enabled:
+            try:
+                await self._hdparm("--user-master", "u", "--security-set-pass", "NULL", name)
+            except ProcessExecutionError as e:
+                raise BlockDeviceEraseError(
+                    f"Security password set failed for device {name}: {e}") from e
+        enhanced = security.enhanced_erase_supported
+        option = "--security-erase-enhanced" if enhanced else "--security-erase"
+        minutes = security.enhanced_erase_minutes if enhanced else security.erase_minutes
+        method = "ata_enhanced_secure_erase" if enhanced else "ata_secure_erase"
+        disk.use(method, expected_seconds=minutes * 60.0 if minutes else None)
+        self.log.info("ATA {kind} secure erase of {device} (estimated {minutes} min)",
+                      kind="enhanced" if enhanced else "normal", device=name, minutes=minutes)
+        try:
+            await self.context.runner.execute("hdparm", "--user-master", "u", option, "NULL",
+                                              name, timeout=None)
+        except ProcessExecutionError as e:
+            await self._ata_unlock(name, disable=True)
+            raise BlockDeviceEraseError(f"Erase failed for device {name}: {e}") from e
+        after = await self._ata_security(name)
+        if after is None or after.enabled:
+            raise BlockDeviceEraseError(f"An unknown error occurred erasing block device "
+                                        f"{name}: security is still enabled after the erase")
+        return f"ATA {'enhanced ' if enhanced else ''}secure erase"
+
+    async def _ata_security(self, device: str) -> AtaSecurity | None:
+        try:
+            out, _ = await self.context.runner.execute("hdparm", "-I", device,
+                                                       timeout=PROBE_TIMEOUT)
+        except CommandNotFoundError:
+            self.log.info("hdparm is not installed: no ATA secure erase")
+            return None
+        except ProcessExecutionError as e:   # not an ATA drive (virtio, SCSI ...)
+            self.log.debug("hdparm -I {device} failed: {error}", device=device, error=str(e))
+            return None
+        return parse_ata_security(out.decode("utf-8", "replace"))
+
+    async def _smartctl_allows_security(self, device: str) -> bool:
+        """False when smartctl says ATA security commands cannot reach the drive."""
+        try:
+            out, _ = await self.context.runner.execute(
+                "smartctl", "-d", "ata", device, "-g", "security", timeout=PROBE_TIMEOUT,
+                check_exit_code=[0, 127])
+        except CommandNotFoundError:
+            return True
+        except ProcessExecutionError as e:
+            self.log.warn("Not using ATA secure erase on {device}: direct ATA commands "
+                          "through smartctl fail: {error}", device=device, error=str(e))
+            return False
+        if b"Unavailable" in out:
+            self.log.info("smartctl reports ATA security unavailable on {device}",
+                          device=device)
+            return False
+        return True
+
+    async def _hdparm(self, *args: str) -> None:
+        await self.context.runner.execute("hdparm", *args, timeout=SECURITY_COMMAND_TIMEOUT)
+
+    async def _ata_unlock(self, device: str, disable: bool = False) -> AtaSecurity | None:
+        """Unlock (and with ``disable``, clear the password of) a drive left by an erase."""
+        security = await self._ata_security(device)
+        for password in ("NULL", ""):
+            if security is None or (not security.locked
+                                    and not (disable and security.enabled)):
+                break
+            actions = (["--security-unlock"] if security.locked else []) + \
+                (["--security-disable"] if disable else [])
+            for action in actions:
+                try:
+                    await self._hdparm("--user-master", "u", action, password, device)
+                except ProcessExecutionError as e:
+                    self.log.info("{action} with password {password!r} failed on {device}: "
+                                  "{error}", action=action, password=password, device=device,
+                                  error=str(e))
+            security = await self._ata_security(device)
+        return security
+
+    async def _nvme_erase(self, device: BlockDevice, disk: DiskErase) -> str | None:
+        """``nvme format`` with a secure erase; None when the drive cannot format."""
+        name = device.name
+        try:
+            out, _ = await self.context.runner.execute("nvme", "id-ctrl", name, "-o", "json",
+                                                       timeout=PROBE_TIMEOUT)
+            capabilities = parse_nvme_id_ctrl(out)
+        except CommandNotFoundError:
+            self.log.warn("nvme-cli is not installed: no NVMe secure erase for {device}",
+                          device=name)
+            return None
+        except (ProcessExecutionError, ValueError) as e:
+            raise BlockDeviceEraseError(
+                f"Failed to fetch NVMe capabilities for device {name}: {e}") from e
+        mode = capabilities.format_mode
+        if mode is None:
+            self.log.info("{device} does not support the NVMe Format command", device=name)
+            return None
+        kind = "crypto erase" if mode == 2 else "user data erase"
+        disk.use("nvme_format_crypto_erase" if mode == 2 else "nvme_format_user_data_erase")
+        self.log.info("Formatting {device} with NVMe secure erase (ses={mode}, {kind})",
+                      device=name, mode=mode, kind=kind)
+        try:
+            await self.context.runner.execute("nvme", "format", name, "--ses", str(mode),
+                                              "--force", timeout=NVME_FORMAT_TIMEOUT)
+        except ProcessExecutionError as e:
+            raise BlockDeviceEraseError(f"Failed to nvme format device {name}: {e}") from e
+        return f"nvme format --ses {mode} ({kind})"
+
+    async def _shred(self, device: BlockDevice, settings: EraseSettings,
+                     disk: DiskErase) -> str:
+        passes = settings.iterations + (1 if settings.zeroize else 0)
+        disk.use("shred", bytes_to_write=device.size * passes)
+        argv = shred_argv(device.name, settings.iterations, settings.zeroize)
+        self.log.info("Shredding {device}: {iterations} random pass(es){zeros}",
+                      device=device.name, iterations=settings.iterations,
+                      zeros=" and zeros" if settings.zeroize else "")
+        try:
+            await self.context.runner.execute(*argv, timeout=None)
+        except ProcessExecutionError as e:
+            raise BlockDeviceEraseError(
+                f"Erasing block device {device.name} with shred failed: {e}") from e
+        return (f"shred: {settings.iterations} random pass(es)"
+                + (" and a pass of zeros" if settings.zeroize else ""))
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _erase_settings(self, node: Any) -> EraseSettings:
+        default = getattr(self.context.config, "disk_erasure_concurrency", 0)
+        return EraseSettings.from_node(node if isinstance(node, Mapping) else None,
+                                       default_concurrency=int(default or 0))
+
+    def _progress_for(self, device: BlockDevice) -> DiskErase:
+        progress = self._erase_progress
+        if progress is not None and device.name in progress.disks:
+            return progress.disks[device.name]
+        disk = DiskErase(device.name, device.size, self.context.clock,
+                         self.context.config.sys_path)   # a lone call: nobody shows it
+        disk.start()
+        return disk
+
+    async def _erase_skip_reason(self, device: BlockDevice,
+                                 settings: EraseSettings) -> str | None:
+        """Why ``device`` is left alone (None: erase it); BlockDeviceEraseError if it
+        is read-only and the node does not allow skipping it."""
+        name = os.path.basename(device.name)
+        if self._is_virtual_media(device):
+            return "it is the virtual media device"
+        if await self._is_raid_member(device.name):
+            return "it is a software RAID member (its RAID device is erased instead)"
+        if self._is_read_only(name):
+            if settings.skip_read_only:
+                return "it is read-only"
+            raise BlockDeviceEraseError(
+                f"Failed to invoke erase of device {device.name} as the device is flagged "
+                "read-only, and the conductor has not signaled this is a permitted case "
+                "(agent_erase_skip_read_only).")
+        return None
+
+    async def _is_raid_member(self, device: str) -> bool:
+        """Whether ``device`` (or one of its partitions) holds an md superblock.
+
+        True also when lsblk cannot tell (erasing a RAID member would break its array).
+        """
+        try:
+            out, _ = await self.context.runner.execute("lsblk", "--fs", "--noheadings",
+                                                       device, timeout=PROBE_TIMEOUT)
+        except CommandNotFoundError:
+            return False
+        except ProcessExecutionError as e:
+            self.log.warn("Cannot tell whether {device} is a RAID member: {error}",
+                          device=device, error=str(e))
+            return True
+        return b"linux_raid_member" in out
+
+
+def _is_nvme(device: str) -> bool:
+    return os.path.basename(device).startswith("nvme")
+
+
+def erase_clean_steps() -> list[dict[str, Any]]:
+    """The erase clean steps the generic manager advertises (the reference's priorities).
+
+    ``erase_devices_metadata`` (99) is the generic manager's own and stays in its list.
+    """
+    return [
+        {"step": "erase_devices", "priority": 10, "interface": "deploy",
+         "reboot_requested": False, "abortable": True},
+        {"step": "erase_devices_express", "priority": 0, "interface": "deploy",
+         "reboot_requested": False, "abortable": True},
+    ]
+

@@ -1,0 +1,733 @@
+"""Tests for ipa_twisted.hardware.raid on recorded mdadm, parted and /proc/mdstat outputs.
+
+``FakeMdMachine`` answers parted, mdadm, wipefs, sgdisk and lsblk like a machine whose
+kernel has md support would (the output formats recorded in the ramdisk booted by
+tests/test_qemu_ramdisk.py), keeping partition tables, superblocks and ``/proc/mdstat`` in
+a fake tree. Partition device nodes are real block nodes (made as the kernel would), so the
+tests creating partitions need root; the rest run anywhere. The real thing runs in QEMU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from ipa_twisted.errors import CommandExecutionError, SoftwareRAIDError
+from ipa_twisted.hardware import raid
+from ipa_twisted.hardware.erase import EraseMixin
+from ipa_twisted.hardware.generic import GenericHardwareManager
+from ipa_twisted.hardware.interface import HardwareContext
+from ipa_twisted.hardware.raid import (SoftwareRaidMixin, parse_examine_scan,
+                                       parse_mdadm_detail, parse_mdstat, raid_clean_steps,
+                                       raid_deploy_steps)
+from ipa_twisted.testing.fake_process import Exit, FakeRunner
+from ipa_twisted.testing.fake_system import FakeSystem
+
+_T = TypeVar("_T")
+MiB, GiB = 1 << 20, 1 << 30
+
+# -- recorded outputs (the ramdisk in QEMU: RAID-1 over two virtio disks) ---------------------
+
+MDADM_DETAIL = """\
+/dev/md0:
+           Version : 1.2
+     Creation Time : Sat Nov 21 07:36:00 2026
+        Raid Level : raid1
+        Array Size : 56256 (54.94 MiB 57.61 MB)
+     Used Dev Size : 56256 (54.94 MiB 57.61 MB)
+      Raid Devices : 2
+     Total Devices : 2
+       Persistence : Superblock is persistent
+
+       Update Time : Sat Nov 21 07:36:00 2026
+             State : clean 
+    Active Devices : 2
+   Working Devices : 2
+    Failed Devices : 0
+     Spare Devices : 0
+
+Consistency Policy : resync
+
+              Name : ipa-ramdisk:root  (local to host ipa-ramdisk)
+              UUID : f2071a93:29233306:efd5edf0:0258fb51
+            Events : 18
+
+    Number   Major   Minor   RaidDevice State
+       0     253        2        0      active sync   /dev/vda2
+       1     253       18        1      active sync   /dev/vdb2
+"""
+MDSTAT = """\
+Personalities : [raid0] [raid1] [raid10] [raid6] [raid5] [raid4] [linear] 
+md0 : active raid1 vdb2[1] vda2[0]
+      56256 blocks super 1.2 [2/2] [UU]
+      
+unused devices: <none>
+"""
+MDSTAT_MIXED = """\
+Personalities : [raid1] [raid10]
+md127 : inactive sdc1[0](S)
+      1047552 blocks super 1.2
+       
+md1 : active (auto-read-only) raid10 sdd1[3](S) sdb1[1] sda1[0] sdc2[2](F)
+      2093056 blocks super 1.2 2 near-copies [2/2] [UU]
+
+unused devices: <none>
+"""
+EXAMINE_SCAN = ("ARRAY /dev/md/root  metadata=1.2 UUID=f2071a93:29233306:efd5edf0:0258fb51 "
+                "name=ipa-ramdisk:root\n")
+NO_SUPERBLOCK = "mdadm: No md superblock detected on {device}.\n"
+
+
+def detail_output(device: str, level: str, name: str, members: list[str]) -> str:
+    """``mdadm --detail`` in the recorded format."""
+    head = MDADM_DETAIL.split("    Number")[0]
+    head = head.replace("/dev/md0:", f"{device}:").replace("raid1", f"raid{level}")
+    head = head.replace("ipa-ramdisk:root", f"ipa-ramdisk:{name}")
+    rows = "".join(f"       {i}     253       {i * 16 + 2:2d}        {i}      active sync   "
+                   f"{member}\n" for i, member in enumerate(members))
+    return head + "    Number   Major   Minor   RaidDevice State\n" + rows
+
+
+def parted_commands(argv: tuple[str, ...]) -> list[list[str]]:
+    """The commands of one parted run (after ``--``): [["mklabel", "gpt"], ["mkpart", ...]]."""
+    commands: list[list[str]] = []
+    for word in argv[argv.index("--") + 1:]:
+        if word in ("mklabel", "mkpart", "set") or not commands:
+            commands.append([word])
+        else:
+            commands[-1].append(word)
+    return commands
+
+
+@dataclass
+class Part:
+    number: int
+    start: int
+    end: int
+    name: str
+    flags: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Array:
+    level: str
+    name: str
+    members: list[str]
+    active: bool = True
+
+
+class FakeMdMachine:
+    """Disks, partition tables and md arrays behind recorded tool outputs (see module doc)."""
+
+    def __init__(self, system: FakeSystem, disks: dict[str, tuple[int, str]]) -> None:
+        self.system = system
+        self.disks = {self.dev(name): (size, serial) for name, (size, serial) in disks.items()}
+        self.tables: dict[str, str | None] = {disk: None for disk in self.disks}
+        self.parts: dict[str, list[Part]] = {disk: [] for disk in self.disks}
+        self.arrays: dict[str, Array] = {}
+        self.superblocks: dict[str, str] = {}       # member → array name
+        self.refuse_to_join: set[str] = set()
+        self.refuse_to_stop: set[str] = set()
+        self.next_minor = 1
+        for name in disks:
+            system.add_block_device(name)
+        self.write_mdstat()
+
+    def dev(self, name: str) -> str:
+        return os.path.join(self.system.dev_path, name)
+
+    def part_path(self, disk: str, number: int) -> str:
+        return f"{disk}p{number}" if disk[-1].isdigit() else f"{disk}{number}"
+
+    # -- state → files ----------------------------------------------------------------------
+    def write_mdstat(self) -> None:
+        lines = ["Personalities : [raid0] [raid1] [raid10] [raid6] [raid5] [raid4] [linear] "]
+        for name, array in self.arrays.items():
+            members = " ".join(f"{os.path.basename(m)}[{i}]"
+                               for i, m in reversed(list(enumerate(array.members))))
+            if array.active:
+                lines += [f"{name} : active raid{array.level} {members}",
+                          f"      56256 blocks super 1.2 [{len(array.members)}/"
+                          f"{len(array.members)}] [{'U' * len(array.members)}]", "      "]
+            else:
+                lines += [f"{name} : inactive {members}", "      56256 blocks super 1.2", ""]
+        lines.append("unused devices: <none>")
+        self.system.write("proc/mdstat", "\n".join(lines) + "\n")
+
+    def make_node(self, path: str) -> None:
+        if not os.path.exists(path):
+            os.mknod(path, 0o600 | stat.S_IFBLK, os.makedev(259, self.next_minor))
+            self.next_minor += 1
+
+    # -- the tools ----------------------------------------------------------------------------
+    def answers(self) -> dict[tuple[str, ...], Any]:
+        return {("lsblk", "-bia", "--json"): self.lsblk,
+                ("lsblk", "--fs", "--noheadings"): self.lsblk_fs,
+                ("parted",): self.parted, ("mdadm",): self.mdadm, ("wipefs",): self.wipefs,
+                ("sgdisk", "-Z"): self.sgdisk_zap, ("partprobe",): b"", ("udevadm",): b"",
+                ("sync",): b"", ("mkfs.vfat",): b"mkfs.fat 4.2 (2021-01-31)\n"}
+
+    def lsblk(self, argv: tuple[str, ...]) -> bytes:
+        def row(name: str, size: int, kind: str, **extra: Any) -> dict[str, Any]:
+            return {"kname": name, "model": None, "size": size, "rota": False, "type": kind,
+                    "uuid": None, "partuuid": None, "serial": None, "wwn": None,
+                    "vendor": None, "log-sec": 512, "phy-sec": 512, "tran": None, **extra}
+        devices = []
+        for disk, (size, serial) in self.disks.items():
+            children = []
+            for part in self.parts[disk]:
+                path = self.part_path(disk, part.number)
+                md = [row(name, size // 2, f"raid{a.level}") for name, a in self.arrays.items()
+                      if path in a.members and a.active]
+                children.append(row(os.path.basename(path), part.end - part.start + 1, "part",
+                                    **({"children": md} if md else {})))
+            devices.append(row(os.path.basename(disk), size, "disk", serial=serial,
+                               **({"children": children} if children else {})))
+        return json.dumps({"blockdevices": devices}).encode()
+
+    def lsblk_fs(self, argv: tuple[str, ...]) -> bytes:
+        device = argv[-1]
+        lines = [os.path.basename(device)]
+        for member, array in self.superblocks.items():
+            if member == device or member.startswith(device):
+                name = self.arrays[array].name if array in self.arrays else array
+                lines.append(f"  {os.path.basename(member)} linux_raid_member 1.2 "
+                             f"ipa-ramdisk:{name}")
+        return ("\n".join(lines) + "\n").encode()
+
+    def _disk_of(self, argv: tuple[str, ...]) -> str:
+        return next(arg for arg in argv if arg in self.disks)
+
+    def parted(self, argv: tuple[str, ...]) -> Any:
+        disk = self._disk_of(argv)
+        size = self.disks[disk][0]
+        if "print" in argv:
+            table = self.tables[disk]
+            head = (f"BYT;\n{disk}:{size}B:virtblk:512:512:{table or 'unknown'}:"
+                    "Virtio Block Device:;\n")
+            if table is None:
+                return Exit(1, head.encode(), f"Error: {disk}: unrecognised disk label\n".encode())
+            rows = "".join(f"{p.number}:{p.start}B:{p.end}B:{p.end - p.start + 1}B::{p.name}:"
+                           f"{', '.join(sorted(p.flags))};\n" for p in self.parts[disk])
+            return head + rows
+        for command in parted_commands(argv):
+            if command[0] == "mklabel":
+                self.tables[disk], self.parts[disk] = command[1], []
+            elif command[0] == "mkpart":
+                start, end = (self._offset(text, size) for text in command[-2:])
+                if end > size or start >= end:
+                    return Exit(1, b"", b"Error: The location is outside of the device.\n")
+                number = len(self.parts[disk]) + 1
+                self.parts[disk].append(Part(number, start, end - 1, command[1]))
+                self.make_node(self.part_path(disk, number))
+            elif command[0] == "set":
+                self.parts[disk][int(command[1]) - 1].flags.add(command[2])
+            else:
+                raise AssertionError(argv)
+        return b""
+
+    @staticmethod
+    def _offset(text: str, size: int) -> int:
+        if text == "100%":
+            return size - 34 * 512
+        match = re.match(r"^(\d+)MiB$", text)
+        assert match is not None, text
+        return int(match.group(1)) * MiB
+
+    def mdadm(self, argv: tuple[str, ...]) -> Any:
+        action = argv[1]
+        if action == "--create":
+            device = argv[2]
+            level = argv[argv.index("--level") + 1]
+            name = argv[argv.index("--name") + 1]
+            count = int(argv[argv.index("--raid-devices") + 1])
+            members = list(argv[-count:])
+            array = os.path.basename(device)
+            self.arrays[array] = Array(level, name,
+                                       [m for m in members if m not in self.refuse_to_join])
+            for member in members:
+                self.superblocks[member] = array
+            self.make_node(device)
+            self.write_mdstat()
+            return (b"", f"mdadm: array {device} started.\n".encode())
+        if action == "--detail":
+            array = self.arrays.get(os.path.basename(argv[2]))
+            if array is None:
+                return Exit(1, b"", f"mdadm: cannot open {argv[2]}: No such file or "
+                                    "directory\n".encode())
+            return detail_output(argv[2], array.level, array.name, array.members)
+        if action == "--examine" and argv[2:] == ("--scan",):
+            return "".join(f"ARRAY /dev/md/{a.name}  metadata=1.2 name=ipa-ramdisk:{a.name}\n"
+                           for a in self.arrays.values())
+        if action == "--examine":
+            if argv[2] in self.superblocks:
+                return f"{argv[2]}:\n          Magic : a92b4efc\n        Version : 1.2\n"
+            return Exit(1, b"", NO_SUPERBLOCK.format(device=argv[2]).encode())
+        if action == "--stop":
+            name = os.path.basename(argv[2])
+            if name in self.refuse_to_stop or name not in self.arrays:
+                return Exit(1, b"", f"mdadm: Cannot get exclusive access to {argv[2]}\n"
+                            .encode())
+            del self.arrays[name]
+            self.write_mdstat()
+            return (b"", f"mdadm: stopped {argv[2]}\n".encode())
+        if action == "--zero-superblock":
+            self.superblocks.pop(argv[2], None)
+            return b""
+        if action == "--assemble":
+            found = False
+            for member, name in self.superblocks.items():
+                if name not in self.arrays:
+                    self.arrays[name] = Array("1", name, [])
+                    found = True
+                if member not in self.arrays[name].members:
+                    self.arrays[name].members.append(member)
+            self.write_mdstat()
+            return b"" if found else Exit(1, b"", b"mdadm: No arrays found in config file "
+                                          b"or automatically\n")
+        if action == "--add":
+            self.arrays[os.path.basename(argv[2])].members.append(argv[3])
+            return (b"", f"mdadm: added {argv[3]}\n".encode())
+        raise AssertionError(argv)
+
+    def wipefs(self, argv: tuple[str, ...]) -> bytes:
+        if argv[-1] in self.disks:
+            self.tables[argv[-1]] = None
+        return b""
+
+    def sgdisk_zap(self, argv: tuple[str, ...]) -> bytes:
+        self.tables[argv[-1]], self.parts[argv[-1]] = None, []
+        return b"GPT data structures destroyed!\n"
+
+
+class Manager(GenericHardwareManager, EraseMixin, SoftwareRaidMixin):
+    """The generic manager with the mixins (as GenericHardwareManager will be)."""
+
+
+class RaidTestCase(SynchronousTestCase):
+    DISKS = {"vda": (100 * GiB, "V1"), "vdb": (100 * GiB, "V2"), "vdc": (100 * GiB, "V3")}
+
+    def setUp(self) -> None:
+        self.system = FakeSystem(self.mktemp())
+        self.machine = FakeMdMachine(self.system, self.DISKS)
+        self.wiped: list[str] = []
+
+    def needs_root(self) -> None:
+        if os.geteuid() != 0:
+            raise self.skipTest("partition device nodes are block nodes: needs root")
+
+    def manager(self, runner: FakeRunner | None = None) -> Manager:
+        self.runner = runner or FakeRunner(self.machine.answers())
+
+        async def wipe(device: str, reactor: Any) -> None:
+            self.wiped.append(device)
+        manager = Manager(udev=lambda name: {}, wipe=wipe)
+        manager.bind(HardwareContext(self.system.config(), self.runner, Clock(), None))
+        return manager
+
+    def dev(self, name: str) -> str:
+        return os.path.join(self.system.dev_path, name)
+
+    def result(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        return self.successResultOf(Deferred.fromCoroutine(coroutine))
+
+    def failure(self, coroutine: Coroutine[Any, Any, Any]) -> str:
+        return str(self.failureResultOf(Deferred.fromCoroutine(coroutine),
+                                        SoftwareRAIDError).value)
+
+    def parted(self, disk: str) -> list[list[str]]:
+        """The commands parted ran on ``disk`` (in one run: the RAID layout is written at once)."""
+        runs = [argv for argv in self.runner.argvs
+                if argv[0] == "parted" and self.dev(disk) in argv and "--" in argv]
+        self.assertLessEqual(len(runs), 1, runs)
+        return [command for argv in runs for command in parted_commands(argv)]
+
+    def creates(self) -> list[tuple[str, ...]]:
+        return [argv for argv in self.runner.argvs if argv[:2] == ("mdadm", "--create")]
+
+
+def node(*logical_disks: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"uuid": "1be26c0b-03f2-4d2e-ae87-c02d7f33c123",
+            "target_raid_config": {"logical_disks": list(logical_disks)}, **extra}
+
+
+RAID1_MAX = {"size_gb": "MAX", "raid_level": "1", "controller": "software"}
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+class ParsingTests(SynchronousTestCase):
+    def test_mdadm_detail(self) -> None:
+        detail = parse_mdadm_detail("/dev/md0", MDADM_DETAIL)
+        self.assertEqual((detail.level, detail.state, detail.uuid, detail.name,
+                          detail.volume_name, detail.components),
+                         ("raid1", "clean", "f2071a93:29233306:efd5edf0:0258fb51",
+                          "ipa-ramdisk:root  (local to host ipa-ramdisk)", "root",
+                          ("/dev/vda2", "/dev/vdb2")))
+
+    def test_mdstat(self) -> None:
+        [md0] = parse_mdstat(MDSTAT)
+        self.assertEqual((md0.name, md0.active, md0.level, md0.members),
+                         ("md0", True, "raid1", ("vdb2", "vda2")))
+        md127, md1 = parse_mdstat(MDSTAT_MIXED)
+        self.assertEqual((md127.name, md127.active, md127.level, md127.members),
+                         ("md127", False, None, ("sdc1",)))
+        self.assertEqual((md1.active, md1.level, md1.members),
+                         (True, "raid10", ("sdd1", "sdb1", "sda1", "sdc2")))
+        self.assertEqual(parse_mdstat("Personalities : \nunused devices: <none>\n"), [])
+
+    def test_examine_scan(self) -> None:
+        self.assertEqual(parse_examine_scan(EXAMINE_SCAN), {"/dev/md/root": {
+            "metadata": "1.2", "UUID": "f2071a93:29233306:efd5edf0:0258fb51",
+            "name": "ipa-ramdisk:root"}})
+
+    def test_names(self) -> None:
+        self.assertEqual(raid.mdadm_level("1+0"), "10")
+        self.assertEqual(raid.mdadm_level("5"), "5")
+        for name in ("/dev/md0", "md127", "/dev/md/root", "/dev/md0p1"):
+            self.assertTrue(raid.is_md_name(name), name)
+        for name in ("/dev/sda", "/dev/mdx", "/dev/nvme0n1"):
+            self.assertFalse(raid.is_md_name(name), name)
+
+    def test_parent_disk(self) -> None:
+        system = FakeSystem(self.mktemp())
+        context = HardwareContext(system.config(), FakeRunner(), Clock(), None)
+        self.assertEqual(raid.parent_disk(context, "/dev/sda1"), "/dev/sda")
+        self.assertEqual(raid.parent_disk(context, "/dev/nvme0n1p3"), "/dev/nvme0n1")
+        self.assertEqual(raid.parent_disk(context, "/dev/md0p1"), "/dev/md0")
+        self.assertEqual(raid.parent_disk(context, "/dev/sda"), "/dev/sda")
+        self.assertEqual(raid.parent_disk(context, "/dev/nvme0n1"), "/dev/nvme0n1")
+        self.assertEqual(raid.parent_disk(context, "/dev/mmcblk0p1"), "/dev/mmcblk0")
+        # sysfs knows better than names: a whole disk named like a partition
+        system.write("sys/devices/virtual/block/loop1/size", "0")
+        os.makedirs(system.path("sys/class/block"), exist_ok=True)
+        os.symlink(system.path("sys/devices/virtual/block/loop1"),
+                   system.path("sys/class/block/loop1"))
+        self.assertEqual(raid.parent_disk(context, "/dev/loop1"), "/dev/loop1")
+        system.write("sys/devices/virtual/block/loop1/loop1p2/partition", "2")
+        os.symlink(system.path("sys/devices/virtual/block/loop1/loop1p2"),
+                   system.path("sys/class/block/loop1p2"))
+        self.assertEqual(raid.parent_disk(context, "/dev/loop1p2"), "/dev/loop1")
+
+    def test_steps(self) -> None:
+        self.assertEqual([(s["step"], s["priority"], s["interface"], s["abortable"])
+                          for s in raid_clean_steps()],
+                         [("delete_configuration", 0, "raid", True),
+                          ("create_configuration", 0, "raid", True)])
+        [apply] = raid_deploy_steps()
+        self.assertEqual((apply["step"], apply["priority"], apply["interface"],
+                          apply["reboot_requested"]), ("apply_configuration", 0, "raid", False))
+        self.assertEqual(apply["argsinfo"]["raid_config"]["required"], True)
+        self.assertEqual(apply["argsinfo"]["delete_existing"]["required"], False)
+
+
+# -- validation --------------------------------------------------------------------------------
+
+class ValidateTests(RaidTestCase):
+    def check(self, *logical_disks: Any) -> str:
+        config = {"logical_disks": list(logical_disks)}
+        return self.failure(self.manager().validate_configuration(config, node()))
+
+    def test_valid(self) -> None:
+        manager = self.manager()
+        for config in (
+                [RAID1_MAX],
+                [{"size_gb": 10, "raid_level": "1", "controller": "software",
+                  "volume_name": "root"}, {**RAID1_MAX, "raid_level": "5"}],
+                [{**RAID1_MAX, "physical_disks": [{"serial": "V1"}, {"serial": "V3"}]},
+                 {"size_gb": "20", "raid_level": "0", "controller": "software"}],
+                [RAID1_MAX, {"size_gb": 50, "raid_level": "1+0", "controller": "software"}]):
+            self.result(manager.validate_configuration({"logical_disks": config}, node()))
+
+    def test_invalid(self) -> None:
+        self.assertIn("No RAID configuration", self.failure(
+            self.manager().validate_configuration({}, node())))
+        self.assertIn("no logical disks", self.failure(
+            self.manager().validate_configuration({"logical_disks": []}, node())))
+        self.assertIn("one or two logical disks", self.check(RAID1_MAX, RAID1_MAX, RAID1_MAX))
+        self.assertIn("'controller'='software'", self.check({**RAID1_MAX, "controller": None}))
+        self.assertIn("RAID-1 for the first", self.check({**RAID1_MAX, "raid_level": "0"}))
+        self.assertIn("only one RAID device with size 'MAX'", self.check(RAID1_MAX, RAID1_MAX))
+        self.assertIn("RAID level 50", self.check(RAID1_MAX, {**RAID1_MAX, "size_gb": 1,
+                                                              "raid_level": "50"}))
+        self.assertIn("size_gb", self.check({**RAID1_MAX, "size_gb": -3}))
+        self.assertIn("size_gb", self.check({**RAID1_MAX, "size_gb": "lots"}))
+        self.assertIn("at least 2 items", self.check({**RAID1_MAX,
+                                                      "physical_disks": [{"serial": "V1"}]}))
+        self.assertIn("list of device hints", self.check(
+            {**RAID1_MAX, "physical_disks": ["/dev/vda", "/dev/vdb"]}))
+        self.assertIn("No candidates for physical disk", self.check(
+            {**RAID1_MAX, "physical_disks": [{"serial": "V1"}, {"serial": "NOPE"}]}))
+        self.assertIn("No candidates left", self.check(
+            {**RAID1_MAX, "physical_disks": [{"serial": "V1"}, {"serial": "V1"}]}))
+        self.assertIn("volume_name", self.check({**RAID1_MAX, "volume_name": "a b"}))
+        self.assertIn("1be26c0b", self.check({**RAID1_MAX, "raid_level": "0"}))
+
+    def test_enough_disks_for_the_level(self) -> None:
+        self.assertIn("RAID level 6 with only 3 block devices", self.check(
+            RAID1_MAX, {"size_gb": 1, "raid_level": "6", "controller": "software"}))
+        del self.machine.disks[self.dev("vdc")]
+        self.machine.disks.pop(self.dev("vdb"))
+        self.assertIn("RAID level 1 with only 1 block devices", self.check(RAID1_MAX))
+
+    def test_read_only_and_skipped_disks_are_no_holders(self) -> None:
+        self.system.write("sys/class/block/vdc/ro", "1\n")
+        self.assertIn("RAID level 5 with only 2", self.check(
+            RAID1_MAX, {"size_gb": 1, "raid_level": "5", "controller": "software"}))
+        config = {"logical_disks": [RAID1_MAX]}
+        skip = node(RAID1_MAX, properties={"skip_block_devices": [{"serial": "V2"}]})
+        self.assertIn("only 1 block devices", self.failure(
+            self.manager().validate_configuration(config, skip)))
+
+
+# -- creation ----------------------------------------------------------------------------------
+
+class CreateTests(RaidTestCase):
+    DISKS = {"vda": (64 * MiB, "V1"), "vdb": (64 * MiB, "V2")}
+
+    def test_nothing_to_do(self) -> None:
+        manager = self.manager()
+        self.assertEqual(self.result(manager.create_configuration({}, [])), {})
+        self.assertEqual(self.result(manager.create_configuration(
+            node({**RAID1_MAX, "controller": "hardware"}), [])), {})
+        self.assertEqual(self.runner.argvs, [])
+
+    def test_raid1_over_two_disks_bios_gpt(self) -> None:
+        self.needs_root()
+        manager = self.manager()
+        the_node = node({**RAID1_MAX, "volume_name": "root"},
+                        properties={"capabilities": "boot_mode:bios,disk_label:gpt"})
+        config = self.result(manager.create_configuration(the_node, []))
+        self.assertEqual(config, the_node["target_raid_config"])
+        for disk in ("vda", "vdb"):
+            self.assertEqual(self.parted(disk), [
+                ["mklabel", "gpt"],
+                ["mkpart", f"bios-boot-part-{0 if disk == 'vda' else 1}", "1MiB", "8MiB"],
+                ["set", "1", "bios_grub", "on"],
+                ["mkpart", "raid-root", "8MiB", "100%"], ["set", "2", "raid", "on"]])
+        self.assertEqual(self.creates(), [(
+            "mdadm", "--create", self.dev("md0"), "--force", "--run", "--metadata=1",
+            "--level", "1", "--name", "root", "--raid-devices", "2", self.dev("vda2"),
+            self.dev("vdb2"))])
+        [md0] = raid.list_md_devices(manager.context)
+        self.assertEqual((md0.name, md0.active, md0.level), ("md0", True, "raid1"))
+        self.assertEqual(self.result(manager.get_holder_disks(self.dev("md0"))),
+                         [self.dev("vda"), self.dev("vdb")])
+        self.assertEqual(self.result(manager.software_raid_install_device(the_node)),
+                         self.dev("md0"))
+
+    def test_bios_msdos_starts_at_one_mib(self) -> None:
+        self.needs_root()
+        manager = self.manager()
+        self.result(manager.create_configuration(node(RAID1_MAX), []))
+        self.assertEqual(self.parted("vda"), [["mklabel", "msdos"],
+                                              ["mkpart", "primary", "1MiB", "100%"],
+                                              ["set", "1", "raid", "on"]])
+        self.assertEqual(self.creates()[0][9], "md0")            # the default name
+
+    def test_partitions_must_be_gone(self) -> None:
+        self.needs_root()
+        self.machine.tables[self.dev("vdb")] = "gpt"
+        self.machine.parts[self.dev("vdb")] = [raid_part := Part(1, MiB, 2 * MiB, "data")]
+        del raid_part
+        error = self.failure(self.manager().create_configuration(node(RAID1_MAX), []))
+        self.assertIn(f"Partitions detected on devices {self.dev('vdb')}", error)
+        self.assertEqual(self.creates(), [])
+
+    def test_a_member_that_did_not_join_is_added(self) -> None:
+        self.needs_root()
+        self.machine.refuse_to_join.add(self.dev("vdb1"))
+        manager = self.manager()
+        self.result(manager.create_configuration(node(RAID1_MAX), []))
+        self.assertIn(("mdadm", "--add", self.dev("md0"), self.dev("vdb1")), self.runner.argvs)
+
+    def test_mdadm_failure(self) -> None:
+        self.needs_root()
+        answers = self.machine.answers()
+        answers[("mdadm", "--create")] = Exit(1, b"", b"mdadm: cannot open /dev/vda1: "
+                                              b"Device or resource busy\n")
+        error = self.failure(self.manager(FakeRunner(answers)).create_configuration(
+            node(RAID1_MAX), []))
+        self.assertIn("Failed to create md device", error)
+        self.assertIn("Device or resource busy", error)
+
+    def test_too_big(self) -> None:
+        self.needs_root()
+        error = self.failure(self.manager().create_configuration(
+            node({**RAID1_MAX, "size_gb": 1}), []))
+        self.assertIn("Failed to create partitions", error)
+
+
+class CreateUefiTests(RaidTestCase):
+    def test_two_logical_disks_with_hints_and_esps(self) -> None:
+        self.needs_root()
+        manager = self.manager()
+        the_node = node(
+            {"size_gb": "MAX", "raid_level": "0", "controller": "software",
+             "volume_name": "data"},
+            {"size_gb": 10, "raid_level": "1", "controller": "software",
+             "volume_name": "root", "physical_disks": [{"serial": "V3"}, {"serial": "V1"}]},
+            instance_info={"deploy_boot_mode": "uefi"})
+        # the first logical disk must be RAID-1; put it first as Ironic would
+        the_node["target_raid_config"]["logical_disks"].reverse()
+        self.result(manager.create_configuration(the_node, []))
+        self.assertEqual(self.parted("vdc"), [
+            ["mklabel", "gpt"], ["mkpart", "uefi-holder-0", "fat32", "1MiB", "551MiB"],
+            ["set", "1", "esp", "on"],
+            ["mkpart", "raid-root", "551MiB", "10791MiB"], ["set", "2", "raid", "on"],
+            ["mkpart", "raid-data", "10791MiB", "100%"], ["set", "3", "raid", "on"]])
+        self.assertEqual(self.parted("vdb")[1:4], [
+            ["mkpart", "uefi-holder-2", "fat32", "1MiB", "551MiB"], ["set", "1", "esp", "on"],
+            ["mkpart", "raid-data", "551MiB", "100%"]])
+        root, data = self.creates()
+        self.assertEqual(root[2:], (self.dev("md0"), "--force", "--run", "--metadata=1",
+                                    "--level", "1", "--name", "root", "--raid-devices", "2",
+                                    self.dev("vdc2"), self.dev("vda2")))
+        self.assertEqual(data[2:], (self.dev("md1"), "--force", "--run", "--metadata=1",
+                                    "--level", "0", "--name", "data", "--raid-devices", "3",
+                                    self.dev("vdc3"), self.dev("vda3"), self.dev("vdb2")))
+        self.assertEqual(self.result(manager.software_raid_install_device(the_node)),
+                         self.dev("md0"))
+        # at bootloader time the ESPs become one mirrored ESP
+        esp = self.result(raid.prepare_boot_partitions_for_softraid(
+            manager.context, self.dev("md0"), "uefi"))
+        self.assertEqual(esp, self.dev("md2"))
+        self.assertEqual(self.creates()[2][2:], (
+            self.dev("md2"), "--force", "--run", "--metadata=1.0", "--level", "1", "--name",
+            "esp", "--raid-devices", "2", self.dev("vdc1"), self.dev("vda1")))
+        self.assertIn(("mkfs.vfat", "-F", "32", "-n", "EFI-SYSTEM", self.dev("md2")),
+                      self.runner.argvs)
+        self.assertEqual(self.result(raid.prepare_boot_partitions_for_softraid(
+            manager.context, self.dev("md0"), "uefi")), self.dev("md2"))   # reused
+        self.assertIsNone(self.result(raid.prepare_boot_partitions_for_softraid(
+            manager.context, self.dev("md0"), "bios")))
+
+    def test_raid10_is_mdadm_level_10(self) -> None:
+        self.needs_root()
+        manager = self.manager()
+        self.result(manager.create_configuration(node(
+            {"size_gb": 1, "raid_level": "1", "controller": "software"},
+            {"size_gb": 2, "raid_level": "1+0", "controller": "software"}), []))
+        self.assertEqual([argv[argv.index("--level") + 1] for argv in self.creates()],
+                         ["1", "10"])
+        self.assertEqual(self.parted("vda")[1:], [
+            ["mkpart", "primary", "1MiB", "1025MiB"], ["set", "1", "raid", "on"],
+            ["mkpart", "primary", "1025MiB", "3073MiB"], ["set", "2", "raid", "on"]])
+
+
+# -- deletion and apply ------------------------------------------------------------------------
+
+class DeleteTests(RaidTestCase):
+    DISKS = {"vda": (64 * MiB, "V1"), "vdb": (64 * MiB, "V2"), "vdc": (64 * MiB, "V3")}
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.needs_root()
+        self.creator = self.manager()
+        self.result(self.creator.create_configuration(node(
+            {**RAID1_MAX, "volume_name": "root",
+             "physical_disks": [{"serial": "V1"}, {"serial": "V2"}]}), []))
+
+    def test_delete_everything(self) -> None:
+        # a stale superblock on a disk outside any running array: assembled, then deleted
+        self.machine.superblocks[self.dev("vdc")] = "md9"
+        manager = self.manager()
+        self.result(manager.delete_configuration(node(), []))
+        argvs = self.runner.argvs
+        self.assertIn(("mdadm", "--assemble", "--scan", "--verbose"), argvs)
+        self.assertIn(("wipefs", "-af", self.dev("md0")), argvs)
+        self.assertIn(("mdadm", "--stop", self.dev("md0")), argvs)
+        for member in ("vda1", "vdb1", "vdc"):
+            self.assertIn(("mdadm", "--zero-superblock", self.dev(member)), argvs)
+        self.assertEqual(self.machine.arrays, {})
+        self.assertEqual(self.machine.superblocks, {})
+        self.assertEqual(raid.list_md_devices(manager.context), [])
+        # the holders' partition tables are gone (wipefs, sgdisk -Z, both ends zeroed)
+        self.assertEqual(self.wiped, [self.dev("vda"), self.dev("vdb"), self.dev("vdc")])
+        self.assertEqual(self.machine.parts[self.dev("vda")], [])
+        # the stop comes before the members' superblocks are zeroed
+        self.assertLess(argvs.index(("mdadm", "--stop", self.dev("md0"))),
+                        argvs.index(("mdadm", "--zero-superblock", self.dev("vda1"))))
+
+    def test_unassembled_arrays_are_found(self) -> None:
+        self.machine.arrays["md0"].active = False
+        del self.machine.arrays["md0"]        # not running: only the superblocks say so
+        self.machine.write_mdstat()
+        self.result(self.manager().delete_configuration(node(), []))
+        self.assertEqual(self.machine.superblocks, {})
+
+    def test_arrays_named_in_skip_block_devices_are_kept(self) -> None:
+        manager = self.manager()
+        keep = node(properties={"skip_block_devices": [{"volume_name": "root"}]})
+        self.result(manager.delete_configuration(keep, []))
+        self.assertIn("md0", self.machine.arrays)
+        self.assertNotIn(("mdadm", "--stop", self.dev("md0")), self.runner.argvs)
+
+    def test_arrays_that_will_not_stop(self) -> None:
+        self.machine.refuse_to_stop.add("md0")
+        error = self.failure(self.manager().delete_configuration(node(), []))
+        self.assertIn("Unable to clean all softraid correctly", error)
+        self.assertIn(self.dev("md0"), error)
+
+    def test_apply_deletes_then_creates(self) -> None:
+        manager = self.manager()
+        config = {"logical_disks": [{**RAID1_MAX, "volume_name": "new"}]}
+        self.assertEqual(self.result(manager.apply_configuration(node(), [], config)), config)
+        argvs = self.runner.argvs
+        stop = argvs.index(("mdadm", "--stop", self.dev("md0")))
+        create = next(i for i, a in enumerate(argvs) if a[:2] == ("mdadm", "--create"))
+        self.assertLess(stop, create)
+        [array] = self.machine.arrays.values()
+        self.assertEqual((array.name, len(array.members)), ("new", 3))
+
+    def test_apply_validates_first(self) -> None:
+        error = self.failure(self.manager().apply_configuration(
+            node(), [], {"logical_disks": [{**RAID1_MAX, "raid_level": "0"}]}))
+        self.assertIn("RAID-1 for the first", error)
+        self.assertNotIn(("mdadm", "--stop", self.dev("md0")), self.runner.argvs)
+
+    def test_apply_without_delete_fails_on_partitions(self) -> None:
+        error = self.failure(self.manager().apply_configuration(
+            node(), [], {"logical_disks": [RAID1_MAX]}, delete_existing=False))
+        self.assertIn("Partitions detected", error)
+
+
+class HelperTests(RaidTestCase):
+    def test_md_helpers(self) -> None:
+        self.needs_root()
+        manager = self.manager()
+        context = manager.context
+        self.result(manager.create_configuration(node(RAID1_MAX), []))
+        md0 = self.dev("md0")
+        self.assertTrue(self.result(raid.is_md_device(context, md0)))
+        self.assertFalse(self.result(raid.is_md_device(context, self.dev("vda"))))
+        self.assertEqual(self.result(raid.get_component_devices(context, md0)),
+                         [self.dev("vda1"), self.dev("vdb1"), self.dev("vdc1")])
+        self.assertEqual(list(self.result(raid.md_get_raid_devices(context))),
+                         ["/dev/md/md0"])
+        self.result(raid.md_restart(context, md0))
+        self.assertIn(("mdadm", "--assemble", md0, self.dev("vda1"), self.dev("vdb1"),
+                       self.dev("vdc1")), self.runner.argvs)
+
+    def test_restart_failure(self) -> None:
+        answers = self.machine.answers()
+        answers[("mdadm", "--stop")] = Exit(1, b"", b"mdadm: Cannot get exclusive access")
+        context = self.manager(FakeRunner(answers)).context
+        failed = Deferred.fromCoroutine(raid.md_restart(context, self.dev("md0")))
+        self.assertIn("Cannot get exclusive access",
+                      str(self.failureResultOf(failed, CommandExecutionError).value))
+
+    def test_without_mdadm(self) -> None:
+        context = self.manager(FakeRunner({}, missing=["mdadm"])).context
+        self.assertFalse(self.result(raid.is_md_device(context, self.dev("md0"))))
+        self.result(raid.md_scan_and_assemble(context))        # logged, not raised
+        self.assertEqual(raid.list_md_devices(context), [])
