@@ -10,14 +10,18 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 
+from typing import TYPE_CHECKING
+
 from ipa_twisted import errors
 from ipa_twisted.agent import Agent
-from ipa_twisted.config import AgentConfig
-from ipa_twisted.net.autotls import SwitchableTLSFactory, prepare_api_tls
 from ipa_twisted.clock_sync import sync_clock
-from ipa_twisted.hardware.dispatch import HardwareManagers
-from ipa_twisted.ironic.client import IronicClient, callback_url
-from ipa_twisted.ironic.heartbeat import Heartbeater
+from ipa_twisted.config import AgentConfig
+
+if TYPE_CHECKING:  # imported when used: a standalone agent never loads them (idle RSS)
+    from ipa_twisted.hardware.dispatch import HardwareManagers
+    from ipa_twisted.ironic.client import IronicClient
+    from ipa_twisted.ironic.heartbeat import Heartbeater
+    from ipa_twisted.net.autotls import SwitchableTLSFactory
 
 LOOKUP_RETRY_PAUSE = 10.0
 
@@ -134,6 +138,9 @@ class AgentService(MultiService):
         if not host:
             assert self._find_address is not None
             host = await self._find_address()
+        from ipa_twisted.ironic.client import callback_url
+        from ipa_twisted.ironic.heartbeat import Heartbeater
+        from ipa_twisted.net.autotls import prepare_api_tls
         ironic = self._ironic
         protocol, verify_ca = config.advertise_protocol, None
         if self._api_tls is not None:
