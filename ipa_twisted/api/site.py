@@ -1,6 +1,10 @@
-"""The HTTP site serving the API: access log without query strings, idle timeouts."""
+"""The HTTP site serving the API: access log without query strings, idle timeouts, and a
+request body limit enforced before the body is read."""
 
 from __future__ import annotations
+
+import io
+import json
 
 from twisted.logger import Logger
 from twisted.web.resource import IResource
@@ -8,20 +12,84 @@ from twisted.web.server import Request, Site
 
 from ipa_twisted.api.app import AgentAPI
 
+DEFAULT_MAX_REQUEST_BODY = 1048576
+
+
+class AgentRequest(Request):
+    """A Request that answers 413 and closes the connection once its body is known to be
+    above the site's ``max_request_body``: at once from Content-Length, else as chunks
+    arrive. The body is never buffered past the limit and the resource is never called."""
+
+    _rejected = False
+    _received = 0
+
+    def _limit(self) -> int:
+        site = getattr(self.channel, "site", None)
+        return int(getattr(site, "max_request_body", DEFAULT_MAX_REQUEST_BODY))
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self._limit():
+            self._reject()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        self._received += len(data)
+        if self._received > self._limit():
+            self._reject()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._rejected:  # the 413 went out already; the connection is closing
+            return
+        super().requestReceived(command, path, version)
+
+    def _reject(self) -> None:
+        self._rejected = True
+        self.content = io.BytesIO()  # drop whatever was buffered
+        # No "100 Continue" after our answer (the channel sends it after gotLength).
+        self.requestHeaders.removeHeader(b"Expect")
+        body = json.dumps({"faultcode": "Client", "faultstring":
+                           f"Request body larger than {self._limit()} bytes"}).encode()
+        transport = self.channel.transport
+        if transport is not None:
+            transport.write(b"HTTP/1.1 413 Request Entity Too Large\r\n"
+                            b"Content-Type: application/json\r\n"
+                            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+                            + body)
+            self.channel.loseConnection()
+
 
 class AgentSite(Site):
-    """A Site whose access log never shows query strings (they carry the agent token)."""
+    """A Site whose access log never shows query strings (they carry the agent token).
 
-    access_log = Logger(namespace="ipa_twisted.api.access")
+    ``idle_timeout``: seconds a connection may stay silent (keep-alive between requests,
+    or a client that stops sending mid-request) before it is closed; a reactor serves the
+    others meanwhile. ``max_request_body``: bytes; larger bodies get a 413.
+    ``access_log``: whether to emit the access log's debug events at all (only with debug
+    logging on: building and filtering one event per request costs ~7% of throughput).
+    """
+
+    access_logger = Logger(namespace="ipa_twisted.api.access")
     displayTracebacks = False
+    requestFactory = AgentRequest
 
-    def __init__(self, resource: IResource, idle_timeout: float = 60.0) -> None:
+    def __init__(self, resource: IResource, idle_timeout: float = 60.0,
+                 max_request_body: int = DEFAULT_MAX_REQUEST_BODY,
+                 access_log: bool = True) -> None:
         super().__init__(resource, timeout=idle_timeout)
+        self.max_request_body = max_request_body
+        self.access_log = access_log
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         """One debug event per request: client, method, path (no query), status, size."""
+        if not self.access_log:
+            return
         client = request.getClientAddress()
-        self.access_log.debug(
+        self.access_logger.debug(
             "{client} {method} {path} {code} {length}",
             client=getattr(client, "host", "-"),
             method=request.method.decode("ascii", "replace"),
@@ -30,5 +98,8 @@ class AgentSite(Site):
 
 
 def make_site(api: AgentAPI, idle_timeout: float = 60.0) -> AgentSite:
-    """The Site for ``api``."""
-    return AgentSite(api.app.resource(), idle_timeout)
+    """The Site for ``api``, with the body limit and debug flag of its agent's config."""
+    config = getattr(api.agent, "config", None)
+    limit = getattr(config, "max_request_body", DEFAULT_MAX_REQUEST_BODY)
+    return AgentSite(api.app.resource(), idle_timeout, limit,
+                     access_log=bool(getattr(config, "debug", True)))

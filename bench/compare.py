@@ -1,0 +1,356 @@
+"""Our agent side by side with the reference agent (ironic-python-agent from PyPI).
+
+Usage: /work/venv/bin/python bench/compare.py [--runs 5] [--idle 10] [--duration 5]
+
+Prints one table: measure | ours | reference | ratio | target | met?. Every figure is the
+median of ``--runs`` runs, ours and the reference's interleaved in the same run so that a
+busy machine slows both alike. See bench/README.md for what is measured and how.
+
+The reference is installed on first use into ``bench/_scratch/ref-venv`` (git-ignored). It
+has no standalone mode: it serves its API only after a lookup, so a FakeIronic
+(``ipa_twisted.testing.fake_ironic``) on 127.0.0.1 answers it with our agent token. Its
+hardware manager runs ``mdadm --assemble``, ``modprobe``, ``multipathd``...: those commands
+are shadowed by no-op stubs on its PATH (``bench/_scratch/stubs``) so that it changes
+nothing on this machine; read-only tools (``lsblk``, ``ip``) stay real. Ours runs
+``--standalone`` with the same token from a config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess  # a benchmark driver, not agent code
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRATCH = os.path.join(ROOT, "bench", "_scratch")
+REF_VENV = os.path.join(SCRATCH, "ref-venv")
+STUBS = os.path.join(SCRATCH, "stubs")
+TOKEN = "bench-token-0123456789abcdef0123456789abcdef"
+# Commands the reference's hardware managers would use to change this machine.
+STUBBED = ("mdadm", "modprobe", "multipath", "multipathd", "iscsistart", "umount", "mount",
+           "hwclock", "chronyd", "ntpdate", "ipmitool", "efibootmgr", "udevadm", "lshw",
+           "dmidecode", "sgdisk", "parted", "wipefs", "dd", "reboot", "poweroff", "systemctl")
+
+STUB_OUTPUT = {"lshw": "echo '{\"id\": \"bench\", \"class\": \"system\", "
+                       "\"product\": \"bench\", \"vendor\": \"bench\", \"children\": []}'\n"}
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_mib(pid: int) -> float:
+    """RSS of ``pid`` and its descendants (MiB)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            for task in os.listdir(f"/proc/{p}/task"):
+                with contextlib.suppress(OSError), \
+                        open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+    return total / 1024
+
+
+def ensure_reference() -> str:
+    python = os.path.join(REF_VENV, "bin", "python")
+    if not os.path.exists(os.path.join(REF_VENV, "bin", "ironic-python-agent")):
+        print("installing ironic-python-agent into", REF_VENV, file=sys.stderr)
+        subprocess.run(["python3",
+                        "-m", "venv", REF_VENV], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", "ironic-python-agent"],
+                       check=True)
+    os.makedirs(STUBS, exist_ok=True)
+    for name in STUBBED:
+        path = os.path.join(STUBS, name)
+        if not os.path.exists(path):
+            with open(path, "w") as f:
+                f.write("#!/bin/sh\n" + STUB_OUTPUT.get(name, "") + "exit 0\n")
+            os.chmod(path, 0o755)
+    if not shutil.which("wrk"):
+        sys.exit("wrk is missing: apt-get install -y wrk")
+    return os.path.join(REF_VENV, "bin", "ironic-python-agent")
+
+
+def macs() -> list[str]:
+    found = []
+    for name in os.listdir("/sys/class/net"):
+        with contextlib.suppress(OSError), open(f"/sys/class/net/{name}/address") as f:
+            mac = f.read().strip()
+            if mac and mac != "00:00:00:00:00:00":
+                found.append(mac)
+    return found
+
+
+@contextlib.contextmanager
+def fake_ironic() -> Iterator[int]:
+    args = [sys.executable, "-m", "ipa_twisted.testing.fake_ironic", "--port", "0",
+            "--token", TOKEN, "--reissue-tokens"]
+    for mac in macs():
+        args += ["--mac", mac]
+    child = subprocess.Popen(args, env=dict(os.environ, PYTHONPATH=ROOT),
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        match = re.match(r"listening on (\d+)", line)
+        if not match:
+            raise RuntimeError(f"fake Ironic did not start: {line!r}")
+        yield int(match.group(1))
+    finally:
+        child.terminate()
+        child.wait(10)
+
+
+@dataclass
+class Agent:
+    """How to start one agent on a given port."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    port: int = 0
+    child: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        """Start; seconds from process start to the first 200 on GET /."""
+        self.port = free_port()
+        argv = [a.replace("{port}", str(self.port)) for a in self.argv]
+        started = time.monotonic()
+        self.child = subprocess.Popen(argv, env=self.env, cwd=SCRATCH,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while True:
+            try:
+                with urllib.request.urlopen(self.url("/"), timeout=1) as r:
+                    if r.status == 200:
+                        return time.monotonic() - started
+            except OSError:
+                time.sleep(0.005)
+            if self.child.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.child.returncode}")
+            if time.monotonic() - started > 60:
+                raise RuntimeError(f"{self.name} did not answer within 60 s")
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.child.terminate()
+            try:
+                self.child.wait(10)
+            except subprocess.TimeoutExpired:
+                self.child.kill()
+                self.child.wait()
+            self.child = None
+
+
+def make_agents(fake_port: int, config_dir: str) -> tuple[Agent, Agent]:
+    cmdline = os.path.join(config_dir, "cmdline")
+    with open(cmdline, "w") as f:
+        f.write("\n")
+    ours_conf = os.path.join(config_dir, "ours.conf")
+    with open(ours_conf, "w") as f:
+        f.write(f"[DEFAULT]\nagent_token = {TOKEN}\n")
+    ours = Agent("ours", [
+        sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
+        "--pidfile=", "ipa", "--standalone", "--no-default-config-files",
+        "--config-file", ours_conf, "--cmdline-path", cmdline,
+        "--listen", "127.0.0.1:{port}"], dict(os.environ, PYTHONPATH=ROOT))
+    ref_conf = os.path.join(config_dir, "ref-{port}.conf")
+    theirs = Agent("reference", [
+        "/bin/sh", "-c",
+        f"printf '[DEFAULT]\\napi_url = http://127.0.0.1:{fake_port}\\n"
+        "listen_host = 127.0.0.1\\nlisten_port = {port}\\nenable_auto_tls = False\\n"
+        "hardware_initialization_delay = 0\\nuse_stderr = True\\ndebug = False\\n"
+        "lookup_interval = 1\\n' > " + ref_conf + " && exec " + ensure_reference()
+        + " --config-file " + ref_conf],
+        dict(os.environ, PATH=STUBS + ":" + os.environ.get("PATH", "/usr/bin:/bin")))
+    return ours, theirs
+
+
+# -- wrk -------------------------------------------------------------------------------------
+
+@dataclass
+class WrkResult:
+    rps: float
+    p50: float
+    p99: float
+    errors: int
+
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def _seconds(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    return float(match.group(1)) * _UNITS[match.group(2)] if match else float("nan")
+
+
+def wrk(url: str, connections: int, duration: float) -> WrkResult:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "2s", "--latency",
+         url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = re.search(r"\s50%\s+(\S+)", out)
+    p99 = re.search(r"\s99%\s+(\S+)", out)
+    errors = 0
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), "
+                              r"timeout (\d+)", out)
+    if socket_errors:
+        errors += sum(int(x) for x in socket_errors.groups())
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        errors += int(non2xx.group(1))
+    return WrkResult(rps, _seconds(p50.group(1)) if p50 else float("nan"),
+                     _seconds(p99.group(1)) if p99 else float("nan"), errors)
+
+
+def collect_inventory(agent: Agent) -> float:
+    """Seconds for POST /v1/commands/?wait=true poll.get_hardware_info to answer."""
+    request = urllib.request.Request(
+        agent.url(f"/v1/commands/?wait=true&agent_token={TOKEN}"), method="POST",
+        data=b'{"name": "poll.get_hardware_info", "params": {}}',
+        headers={"Content-Type": "application/json"})
+    started = time.monotonic()
+    with urllib.request.urlopen(request, timeout=120) as response:
+        body = json.loads(response.read())
+    elapsed = time.monotonic() - started
+    if body.get("command_status") != "SUCCEEDED":
+        raise RuntimeError(f"{agent.name}: inventory failed: {body.get('command_error')}")
+    return elapsed
+
+
+# -- the table -------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    measure: str
+    ours: list[float] = field(default_factory=list)
+    theirs: list[float] = field(default_factory=list)
+    fmt: str = "{:.3f}"
+    target: str = ""
+    # ratio ours/theirs must be <= max_ratio, >= min_ratio, or ours <= max_ours
+    max_ratio: float | None = None
+    min_ratio: float | None = None
+    max_ours: float | None = None
+    use_max: bool = False   # errors: report the worst run, not the median
+
+    def value(self, values: list[float]) -> float:
+        if not values:
+            return float("nan")
+        return max(values) if self.use_max else statistics.median(values)
+
+    def line(self) -> str:
+        ours, theirs = self.value(self.ours), self.value(self.theirs)
+        ratio = ours / theirs if theirs else float("nan")
+        met = True
+        if self.max_ratio is not None:
+            met = met and ratio <= self.max_ratio
+        if self.min_ratio is not None:
+            met = met and ratio >= self.min_ratio
+        if self.max_ours is not None:
+            met = met and ours <= self.max_ours
+        verdict = "yes" if met else "NO"
+        if not self.target:
+            verdict = "-"
+        ratio_text = f"{ratio:.2f}" if ratio == ratio else "-"
+        return (f"| {self.measure:<46} | {self.fmt.format(ours):>9} | "
+                f"{self.fmt.format(theirs):>9} | {ratio_text:>6} | {self.target:<16} | "
+                f"{verdict:<4} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--idle", type=float, default=10.0, help="seconds before RSS")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    parser.add_argument("--only", choices=["startup", "wrk"], default=None)
+    args = parser.parse_args()
+    ensure_reference()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(dir=SCRATCH) as config_dir, fake_ironic() as fake_port:
+        ours, theirs = make_agents(fake_port, config_dir)
+        if args.only in (None, "startup"):
+            startup = Row("start-up to first 200 on GET / (s)", target="<= 0.5x",
+                          max_ratio=0.5)
+            rss = Row(f"idle RSS after {args.idle:g} s (MiB)", fmt="{:.1f}",
+                      target="<= 0.75x", max_ratio=0.75)
+            rows += [startup, rss]
+            for _ in range(args.runs):
+                for agent, side in ((ours, "ours"), (theirs, "theirs")):
+                    try:
+                        getattr(startup, side).append(agent.start())
+                        time.sleep(args.idle)
+                        assert agent.child is not None
+                        getattr(rss, side).append(rss_mib(agent.child.pid))
+                    finally:
+                        agent.stop()
+        if args.only in (None, "wrk"):
+            loads: list[tuple[str, int, tuple[Row, Row, Row, Row]]] = []
+            for path in ("/v1/status", "/v1/commands/"):
+                for connections in (10, 200):
+                    label = f"GET {path} c={connections}"
+                    rps = Row(f"{label} req/s", fmt="{:.0f}")
+                    p50, p99 = Row(f"{label} p50 (s)"), Row(f"{label} p99 (s)")
+                    errs = Row(f"{label} errors", fmt="{:.0f}", use_max=True)
+                    if connections == 10:
+                        rps.target, rps.min_ratio = ">= 1.5x", 1.5
+                    else:
+                        p99.target, p99.max_ours = "ours <= 0.2", 0.2
+                        errs.target, errs.max_ours = "ours 0", 0
+                    rows += [rps, p50, p99, errs]
+                    loads.append((path, connections, (rps, p50, p99, errs)))
+            first = Row("inventory via API, first call (s)")
+            inventory = Row("inventory via API, later calls (s)")
+            rows += [first, inventory]
+            try:
+                ours.start()
+                theirs.start()
+                for _ in range(args.runs):
+                    for path, connections, (rps, p50, p99, errs) in loads:
+                        query = f"?agent_token={TOKEN}" if "commands" in path else ""
+                        for agent, side in ((ours, "ours"), (theirs, "theirs")):
+                            result = wrk(agent.url(path + query), connections, args.duration)
+                            getattr(rps, side).append(result.rps)
+                            getattr(p50, side).append(result.p50)
+                            getattr(p99, side).append(result.p99)
+                            getattr(errs, side).append(result.errors)
+                # After wrk: GET /v1/commands/ above lists no results (inventories are big).
+                for run in range(args.runs + 1):
+                    for agent, side in ((ours, "ours"), (theirs, "theirs")):
+                        row = first if run == 0 else inventory
+                        getattr(row, side).append(collect_inventory(agent))
+            finally:
+                ours.stop()
+                theirs.stop()
+    print(f"medians of {args.runs} runs (errors: worst run); ratio = ours / reference")
+    print(f"| {'measure':<46} | {'ours':>9} | {'reference':>9} | {'ratio':>6} | "
+          f"{'target':<16} | met? |")
+    print(f"|{'-' * 48}|{'-' * 11}|{'-' * 11}|{'-' * 8}|{'-' * 18}|------|")
+    for row in rows:
+        print(row.line())
+
+
+if __name__ == "__main__":
+    main()
