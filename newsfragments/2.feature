@@ -1,0 +1,1 @@
+The agent core: twistd ipa with the reference agent's configuration sources and options, its REST API and command framework (errors as JSON with the right status, agent token checks), hardware managers as Twisted plugins, lookup and jittered heartbeats.

@@ -1,0 +1,1 @@
+Cleaning: erase_devices (ATA secure erase, NVMe format, shred; all disks at once, with progress) and erase_devices_express; software RAID (validate/create/delete/apply_configuration); ramdisk/build.sh builds the deploy ramdisk (docs/ramdisk.md), tested in QEMU.
