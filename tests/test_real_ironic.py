@@ -11,8 +11,8 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 import ipa_twisted
-from tests.ironic.harness import RealIronic, skip_reason
-from tests.processes import SAFE_POWER, TWISTD, Child, free_port, physical_macs, poll
+from tests.ironic.harness import RealIronic, skip_reason, start_agent
+from tests.processes import Child, physical_macs, poll
 
 HEARTBEAT_TIMEOUT = 10          # [api]ramdisk_heartbeat_timeout: the agent beats every 3-6 s
 
@@ -32,20 +32,8 @@ class RealIronicTests(TestCase):
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
 
-    def start_agent(self, api_url: str, port: int) -> Child:
-        config = os.path.join(self.dir, "agent.conf")
-        with open(config, "w") as f:
-            f.write(f"[DEFAULT]\nadvertise_port = {port}\nlookup_interval = 0.2\n"
-                    f"{SAFE_POWER}")
-        cmdline = os.path.join(self.dir, "cmdline")
-        with open(cmdline, "w") as f:
-            f.write("\n")
-        agent = Child(TWISTD + ["-n", "--pidfile=", "ipa", "--no-default-config-files",
-                                "--config-file", config, "--cmdline-path", cmdline,
-                                "--api-url", api_url, "--listen", f"127.0.0.1:{port}",
-                                "--debug"])
-        self.addCleanup(agent.stop, "KILL")
-        return agent
+    def start_agent(self, ironic: RealIronic) -> Child:
+        return start_agent(self, ironic, self.dir)
 
     async def test_fast_track_deploy_through_the_conductor(self) -> None:
         """Fast track: Ironic adopts a running agent, then deploys with ``custom-agent``
@@ -60,8 +48,8 @@ class RealIronicTests(TestCase):
         uuid = await ironic.enroll_node(self.macs, deploy_interface="custom-agent")
 
         # Lookup (allowed in "available" with fast track) and a heartbeat Ironic recorded.
-        port = free_port()
-        agent = self.start_agent(ironic.api_url, port)
+        agent = self.start_agent(ironic)
+        port = agent.port  # type: ignore[attr-defined]
         info = await poll(lambda: recorded_heartbeat(ironic, uuid), timeout=60, interval=0.25)
         # Ironic requires TLS by default: our automatic TLS makes that work.
         self.assertEqual(info["agent_url"], f"https://127.0.0.1:{port}")
@@ -87,7 +75,7 @@ class RealIronicTests(TestCase):
         await ironic.deploy(uuid)
         node = await ironic.wait_for_state(uuid, "wait call-back", timeout=30)
         self.assertNotIn("agent_url", node["driver_internal_info"])
-        agent = self.start_agent(ironic.api_url, free_port())
+        agent = self.start_agent(ironic)
         await self.assert_deployed(ironic, uuid, agent)
 
     async def assert_deployed(self, ironic: RealIronic, uuid: str, agent: Child) -> None:

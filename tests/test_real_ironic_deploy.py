@@ -20,8 +20,8 @@ from twisted.web.static import File
 from ipa_twisted.process import ProcessRunner
 from ipa_twisted.testing.sandbox import (attach_loop_devices, loop_devices_unavailable,
                                          sandbox_argv)
-from tests.ironic.harness import IRONIC_VENV, RealIronic
-from tests.processes import SAFE_POWER, TWISTD, Child, free_port, physical_macs
+from tests.ironic.harness import RealIronic, skip_reason, start_agent
+from tests.processes import Child, physical_macs
 
 HEARTBEAT_TIMEOUT = 10
 IMAGE_SIZE = 48 * 1024 * 1024
@@ -29,10 +29,9 @@ DISK_SIZE = 2 * 1024 * 1024 * 1024
 
 
 def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "deploying onto loop devices needs root"
-    if not os.path.exists(os.path.join(IRONIC_VENV, "bin", "ironic")):
-        return "no real Ironic: run tests/ironic/setup-ironic.sh (.ci/setup does)"
+    reason = skip_reason()
+    if reason:
+        return reason
     if shutil.which("qemu-img") is None:
         return "qemu-img (qemu-utils) is not installed"
     if not physical_macs():
@@ -84,22 +83,13 @@ class RealIronicDeployTests(TestCase):
         return qcow2
 
     def start_agent(self) -> Child:
-        port = free_port()
-        config = os.path.join(self.dir, "agent.conf")
-        cmdline = os.path.join(self.dir, "cmdline")
-        with open(config, "w") as f:
-            f.write(f"[DEFAULT]\nadvertise_port = {port}\nlookup_interval = 0.2\n"
-                    f"include_loop_devices = true\n{SAFE_POWER}")
-        with open(cmdline, "w") as f:
-            f.write("\n")
-        argv = sandbox_argv([self.loop], TWISTD + [
-            "-n", "--pidfile=", "ipa", "--no-default-config-files", "--config-file", config,
-            "--cmdline-path", cmdline, "--api-url", self.ironic.api_url,
-            "--listen", f"127.0.0.1:{port}", "--debug"])
-        argv[0] = shutil.which(argv[0]) or argv[0]
-        agent = Child(argv)
-        self.addCleanup(agent.stop, "KILL")
-        return agent
+        def in_sandbox(argv: list[str]) -> list[str]:
+            wrapped = sandbox_argv([self.loop], argv)
+            wrapped[0] = shutil.which(wrapped[0]) or wrapped[0]
+            return wrapped
+
+        return start_agent(self, self.ironic, self.dir, config="include_loop_devices = true\n",
+                           wrap=in_sandbox)
 
     def read_disk(self, length: int) -> bytes:
         with open(self.loop.path, "rb") as f:

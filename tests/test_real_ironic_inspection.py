@@ -12,18 +12,17 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from tests.ironic.harness import IRONIC_VENV, RealIronic
-from tests.processes import SAFE_POWER, TWISTD, Child, free_port, physical_macs
+from tests.ironic.harness import RealIronic, skip_reason, start_agent
+from tests.processes import Child, physical_macs
 
 
 class RealIronicInspectionTests(TestCase):
     timeout = 180
 
     async def setUp(self) -> None:
-        if os.geteuid() != 0:
-            raise self.skipTest("the real Ironic tests run as root (as CI does)")
-        if not os.path.exists(os.path.join(IRONIC_VENV, "bin", "ironic")):
-            raise self.skipTest("no real Ironic: run tests/ironic/setup-ironic.sh")
+        reason = skip_reason()
+        if reason:
+            raise self.skipTest(reason)
         self.macs = physical_macs()
         if not self.macs:
             raise self.skipTest("no physical network interface to inspect")
@@ -43,22 +42,9 @@ class RealIronicInspectionTests(TestCase):
         self.addCleanup(self.ironic.stop)
 
     def start_agent(self) -> Child:
-        port = free_port()
-        config = os.path.join(self.dir, "agent.conf")
-        cmdline = os.path.join(self.dir, "cmdline")
-        with open(config, "w") as f:
-            f.write(f"[DEFAULT]\nadvertise_port = {port}\nlookup_interval = 0.2\n"
-                    f"inspection_callback_url = {self.ironic.api_url}/v1/continue_inspection\n"
-                    f"inspection_collectors = default,pci-devices,numa-topology\n"
-                    f"{SAFE_POWER}")
-        with open(cmdline, "w") as f:
-            f.write("\n")
-        agent = Child(TWISTD + ["-n", "--pidfile=", "ipa", "--no-default-config-files",
-                                "--config-file", config, "--cmdline-path", cmdline,
-                                "--api-url", self.ironic.api_url,
-                                "--listen", f"127.0.0.1:{port}", "--debug"])
-        self.addCleanup(agent.stop, "KILL")
-        return agent
+        return start_agent(self, self.ironic, self.dir, config=(
+            f"inspection_callback_url = {self.ironic.api_url}/v1/continue_inspection\n"
+            "inspection_collectors = default,pci-devices,numa-topology\n"))
 
     async def test_inventory_stored_by_ironic(self) -> None:
         uuid = await self.ironic.enroll_node(self.macs, state="manageable",

@@ -13,18 +13,17 @@ import os
 from twisted.trial.unittest import TestCase
 
 from ipa_twisted.passwords import sha512_crypt
-from tests.ironic.harness import IRONIC_VENV, RealIronic
-from tests.processes import SAFE_POWER, TWISTD, Child, free_port, physical_macs, poll
+from tests.ironic.harness import RealIronic, skip_reason, start_agent
+from tests.processes import Child, physical_macs, poll
 
 
 class RealIronicRescueTests(TestCase):
     timeout = 240
 
     async def setUp(self) -> None:
-        if os.geteuid() != 0:
-            raise self.skipTest("the real Ironic tests run as root (as CI does)")
-        if not os.path.exists(os.path.join(IRONIC_VENV, "bin", "ironic")):
-            raise self.skipTest("no real Ironic: run tests/ironic/setup-ironic.sh")
+        reason = skip_reason()
+        if reason:
+            raise self.skipTest(reason)
         self.macs = physical_macs()
         if not self.macs:
             raise self.skipTest("no physical network interface to look the node up by")
@@ -37,20 +36,8 @@ class RealIronicRescueTests(TestCase):
         self.addCleanup(self.ironic.stop)
 
     def start_agent(self, name: str) -> Child:
-        port = free_port()
-        config = os.path.join(self.dir, f"{name}.conf")
-        cmdline = os.path.join(self.dir, "cmdline")
-        with open(config, "w") as f:
-            f.write(f"[DEFAULT]\nadvertise_port = {port}\nlookup_interval = 0.2\n"
-                    f"etc_path = {self.etc}\n{SAFE_POWER}")
-        with open(cmdline, "w") as f:
-            f.write("\n")
-        agent = Child(TWISTD + ["-n", "--pidfile=", "ipa", "--no-default-config-files",
-                                "--config-file", config, "--cmdline-path", cmdline,
-                                "--api-url", self.ironic.api_url,
-                                "--listen", f"127.0.0.1:{port}", "--debug"])
-        self.addCleanup(agent.stop, "KILL")
-        return agent
+        return start_agent(self, self.ironic, self.dir, name=name,
+                           config=f"etc_path = {self.etc}\n")
 
     async def test_rescue_and_unrescue(self) -> None:
         uuid = await self.ironic.enroll_node(self.macs, deploy_interface="custom-agent",
