@@ -31,28 +31,14 @@ from ipa_twisted.agent import Agent
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.hardware.inject import INJECT_FILES_STEP, InjectFilesMixin
-from ipa_twisted.hardware.interface import HardwareManager
-from ipa_twisted.hardware.inventory import BootInfo
 from ipa_twisted.process import ProcessRunner
+from ipa_twisted.testing.fake_managers import FixedDeviceManager
 
 
-class LoopManager(HardwareManager):
-    """Installs on the given device; the boot mode is what the test says."""
+class LoopManager(FixedDeviceManager):
+    """Installs on the given loop device; the boot mode is what the test says."""
 
     HARDWARE_MANAGER_NAME = "loop_manager"
-
-    def __init__(self, device: str, boot_mode: str) -> None:
-        self.device, self.boot_mode = device, boot_mode
-
-    def evaluate_hardware_support(self) -> int:
-        return 3
-
-    def get_os_install_device(self, permit_refresh: bool = False, *,
-                              node: Any = None) -> str:
-        return self.device
-
-    def get_boot_info(self) -> BootInfo:
-        return BootInfo(current_boot_mode=self.boot_mode, pxe_interface=None)
 
 
 class InjectingLoopManager(InjectFilesMixin, LoopManager):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 from typing import Any
 
@@ -24,6 +23,7 @@ from ipa_twisted.hardware import disks
 from ipa_twisted.hardware.generic import GenericHardwareManager
 from ipa_twisted.hardware.interface import HardwareContext
 from ipa_twisted.process import ProcessExecutionError, ProcessRunner
+from ipa_twisted.testing.fake_system import lsblk_row as _lsblk
 from ipa_twisted.testing.fake_process import Exit, FakeRunner
 from ipa_twisted.testing.fake_system import FakeSystem
 from ipa_twisted.testing.sandbox import (LoopDevice, LoopOnlyRunner, attach_loop_devices,
@@ -68,12 +68,6 @@ class ParsingTests(SynchronousTestCase):
         self.assertEqual(disks.partition_index_to_path("/dev/loop7", 3), "/dev/loop7p3")
 
 
-def _lsblk(kname: str, size: int, type_: str, **extra: Any) -> dict[str, Any]:
-    row = {"kname": kname, "model": None, "size": size, "rota": False, "type": type_,
-           "uuid": None, "partuuid": None, "serial": None, "wwn": None, "vendor": None,
-           "log-sec": 512, "phy-sec": 512, "tran": None}
-    row.update(extra)
-    return row
 
 
 LSBLK = json.dumps({"blockdevices": [
@@ -157,10 +151,7 @@ class LoopTestCase(TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        reason = loop_devices_unavailable()
-        missing = [tool for tool in TOOLS if shutil.which(tool) is None]
-        if reason is None and missing:
-            reason = f"missing tools: {', '.join(missing)}"
+        reason = loop_devices_unavailable(TOOLS)
         if reason is not None:
             raise SkipTest(reason)
         self.real_runner = ProcessRunner(reactor, reactor)

@@ -30,7 +30,7 @@ from ipa_twisted.commands import CommandResult
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.hardware import bootloader, efi
 from ipa_twisted.hardware.dispatch import HardwareManagers
-from ipa_twisted.hardware.inventory import BootInfo
+from ipa_twisted.testing.fake_managers import FixedDeviceManager
 from ipa_twisted.process import ProcessRunner
 from ipa_twisted.testing.fake_process import Exit, FakeRunner
 from ipa_twisted.testing.fake_system import FakeSystem
@@ -46,24 +46,11 @@ EFI_TARGET = bootloader.grub_target("uefi")
 BIOS_TARGET = bootloader.grub_target("bios")
 
 
-class Disk:
+class Disk(FixedDeviceManager):
     """A hardware manager whose install device and boot mode the test decides."""
 
     HARDWARE_MANAGER_NAME = "disk"
     HARDWARE_MANAGER_VERSION = "1.0"
-
-    def __init__(self, device: str, boot_mode: str = "bios") -> None:
-        self.device, self.boot_mode = device, boot_mode
-
-    def evaluate_hardware_support(self) -> int:
-        return 3
-
-    def get_os_install_device(self, permit_refresh: bool = False, *,
-                              node: Any = None) -> str:
-        return self.device
-
-    def get_boot_info(self) -> BootInfo:
-        return BootInfo(current_boot_mode=self.boot_mode, pxe_interface=None)
 
 
 class FakeFilesystems:

@@ -10,7 +10,6 @@ import base64
 import gzip
 import hashlib
 import os
-import shutil
 import uuid as uuidlib
 from typing import Any
 
@@ -184,10 +183,7 @@ class LoopTestCase(TestCase):
     timeout = 180
 
     def setUp(self) -> None:
-        reason = loop_devices_unavailable()
-        missing = [tool for tool in TOOLS if shutil.which(tool) is None]
-        if reason is None and missing:
-            reason = f"missing tools: {', '.join(missing)}"
+        reason = loop_devices_unavailable(TOOLS)
         if reason is not None:
             raise SkipTest(reason)
         self.real = ProcessRunner(reactor, reactor)

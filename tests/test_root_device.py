@@ -17,6 +17,7 @@ from ipa_twisted.hardware.root_device import (GiB, RootDeviceHintError, find_dev
                                               guess_root_disk, match_root_device_hints,
                                               parse_root_device_hints,
                                               root_device_hints_from_node, skip_list_from_node)
+from ipa_twisted.testing.fake_system import lsblk_row as _lsblk
 from ipa_twisted.testing.fake_process import FakeRunner
 from ipa_twisted.testing.fake_system import FakeSystem
 
@@ -225,12 +226,6 @@ class GuessTests(SynchronousTestCase):
                           str(caught.exception))
 
 
-def _lsblk(kname: str, size: int, type_: str, **extra: Any) -> dict[str, Any]:
-    row = {"kname": kname, "model": None, "size": size, "rota": False, "type": type_,
-           "uuid": None, "partuuid": None, "serial": None, "wwn": None, "vendor": None,
-           "log-sec": 512, "phy-sec": 512, "tran": None}
-    row.update(extra)
-    return row
 
 
 LSBLK = json.dumps({"blockdevices": [

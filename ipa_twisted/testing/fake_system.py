@@ -134,3 +134,13 @@ class FakeSystem:
                         exist_ok=True)
         if by_path is not None:
             self._link_into_tree(f"dev/disk/by-path/{by_path}", f"dev/{name}")
+
+
+def lsblk_row(kname: str, size: int, type_: str, **extra: Any) -> dict[str, Any]:
+    """One device of ``lsblk --json`` output as the generic manager asks for it."""
+    row: dict[str, Any] = {"kname": kname, "model": None, "size": size, "rota": False,
+                           "type": type_, "uuid": None, "partuuid": None, "serial": None,
+                           "wwn": None, "vendor": None, "log-sec": 512, "phy-sec": 512,
+                           "tran": None}
+    row.update(extra)
+    return row

@@ -48,8 +48,11 @@ class LoopDevice:
     size: int
 
 
-def loop_devices_unavailable() -> str | None:
-    """Why loop devices cannot be used here (a skip reason), or None."""
+def loop_devices_unavailable(tools: Sequence[str] = ()) -> str | None:
+    """Why loop devices (and ``tools``) cannot be used here (a skip reason), or None."""
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        return f"missing tools: {', '.join(missing)}"
     if os.geteuid() != 0:
         return "loop devices need root"
     for program in ("losetup", "unshare"):
