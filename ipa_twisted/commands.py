@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 
 from ipa_twisted import errors
@@ -260,6 +260,13 @@ async def run_command(method: Callable[..., Any], params: dict[str, Any],
         value = method(**params)
         if inspect.isawaitable(value):
             value = await value
+    except CancelledError:
+        # Its caller gave up (the API client of a sync command went away): one line, not a
+        # traceback, and a result that says so.
+        log.warn("Command {command} cancelled before it finished",
+                 command=result.command_name)
+        result.fail(errors.CommandExecutionError("cancelled before it finished"))
+        raise
     except Exception as e:
         if isinstance(e, errors.RESTError):
             log.warn("Command {command} failed: {error}", command=result.command_name,

@@ -7,7 +7,7 @@ import shutil
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
@@ -19,6 +19,8 @@ from twisted.internet.interfaces import IPushProducer
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _MAX_ERROR_OUTPUT = 4096
 KILL_GRACE = 10.0
+STOP_GRACE = 5.0
+"""Seconds ``ProcessRunner.stop`` waits for the programs it killed to end."""
 
 
 def _tail(data: bytes) -> str:
@@ -68,6 +70,27 @@ class _Collector(ProcessProtocol):
         self.finished = False
         self.failure: Failure | None = None
         """Why the run must fail whatever the exit code (stdin source or consumer error)."""
+        self.exited = False
+        self.stopped = False
+        """Killed because the runner stopped (the agent is stopping)."""
+        self._exit_waiters: list[Deferred[None]] = []
+
+    def kill(self) -> None:
+        """KILL the child unless it has ended."""
+        if not self.exited and self.transport is not None:
+            try:
+                self.transport.signalProcess("KILL")
+            except Exception:  # already gone
+                pass
+
+    def when_exited(self) -> Deferred[None]:
+        """Fires once the child has ended and its pipes are closed."""
+        waiter: Deferred[None] = Deferred(self._exit_waiters.remove)
+        if self.exited:
+            waiter.callback(None)
+        else:
+            self._exit_waiters.append(waiter)
+        return waiter
 
     def fail(self, failure: Failure) -> None:
         """Record ``failure`` (the first one wins) and kill the child."""
@@ -91,8 +114,12 @@ class _Collector(ProcessProtocol):
             code = reason.value.exitCode
         else:  # pragma: no cover - Twisted only delivers the two above
             code = None
+        self.exited = True
         if not self._ended.called:
             self._ended.callback((code, b"".join(self._out), b"".join(self._err)))
+        waiters, self._exit_waiters = self._exit_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
     # IPushProducer, registered on the child's stdin pipe while we stream into it.
     def pauseProducing(self) -> None:
@@ -183,6 +210,10 @@ class _Streamer(_Collector):
         super().fail(failure)
         self.release()
 
+    def kill(self) -> None:
+        super().kill()
+        self.release()
+
     def release(self) -> None:
         """Read (and drop) the rest of the output, so a killed child's pipes reach EOF."""
         self.dropping = True
@@ -201,6 +232,8 @@ class ProcessRunner:
         # With no env, spawnProcess gives the child an EMPTY environment on POSIX.
         self._env = dict(base_env) if base_env is not None else {
             "PATH": os.environ.get("PATH") or DEFAULT_PATH, "LC_ALL": "C", "LANG": "C"}
+        self._running: dict[_Collector, tuple[str, ...]] = {}
+        """The children that have not ended, with their argv as logged."""
 
     def which(self, name: str) -> str | None:
         """The full path of ``name`` on the runner's PATH, or None."""
@@ -247,20 +280,15 @@ class ProcessRunner:
         timed_out = False
         grace: list[Any] = []
 
-        def kill(_: object = None) -> None:
-            try:
-                process.signalProcess("KILL")
-            except Exception:  # already gone
-                pass
-            if isinstance(collector, _Streamer):
-                collector.release()
-
         # Cancelling (the caller gave up) kills the child; the timeout kills it and then
         # waits a little for it to be reaped, so no child outlives its command.
-        ended: Deferred[tuple[int | None, bytes, bytes]] = Deferred(kill)
+        ended: Deferred[tuple[int | None, bytes, bytes]] = Deferred(
+            lambda _: collector.kill())
         collector = _Collector(ended) if on_stdout is None else _Streamer(ended, on_stdout)
         self.log.debug("Running {argv}", argv=shown)
         process = self._reactor.spawnProcess(collector, executable, argv, child_env)
+        self._running[collector] = shown
+        collector.when_exited().addCallback(lambda _: self._running.pop(collector, None))
         feeding: Deferred[None] | None = None
         if stdin is None:
             process.closeStdin()
@@ -274,7 +302,7 @@ class ProcessRunner:
         def expire() -> None:
             nonlocal timed_out
             timed_out = True
-            kill()
+            collector.kill()
             # A child stuck in the kernel may not die: stop waiting for it after a grace.
             grace.append(self._clock.callLater(
                 KILL_GRACE, lambda: None if ended.called else ended.cancel()))
@@ -303,6 +331,9 @@ class ProcessRunner:
         if timed_out:
             self.log.debug("Killed {argv} after {timeout}s", argv=shown, timeout=timeout)
             raise ProcessTimeoutError(shown, code, out, err, reason=f"timed out after {timeout} s")
+        if collector.stopped and code is None:
+            raise ProcessExecutionError(shown, code, out, err,
+                                        reason="killed: the agent is stopping")
         self.log.debug("Ran {argv}: exit {code} in {elapsed:.3f}s", argv=shown, code=code,
                        elapsed=self._clock.seconds() - started)
         if check_exit_code is True:
@@ -334,6 +365,34 @@ class ProcessRunner:
                 tuple(log_argv) if log_argv is not None else None, on_stdout)
             return err
         return Deferred.fromCoroutine(run())
+
+    def stop(self, timeout: float = STOP_GRACE) -> Deferred[None]:
+        """Kill every program still running (the agent is stopping); fire once they have
+        all ended, or after ``timeout`` seconds if one will not (stuck in the kernel, or a
+        program it started still holds its output pipes). Their ``execute`` calls fail
+        with ProcessExecutionError. Programs started later are not affected."""
+        return Deferred.fromCoroutine(self._stop(timeout))
+
+    async def _stop(self, timeout: float) -> None:
+        running = dict(self._running)
+        if not running:
+            return
+        self.log.info("Stopping: killing {count} running program(s): {argvs}",
+                      count=len(running), argvs=list(running.values()))
+        exits = [collector.when_exited() for collector in running]
+        for collector in running:
+            collector.stopped = True
+            collector.kill()
+        ended = DeferredList(exits, consumeErrors=True)
+        ended.addTimeout(timeout, self._clock)  # cancels the waits, not the children
+        try:
+            await ended
+        except TimeoutError:
+            pass
+        left = [argv for collector, argv in running.items() if not collector.exited]
+        if left:
+            self.log.warn("Stopping: {argvs} not ended {timeout}s after KILL", argvs=left,
+                          timeout=timeout)
 
     async def try_execute(self, *argv: str, **kwargs: Any) -> tuple[bytes, bytes] | None:
         """Like ``execute`` but None (logged at debug) instead of an error."""

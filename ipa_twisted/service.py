@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 
@@ -16,6 +16,7 @@ from ipa_twisted import errors
 from ipa_twisted.agent import Agent
 from ipa_twisted.clock_sync import sync_clock
 from ipa_twisted.config import AgentConfig
+from ipa_twisted.process import ProcessRunner
 
 if TYPE_CHECKING:  # imported when used: a standalone agent never loads them (idle RSS)
     from ipa_twisted.hardware.dispatch import HardwareManagers
@@ -198,5 +199,12 @@ class AgentService(MultiService):
 
     def stopService(self) -> Deferred[None]:
         self._startup.cancel()
-        stopped: Deferred[None] = super().stopService()
+        # No program the agent started outlives it: they are killed as the services stop,
+        # and a command waiting on one fails, saying why (in its result and the log).
+        stopping = []
+        if isinstance(self.agent.runner, ProcessRunner):
+            stopping.append(self.agent.runner.stop())
+        stopping.append(super().stopService())
+        stopped: Deferred[None] = gatherResults(stopping, consumeErrors=True).addCallback(
+            lambda _: None)
         return stopped

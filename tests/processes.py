@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import reactor
@@ -53,6 +54,9 @@ def physical_macs() -> list[str]:
 
 class Child(ProcessProtocol):
     """A child process whose output lines the test can wait for."""
+
+    port = 0
+    """The TCP port it serves on, when the helper that started it chose one."""
 
     def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
         self.argv = list(argv)
@@ -147,3 +151,115 @@ async def poll(check: Any, timeout: float = 30, interval: float = 0.1) -> Any:
         await sleep(interval)
         waited += interval
     raise AssertionError(f"condition not met within {timeout}s (last error: {last_error!r})")
+
+
+def start_agent(test: Any, directory: str, *, api_url: str | None = None,
+                name: str = "agent", config: str = "", env: dict[str, str] | None = None,
+                wrap: Callable[[list[str]], list[str]] | None = None,
+                debug: bool = True) -> Child:
+    """A real ``twistd ipa`` on a free port (``.port``) of 127.0.0.1, killed in ``test``'s
+    cleanup: looking ``api_url`` up, else standalone.
+
+    ``config`` adds ``[DEFAULT]`` lines; power commands are harmless and the kernel command
+    line is empty. ``env`` replaces ``child_env()``; ``wrap`` rewrites the argv (to run it
+    in the disk sandbox).
+    """
+    port = free_port()
+    config_path = os.path.join(directory, f"{name}.conf")
+    cmdline = os.path.join(directory, f"{name}.cmdline")
+    with open(config_path, "w") as f:
+        f.write(f"[DEFAULT]\nadvertise_port = {port}\nlookup_interval = 0.2\n{config}"
+                f"{SAFE_POWER}")
+    with open(cmdline, "w") as f:
+        f.write("\n")
+    argv = TWISTD + ["-n", "--pidfile=", "ipa", "--no-default-config-files",
+                     "--config-file", config_path, "--cmdline-path", cmdline,
+                     "--listen", f"127.0.0.1:{port}"]
+    argv += ["--api-url", api_url] if api_url else ["--standalone"]
+    if debug:
+        argv.append("--debug")
+    agent = Child(wrap(argv) if wrap is not None else argv, env)
+    agent.port = port
+    test.addCleanup(agent.stop, "KILL")
+    return agent
+
+
+class FakeIronicProcess:
+    """``python -m ipa_twisted.testing.fake_ironic`` on 127.0.0.1, recording each request
+    it answers in a JSON-lines file (``records``).
+
+    It can be killed, paused (SIGSTOP: connections are accepted by the kernel and never
+    answered) and restarted on the same port to play an outage; every process it started
+    is resumed and killed in ``test``'s cleanup.
+    """
+
+    def __init__(self, test: Any, directory: str, *, macs: Sequence[str], node_uuid: str,
+                 token: str, heartbeat_timeout: float) -> None:
+        self.record = os.path.join(directory, "ironic.jsonl")
+        self.port = 0
+        self._args = [sys.executable, "-m", "ipa_twisted.testing.fake_ironic",
+                      "--node-uuid", node_uuid, "--token", token, "--heartbeat-timeout",
+                      str(heartbeat_timeout), "--record", self.record]
+        for mac in macs:
+            self._args += ["--mac", mac]
+        self._children: list[Child] = []
+        test.addCleanup(self.kill)
+
+    @property
+    def child(self) -> Child:
+        """The process started last."""
+        return self._children[-1]
+
+    async def start(self, port: int | None = None) -> int:
+        """Start it on ``port`` (else the port it had, else a free one); its port."""
+        port = self.port if port is None else port
+        self._children.append(Child(self._args + ["--port", str(port)]))
+        self.port = int((await self.child.wait_for(rb"listening on (\d+)")).group(1))
+        return self.port
+
+    def pause(self) -> None:
+        """Freeze it (SIGSTOP): requests hang unanswered until ``resume``."""
+        os.kill(self.child.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if not self.child.ended.called:
+            os.kill(self.child.process.pid, signal.SIGCONT)
+
+    async def kill(self) -> None:
+        """End every process it started (a paused one too)."""
+        for child in self._children:
+            if not child.ended.called:
+                os.kill(child.process.pid, signal.SIGCONT)
+            await child.stop("KILL")
+
+    def records(self, kind: str) -> list[dict[str, Any]]:
+        """What it recorded of ``kind`` ("lookup", "heartbeat", "version"), oldest first."""
+        if not os.path.exists(self.record):
+            return []
+        with open(self.record) as f:
+            return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def http_client(trusted_pem: str | None = None) -> Any:
+    """A treq client without persistent connections (trial wants none left open); for
+    HTTPS, trusting only ``trusted_pem`` (as Ironic trusts the agent's CA)."""
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent as WebAgent, HTTPConnectionPool
+
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    if trusted_pem is None:
+        return HTTPClient(WebAgent(reactor, pool=pool))
+    from twisted.internet.ssl import Certificate
+
+    from ipa_twisted.http import AgentTLSPolicy
+    policy = AgentTLSPolicy(trust_root=Certificate.loadPEM(trusted_pem.encode()))
+    return HTTPClient(WebAgent(reactor, contextFactory=policy, pool=pool))
+
+
+async def request_json(method: str, url: str, body: Any = None, *, client: Any = None,
+                       timeout: float = 30, **params: str) -> tuple[int, Any]:
+    """(status, decoded JSON body) of one request; ``params`` make the query string."""
+    client = client or http_client()
+    response = await client.request(method, url, params=params, timeout=timeout,
+                                    **({} if body is None else {"json": body}))
+    return response.code, await response.json()

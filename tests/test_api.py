@@ -6,8 +6,9 @@ import json
 from typing import Any
 
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipa_twisted import errors
@@ -37,6 +38,10 @@ class ProbeExtension(Extension):
     @sync_command("rest_boom")
     def rest_boom(self) -> None:
         raise errors.CleaningError("disk on fire")
+
+    @sync_command("wait")
+    async def wait(self) -> Any:
+        return await type(self).gate
 
     @async_command("slow")
     async def slow(self, value: dict[str, Any] | None = None) -> Any:
@@ -156,6 +161,18 @@ class CommandTests(APITestCase):
         self.assertEqual(body["command_error"]["type"], "CommandExecutionError")
         self.assertEqual(body["command_error"]["details"], "kaboom")
         self.flushLoggedErrors(RuntimeError)
+
+    def test_cancelled_sync_command_fails_without_traceback(self) -> None:
+        running = Deferred.fromCoroutine(self.agent.execute_command("probe.wait", {}))
+        with capturedLogs() as events:
+            running.cancel()
+        self.failureResultOf(running, CancelledError)
+        self.assertEqual([(e["log_level"], e["command"]) for e in events],
+                         [(LogLevel.warn, "wait")])
+        code, listing = self.request("GET", "/v1/commands/")
+        [result] = listing["commands"]
+        self.assertEqual(result["command_status"], "FAILED")
+        self.assertEqual(result["command_error"]["details"], "cancelled before it finished")
 
     def test_rest_error_keeps_its_type(self) -> None:
         _, body = self.run_cmd("probe.rest_boom")

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from typing import Any
 
 import treq
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from tests.processes import SAFE_POWER, TWISTD, Child, free_port, physical_macs, poll, sleep
+from tests.processes import (TWISTD, Child, FakeIronicProcess, free_port, http_client,
+                             physical_macs, poll, request_json, sleep, start_agent)
 
 TOKEN = "integration-token-" + "x" * 32
 NODE = "1be26c0b-03f2-4d2e-ae87-c02d7f33c123"
@@ -29,69 +28,26 @@ class IronicDrivenAgentTests(TestCase):
             raise self.skipTest("this machine has no physical network interface to look up by")
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
-        self.record = os.path.join(self.dir, "ironic.jsonl")
-        self.cmdline = os.path.join(self.dir, "cmdline")
-        with open(self.cmdline, "w") as f:
-            f.write("console=ttyS0\n")
-        self.children: list[Child] = []
+        self.ironic = FakeIronicProcess(self, self.dir, macs=self.macs, node_uuid=NODE,
+                                        token=TOKEN, heartbeat_timeout=HEARTBEAT_TIMEOUT)
+        self.records = self.ironic.records
 
-    async def tearDown(self) -> None:
-        for child in self.children:
-            await child.stop("KILL")
-
-    def start_ironic(self, port: int = 0) -> Child:
-        args = [sys.executable, "-m", "ipa_twisted.testing.fake_ironic", "--port", str(port),
-                "--node-uuid", NODE, "--token", TOKEN, "--heartbeat-timeout",
-                str(HEARTBEAT_TIMEOUT), "--record", self.record]
-        for mac in self.macs:
-            args += ["--mac", mac]
-        child = Child(args)
-        self.children.append(child)
-        return child
-
-    def start_agent(self, ironic_port: int, agent_port: int) -> Child:
-        config = os.path.join(self.dir, "agent.conf")
-        with open(config, "w") as f:
-            f.write(f"[DEFAULT]\nadvertise_port = {agent_port}\nlookup_interval = 0.2\n"
-                    f"{SAFE_POWER}")
-        child = Child(TWISTD + [
-            "-n", "--pidfile=", "ipa", "--no-default-config-files", "--config-file", config,
-            "--cmdline-path", self.cmdline, "--api-url", f"http://127.0.0.1:{ironic_port}",
-            "--listen", f"127.0.0.1:{agent_port}", "--debug"])
-        self.children.append(child)
-        return child
-
-    def records(self, kind: str) -> list[dict[str, Any]]:
-        if not os.path.exists(self.record):
-            return []
-        with open(self.record) as f:
-            return [r for r in map(json.loads, f) if r["kind"] == kind]
-
-    client: Any = treq
+    client: Any = None
 
     async def get(self, url: str, **params: str) -> tuple[int, Any]:
-        response = await self.client.get(url, params=params, timeout=10)
-        return response.code, await response.json()
+        return await request_json("GET", url, client=self.client, timeout=10, **params)
 
     async def post(self, url: str, body: Any, **params: str) -> tuple[int, Any]:
-        response = await self.client.post(url, json=body, params=params, timeout=30)
-        return response.code, await response.json()
+        return await request_json("POST", url, body, client=self.client, **params)
 
     def trust(self, pem: str) -> None:
         """Talk to the agent over HTTPS, trusting only ``pem`` (as Ironic does)."""
-        from twisted.internet.ssl import Certificate
-        from twisted.web.client import Agent as WebAgent, HTTPConnectionPool
-        from treq.client import HTTPClient
-        from ipa_twisted.http import AgentTLSPolicy
-        policy = AgentTLSPolicy(trust_root=Certificate.loadPEM(pem.encode()))
-        self.client = HTTPClient(WebAgent(reactor, contextFactory=policy,
-                                          pool=HTTPConnectionPool(reactor, persistent=False)))
+        self.client = http_client(pem)
 
     async def test_lookup_heartbeats_outage_and_commands(self) -> None:
-        ironic = self.start_ironic()
-        ironic_port = int((await ironic.wait_for(rb"listening on (\d+)")).group(1))
-        agent_port = free_port()
-        agent = self.start_agent(ironic_port, agent_port)
+        ironic_port = await self.ironic.start()
+        agent = start_agent(self, self.dir, api_url=f"http://127.0.0.1:{ironic_port}")
+        agent_port = agent.port
         base = f"https://127.0.0.1:{agent_port}"
 
         # Lookup carries this machine's MACs.
@@ -142,13 +98,12 @@ class IronicDrivenAgentTests(TestCase):
         self.assertEqual([c["id"] for c in listing["commands"]], [answer["id"]])
 
         # Ironic goes away: the agent keeps serving, and heartbeats resume when it is back.
-        await ironic.stop("KILL")
+        await self.ironic.child.stop("KILL")
         await sleep(3)
         self.assertEqual((await self.get(f"{base}/v1/status"))[0], 200)
         self.assertIsNone(agent.exit_code)
         before = len(self.records("heartbeat"))
-        ironic = self.start_ironic(ironic_port)
-        await ironic.wait_for(rb"listening on")
+        await self.ironic.start()
         await poll(lambda: len(self.records("heartbeat")) > before, timeout=20)
 
         # The token never reaches the log, and SIGTERM stops the agent cleanly.

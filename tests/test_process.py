@@ -136,6 +136,36 @@ class ProcessRunnerTests(SynchronousTestCase):
         error = self.failureResultOf(failed, ProcessExecutionError).value
         self.assertNotIn("s3cret", str(error) + repr(events))
 
+    def test_stop_kills_what_runs_and_waits_for_it(self) -> None:
+        done = self.runner.execute("true")
+        self.fake.children[0].processEnded(Failure(ProcessDone(0)))
+        self.successResultOf(done)
+        first, second = self.runner.execute("sleep", "9"), self.runner.execute("cat")
+        with capturedLogs() as events:
+            stopped = self.runner.stop()
+        self.assertEqual(self.fake.signals, ["KILL", "KILL"])
+        self.assertEqual(events[0]["argvs"], [("sleep", "9"), ("cat",)])
+        self.fake.children[1].processEnded(Failure(ProcessTerminated(signal=9)))
+        self.assertNoResult(stopped)
+        self.fake.children[2].processEnded(Failure(ProcessTerminated(signal=9)))
+        self.successResultOf(stopped)
+        error = self.failureResultOf(first, ProcessExecutionError).value
+        self.assertIn("killed: the agent is stopping", str(error))
+        self.failureResultOf(second, ProcessExecutionError)
+        self.successResultOf(self.runner.stop())  # nothing left to kill
+        self.assertEqual(len(self.fake.signals), 2)
+
+    def test_stop_gives_up_on_a_child_that_will_not_die(self) -> None:
+        self.runner.execute("sleep", "9")
+        stopped = self.runner.stop(timeout=5)
+        self.clock.advance(4.9)
+        self.assertNoResult(stopped)
+        with capturedLogs() as events:
+            self.clock.advance(0.1)
+        self.successResultOf(stopped)
+        self.assertEqual([(e["log_level"].name, e["argvs"]) for e in events],
+                         [("warn", [("sleep", "9")])])
+
 
 class RealProcessTests(TestCase):
     """Real children on this machine's reactor."""
@@ -155,6 +185,12 @@ class RealProcessTests(TestCase):
         with self.assertRaises(ProcessTimeoutError):
             await self.runner.execute(sys.executable, "-c", "import time; time.sleep(60)",
                                       timeout=0.5)
+
+    async def test_stop_kills_real_children(self) -> None:
+        running = self.runner.execute(sys.executable, "-c", "import time; time.sleep(60)")
+        await self.runner.stop()
+        with self.assertRaises(ProcessExecutionError):
+            await running
 
     async def test_large_stdin_stream_with_backpressure(self) -> None:
         chunk = b"x" * 65536

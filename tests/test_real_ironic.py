@@ -49,7 +49,7 @@ class RealIronicTests(TestCase):
 
         # Lookup (allowed in "available" with fast track) and a heartbeat Ironic recorded.
         agent = self.start_agent(ironic)
-        port = agent.port  # type: ignore[attr-defined]
+        port = agent.port
         info = await poll(lambda: recorded_heartbeat(ironic, uuid), timeout=60, interval=0.25)
         # Ironic requires TLS by default: our automatic TLS makes that work.
         self.assertEqual(info["agent_url"], f"https://127.0.0.1:{port}")

@@ -1,10 +1,9 @@
 """Reliability of the API: body limits, slow and idle clients, many idle connections, and
 a hypothesis fuzz of 20 000 hostile requests against a running agent.
 
-Faults: an image server cutting the connection 20 times during one image write. Covered
-elsewhere: a command's hanging process killed at its timeout
-(tests/test_process.py ``test_timeout_kills_real_child``), Ironic unreachable during lookup
-and heartbeats (tests/test_integration_agent.py ``test_lookup_heartbeats_outage_and_commands``).
+Faults: an image server cutting the connection 20 times during one image write. The other
+faults (Ironic unreachable for a minute during lookup and heartbeats, a hanging program,
+SIGTERM during a command) and the secrets are in tests/test_reliability_faults.py.
 
 Bounded in time: about 90 s in all, most of it the fuzz (``IPA_FUZZ_REQUESTS``, default
 20 000, lowers or raises its request count).

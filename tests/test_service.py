@@ -7,7 +7,9 @@ from typing import Any
 from treq.testing import StubTreq
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipa_twisted.agent import Agent
@@ -17,8 +19,10 @@ from ipa_twisted.extensions.base import Extension
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.hardware.inventory import NetworkInterface
 from ipa_twisted.ironic.client import IronicClient
+from ipa_twisted.process import ProcessExecutionError, ProcessRunner
 from ipa_twisted.service import AgentService
 from ipa_twisted.testing.fake_ironic import FakeIronic
+from tests.test_process import FakeProcessReactor
 
 MAC = "52:54:00:12:34:56"
 TOKEN = "s" * 40
@@ -155,6 +159,21 @@ class ServiceTests(ServiceFixture):
         self.assertEqual(self.ironic.requests, [])
         self.assertIsNotNone(self.agent.managers)
         self.successResultOf(service.stopService())
+
+    def test_stop_kills_running_programs_and_waits(self) -> None:
+        service = self.make(standalone=True)
+        fake = FakeProcessReactor()
+        self.agent.runner = ProcessRunner(fake, self.clock,  # type: ignore[arg-type]
+                                          base_env={"PATH": "/usr/bin:/bin"})
+        service.startService()
+        self.pump(1)
+        running = self.agent.runner.execute("sleep", "9")
+        stopped = service.stopService()
+        self.assertEqual(fake.signals, ["KILL"])
+        self.assertNoResult(stopped)
+        fake.children[0].processEnded(Failure(ProcessTerminated(signal=9)))
+        self.successResultOf(stopped)
+        self.failureResultOf(running, ProcessExecutionError)
 
     def test_stop_during_lookup(self) -> None:
         self.ironic.fail_lookups(1000, 500)

@@ -435,21 +435,6 @@ def start_agent(test: Any, ironic: RealIronic, directory: str, *, name: str = "a
     line is empty. ``wrap`` rewrites the argv (to run it in the disk sandbox). The process
     is killed in ``test``'s cleanup.
     """
-    from tests.processes import SAFE_POWER, TWISTD
-    port = free_port()
-    config_path = os.path.join(directory, f"{name}.conf")
-    cmdline = os.path.join(directory, f"{name}.cmdline")
-    with open(config_path, "w") as f:
-        f.write(f"[DEFAULT]\nadvertise_port = {port}\nlookup_interval = 0.2\n{config}"
-                f"{SAFE_POWER}")
-    with open(cmdline, "w") as f:
-        f.write("\n")
-    argv = TWISTD + ["-n", "--pidfile=", "ipa", "--no-default-config-files",
-                     "--config-file", config_path, "--cmdline-path", cmdline,
-                     "--api-url", ironic.api_url, "--listen", f"127.0.0.1:{port}"]
-    if debug:
-        argv.append("--debug")
-    agent = Child(wrap(argv) if wrap is not None else argv)
-    agent.port = port  # type: ignore[attr-defined]
-    test.addCleanup(agent.stop, "KILL")
-    return agent
+    from tests.processes import start_agent as start
+    return start(test, directory, api_url=ironic.api_url, name=name, config=config,
+                 wrap=wrap, debug=debug)
