@@ -189,6 +189,17 @@ def make_agents(fake_port: int, config_dir: str) -> tuple[Agent, Agent]:
     return ours, theirs
 
 
+def make_floors() -> list[Agent]:
+    """Bare Klein apps (``bench/bare_klein.py``): the RSS floor of the fixed stack."""
+    script = os.path.join(ROOT, "bench", "bare_klein.py")
+    twistd = ["-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
+    return [Agent("bare Klein app, plain reactor",
+                  ["env", "BARE_KLEIN_PORT={port}", sys.executable, script], dict(os.environ)),
+            Agent("bare Klein app, twistd -y",
+                  ["env", "BARE_KLEIN_PORT={port}", sys.executable, *twistd, "-y", script],
+                  dict(os.environ))]
+
+
 # -- wrk -------------------------------------------------------------------------------------
 
 @dataclass
@@ -296,16 +307,25 @@ def main() -> None:
                           max_ratio=0.5)
             rss = Row(f"idle RSS after {args.idle:g} s (MiB)", fmt="{:.1f}",
                       target="<= 0.75x", max_ratio=0.75)
-            rows += [startup, rss]
+            floors = make_floors()
+            floor_rows = [Row(f"  floor: {floor.name} (MiB)", fmt="{:.1f}")
+                          for floor in floors]
+            rows += [startup, rss, *floor_rows]
             for _ in range(args.runs):
-                for agent, side in ((ours, "ours"), (theirs, "theirs")):
+                runs = [(ours, "ours", startup, rss), (theirs, "theirs", startup, rss)]
+                runs += [(floor, "ours", None, row) for floor, row in zip(floors, floor_rows)]
+                for agent, side, time_row, rss_row in runs:
                     try:
-                        getattr(startup, side).append(agent.start())
+                        started = agent.start()
+                        if time_row is not None:
+                            getattr(time_row, side).append(started)
                         time.sleep(args.idle)
                         assert agent.child is not None
-                        getattr(rss, side).append(rss_mib(agent.child.pid))
+                        getattr(rss_row, side).append(rss_mib(agent.child.pid))
                     finally:
                         agent.stop()
+            for row in floor_rows:  # each floor against the same reference runs
+                row.theirs = rss.theirs
         if args.only in (None, "wrk"):
             loads: list[tuple[str, int, tuple[Row, Row, Row, Row]]] = []
             for path in ("/v1/status", "/v1/commands/"):
