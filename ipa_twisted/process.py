@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.internet.process import Process
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -21,6 +23,39 @@ _MAX_ERROR_OUTPUT = 4096
 KILL_GRACE = 10.0
 STOP_GRACE = 5.0
 """Seconds ``ProcessRunner.stop`` waits for the programs it killed to end."""
+
+
+def descendants(pid: int, proc_path: str = "/proc") -> list[int]:
+    """The processes below ``pid`` (children, theirs, ...), read from ``proc_path``.
+
+    Scans ``<proc>/<pid>/stat`` for parent links (kernels without CONFIG_PROC_CHILDREN have
+    no ``children`` files); a few hundred tiny procfs reads in a ramdisk.
+    """
+    parents: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir(proc_path)
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(os.path.join(proc_path, entry, "stat"), "rb") as f:
+                stat = f.read()
+        except OSError:  # ended meanwhile
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) > 1 and fields[1].isdigit():
+            parents.setdefault(int(fields[1]), []).append(int(entry))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            if child not in found:
+                found.append(child)
+                todo.append(child)
+    return found
 
 
 def _tail(data: bytes) -> str:
@@ -76,11 +111,23 @@ class _Collector(ProcessProtocol):
         self._exit_waiters: list[Deferred[None]] = []
 
     def kill(self) -> None:
-        """KILL the child unless it has ended."""
-        if not self.exited and self.transport is not None:
+        """KILL the child, and the programs it started, unless it has ended.
+
+        A program's own children (a script's commands) hold its output pipes open: left
+        alive, they would outlive their command and keep it waiting for its end."""
+        if self.exited or self.transport is None:
+            return
+        pid = getattr(self.transport, "pid", None)
+        # Only a real child of this machine's reactor has a tree to read from /proc.
+        below = descendants(pid) if isinstance(self.transport, Process) and pid else []
+        try:
+            self.transport.signalProcess("KILL")
+        except Exception:  # already gone
+            pass
+        for other in below:
             try:
-                self.transport.signalProcess("KILL")
-            except Exception:  # already gone
+                os.kill(other, signal.SIGKILL)
+            except OSError:  # already gone
                 pass
 
     def when_exited(self) -> Deferred[None]:
@@ -96,11 +143,8 @@ class _Collector(ProcessProtocol):
         """Record ``failure`` (the first one wins) and kill the child."""
         if self.failure is None:
             self.failure = failure
-        if not self.finished and self.transport is not None:
-            try:
-                self.transport.signalProcess("KILL")
-            except Exception:  # already gone
-                pass
+        if not self.finished:
+            self.kill()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         (self._out if childFD == 1 else self._err).append(data)

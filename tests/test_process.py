@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,13 +11,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipa_twisted.process import (CommandNotFoundError, ProcessExecutionError, ProcessRunner,
-                                 ProcessTimeoutError)
+                                 ProcessTimeoutError, descendants)
 
 
 class FakeProcessReactor:
@@ -167,6 +168,30 @@ class ProcessRunnerTests(SynchronousTestCase):
                          [("warn", [("sleep", "9")])])
 
 
+async def poll_gone(pid: int, timeout: float = 5.0) -> None:
+    """Wait until ``pid`` no longer runs (gone, or a zombie of someone else's)."""
+    deadline = reactor.seconds() + timeout
+    while reactor.seconds() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except OSError:
+            return
+        await deferLater(reactor, 0.05)
+    os.kill(pid, 9)  # leave nothing behind, then fail
+    raise AssertionError(f"process {pid} still ran")
+
+
+async def poll_file(path: str, timeout: float = 5.0) -> None:
+    """Wait until ``path`` exists and is not empty."""
+    deadline = reactor.seconds() + timeout
+    while not (os.path.exists(path) and os.path.getsize(path)):
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"{path} not written")
+        await deferLater(reactor, 0.05)
+
+
 class RealProcessTests(TestCase):
     """Real children on this machine's reactor."""
 
@@ -185,6 +210,44 @@ class RealProcessTests(TestCase):
         with self.assertRaises(ProcessTimeoutError):
             await self.runner.execute(sys.executable, "-c", "import time; time.sleep(60)",
                                       timeout=0.5)
+
+    async def test_timeout_kills_the_programs_a_child_started(self) -> None:
+        pidfile = os.path.abspath(self.mktemp())
+        started = reactor.seconds()
+        with self.assertRaises(ProcessTimeoutError) as caught:
+            # The grandchild keeps the output pipes open: left alive, it would hold the
+            # command until KILL_GRACE and outlive it.
+            await self.runner.execute("/bin/sh", "-c", f"sleep 300 & echo $! > {pidfile}; wait",
+                                      timeout=0.5)
+        self.assertEqual(caught.exception.reason, "timed out after 0.5 s")
+        self.assertLess(reactor.seconds() - started, 5)
+        with open(pidfile) as f:
+            grandchild = int(f.read())
+        await poll_gone(grandchild)
+
+    async def test_stop_kills_the_programs_a_child_started(self) -> None:
+        pidfile = os.path.abspath(self.mktemp())
+        running = self.runner.execute("/bin/sh", "-c",
+                                      f"sleep 300 & echo $! > {pidfile}; wait")
+        await poll_file(pidfile)
+        await self.runner.stop()
+        with self.assertRaises(ProcessExecutionError):
+            await running
+        with open(pidfile) as f:
+            await poll_gone(int(f.read()))
+
+    def test_descendants_from_a_proc_tree(self) -> None:
+        proc = self.mktemp()
+        # 10 → 11 → 13, 10 → 12; 20 is unrelated; comm with spaces and parentheses.
+        for pid, comm, ppid in [(10, "sh", 1), (11, "a (b) c", 10), (12, "x", 10),
+                                (13, "y", 11), (20, "z", 1)]:
+            os.makedirs(os.path.join(proc, str(pid)))
+            with open(os.path.join(proc, str(pid), "stat"), "w") as f:
+                f.write(f"{pid} ({comm}) S {ppid} {pid} {pid} 0 -1\n")
+        os.makedirs(os.path.join(proc, "self"))
+        self.assertEqual(sorted(descendants(10, proc)), [11, 12, 13])
+        self.assertEqual(descendants(13, proc), [])
+        self.assertEqual(descendants(10, proc + "-missing"), [])
 
     async def test_stop_kills_real_children(self) -> None:
         running = self.runner.execute(sys.executable, "-c", "import time; time.sleep(60)")
