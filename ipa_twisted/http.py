@@ -35,6 +35,7 @@ from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClie
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, HTTPConnectionPool, ProxyAgent
+from twisted.web.client import _HTTP11ClientFactory  # the pool's factory; not public
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
 from twisted.web.iweb import IResponse
@@ -129,9 +130,20 @@ def tls_policy(config: AgentConfig) -> AgentTLSPolicy:
                           minimum_version=_tls_version(config.tls_minimum_version))
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """Twisted's HTTP/1.1 connection factory without its "Starting/Stopping factory" info
+    lines: two per request to Ironic or an image server, saying nothing of use."""
+
+    noisy = False
+
+
+class _QuietPool(HTTPConnectionPool):
+    _factory = _QuietClientFactory
+
+
 def make_pool(reactor: object) -> HTTPConnectionPool:
     """A small persistent connection pool; close it with ``closeCachedConnections()``."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = _QuietPool(reactor, persistent=True)
     pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
     pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
     return pool

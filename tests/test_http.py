@@ -17,6 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.ssl import Certificate, CertificateOptions, PrivateCertificate, TLSVersion
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -229,10 +230,14 @@ class RealConnectionTests(TestCase):
         self.addCleanup(pool.closeCachedConnections)
         client = make_http_client(reactor, AgentConfig(), pool=pool)
         url = f"http://127.0.0.1:{port.getHost().port}/"
-        for _ in range(3):
-            response = await client.get(url)
-            self.assertEqual(await response.content(), b"hello")
+        with capturedLogs() as events:
+            for _ in range(3):
+                response = await client.get(url)
+                self.assertEqual(await response.content(), b"hello")
         self.assertEqual(len(connections), 1)
+        # No "Starting factory" / "Stopping factory" lines for the client's connections.
+        self.assertEqual([formatEvent(e) for e in events
+                          if "factory" in formatEvent(e).lower()], [])
 
     async def test_https_with_cafile_and_insecure(self) -> None:
         ca = Authority()
