@@ -239,10 +239,18 @@ class Agent:
             finished.addBoth(self._async_finished)
             return result
         self._sync_in_flight.append(result)
-        try:
-            await self._run_measured(method, params, result)
-        finally:
+        sync_run = Deferred.fromCoroutine(self._run_measured(method, params, result))
+
+        def sync_done(outcome: Any) -> Any:
             self._sync_in_flight.remove(result)
+            return outcome
+        sync_run.addBoth(sync_done)
+        sync_run.addErrback(lambda f: self.log.failure(
+            "Command {command} ended unexpectedly", f, command=full_name))
+        # A caller that stops waiting (an API client that hangs up or times out) does not
+        # stop the command, as with the reference agent: half-done steps (a firmware or
+        # boot-entry write, a sync) are worse than a late result, which stays listed.
+        await result.wait()
         return result
 
     async def _run_measured(self, method: Any, params: dict[str, Any],

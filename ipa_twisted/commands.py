@@ -261,12 +261,11 @@ async def run_command(method: Callable[..., Any], params: dict[str, Any],
         if inspect.isawaitable(value):
             value = await value
     except CancelledError:
-        # Its caller gave up (the API client of a sync command went away): one line, not a
+        # Something it waited on was cancelled (a time limit of its own): one line, not a
         # traceback, and a result that says so.
         log.warn("Command {command} cancelled before it finished",
                  command=result.command_name)
         result.fail(errors.CommandExecutionError("cancelled before it finished"))
-        raise
     except Exception as e:
         if isinstance(e, errors.RESTError):
             log.warn("Command {command} failed: {error}", command=result.command_name,

@@ -162,16 +162,32 @@ class CommandTests(APITestCase):
         self.assertEqual(body["command_error"]["details"], "kaboom")
         self.flushLoggedErrors(RuntimeError)
 
-    def test_cancelled_sync_command_fails_without_traceback(self) -> None:
-        running = Deferred.fromCoroutine(self.agent.execute_command("probe.wait", {}))
+    def test_sync_command_runs_on_when_its_caller_stops_waiting(self) -> None:
+        waiting = Deferred.fromCoroutine(self.agent.execute_command("probe.wait", {}))
         with capturedLogs() as events:
-            running.cancel()
-        self.failureResultOf(running, CancelledError)
-        self.assertEqual([(e["log_level"], e["command"]) for e in events],
+            waiting.cancel()  # what Klein does when the client hangs up
+        self.failureResultOf(waiting, CancelledError)
+        self.assertEqual(events, [])
+        _, listing = self.request("GET", "/v1/commands/")
+        self.assertEqual([r["command_status"] for r in listing["commands"]], ["RUNNING"])
+        # Still in flight: an async command is refused meanwhile.
+        self.assertEqual(self.run_cmd("probe.slow")[0], 409)
+        ProbeExtension.gate.callback({"done": True})
+        _, listing = self.request("GET", "/v1/commands/")
+        [result] = [r for r in listing["commands"] if r["command_name"] == "wait"]
+        self.assertEqual((result["command_status"], result["command_result"]),
+                         ("SUCCEEDED", {"done": True}))
+        self.assertEqual(self.run_cmd("probe.slow")[0], 200)
+
+    def test_sync_command_cancelled_from_within_fails_without_traceback(self) -> None:
+        waiting = Deferred.fromCoroutine(self.agent.execute_command("probe.wait", {}))
+        with capturedLogs() as events:
+            ProbeExtension.gate.cancel()  # e.g. a step's own time limit
+        self.assertEqual(self.successResultOf(waiting).command_status.name, "FAILED")
+        self.assertEqual([(e["log_level"], e.get("command")) for e in events],
                          [(LogLevel.warn, "wait")])
-        code, listing = self.request("GET", "/v1/commands/")
+        _, listing = self.request("GET", "/v1/commands/")
         [result] = listing["commands"]
-        self.assertEqual(result["command_status"], "FAILED")
         self.assertEqual(result["command_error"]["details"], "cancelled before it finished")
 
     def test_rest_error_keeps_its_type(self) -> None:
