@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import select
 import socket
 import time
 from typing import Any
@@ -202,6 +203,43 @@ class SiteRobustnessTests(TestCase):
         waited, answer = await slow_client
         self.assertEqual(answer, b"")  # timed out: closed without an answer
         self.assertLess(waited, 5)
+
+    async def test_trickling_client_is_cut_at_the_request_timeout(self) -> None:
+        # A byte every 0.25 s keeps resetting the 1 s idle timeout; sending this request
+        # whole would take a minute. The request timeout (1 s here) ends it.
+        request = b"GET /v1/status HTTP/1.1\r\nHost: agent\r\nX-Slow: " + b"a" * 240
+
+        def trickle() -> tuple[float, int]:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+                started = time.monotonic()
+                sent = 0
+                try:
+                    for byte in request:
+                        s.sendall(bytes([byte]))
+                        sent += 1
+                        readable, _, _ = select.select([s], [], [], 0.25)
+                        if readable and s.recv(1) == b"":
+                            break  # closed by the server
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                return time.monotonic() - started, sent
+        waited, sent = await deferToThread(trickle)
+        self.assertLess(sent, len(request))
+        self.assertTrue(0.9 < waited < 3, waited)
+
+    async def test_keep_alive_requests_each_get_the_full_request_timeout(self) -> None:
+        # Three requests on one connection over more than the 1 s limit: each arrives at
+        # once, so none is cut.
+        def three() -> list[int]:
+            codes = []
+            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+                for _ in range(3):
+                    s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: agent\r\n\r\n")
+                    answer = s.recv(65536)
+                    codes.append(status_of(answer))
+                    time.sleep(0.6)
+            return codes
+        self.assertEqual(await deferToThread(three), [200, 200, 200])
 
     async def test_1000_idle_connections_do_not_stop_the_api(self) -> None:
         import resource
