@@ -272,7 +272,7 @@ class IronicClient:
         ``agent_token`` (1.62, when known), ``agent_verify_ca`` (1.68, when given).
         Raises HeartbeatConflictError on 409 (with Ironic's faultstring),
         HeartbeatConnectionError when Ironic cannot be reached or does not answer in time,
-        HeartbeatError on any other status ("Invalid status code: N").
+        HeartbeatError on any other status ("Invalid status code: N: Ironic's message").
         """
         version = await self.api_version()
         data: dict[str, Any] = {"callback_url": callback_url}
@@ -299,6 +299,6 @@ class IronicClient:
         error = error_message(body)
         if status == 409:
             raise HeartbeatConflictError(error)
-        self.log.warn("Heartbeat to {url} answered {status}: {error}", url=url,
-                      status=status, error=error)
-        raise HeartbeatError(f"Invalid status code: {status}")
+        # The heartbeater logs the failure (one line); the message carries Ironic's words.
+        raise HeartbeatError(f"Invalid status code: {status}: {error}" if error
+                             else f"Invalid status code: {status}")
