@@ -1,1 +1,1 @@
-Reliability: request bodies over max_request_body get 413 unread; idle clients time out; bench/compare.py measures start-up, idle RSS and API throughput against the reference agent.
+Reliability: request bodies over max_request_body get 413 unread; idle clients time out, and so do clients whose request has not arrived whole 60 s after its first byte (slowloris); bench/compare.py measures start-up, idle RSS (with the floor of a bare Klein app beside it) and API throughput against the reference agent.
