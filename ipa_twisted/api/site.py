@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTCP
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
@@ -92,7 +93,7 @@ class AgentChannel(HTTPChannel):
         self._stop_arrival()
         super().allContentReceived()
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_arrival()
         super().connectionLost(reason)
 
