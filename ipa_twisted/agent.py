@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from ipa_twisted import __version__, errors
 from ipa_twisted.commands import (CommandResult, CommandResults, CommandStatus, run_command,
                                   split_command, validate_params)
-from ipa_twisted.config import AgentConfig
+from ipa_twisted.config import AgentConfig, ConfigError
 
 if TYPE_CHECKING:
     from ipa_twisted.extensions.base import Extension
@@ -22,6 +22,29 @@ if TYPE_CHECKING:
     from ipa_twisted.process import ProcessRunner
 
 MIN_TOKEN_LENGTH = 32
+
+LOOKUP_POLICY: dict[str, str] = {
+    "agent_md5_checksum_enable": "md5_enabled",
+    "permitted_image_formats": "permitted_image_formats",
+    "disable_deep_image_inspection": "disable_deep_image_inspection",
+    "enable_bios_bootloader_install": "enable_bios_bootloader_install",
+    "agent_skip_bmc_detect": "skip_bmc_detect",
+    "tls_min_version": "tls_min_version",
+    "tls_cipher_suites": "tls_cipher_suites",
+}
+"""Lookup ``config`` keys (as Ironic 39 sends them) and the option each one sets."""
+
+LOOKUP_ONLY_ENABLES = frozenset({"enable_bios_bootloader_install", "agent_skip_bmc_detect",
+                                 "tls_min_version", "tls_cipher_suites"})
+"""Keys applied only when true or non-empty, as the reference agent does: Ironic's
+``false`` or empty value keeps the agent's own setting."""
+
+LOOKUP_GROUPS: dict[str, str] = {
+    "metrics": "metrics_",
+    "metrics_statsd": "metrics_",
+    "agent_containers": "container_",
+}
+"""Lookup ``config`` groups, and the prefix that turns their keys into option names."""
 STOP_DELAY = 0.5
 """Seconds between answering a command that stops the agent and stopping it."""
 
@@ -156,37 +179,44 @@ class Agent:
             else:
                 self.log.warn("Ignoring an agent token shorter than {length} characters",
                               length=MIN_TOKEN_LENGTH)
-        self._apply_metrics_config(config)
+        self.apply_lookup_policy(config)
         if self.managers is not None:
             self.managers.cache_node(node)
         self.log.info("Node {uuid} adopted; heartbeat timeout {timeout}s",
                       uuid=node["uuid"], timeout=self.heartbeat_timeout)
 
-    def _apply_metrics_config(self, config: Mapping[str, Any]) -> None:
-        """Take Ironic's ``metrics``/``metrics_statsd`` settings, ignoring bad values."""
-        current = self.config
+    def apply_lookup_policy(self, config: Mapping[str, Any]) -> None:
+        """Adopt the policies in lookup's ``config`` through the one override path.
+
+        Each key of ``LOOKUP_POLICY`` (and each option of the ``metrics``,
+        ``metrics_statsd`` and ``agent_containers`` groups) becomes the option it names;
+        ``null`` means "not set by Ironic". A bad value or an unknown group option is
+        logged and ignored: a newer conductor must not strand the node.
+        """
         changes: dict[str, Any] = {}
-        for group, prefix in (("metrics", "metrics_"), ("metrics_statsd", "metrics_")):
+        for key, option in LOOKUP_POLICY.items():
+            value = config.get(key)
+            if value is None or (key in LOOKUP_ONLY_ENABLES and not value):
+                continue
+            changes[option] = value
+        for group, prefix in LOOKUP_GROUPS.items():
             values = config.get(group)
             if not isinstance(values, dict):
                 continue
             for key, value in values.items():
-                field = prefix + key
-                if value is None:  # Ironic sends every option, unset ones as null
-                    continue
-                if not hasattr(current, field):
-                    self.log.warn("Ignoring unknown lookup setting {group}.{key}", group=group,
-                                  key=key)
-                    continue
-                wanted = type(getattr(current, field))
-                if getattr(current, field) is None or isinstance(value, wanted) and not (
-                        isinstance(value, bool) and wanted is int):
-                    changes[field] = value
-                else:
-                    self.log.warn("Ignoring lookup setting {group}.{key}: not a {type}",
-                                  group=group, key=key, type=wanted.__name__)
-        if changes:
-            self.config = current.override(**changes)
+                if value is not None:
+                    changes[prefix + key] = value
+        current = self.config
+        for option, value in changes.items():
+            try:
+                current = current.merged({option: value}, "Ironic's lookup answer")
+            except ConfigError as e:
+                self.log.warn("Ignoring a lookup setting: {error}", error=str(e))
+        applied = {k: getattr(current, k) for k in changes
+                   if getattr(current, k, None) != getattr(self.config, k, None)}
+        if applied:
+            self.log.info("Policy from Ironic's lookup: {changes}", changes=applied)
+        self.config = current
 
     # -- commands ---------------------------------------------------------------------------
 

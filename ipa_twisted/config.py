@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 def _opt(default: Any, help: str, *, section: str = "DEFAULT", name: str | None = None,
          kernel: str | None | bool = None, secret: bool = False,
          choices: tuple[str, ...] | None = None, minimum: float | None = None,
-         maximum: float | None = None, url: bool = False) -> Any:
+         maximum: float | None = None, url: bool = False, list: bool = False) -> Any:
     """Declare one option; ``kernel=False`` means no kernel parameter sets it.
 
     Numeric options are non-negative unless ``minimum`` says otherwise.
@@ -43,7 +43,7 @@ def _opt(default: Any, help: str, *, section: str = "DEFAULT", name: str | None 
     return field(default=default, metadata={
         "help": help, "section": section, "name": name, "kernel": kernel,
         "secret": secret, "choices": choices, "minimum": minimum, "maximum": maximum,
-        "url": url})
+        "url": url, "list": list})
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,13 @@ class AgentConfig:
                                     section="ssl", name="key_file", kernel=False)
     ssl_ca_file: str | None = _opt(None, "CA that API clients' certificates must chain to.",
                                    section="ssl", name="ca_file", kernel=False)
-    tls_minimum_version: str = _opt("TLSv1.2", "Lowest TLS version the API and client "
-                                    "accept.", choices=("TLSv1.2", "TLSv1.3"), kernel=False)
+    tls_min_version: str = _opt("1.2", "Lowest TLS version of the API (automatic and manual "
+                                "TLS) and of outgoing HTTPS; Ironic's lookup may raise it.",
+                                choices=("1.2", "1.3"))
+    tls_cipher_suites: str | None = _opt(None, "OpenSSL cipher list (colon-separated) for "
+                                         "TLS 1.2 on the API and outgoing HTTPS; TLS 1.3 "
+                                         "suites are the library's. Ironic's lookup may set "
+                                         "it.")
     # -- Inspection -------------------------------------------------------------------------
     inspection_callback_url: str | None = _opt(None, "Inspection receiver URL, or 'mdns'.",
                                                 url=True)
@@ -129,6 +134,50 @@ class AgentConfig:
     image_download_connection_retries: int = _opt(9, "Download retries per URL.")
     image_download_connection_retry_interval: float = _opt(10.0, "Seconds between download "
                                                            "retries.")
+    image_download_max_duration: float = _opt(0.0, "Seconds a whole image download may "
+                                              "take, retries included; 0: no limit.")
+    image_server_user: str | None = _opt(None, "User for HTTP basic auth against image "
+                                         "servers (image_info's value wins).")
+    image_server_password: str | None = _opt(None, "Password for HTTP basic auth against "
+                                             "image servers (image_info's value wins).",
+                                             secret=True)
+    image_server_auth_strategy: str = _opt("noauth", "Authentication against image "
+                                           "servers: noauth or http_basic (image_info's "
+                                           "value wins).", choices=("noauth", "http_basic"))
+    # -- Policy Ironic sends in the lookup answer (docs/policies.md) -------------------------
+    md5_enabled: bool = _opt(False, "Accept images whose only checksum is MD5 (Ironic's "
+                             "agent_md5_checksum_enable overrides it).")
+    permitted_image_formats: tuple[str, ...] = _opt(
+        ("raw", "gpt", "qcow2"), "Image formats that may be written (comma-separated); a "
+        "detected format outside it is refused before any byte is written.", list=True)
+    disable_deep_image_inspection: bool = _opt(False, "Trust the declared image format "
+                                               "instead of inspecting the image's bytes.")
+    enable_bios_bootloader_install: bool = _opt(False, "Allow grub-install for BIOS "
+                                                "(legacy) boot of partition images "
+                                                "(CVE-2026-43003 mitigation when off).")
+    skip_bmc_detect: bool = _opt(False, "Do not probe for a BMC (ipmitool) in the inventory; "
+                                 "Ironic's agent_skip_bmc_detect sets it.", kernel=False)
+    guard_special_filesystems: bool = _opt(True, "Refuse to erase a disk that holds a shared "
+                                           "cluster filesystem (VMFS, GFS2, OCFS2, ...).",
+                                           name="guard-special-filesystems")
+    # -- Containers ([container]; Ironic's agent_containers overrides) ----------------------
+    container_allow_arbitrary_containers: bool = _opt(
+        False, "Run any container image, not only allowed_containers.", section="container",
+        name="allow_arbitrary_containers")
+    container_allowed_containers: tuple[str, ...] = _opt(
+        (), "Container images that container steps may run.", section="container",
+        name="allowed_containers", list=True)
+    container_container_steps_file: str = _opt(
+        "/etc/ironic-python-agent.d/mysteps.yaml", "YAML file of container steps.",
+        section="container", name="container_steps_file")
+    container_runner: str = _opt("podman", "Container runner.", section="container",
+                                 name="runner", choices=("podman", "docker"))
+    container_pull_options: tuple[str, ...] = _opt(
+        (), "Options (comma-separated) for the runner's pull.", section="container",
+        name="pull_options", list=True)
+    container_run_options: tuple[str, ...] = _opt(
+        ("--rm", "--network=host"), "Options (comma-separated) for the runner's run.",
+        section="container", name="run_options", list=True)
     # -- Metrics ----------------------------------------------------------------------------
     metrics_backend: str = _opt("noop", "Metrics backend.", section="metrics",
                                 name="backend", kernel=False, choices=("noop", "statsd"))
@@ -169,8 +218,23 @@ class AgentConfig:
                                  kernel=False, minimum=1)
 
     def override(self, **changes: Any) -> AgentConfig:
-        """A copy with ``changes`` applied (lookup data, mDNS TXT properties)."""
+        """A copy with ``changes`` applied, values already of the option's type."""
         return dataclasses.replace(self, **changes)
+
+    def merged(self, changes: Mapping[str, Any], source: str) -> AgentConfig:
+        """A copy with ``changes`` (option name to raw value) coerced and checked.
+
+        The one coercion path for values arriving while the agent runs (lookup, mDNS):
+        text or JSON values, as the config files and kernel parameters are read. Raises
+        ConfigError naming the option and ``source`` for an unknown option or bad value.
+        """
+        values = {}
+        for name, raw in changes.items():
+            option = _FIELDS.get(name)
+            if option is None:
+                raise ConfigError(f"Unknown option {name!r} from {source}")
+            values[name] = _convert(option, raw, name, f"from {source}")
+        return dataclasses.replace(self, **values)
 
     @property
     def listen(self) -> tuple[str, int]:
@@ -414,6 +478,8 @@ def _read_cli(cli: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any
 def _type_of(option: dataclasses.Field[Any]) -> tuple[type, bool]:
     """(base type, whether None is allowed) of an option."""
     hint = _HINTS[option.name]
+    if typing.get_origin(hint) is tuple:
+        return tuple, False
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         args = typing.get_args(hint)
         return next(a for a in args if a is not type(None)), type(None) in args
@@ -434,6 +500,8 @@ def _convert(option: dataclasses.Field[Any], raw: Any, label: str, source: str) 
 
 def _coerce(option: dataclasses.Field[Any], raw: Any) -> Any:
     base, optional = _type_of(option)
+    if option.metadata["list"]:
+        return _coerce_list(raw)
     if isinstance(raw, str):
         if optional and not raw.strip():
             return None
@@ -458,6 +526,17 @@ def _coerce(option: dataclasses.Field[Any], raw: Any) -> Any:
     raise ValueError(f"expected {_TYPE_NAMES[base]}, not {type(raw).__name__}")
 
 
+def _coerce_list(raw: Any) -> tuple[str, ...]:
+    """A list option: comma-separated text (as oslo.config's ListOpt) or a JSON list."""
+    if isinstance(raw, str):
+        items = raw.split(",")
+    elif isinstance(raw, (list, tuple)) and all(isinstance(i, str) for i in raw):
+        items = list(raw)
+    else:
+        raise ValueError(f"expected a list of strings, not {type(raw).__name__}")
+    return tuple(item.strip() for item in items if item.strip())
+
+
 def _check(option: dataclasses.Field[Any], value: Any) -> None:
     meta = option.metadata
     if isinstance(value, float) and not math.isfinite(value):
@@ -467,6 +546,8 @@ def _check(option: dataclasses.Field[Any], value: Any) -> None:
         raise ValueError(f"must be between {low} and {high}")
     if low is not None and value < low:
         raise ValueError("must not be negative" if low == 0 else f"must be at least {low}")
+    if meta["list"]:
+        return
     if meta["choices"] is not None and value not in meta["choices"]:
         raise ValueError(f"not one of: {', '.join(meta['choices'])}")
     if meta["url"]:
@@ -476,7 +557,7 @@ def _check(option: dataclasses.Field[Any], value: Any) -> None:
 # -- Documentation --------------------------------------------------------------------------
 
 _TYPE_NAMES: dict[type, str] = {str: "string", int: "integer", float: "number",
-                                bool: "boolean"}
+                                bool: "boolean", tuple: "list"}
 
 _DOCS_INTRO = """\
 # Configuration
@@ -557,8 +638,10 @@ def _doc_default(option: dataclasses.Field[Any]) -> str:
         return "unset"
     if isinstance(default, bool):
         return f"`{str(default).lower()}`"
-    if default == "":
+    if default == "" or default == ():
         return "empty"
+    if isinstance(default, tuple):
+        return f"`{','.join(default)}`"
     return f"`{default}`"
 
 

@@ -72,11 +72,6 @@ def load_client_certificate(certfile: str, keyfile: str) -> PrivateCertificate:
     return loaded
 
 
-def _tls_version(name: str) -> NamedConstant:
-    version: NamedConstant = TLSVersion.TLSv1_3 if name == "TLSv1.3" else TLSVersion.TLSv1_2
-    return version
-
-
 @implementer(IOpenSSLClientConnectionCreator)
 class _UnverifiedClientTLS:
     """Client TLS that accepts any server certificate (``insecure``); still sends SNI."""
@@ -120,6 +115,7 @@ class AgentTLSPolicy:
 
 def tls_policy(config: AgentConfig) -> AgentTLSPolicy:
     """The client TLS policy ``config`` asks for; reads cafile/certfile/keyfile."""
+    from ipa_twisted.tls import tls_version  # certificate generation: loaded when used
     trust_root = None if config.insecure or not config.cafile else load_trust_root(
         config.cafile)
     client_certificate = None
@@ -127,7 +123,7 @@ def tls_policy(config: AgentConfig) -> AgentTLSPolicy:
         client_certificate = load_client_certificate(config.certfile, config.keyfile)
     return AgentTLSPolicy(verify=not config.insecure, trust_root=trust_root,
                           client_certificate=client_certificate,
-                          minimum_version=_tls_version(config.tls_minimum_version))
+                          minimum_version=tls_version(config.tls_min_version))
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):

@@ -90,8 +90,8 @@ def server_tls_options(config: AgentConfig) -> Any:
                 trust = ssl.Certificate.loadPEM(f.read())
     except (OSError, ValueError, Exception) as e:
         raise ConfigError(f"Cannot load the API's TLS certificate or key ([ssl]): {e}") from e
-    minimum = (ssl.TLSVersion.TLSv1_3 if config.tls_minimum_version == "TLSv1.3"
-               else ssl.TLSVersion.TLSv1_2)
+    from ipa_twisted.tls import tls_version
+    minimum = tls_version(config.tls_min_version)
     return ssl.CertificateOptions(
         privateKey=certificate.privateKey.original, certificate=certificate.original,
         trustRoot=trust, requireCertificate=trust is not None, raiseMinimumTo=minimum)

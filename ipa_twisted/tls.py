@@ -37,7 +37,8 @@ CLOCK_SKEW = datetime.timedelta(days=1)
 """How far before now a generated certificate becomes valid."""
 
 DEFAULT_VALIDITY_DAYS = 90
-TLS_VERSIONS = {"TLSv1.2": TLSVersion.TLSv1_2, "TLSv1.3": TLSVersion.TLSv1_3}
+TLS_VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
+"""The ``tls_min_version`` values (Ironic's spelling), as Twisted's TLSVersion."""
 
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
@@ -52,9 +53,9 @@ class TlsCertificate(NamedTuple):
 
 
 def tls_version(name: str) -> NamedConstant:
-    """The TLSVersion of ``TLSv1.2`` or ``TLSv1.3`` (ValueError for anything else)."""
+    """The TLSVersion of ``1.2`` or ``1.3`` (also ``TLSv1.2``, ``TLSv1.3``), else ValueError."""
     try:
-        version: NamedConstant = TLS_VERSIONS[name]
+        version: NamedConstant = TLS_VERSIONS[name.removeprefix("TLSv")]
     except KeyError:
         raise ValueError(f"Unknown TLS version {name!r}: use one of "
                          f"{', '.join(TLS_VERSIONS)}") from None
@@ -129,7 +130,7 @@ def _read(path: str) -> bytes:
 
 
 def server_context_from(cert_file: str, key_file: str, *, ca_file: str | None = None,
-                        minimum_version: str = "TLSv1.2") -> CertificateOptions:
+                        minimum_version: str = "1.2") -> CertificateOptions:
     """Server TLS settings from PEM files.
 
     ``cert_file`` holds the certificate, optionally followed by its chain; ``key_file``

@@ -386,7 +386,7 @@ class LookupDataTests(APITestCase):
         self.assertEqual((config.metrics_backend, config.metrics_prepend_uuid,
                           config.metrics_prepend_host, config.metrics_statsd_host,
                           config.metrics_statsd_port),
-                         ("statsd", True, False, "10.0.0.5", 8126))
+                         ("statsd", True, True, "10.0.0.5", 8126))
         self.assertEqual(self.agent.heartbeat_timeout, 60)
 
     def test_short_or_masked_token_ignored(self) -> None:

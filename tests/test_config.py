@@ -260,7 +260,7 @@ class ErrorTests(ConfigTestCase):
             ("api_url = http://h:port/", "for api_url", "not a valid URL"),
             ("inspection_callback_url = /v1/continue", "for inspection_callback_url",
              "not 'mdns'"),
-            ("tls_minimum_version = TLSv1.0", "for tls_minimum_version", "not one of"),
+            ("tls_min_version = 1.0", "for tls_min_version", "not one of"),
         ]
         for line, head, reason in cases:
             conf = self.write(f"[DEFAULT]\n{line}\n")

@@ -178,7 +178,7 @@ class TLSPolicyTests(SynchronousTestCase):
                              lowerMaximumSecurityTo=TLSVersion.TLSv1_2)
         config = AgentConfig(cafile=self.write(self.ca.pem))
         self.assertTrue(Handshake(config, b"ironic.test", old).ok)
-        strict = AgentConfig(cafile=config.cafile, tls_minimum_version="TLSv1.3")
+        strict = AgentConfig(cafile=config.cafile, tls_min_version="1.3")
         self.assertIsInstance(Handshake(strict, b"ironic.test", old).error, SSL.Error)
 
     def test_missing_or_empty_files_fail_early(self) -> None:

@@ -300,7 +300,7 @@ class AutoTLSTests(HandshakeTestCase):
         self.assertEqual((await prepare_api_tls(IRONIC_CONFIG, None, "x")).context, None)
 
     async def test_minimum_version_is_honoured(self) -> None:
-        config = IRONIC_CONFIG.override(tls_minimum_version="TLSv1.3")
+        config = IRONIC_CONFIG.override(tls_min_version="1.3")
         fake = FakeIronic(version="1.68")
         ironic = IronicClient("http://ironic:6385", StubTreq(fake.app.resource()), reactor,
                               "test")

@@ -79,7 +79,7 @@ async def prepare_api_tls(config: AgentConfig, ironic: _SupportsAutoTLS | None,
         return unchanged
     certificate = generate_tls_certificate(advertise_host, clock=clock, directory=directory)
     context = server_context_from(certificate.path, certificate.private_key_path,
-                                  minimum_version=config.tls_minimum_version)
+                                  minimum_version=config.tls_min_version)
     log.info("Automatic TLS: serving the API over HTTPS with a self-signed certificate for "
              "{host}", host=advertise_host)
     return ApiTLS(context, certificate.text, "https", certificate)
