@@ -8,8 +8,10 @@ command-line flags. Lookup data and mDNS may override a few options later throug
 Each field's metadata says where it comes from: ``section`` (INI section, default
 ``DEFAULT``), ``name`` (its name in that section, default the field name), ``kernel`` (the
 kernel parameter, default ``ipa-`` + name with dashes; ``False`` for none), ``secret``,
-``choices``, ``minimum``/``maximum`` (numbers) and ``url`` (``mdns`` or an http(s) URL), and
-``help``. ``load_config`` merges the sources; ``render_docs`` documents them.
+``choices``, ``minimum``/``maximum`` (numbers), ``url`` (``mdns`` or an http(s) URL), ``urls``
+(comma-separated URLs), ``aliases``/``kernel_aliases`` (other accepted spellings),
+``ignored`` (why a reference option is accepted without effect) and ``help``.
+``load_config`` merges the sources; ``render_docs`` documents them.
 """
 
 from __future__ import annotations
@@ -32,10 +34,16 @@ from urllib.parse import urlsplit
 def _opt(default: Any, help: str, *, section: str = "DEFAULT", name: str | None = None,
          kernel: str | None | bool = None, secret: bool = False,
          choices: tuple[str, ...] | None = None, minimum: float | None = None,
-         maximum: float | None = None, url: bool = False, list: bool = False) -> Any:
+         maximum: float | None = None, url: bool = False, urls: bool = False,
+         list: bool = False, aliases: tuple[tuple[str, str], ...] = (),
+         kernel_aliases: tuple[str, ...] = (), ignored: str | None = None) -> Any:
     """Declare one option; ``kernel=False`` means no kernel parameter sets it.
 
-    Numeric options are non-negative unless ``minimum`` says otherwise.
+    Numeric options are non-negative unless ``minimum`` says otherwise. ``urls``: a
+    comma-separated list of URLs (or ``mdns`` alone). ``aliases`` are other ``(section,
+    name)`` spellings accepted in config files, ``kernel_aliases`` other kernel
+    parameters. ``ignored`` (the reason) marks an option of the reference agent that is
+    accepted and has no effect here.
     """
     numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
     if numeric and minimum is None:
@@ -43,7 +51,8 @@ def _opt(default: Any, help: str, *, section: str = "DEFAULT", name: str | None 
     return field(default=default, metadata={
         "help": help, "section": section, "name": name, "kernel": kernel,
         "secret": secret, "choices": choices, "minimum": minimum, "maximum": maximum,
-        "url": url, "list": list})
+        "url": url or urls, "urls": urls, "list": list, "aliases": aliases,
+        "kernel_aliases": kernel_aliases, "ignored": ignored})
 
 
 @dataclass(frozen=True)
@@ -51,12 +60,25 @@ class AgentConfig:
     """Every option the agent reads, with the reference agent's names and defaults."""
 
     # -- Ironic and the API ---------------------------------------------------------------
-    api_url: str | None = _opt(None, "URL of the Ironic API, or 'mdns' to discover it.",
-                                url=True)
+    api_url: str | None = _opt(None, "URL of the Ironic API, several comma-separated (each "
+                                "is tried in turn until one answers), or 'mdns' to "
+                                "discover it.", urls=True)
     global_request_id: str | None = _opt(None, "Request ID sent with every Ironic request.")
+    ironic_api_version: str | None = _opt(None, "Ironic API version (\"1.68\") to use "
+                                          "instead of asking Ironic for its default "
+                                          "(advanced; blocks auto-detection).")
+    http_request_timeout: float = _opt(30.0, "Seconds a request to Ironic (lookup, "
+                                       "heartbeat, version) may take to be answered, per "
+                                       "API URL tried.", minimum=1)
     listen_host: str = _opt("::", "Host (address) the API listens on.")
     listen_port: int = _opt(9999, "Port the API listens on.", minimum=1, maximum=65535)
     listen_tls: bool = _opt(False, "Serve the API over TLS with [ssl] cert_file/key_file.")
+    auto_tls_allowed_clock_skew: int = _opt(3600, "Seconds before now that the "
+                                            "automatic TLS certificate is valid from (the "
+                                            "conductor's clock may be behind ours).",
+                                            kernel=False)
+    tls_certificate_curve: str = _opt("p384", "Elliptic curve of the automatic TLS "
+                                      "certificate's key.", choices=("p256", "p384", "p521"))
     enable_auto_tls: bool = _opt(True, "Generate a self-signed certificate when Ironic "
                                  "supports API 1.68 and no manual TLS is set.")
     advertise_host: str | None = _opt(None, "Address sent to Ironic in heartbeats; found "
@@ -69,7 +91,7 @@ class AgentConfig:
     ip_lookup_sleep: float = _opt(10.0, "Seconds between advertise address attempts.",
                                    kernel="ipa-ip-lookup-timeout")
     network_interface: str | None = _opt(None, "Interface whose address is advertised.")
-    lookup_timeout: float = _opt(300.0, "Seconds to keep trying to look up the node.")
+    lookup_timeout: float = _opt(600.0, "Seconds to keep trying to look up the node.")
     lookup_interval: float = _opt(1.0, "Initial seconds between lookup attempts.")
     heartbeat_timeout: float = _opt(300.0, "Ironic's heartbeat timeout until lookup says "
                                     "otherwise; beats come every 0.3-0.6 of it.")
@@ -88,10 +110,14 @@ class AgentConfig:
     certfile: str | None = _opt(None, "PEM client certificate.", kernel=False)
     keyfile: str | None = _opt(None, "PEM client key.", kernel=False)
     # -- TLS server ([ssl]) -----------------------------------------------------------------
-    ssl_cert_file: str | None = _opt(None, "API server certificate (listen_tls).",
-                                     section="ssl", name="cert_file", kernel=False)
-    ssl_key_file: str | None = _opt(None, "API server private key (listen_tls).",
-                                    section="ssl", name="key_file", kernel=False)
+    ssl_cert_file: str | None = _opt(None, "API server certificate (listen_tls); also read "
+                                     "as [DEFAULT] tls_cert_file, the reference's name.",
+                                     section="ssl", name="cert_file", kernel=False,
+                                     aliases=(("DEFAULT", "tls_cert_file"),))
+    ssl_key_file: str | None = _opt(None, "API server private key (listen_tls); also read "
+                                    "as [DEFAULT] tls_key_file, the reference's name.",
+                                    section="ssl", name="key_file", kernel=False,
+                                    aliases=(("DEFAULT", "tls_key_file"),))
     ssl_ca_file: str | None = _opt(None, "CA that API clients' certificates must chain to.",
                                    section="ssl", name="ca_file", kernel=False)
     tls_min_version: str = _opt("1.2", "Lowest TLS version of the API (automatic and manual "
@@ -105,8 +131,11 @@ class AgentConfig:
     inspection_callback_url: str | None = _opt(None, "Inspection receiver URL, or 'mdns'.",
                                                 url=True)
     inspection_collectors: str = _opt("default", "Comma-separated inspection collectors.")
-    inspection_dhcp_timeout: float = _opt(60.0, "Seconds to wait for DHCP before "
-                                          "inspection.")
+    inspection_dhcp_wait_timeout: float = _opt(
+        60.0, "Seconds to wait for DHCP before inspection; 0: no wait. Also read as "
+        "inspection_dhcp_timeout (ipa-inspection-dhcp-timeout), this agent's old name.",
+        aliases=(("DEFAULT", "inspection_dhcp_timeout"),),
+        kernel_aliases=("ipa-inspection-dhcp-timeout",))
     inspection_dhcp_all_interfaces: bool = _opt(False, "Wait for DHCP on every interface, "
                                                 "not only the PXE one.")
     inspection_benchmarks: str = _opt("", "Benchmarks for the extra-hardware collector.")
@@ -123,8 +152,13 @@ class AgentConfig:
     fail_if_clock_not_set: bool = _opt(False, "Fail start-up if the clock cannot be set.")
     disk_wait_attempts: int = _opt(10, "Attempts to wait for a suitable disk.")
     ignore_bootloader_failure: bool = _opt(False, "Report success when installing the "
-                                           "bootloader fails (Ironic may override it).",
-                                           kernel=False)
+                                           "bootloader fails (Ironic may override it).")
+    inject_files_priority: int = _opt(0, "Priority of the inject_files deploy step; 0: "
+                                      "not run unless Ironic asks for it.", maximum=99)
+    enable_discard_erase: bool = _opt(
+        False, "Let erase_devices discard a disk that has no secure erase.",
+        ignored="erase_devices has no discard path in this agent: a disk without a secure "
+        "erase is overwritten (shred), which this option would only have shortened")
     disk_erasure_concurrency: int = _opt(0, "Disks erase_devices erases at once when the "
                                          "node does not say; 0: all.", kernel=False)
     disk_wait_delay: float = _opt(3.0, "Seconds between disk wait attempts.")
@@ -141,6 +175,13 @@ class AgentConfig:
     image_server_password: str | None = _opt(None, "Password for HTTP basic auth against "
                                              "image servers (image_info's value wins).",
                                              secret=True)
+    config_drive_rebuild: bool = _opt(
+        False, "Always rebuild the config drive as a local file system.",
+        ignored="the config drive is written as Ironic sends it; always rebuilding it is "
+        "not supported")
+    disable_bootc_deploy: bool = _opt(
+        False, "Disable the bootc deploy method.",
+        ignored="this agent has no bootc deploy method")
     image_server_auth_strategy: str = _opt("noauth", "Authentication against image "
                                            "servers: noauth or http_basic (image_info's "
                                            "value wins).", choices=("noauth", "http_basic"))
@@ -178,6 +219,61 @@ class AgentConfig:
     container_run_options: tuple[str, ...] = _opt(
         ("--rm", "--network=host"), "Options (comma-separated) for the runner's run.",
         section="container", name="run_options", list=True)
+    # -- Disks ([disk_utils], [disk_partitioner]) --------------------------------------------
+    efi_system_partition_size: int = _opt(550, "MiB of the EFI system partition made for "
+                                          "partition images on UEFI.", minimum=1,
+                                          section="disk_utils")
+    bios_boot_partition_size: int = _opt(1, "MiB of the BIOS Boot partition made for "
+                                         "partition images on GPT disks booting in BIOS "
+                                         "mode.", minimum=1, section="disk_utils")
+    dd_block_size: str = _opt(
+        "1M", "Block size of dd when writing images.", section="disk_utils",
+        ignored="images are written by the agent's own streaming O_DIRECT writer, not dd")
+    partition_detection_attempts: int = _opt(
+        3, "Seconds (at least) to wait for a new partition's device to appear (the "
+        "reference checks once a second); never less than 10 s.", minimum=1,
+        section="disk_utils")
+    partprobe_attempts: int = _opt(10, "Times partprobe is tried on a disk before giving "
+                                   "up (the failure is logged).", minimum=1,
+                                   section="disk_utils")
+    image_convert_memory_limit: int = _opt(
+        2048, "MiB qemu-img convert may use.", section="disk_utils",
+        ignored="no qemu-img: qcow2 images are converted while streaming, in bounded memory")
+    image_convert_attempts: int = _opt(
+        3, "Attempts of qemu-img convert.", section="disk_utils",
+        ignored="no qemu-img: qcow2 images are converted while streaming (a failed "
+        "download is retried as image_download_connection_retries says)")
+    check_device_interval: int = _opt(
+        1, "Seconds between checks that a disk is not in use before partitioning.",
+        section="disk_partitioner",
+        ignored="the reference's fuser wait, left from iSCSI deploys; the agent partitions "
+        "only disks it has just wiped, with nothing mounted")
+    check_device_max_retries: int = _opt(
+        20, "Checks that a disk is not in use before partitioning.",
+        section="disk_partitioner", ignored="see check_device_interval")
+    # -- mDNS ([mdns]) ------------------------------------------------------------------------
+    use_mdns: bool = _opt(False, "Discover Ironic with mDNS when neither api_url nor "
+                          "inspection_callback_url is set (as if api_url were 'mdns'). "
+                          "mDNS answers are not authenticated.", section="mdns")
+    mdns_allowed_overrides: tuple[str, ...] = _opt(
+        ("inspection_callback_url", "ntp_server"), "Options that mDNS TXT properties "
+        "(ipa_<option>) may set.", section="mdns", name="allowed_overrides", kernel=False,
+        list=True,
+        ignored="mDNS may set only the fixed list in docs/network.md (no address, identity "
+        "or secret), whatever this says")
+    mdns_lookup_attempts: int = _opt(
+        3, "Attempts to find a service with mDNS.", section="mdns", name="lookup_attempts",
+        kernel=False, minimum=1,
+        ignored="discovery repeats its queries (1, 2, 4, 8 s apart) for 30 s rather than a "
+        "number of times")
+    mdns_params: str | None = _opt(
+        None, "Properties to publish with a registered mDNS service.", section="mdns",
+        name="params", kernel=False,
+        ignored="the agent only looks services up; it publishes none")
+    mdns_interfaces: tuple[str, ...] = _opt(
+        (), "Addresses of the interfaces to use for mDNS.", section="mdns",
+        name="interfaces", kernel=False, list=True,
+        ignored="queries go out on every interface that is up and multicast-capable")
     # -- Metrics ----------------------------------------------------------------------------
     metrics_backend: str = _opt("noop", "Metrics backend.", section="metrics",
                                 name="backend", kernel=False, choices=("noop", "statsd"))
@@ -376,6 +472,13 @@ def load_config(*, cli: Mapping[str, Any], config_files: Sequence[str] = (),
         values.update(_read_params(vmedia_params, "virtual media parameters", warnings))
     values.update(from_cli)
     values["cmdline_path"] = cmdline_path
+    for name, value in values.items():
+        reason = _FIELDS[name].metadata["ignored"]
+        if reason and value != _FIELDS[name].default:
+            warnings.append(f"Option {name} is accepted and ignored: {reason}")
+    if (values.get("use_mdns") and not values.get("standalone")
+            and not values.get("api_url") and not values.get("inspection_callback_url")):
+        values["api_url"] = "mdns"   # [mdns] use_mdns: discover Ironic, as the reference
     return AgentConfig(**values), warnings
 
 
@@ -394,10 +497,27 @@ def kernel_name(option: dataclasses.Field[Any]) -> str | None:
     return KERNEL_PREFIX + option.name.replace("_", "-")
 
 
+def ini_names(option: dataclasses.Field[Any]) -> list[tuple[str, str]]:
+    """Every ``(section, name)`` that sets the option in a config file, its own first."""
+    return [(option.metadata["section"], ini_name(option)), *option.metadata["aliases"]]
+
+
+def kernel_names(option: dataclasses.Field[Any]) -> list[str]:
+    """Every kernel parameter that sets the option, its own first."""
+    own = kernel_name(option)
+    return ([own] if own else []) + list(option.metadata["kernel_aliases"])
+
+
+def split_urls(value: str) -> list[str]:
+    """The URLs of a comma-separated URL option (``api_url``), blanks dropped."""
+    return [url.strip() for url in value.split(",") if url.strip()]
+
+
 _BY_INI: dict[tuple[str, str], dataclasses.Field[Any]] = {
-    (f.metadata["section"].lower(), ini_name(f).lower()): f for f in OPTIONS}
+    (section.lower(), name.lower().replace("-", "_")): f
+    for f in OPTIONS for section, name in ini_names(f)}
 _BY_KERNEL: dict[str, dataclasses.Field[Any]] = {
-    name: f for f in OPTIONS if (name := kernel_name(f)) is not None}
+    name: f for f in OPTIONS for name in kernel_names(f)}
 _SECTIONS = {section for section, _ in _BY_INI}
 _NO_DEFAULT_SECTION = "\0"   # configparser would copy [DEFAULT] into every section
 
@@ -421,7 +541,7 @@ def _read_config_file(path: str, warnings: list[str]) -> dict[str, Any]:
             warnings.append(f"Unknown section [{section}] in {path} (ignored)")
             continue
         for key, raw in parser.items(section, raw=True):
-            option = _BY_INI.get((section.lower(), key.replace("-", "_")))
+            option = _BY_INI.get((section.lower(), key.lower().replace("-", "_")))
             if option is None:
                 warnings.append(f"Unknown option {key!r} in {path} [{section}] (ignored)")
                 continue
@@ -550,7 +670,18 @@ def _check(option: dataclasses.Field[Any], value: Any) -> None:
         return
     if meta["choices"] is not None and value not in meta["choices"]:
         raise ValueError(f"not one of: {', '.join(meta['choices'])}")
-    if meta["url"]:
+    if meta["urls"]:
+        urls = split_urls(value)
+        if not urls:
+            raise ValueError("no URL")
+        if len(urls) > 1 and "mdns" in urls:
+            raise ValueError("'mdns' cannot be combined with other URLs")
+        for url in urls:
+            try:
+                validate_url(url)
+            except ValueError as e:
+                raise ValueError(f"{url!r}: {e}" if len(urls) > 1 else str(e)) from None
+    elif meta["url"]:
         validate_url(value)
 
 
@@ -573,7 +704,8 @@ names, sections, kernel parameters and defaults, from several sources.
 Later sources win:
 
 1. Built-in defaults (the table below).
-2. Config files, INI syntax: `[DEFAULT]`, `[ssl]`, `[metrics]` and `[metrics_statsd]`.
+2. Config files, INI syntax: `[DEFAULT]`, `[ssl]`, `[disk_utils]`, `[disk_partitioner]`,
+   `[container]`, `[mdns]`, `[metrics]` and `[metrics_statsd]`.
    Unless `--no-default-config-files` is given, these are read when present:
    `/etc/ironic-python-agent/ironic-python-agent.conf`, `/etc/ironic-python-agent.conf`,
    then `/etc/ironic-python-agent.d/*.conf` sorted by name. Then each `--config-file`,
@@ -590,6 +722,19 @@ Later sources win:
 
 Lookup data and mDNS may override a few options once the agent runs.
 
+## Compatibility with the reference agent
+
+Every option of the reference agent (ironic-python-agent 13: `[DEFAULT]`, `[disk_utils]`,
+`[disk_partitioner]`, `[container]`, `[mdns]`, `[metrics]`, `[metrics_statsd]`) is
+accepted under its name, and under its kernel parameter where the reference has one
+(`tests/test_config.py` checks the list). Most act as they do there. The ones marked
+**Accepted and ignored** below do nothing here, for the reason given; setting one to
+anything but its default logs a warning that says so. Other spellings also accepted:
+`[DEFAULT] inspection_dhcp_timeout` / `ipa-inspection-dhcp-timeout` (this agent's old
+name for `inspection_dhcp_wait_timeout`), `[DEFAULT] tls_cert_file` and `tls_key_file`
+(the reference's names for `[ssl] cert_file` and `key_file`). `[mdns] use_mdns` with
+neither `api_url` nor `inspection_callback_url` set means `api_url = mdns`.
+
 ## Values
 
 - Booleans, case-insensitive: `1`, `t`, `true`, `on`, `y`, `yes` or `0`, `f`, `false`,
@@ -597,7 +742,12 @@ Lookup data and mDNS may override a few options once the agent runs.
 - Integers are decimal; numbers may have a fraction. Ports are 1-65535; other numbers must
   not be negative.
 - URLs (`api_url`, `inspection_callback_url`) are `mdns` or an absolute `http://` or
-  `https://` URL with a host.
+  `https://` URL with a host. `api_url` may list several, comma-separated
+  (`ipa-api-url=https://a:6385,https://b:6385`): each is checked, and lookup, heartbeats
+  and version requests try them in turn until one answers (a connection error or timeout
+  moves on to the next; an HTTP answer, even an error, is Ironic's). The one that answered
+  is tried first next time.
+- Lists are comma-separated.
 - An empty value unsets an option whose default is unset.
 
 ## Errors and warnings
@@ -649,10 +799,13 @@ def render_docs() -> str:
     """Markdown documentation of the sources, their precedence and every option."""
     rows = []
     for option in OPTIONS:
-        kernel = kernel_name(option)
-        cells = [f"`[{option.metadata['section']}]`", f"`{ini_name(option)}`",
-                 f"`{kernel}`" if kernel else "-", _doc_type(option), _doc_default(option),
-                 option.metadata["help"] + (" Secret." if option.metadata["secret"] else "")]
+        kernel = ", ".join(f"`{name}`" for name in kernel_names(option))
+        meta = option.metadata
+        text = meta["help"] + (" Secret." if meta["secret"] else "")
+        if meta["ignored"]:
+            text += f" **Accepted and ignored**: {meta['ignored']}."
+        cells = [f"`[{meta['section']}]`", f"`{ini_name(option)}`", kernel or "-",
+                 _doc_type(option), _doc_default(option), text]
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |\n")
     return _DOCS_INTRO + "".join(rows)
 

@@ -7,21 +7,26 @@ import os
 from pathlib import Path
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from ipa_twisted.config import (
     OPTIONS,
     AgentConfig,
     ConfigError,
     default_config_files,
+    ini_name,
+    ini_names,
     kernel_name,
+    kernel_names,
     load_config,
     main,
     parse_bool,
     parse_kernel_cmdline,
     render_docs,
+    split_urls,
 )
 
+_FIELD = {f.name: f for f in OPTIONS}
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 
@@ -405,3 +410,270 @@ class DocsTests(SynchronousTestCase):
         out = io.StringIO()
         self.assertEqual(main(["--docs"], out), 0)
         self.assertEqual(out.getvalue(), render_docs())
+
+
+# Every option of the reference agent (ironic-python-agent 13.0.0) as (section, name, kernel
+# parameter or None): [DEFAULT] cli_opts, [disk_utils], [disk_partitioner] and [container]
+# from config.py, [metrics] and [metrics_statsd] from metrics_lib, [mdns] from mdns.py; the
+# kernel parameter is the APARAMS name the reference reads. Derived from the reference's
+# source by test_list_matches_the_reference_source (when that source is at hand).
+REFERENCE_OPTIONS: tuple[tuple[str, str, str | None], ...] = (
+    ("DEFAULT", "api_url", "ipa-api-url"),
+    ("DEFAULT", "global_request_id", "ipa-global-request-id"),
+    ("DEFAULT", "listen_host", "ipa-listen-host"),
+    ("DEFAULT", "listen_port", "ipa-listen-port"),
+    ("DEFAULT", "listen_tls", None),
+    ("DEFAULT", "tls_cert_file", None),
+    ("DEFAULT", "tls_key_file", None),
+    ("DEFAULT", "enable_auto_tls", None),
+    ("DEFAULT", "auto_tls_allowed_clock_skew", None),
+    ("DEFAULT", "tls_min_version", "ipa-tls-min-version"),
+    ("DEFAULT", "tls_cipher_suites", "ipa-tls-cipher-suites"),
+    ("DEFAULT", "tls_certificate_curve", "ipa-tls-certificate-curve"),
+    ("DEFAULT", "advertise_host", "ipa-advertise-host"),
+    ("DEFAULT", "advertise_port", "ipa-advertise-port"),
+    ("DEFAULT", "advertise_protocol", "ipa-advertise-protocol"),
+    ("DEFAULT", "ip_lookup_attempts", "ipa-ip-lookup-attempts"),
+    ("DEFAULT", "ip_lookup_sleep", "ipa-ip-lookup-timeout"),
+    ("DEFAULT", "network_interface", "ipa-network-interface"),
+    ("DEFAULT", "lookup_timeout", "ipa-lookup-timeout"),
+    ("DEFAULT", "lookup_interval", "ipa-lookup-interval"),
+    ("DEFAULT", "lldp_timeout", "ipa-lldp-timeout"),
+    ("DEFAULT", "collect_lldp", "ipa-collect-lldp"),
+    ("DEFAULT", "inspection_callback_url", "ipa-inspection-callback-url"),
+    ("DEFAULT", "inspection_collectors", "ipa-inspection-collectors"),
+    ("DEFAULT", "inspection_dhcp_wait_timeout", "ipa-inspection-dhcp-wait-timeout"),
+    ("DEFAULT", "inspection_dhcp_all_interfaces", "ipa-inspection-dhcp-all-interfaces"),
+    ("DEFAULT", "hardware_initialization_delay", "ipa-hardware-initialization-delay"),
+    ("DEFAULT", "disk_wait_attempts", "ipa-disk-wait-attempts"),
+    ("DEFAULT", "disk_wait_delay", "ipa-disk-wait-delay"),
+    ("DEFAULT", "insecure", "ipa-insecure"),
+    ("DEFAULT", "cafile", None),
+    ("DEFAULT", "certfile", None),
+    ("DEFAULT", "keyfile", None),
+    ("DEFAULT", "introspection_daemon", None),
+    ("DEFAULT", "introspection_daemon_post_interval", None),
+    ("DEFAULT", "ntp_server", "ipa-ntp-server"),
+    ("DEFAULT", "fail_if_clock_not_set", None),
+    ("DEFAULT", "agent_token", "ipa-agent-token"),
+    ("DEFAULT", "image_server_user", None),
+    ("DEFAULT", "image_server_password", None),
+    ("DEFAULT", "image_server_auth_strategy", None),
+    ("DEFAULT", "image_download_connection_timeout", "ipa-image-download-connection-timeout"),
+    ("DEFAULT", "image_download_connection_retries", "ipa-image-download-connection-retries"),
+    ("DEFAULT", "image_download_connection_retry_interval", "ipa-image-download-connection-retry-interval"),
+    ("DEFAULT", "image_download_max_duration", "ipa-image-download-max-duration"),
+    ("DEFAULT", "ironic_api_version", "ipa-ironic-api-version"),
+    ("DEFAULT", "enable_vlan_interfaces", "ipa-enable-vlan-interfaces"),
+    ("DEFAULT", "ignore_bootloader_failure", "ipa-ignore-bootloader-failure"),
+    ("DEFAULT", "inject_files_priority", "ipa-inject-files-priority"),
+    ("DEFAULT", "guard-special-filesystems", "ipa-guard-special-filesystems"),
+    ("DEFAULT", "enable_discard_erase", "ipa-enable-discard-erase"),
+    ("DEFAULT", "md5_enabled", None),
+    ("DEFAULT", "http_request_timeout", "ipa-http-request-timeout"),
+    ("DEFAULT", "config_drive_rebuild", None),
+    ("DEFAULT", "disable_deep_image_inspection", None),
+    ("DEFAULT", "permitted_image_formats", None),
+    ("DEFAULT", "disable_bootc_deploy", None),
+    ("DEFAULT", "enable_bios_bootloader_install", None),
+    ("disk_utils", "efi_system_partition_size", None),
+    ("disk_utils", "bios_boot_partition_size", None),
+    ("disk_utils", "dd_block_size", None),
+    ("disk_utils", "partition_detection_attempts", None),
+    ("disk_utils", "partprobe_attempts", None),
+    ("disk_utils", "image_convert_memory_limit", None),
+    ("disk_utils", "image_convert_attempts", None),
+    ("disk_partitioner", "check_device_interval", None),
+    ("disk_partitioner", "check_device_max_retries", None),
+    ("container", "allow_arbitrary_containers", None),
+    ("container", "allowed_containers", None),
+    ("container", "container_steps_file", None),
+    ("container", "runner", None),
+    ("container", "pull_options", None),
+    ("container", "run_options", None),
+    ("metrics", "backend", None),
+    ("metrics", "prepend_host", None),
+    ("metrics", "prepend_host_reverse", None),
+    ("metrics", "global_prefix", None),
+    ("metrics_statsd", "statsd_host", None),
+    ("metrics_statsd", "statsd_port", None),
+    ("mdns", "use_mdns", "ipa-use-mdns"),
+    ("mdns", "allowed_overrides", None),
+    ("mdns", "lookup_attempts", None),
+    ("mdns", "params", None),
+    ("mdns", "interfaces", None),
+)
+
+REFERENCE_SOURCE = os.environ.get("IPA_REFERENCE_SOURCE",
+                                  "/work/ref/src/ironic_python_agent")
+
+
+def _reference_options_from_source(root: str) -> list[tuple[str, str, str | None]]:
+    """(section, name, kernel parameter) of every cfg.*Opt in the reference's option lists."""
+    import ast
+    sources = [("config.py", {"cli_opts": "DEFAULT", "disk_utils_opts": "disk_utils",
+                              "disk_part_opts": "disk_partitioner",
+                              "container_opts": "container"}),
+               ("metrics_lib/metrics_utils.py", {"metrics_opts": "metrics"}),
+               ("metrics_lib/metrics_statsd.py", {"statsd_opts": "metrics_statsd"}),
+               ("mdns.py", {"opts": "mdns"})]
+    found = []
+    for path, lists in sources:
+        tree = ast.parse(Path(root, path).read_text(encoding="utf-8"))
+        for node in tree.body:
+            if not (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+                    and node.targets[0].id in lists):
+                continue
+            assert isinstance(node.value, ast.List)
+            for call in node.value.elts:
+                assert isinstance(call, ast.Call) and isinstance(call.args[0], ast.Constant)
+                kernel = next((str(n.args[0].value) for n in ast.walk(call)
+                               if isinstance(n, ast.Call) and n.args
+                               and isinstance(n.args[0], ast.Constant)
+                               and str(n.args[0].value).startswith("ipa-")), None)
+                found.append((lists[node.targets[0].id], str(call.args[0].value), kernel))
+    return found
+
+
+def _as_text(value: Any) -> str:
+    """An option value as a config file or kernel parameter spells it."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
+
+
+class ReferenceCompatibilityTests(ConfigTestCase):
+    """Every option name of the reference agent is accepted, acts or says why not."""
+
+    def option(self, section: str, name: str) -> Any:
+        by_ini = {(s.lower(), n.lower().replace("-", "_")): f
+                  for f in OPTIONS for s, n in ini_names(f)}
+        return by_ini.get((section.lower(), name.lower().replace("-", "_")))
+
+    def test_list_matches_the_reference_source(self) -> None:
+        if not os.path.isdir(REFERENCE_SOURCE):
+            raise SkipTest(f"reference agent source not at {REFERENCE_SOURCE} "
+                           "(set IPA_REFERENCE_SOURCE)")
+        self.assertEqual(_reference_options_from_source(REFERENCE_SOURCE),
+                         list(REFERENCE_OPTIONS))
+
+    def test_every_reference_option_has_a_field(self) -> None:
+        self.assertEqual(len(REFERENCE_OPTIONS), 84)
+        missing = [(s, n) for s, n, _ in REFERENCE_OPTIONS if self.option(s, n) is None]
+        self.assertEqual(missing, [])
+
+    def test_every_reference_kernel_parameter_sets_its_option(self) -> None:
+        for section, name, kernel in REFERENCE_OPTIONS:
+            if kernel is not None:
+                self.assertIn(kernel, kernel_names(self.option(section, name)),
+                              f"[{section}] {name}")
+
+    def test_all_accepted_in_a_file_and_on_the_kernel_command_line(self) -> None:
+        lines: dict[str, list[str]] = {}
+        params = []
+        for section, name, kernel in REFERENCE_OPTIONS:
+            option = self.option(section, name)
+            value = _as_text(option.default)
+            lines.setdefault(section, []).append(f"{name} = {value}")
+            if kernel:
+                params.append(f'{kernel}="{value}"')
+        text = "".join(f"[{section}]\n" + "\n".join(body) + "\n"
+                       for section, body in lines.items())
+        config, warnings = self.load(self.write(text), cmdline=" ".join(params))
+        self.assertEqual(warnings, [])
+        self.assertEqual(config.override(cmdline_path="/proc/cmdline"), AgentConfig())
+
+    def test_ignored_options_say_why_in_the_docs(self) -> None:
+        docs = render_docs()
+        ignored = [f for f in OPTIONS if f.metadata["ignored"]]
+        self.assertIn("dd_block_size", [f.name for f in ignored])
+        for option in ignored:
+            row = next(line for line in docs.splitlines()
+                       if line.startswith(f"| `[{option.metadata['section']}]` | "
+                                          f"`{ini_name(option)}` |"))
+            self.assertIn(f"**Accepted and ignored**: {option.metadata['ignored']}.", row)
+
+    def test_setting_an_ignored_option_warns(self) -> None:
+        conf = self.write("[disk_utils]\ndd_block_size = 4M\nimage_convert_attempts = 3\n")
+        config, warnings = self.load(conf, cmdline="ipa-enable-discard-erase=1")
+        self.assertEqual(config.dd_block_size, "4M")
+        self.assertEqual(warnings, [
+            "Option dd_block_size is accepted and ignored: "
+            + _FIELD["dd_block_size"].metadata["ignored"],
+            "Option enable_discard_erase is accepted and ignored: "
+            + _FIELD["enable_discard_erase"].metadata["ignored"]])
+
+    def test_inspection_dhcp_wait_timeout_under_both_names(self) -> None:
+        self.assertEqual(self.load(cmdline="ipa-inspection-dhcp-wait-timeout=5")[0]
+                         .inspection_dhcp_wait_timeout, 5.0)
+        self.assertEqual(self.load(cmdline="ipa-inspection-dhcp-timeout=7")[0]
+                         .inspection_dhcp_wait_timeout, 7.0)
+        conf = self.write("[DEFAULT]\ninspection_dhcp_timeout = 9\n")
+        self.assertEqual(self.load(conf)[0].inspection_dhcp_wait_timeout, 9.0)
+        self.assertIn("| `[DEFAULT]` | `inspection_dhcp_wait_timeout` | "
+                      "`ipa-inspection-dhcp-wait-timeout`, `ipa-inspection-dhcp-timeout` |",
+                      render_docs())
+
+    def test_tls_file_names_of_the_reference(self) -> None:
+        conf = self.write("[DEFAULT]\ntls_cert_file = /c.pem\ntls_key_file = /k.pem\n")
+        config, warnings = self.load(conf)
+        self.assertEqual((config.ssl_cert_file, config.ssl_key_file, warnings),
+                         ("/c.pem", "/k.pem", []))
+
+    def test_new_options_take_the_reference_kernel_parameters(self) -> None:
+        config, warnings = self.load(cmdline=(
+            "ipa-inject-files-priority=45 ipa-http-request-timeout=12 "
+            "ipa-ironic-api-version=1.68 ipa-tls-certificate-curve=p256 "
+            "ipa-ignore-bootloader-failure=true ipa-use-mdns=0"))
+        self.assertEqual(warnings, [])
+        self.assertEqual((config.inject_files_priority, config.http_request_timeout,
+                          config.ironic_api_version, config.tls_certificate_curve,
+                          config.ignore_bootloader_failure),
+                         (45, 12.0, "1.68", "p256", True))
+        conf = self.write("[disk_utils]\nefi_system_partition_size = 1024\n"
+                          "bios_boot_partition_size = 2\npartprobe_attempts = 4\n")
+        config, warnings = self.load(conf)
+        self.assertEqual((config.efi_system_partition_size, config.bios_boot_partition_size,
+                          config.partprobe_attempts, warnings), (1024, 2, 4, []))
+
+    def test_limits(self) -> None:
+        self.assertIn("must be between 0 and 99",
+                      self.error(cmdline="ipa-inject-files-priority=100"))
+        self.assertIn("not one of: p256, p384, p521",
+                      self.error(cmdline="ipa-tls-certificate-curve=p192"))
+        self.assertIn("must be at least 1",
+                      self.error(self.write("[disk_utils]\nefi_system_partition_size=0\n")))
+
+    def test_use_mdns_means_api_url_mdns(self) -> None:
+        self.assertEqual(self.load(cmdline="ipa-use-mdns=1")[0].api_url, "mdns")
+        self.assertEqual(self.load(cmdline="ipa-use-mdns=1 ipa-api-url=http://i:6385")[0]
+                         .api_url, "http://i:6385")
+        self.assertIsNone(self.load(cmdline="ipa-use-mdns=1 ipa-standalone=1")[0].api_url)
+        self.assertIsNone(self.load(cmdline=(
+            "ipa-use-mdns=1 ipa-inspection-callback-url=http://i:5050/v1/continue"))[0]
+            .api_url)
+        self.assertIsNone(self.load()[0].api_url)
+
+
+class APIURLListTests(ConfigTestCase):
+    def test_a_list_is_accepted_as_given(self) -> None:
+        config, warnings = self.load(
+            cmdline="ipa-api-url=https://a:6385,http://[fd00::2]:6385/,https://c")
+        self.assertEqual(warnings, [])
+        self.assertEqual(split_urls(config.api_url or ""),
+                         ["https://a:6385", "http://[fd00::2]:6385/", "https://c"])
+        self.assertEqual(split_urls(" https://a , ,https://b,"), ["https://a", "https://b"])
+
+    def test_each_url_is_checked(self) -> None:
+        self.assertIn("Invalid value 'https://a,ftp://b' for api_url from kernel command "
+                      "line (ipa-api-url): 'ftp://b': not 'mdns' or an http:// or https:// "
+                      "URL", self.error(cmdline="ipa-api-url=https://a,ftp://b"))
+        self.assertIn("'mdns' cannot be combined with other URLs",
+                      self.error(cmdline="ipa-api-url=mdns,https://a"))
+        self.assertIn("no URL", self.error(cli={"api_url": ","}))
+        self.assertIn("not 'mdns' or an http:// or https:// URL",
+                      self.error(cli={"api_url": "ironic:6385"}))

@@ -372,7 +372,7 @@ class NetworkNodeTests(MachineTestCase):
     def test_all_interfaces_dhcp(self) -> None:
         machine = network_node(self.mktemp())
         machine.system.set_cmdline("")
-        data, failures = self.collect(machine, inspection_dhcp_timeout=0)
+        data, failures = self.collect(machine, inspection_dhcp_wait_timeout=0)
         self.assertIn("inventory", data)
 
 
@@ -590,7 +590,7 @@ class WaitForDHCPTests(SynchronousTestCase):
             [nic("eth0", "52:54:00:00:00:01", "10.0.0.2"),
              nic("eth1", "52:54:00:00:00:02", None)])
         waiting = self.wait(source, inspection_dhcp_all_interfaces=True,
-                            inspection_dhcp_timeout=5)
+                            inspection_dhcp_wait_timeout=5)
         with capturedLogs() as events:
             self.clock.pump([2, 2, 1])
         self.assertFalse(self.successResultOf(waiting))
@@ -606,7 +606,7 @@ class WaitForDHCPTests(SynchronousTestCase):
 
     def test_disabled(self) -> None:
         source = FakeInterfaces([])
-        self.assertTrue(self.successResultOf(self.wait(source, inspection_dhcp_timeout=0)))
+        self.assertTrue(self.successResultOf(self.wait(source, inspection_dhcp_wait_timeout=0)))
         self.assertEqual(source.calls, 0)
 
     def test_listing_errors_are_retried(self) -> None:
@@ -724,7 +724,7 @@ class LiveInspectionTests(TestCase):
                 raise SkipTest(f"{tool} is not installed on this machine")
         from twisted.internet import reactor
         runner = ProcessRunner(reactor, reactor)
-        config = AgentConfig(inspection_dhcp_timeout=0, disk_wait_attempts=1,
+        config = AgentConfig(inspection_dhcp_wait_timeout=0, disk_wait_attempts=1,
                              inspection_collectors="default,pci-devices,numa-topology")
         context = HardwareContext(config, runner, reactor, reactor)
         managers = await HardwareManagers.load(context, [GenericHardwareManager()])

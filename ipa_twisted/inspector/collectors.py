@@ -138,7 +138,7 @@ async def collect_default(data: dict[str, Any], failures: AccumulatedFailures,
                           context: CollectorContext) -> None:
     """The inventory, the guessed root disk, the PXE MAC and the configuration.
 
-    Waits (at the same time) for DHCP (``inspection_dhcp_timeout``) and for a disk
+    Waits (at the same time) for DHCP (``inspection_dhcp_wait_timeout``) and for a disk
     (``disk_wait_attempts``/``disk_wait_delay``, when a manager has ``wait_for_disks``).
     """
     config, managers = context.config, context.managers

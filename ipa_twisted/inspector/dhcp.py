@@ -48,13 +48,13 @@ def pxe_mac(config: AgentConfig) -> str | None:
 
 async def wait_for_dhcp(managers: InterfaceSource, config: AgentConfig, clock: IReactorTime,
                         *, interval: float = DHCP_RETRY_INTERVAL) -> bool:
-    """Wait until the NICs have IPv4 addresses, at most ``inspection_dhcp_timeout`` s.
+    """Wait until the NICs have IPv4 addresses, at most ``inspection_dhcp_wait_timeout`` s.
 
     The PXE NIC only, or every NIC with ``inspection_dhcp_all_interfaces``. True when they
     all have one (or the timeout is 0: no waiting); False after the timeout, or at once
     when only the PXE NIC is wanted and no ``BOOTIF`` says which one it is.
     """
-    timeout = config.inspection_dhcp_timeout
+    timeout = config.inspection_dhcp_wait_timeout
     if not timeout:
         return True
     every = config.inspection_dhcp_all_interfaces

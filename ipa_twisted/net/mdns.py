@@ -82,7 +82,7 @@ ALLOWED_OVERRIDES: frozenset[str] = frozenset({
     "collect_lldp", "lldp_timeout", "enable_vlan_interfaces",
     "lookup_timeout", "lookup_interval", "ip_lookup_attempts", "ip_lookup_sleep",
     "network_interface",
-    "inspection_callback_url", "inspection_collectors", "inspection_dhcp_timeout",
+    "inspection_callback_url", "inspection_collectors", "inspection_dhcp_wait_timeout",
     "inspection_dhcp_all_interfaces", "inspection_benchmarks",
     "ntp_server", "fail_if_clock_not_set", "disk_wait_attempts", "disk_wait_delay",
     "image_download_connection_timeout", "image_download_connection_retries",
