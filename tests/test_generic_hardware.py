@@ -299,7 +299,61 @@ class ManagerBasicsTests(GenericTestCase):
                           for s in manager.get_deploy_steps({}, [])],
                          [("write_image", 0, "deploy"), ("erase_devices_metadata", 0, "deploy"),
                           ("inject_files", 0, "deploy"), ("apply_configuration", 0, "raid")])
-        self.assertEqual(manager.get_service_steps({}, []), [])
+        service = manager.get_service_steps({}, [])
+        self.assertEqual([(s["step"], s["priority"], s["interface"]) for s in service],
+                         [("delete_configuration", 0, "raid"),
+                          ("apply_configuration", 0, "raid"),
+                          ("create_configuration", 0, "raid"),
+                          ("write_image", 0, "deploy"), ("inject_files", 0, "deploy")])
+        by_name = {s["step"]: s for s in service}
+        # Ironic refuses a service step's arguments that its argsinfo does not list.
+        self.assertEqual(set(by_name["write_image"]["argsinfo"]), {"image_info", "configdrive"})
+        self.assertEqual(set(by_name["inject_files"]["argsinfo"]), {"files", "verify_ca"})
+        self.assertIn("raid_config", by_name["apply_configuration"]["argsinfo"])
+        self.assertFalse(any(s["step"].startswith("erase") for s in service))
+
+    def test_service_steps_run_through_the_service_extension(self) -> None:
+        """Advertised, listed under the manager with its version, and run after the version
+        check; a clean-only step is refused."""
+        from ipa_twisted.agent import Agent
+        manager = self.manager()
+        managers = HardwareManagers([(manager, HardwareSupport.GENERIC)])
+        agent = Agent(self.system.config(), self.clock, self.runner, managers=managers)
+        node = {"uuid": "n-1", "properties": {}}
+
+        def run(name: str, **params: Any) -> Any:
+            result = self.result(agent.execute_command(name, params))
+            self.successResultOf(result.wait())
+            return result
+
+        listed = run("service.get_service_steps", node=node, ports=[]).command_result
+        self.assertEqual(listed["hardware_manager_version"],
+                         {"generic_hardware_manager": "1.1"})
+        self.assertIn("inject_files", [s["step"] for s in
+                                       listed["service_steps"]["generic_hardware_manager"]])
+        injected: list[Any] = []
+
+        async def inject_files(node: Any, ports: Any, files: Any = None,
+                               verify_ca: Any = True) -> str:
+            injected.append(files)
+            return "injected"
+        manager.inject_files = inject_files  # type: ignore[method-assign]
+        step = {"step": "inject_files", "interface": "deploy", "priority": 0,
+                "args": {"files": [{"path": "/etc/motd", "content": "aGk="}]}}
+        done = run("service.execute_service_step", step=step, node=node, ports=[],
+                   service_version={"generic_hardware_manager": "1.1"})
+        self.assertEqual(done.command_status.value, "SUCCEEDED", done.command_error)
+        self.assertEqual(done.command_result, {"service_result": "injected",
+                                               "service_step": step})
+        self.assertEqual(injected, [[{"path": "/etc/motd", "content": "aGk="}]])
+        stale = run("service.execute_service_step", step=step, node=node, ports=[],
+                    service_version={"generic_hardware_manager": "1.0"})
+        self.assertEqual(stale.command_error.type, "VersionMismatch")
+        erase = run("service.execute_service_step", step={"step": "erase_devices_metadata"},
+                    node=node, ports=[])
+        self.assertEqual(erase.command_error.type, "ServicingError")
+        self.assertIn("no hardware manager offers it", erase.command_error.details)
+        self.assertEqual(len(injected), 1)
 
 
 class CPUTests(GenericTestCase):
@@ -598,6 +652,66 @@ class SystemAndBootTests(GenericTestCase):
         self.assertEqual(manager.get_boot_info(), BootInfo("uefi", None))
         self.system.set_cmdline("quiet")
         self.assertIsNone(manager.get_boot_info().pxe_interface)
+
+
+class FullSyncTests(GenericTestCase):
+    """``full_sync`` (``standby.sync``): sync, drop the caches, flush every disk."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.drop_caches = self.system.write("proc/sys/vm/drop_caches", "")
+
+    def sync_answers(self, changes: Mapping[tuple[str, ...], Answer] | None = None
+                     ) -> dict[tuple[str, ...], Answer]:
+        return {**BASE_ANSWERS, ("sync",): Exit(0), ("blockdev",): Exit(0), **(changes or {})}
+
+    def test_sync_then_caches_then_each_disk(self) -> None:
+        def blockdev(argv: tuple[str, ...]) -> Exit:
+            with open(self.drop_caches) as f:      # the caches went before the disks
+                self.assertEqual(f.read(), "3")
+            return Exit(0)
+        manager = self.manager(self.sync_answers({("blockdev",): blockdev}))
+        self.result(manager.full_sync())
+        dev = self.system.dev_path
+        self.assertEqual([a for a in self.runner.argvs if a[0] in ("sync", "blockdev")],
+                         [("sync",), ("blockdev", "--flushbufs", f"{dev}/sda"),
+                          ("blockdev", "--flushbufs", f"{dev}/nvme0n1")])
+        self.assertEqual(self.runner.argvs[0], ("sync",))
+
+    def test_sync_failure_fails_before_anything_else(self) -> None:
+        manager = self.manager(self.sync_answers({("sync",): Exit(1, stderr=b"I/O error")}))
+        failure = self.failureResultOf(Deferred.fromCoroutine(manager.full_sync()))
+        self.assertIn("Flushing file system buffers failed", str(failure.value))
+        self.assertIn("I/O error", str(failure.value))
+        self.assertEqual(self.runner.argvs, [("sync",)])
+        with open(self.drop_caches) as f:
+            self.assertEqual(f.read(), "")
+
+    def test_caches_and_a_disk_that_cannot_be_flushed_are_logged(self) -> None:
+        import os
+        os.remove(self.drop_caches)
+        dev = self.system.dev_path
+        manager = self.manager(self.sync_answers({
+            ("blockdev", "--flushbufs", f"{dev}/sda"): Exit(1, stderr=b"Permission denied")}))
+        with capturedLogs() as events:
+            self.result(manager.full_sync())
+        self.assertFalse(os.path.exists(self.drop_caches), "procfs files are never created")
+        self.assertIn(("blockdev", "--flushbufs", f"{dev}/nvme0n1"), self.runner.argvs)
+        warnings = [e for e in events if e["log_level"].name == "warn"]
+        self.assertEqual(len(warnings), 2, warnings)
+        self.assertIn("drop_caches", warnings[0]["path"])
+        self.assertEqual(warnings[1]["device"], f"{dev}/sda")
+
+    def test_standby_sync_runs_every_full_sync(self) -> None:
+        from ipa_twisted.agent import Agent
+        manager = self.manager(self.sync_answers())
+        agent = Agent(self.system.config(), self.clock, self.runner,
+                      managers=HardwareManagers([(manager, HardwareSupport.GENERIC)]))
+        result = self.result(agent.execute_command("standby.sync", {}))
+        self.assertEqual(result.command_status.value, "SUCCEEDED", result.command_error)
+        self.assertEqual(len([a for a in self.runner.argvs if a[0] == "blockdev"]), 2)
+        with open(self.drop_caches) as f:
+            self.assertEqual(f.read(), "3")
 
 
 class InventoryTests(GenericTestCase):

@@ -25,12 +25,13 @@ BASIC = {"null", "zero", "full", "random", "urandom", "tty", "fd", "stdin", "std
          "stderr", "shm"}
 PROBE = """
 import os, stat, sys
-trigger = "/proc/sysrq-trigger"
-if os.path.exists(trigger):
-    st = os.stat(trigger)
-    print("sysrq", stat.S_ISCHR(st.st_mode), os.major(st.st_rdev), os.minor(st.st_rdev))
-else:
-    print("sysrq absent")
+for name, path in (("sysrq", "/proc/sysrq-trigger"),
+                   ("drop_caches", "/proc/sys/vm/drop_caches")):
+    if os.path.exists(path):
+        st = os.stat(path)
+        print(name, stat.S_ISCHR(st.st_mode), os.major(st.st_rdev), os.minor(st.st_rdev))
+    else:
+        print(name, "absent")
 print("dev", " ".join(sorted(os.listdir("/dev"))))
 """
 
@@ -125,6 +126,10 @@ class SandboxTests(TestCase):
             self.assertEqual(lines["sysrq"], "True 1 3")
         else:
             self.assertEqual(lines["sysrq"], "absent")
+        # standby.sync in there drops no cache of the host's
+        self.assertEqual(lines["drop_caches"],
+                         "True 1 3" if os.path.exists("/proc/sys/vm/drop_caches")
+                         else "absent")
 
         # reboot and poweroff do nothing in there
         out, _ = await run_in_sandbox(self.runner, loops, [

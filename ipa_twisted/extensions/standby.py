@@ -61,15 +61,22 @@ class StandbyExtension(Extension):
 
     @sync_command("sync")
     async def sync(self) -> None:
-        """Flush file system buffers to disk."""
+        """Flush everything to the disks: every manager's ``full_sync`` (the generic one:
+        ``sync``, the kernel's caches dropped, ``blockdev --flushbufs`` on each disk)."""
         await self._sync()
 
     async def _sync(self) -> None:
+        managers = await self.agent.get_managers()
+        try:
+            await managers.dispatch_to_all_managers("full_sync")
+            return
+        except errors.HardwareManagerMethodNotFound:
+            self.log.info("No hardware manager has full_sync; flushing with sync alone")
         try:
             await self.agent.runner.execute("sync", timeout=self.agent.config.command_timeout)
         except ProcessExecutionError as e:
             raise errors.CommandExecutionError(
-                f"Flushing file system buffers failed. Error: {e}") from e
+                f"Flushing file system buffers failed: {e}") from e
 
     @async_command("run_image")
     async def run_image(self) -> None:

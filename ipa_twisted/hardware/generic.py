@@ -21,11 +21,14 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ipa_twisted.errors import BlockDeviceEraseError, DeviceNotFound
+from ipa_twisted.errors import BlockDeviceEraseError, CommandExecutionError, DeviceNotFound
+from ipa_twisted.hardware import raid as _raid
 from ipa_twisted.hardware import root_device
 from ipa_twisted.fileutils import read_text as _read
 from ipa_twisted.hardware.infiniband import infiniband_ids as _infiniband_ids
-from ipa_twisted.hardware.erase import EraseMixin, erase_clean_steps
+from ipa_twisted.hardware.erase import (EraseMixin, erase_clean_steps,
+                                        guard_special_filesystems, log_protected,
+                                        protected_devices)
 from ipa_twisted.hardware.inject import INJECT_FILES_STEP, InjectFilesMixin
 from ipa_twisted.hardware.raid import SoftwareRaidMixin, raid_clean_steps, raid_deploy_steps
 from ipa_twisted.hardware.interface import HardwareManager, HardwareSupport
@@ -543,29 +546,43 @@ class GenericHardwareManager(EraseMixin, SoftwareRaidMixin, InjectFilesMixin, Ha
 
         With root device hints (``node``'s, else the cached node's) the first disk they
         match, else the smallest disk of at least 4 GiB. Read-only disks and those the
-        node's ``skip_block_devices`` names are never chosen; neither are those
-        ``list_block_devices`` leaves out (ROMs, floppies, RAM disks, empty and, unless
-        configured, loop devices). DeviceNotFound when no disk fits.
+        node's ``skip_block_devices`` protects (by device hints, or as members of a RAID
+        volume it names) are never chosen; neither are those ``list_block_devices`` leaves
+        out (ROMs, floppies, RAM disks, empty and, unless configured, loop devices).
+        DeviceNotFound when no disk fits or ``skip_block_devices`` is invalid.
 
         ``permit_refresh`` is accepted for compatibility: the disks are listed afresh on
         every call, and refreshing the node from Ironic is the caller's business.
         """
         node = node if node is not None else self._node
         dev_path = self.context.config.dev_path
+        listed = [listed.device for listed in await self._list_devices(False)]
+        try:
+            protection = await _raid.protected_devices(self.context, node, listed)
+        except root_device.RootDeviceHintError as e:
+            raise DeviceNotFound(f"No install device was chosen: the node's "
+                                 f"skip_block_devices is invalid: {e}") from e
         if not root_device.root_device_hints_from_node(node):
             raid_device = await self.software_raid_install_device(node)
             if raid_device is not None:
+                protected = protection.reason(raid_device)
+                if protected is not None:
+                    raise DeviceNotFound(
+                        f"The software RAID device {raid_device} of the node's RAID "
+                        f"configuration is protected by skip_block_devices ({protected}): "
+                        "not installing on it")
                 self.log.info("Install device: {device} (software RAID)", device=raid_device)
                 return raid_device
-        candidates = [listed.device for listed in await self._list_devices(False)
-                      if not self._is_read_only(listed.kname)]
+        candidates = []
+        for device in listed:
+            protected = protection.reason(device.name)
+            if protected is not None:
+                self.log.info("Not installing on {device}, protected by skip_block_devices: "
+                              "{reason}", device=device.name, reason=protected)
+            elif not self._is_read_only(os.path.basename(device.name)):
+                candidates.append(device)
+        hints = root_device.root_device_hints_from_node(node)
         try:
-            hints = root_device.root_device_hints_from_node(node)
-            skipped = root_device.skipped_devices(candidates, node, dev_path=dev_path)
-            if skipped:
-                self.log.info("Not installing on {devices}: skip_block_devices names them",
-                              devices=", ".join(sorted(skipped)))
-                candidates = [d for d in candidates if d.name not in skipped]
             if not hints:
                 device = root_device.guess_root_disk(candidates)
             else:
@@ -589,11 +606,25 @@ class GenericHardwareManager(EraseMixin, SoftwareRaidMixin, InjectFilesMixin, Ha
 
         Disks are erased concurrently; on each, its partitions first (their file system
         signatures), then the disk itself (see ``disks.destroy_disk_metadata``).
-        Read-only, removable and virtual media devices are skipped. BlockDeviceEraseError
+        Read-only, removable and virtual media devices are skipped, and so are the disks
+        the node's ``skip_block_devices`` protects (each logged with the entry that protects
+        it). If a disk to erase holds a shared cluster filesystem nothing is erased:
+        ProtectedDeviceError (``guard_special_filesystems``). BlockDeviceEraseError
         naming every device that failed, after all were tried.
         """
         listed = await self._list_devices(include_partitions=True)
-        disks_ = [item for item in listed if item.kind != "part"]
+        all_disks = [item for item in listed if item.kind != "part"]
+        protection = await protected_devices(self.context, node,
+                                             [item.device for item in all_disks])
+        disks_ = []
+        for disk in all_disks:
+            protected = protection.reason(disk.device.name)
+            if protected is not None:
+                log_protected("erase_devices_metadata", disk.device.name, protected)
+            else:
+                disks_.append(disk)
+        await guard_special_filesystems(
+            self.context, [d.device.name for d in disks_ if self._skip_erasing(d) is None])
         jobs = []
         for disk in disks_:
             reason = self._skip_erasing(disk)
@@ -656,6 +687,42 @@ class GenericHardwareManager(EraseMixin, SoftwareRaidMixin, InjectFilesMixin, Ha
         deployment.device = device
         deployment.partition_uuids = uuids
 
+    # -- buffers ---------------------------------------------------------------------------
+    async def full_sync(self) -> None:
+        """Flush everything to the disks before the machine is powered off from outside:
+        ``sync``, then the kernel's caches dropped, then each disk's buffers
+        (``blockdev --flushbufs``).
+
+        CommandExecutionError if ``sync`` fails (the machine is then in no state to go
+        on); a cache or disk that cannot be flushed is logged and the others still are.
+        """
+        runner = self.context.runner
+        timeout = self.context.config.command_timeout
+        try:
+            await runner.execute("sync", timeout=timeout)
+        except ProcessExecutionError as e:
+            self.log.error("Flushing file system buffers failed: {error}", error=str(e))
+            raise CommandExecutionError(f"Flushing file system buffers failed: {e}") from e
+        drop_caches = self._proc("sys", "vm", "drop_caches")
+        try:
+            fd = os.open(drop_caches, os.O_WRONLY)   # never creates: it must be procfs's
+            try:
+                os.write(fd, b"3")
+            finally:
+                os.close(fd)
+        except OSError as e:
+            self.log.warn("Cannot tell the kernel to drop its caches ({path}): {error}",
+                          path=drop_caches, error=str(e))
+        dispatch = self.context.dispatch
+        disks_ = await (dispatch("list_block_devices") if dispatch is not None
+                        else self.list_block_devices())
+        for disk in disks_:
+            try:
+                await runner.execute("blockdev", "--flushbufs", disk.name, timeout=timeout)
+            except ProcessExecutionError as e:
+                self.log.warn("Cannot flush the buffers of {device}: {error}",
+                              device=disk.name, error=str(e))
+
     # -- steps -------------------------------------------------------------------------------
     def get_clean_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
         return [{"step": "erase_devices_metadata", "priority": 99, "interface": "deploy",
@@ -676,6 +743,21 @@ class GenericHardwareManager(EraseMixin, SoftwareRaidMixin, InjectFilesMixin, Ha
             dict(INJECT_FILES_STEP),
             *raid_deploy_steps(),
         ]
+
+    def get_service_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
+        """The steps Ironic may run on a deployed node (servicing), as the reference
+        agent lists them, all at priority 0 (the operator orders them).
+
+        ``write_image`` keeps its arguments' description, so that Ironic accepts the
+        ``image_info`` a service request gives it. The erase steps are not offered: they
+        would destroy the instance.
+        """
+        raid = {step["step"]: step for step in (*raid_clean_steps(), *raid_deploy_steps())}
+        write_image = next(step for step in self.get_deploy_steps(node, ports)
+                           if step["step"] == "write_image")
+        steps = [raid["delete_configuration"], raid["apply_configuration"],
+                 raid["create_configuration"], write_image, dict(INJECT_FILES_STEP)]
+        return [{**step, "priority": 0} for step in steps]
 
 
 @dataclass(frozen=True)

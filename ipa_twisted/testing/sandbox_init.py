@@ -11,7 +11,8 @@ see ``ipa_twisted.testing.sandbox``), it:
    partition nodes are the agent's business: nothing runs udev in here);
 3. bind-mounts /bin/true over every ``--shadow`` program (by default the ``reboot``,
    ``poweroff``, ``shutdown`` and ``halt`` found on PATH);
-4. bind-mounts the new /dev/null over /proc/sysrq-trigger (when the kernel has one);
+4. bind-mounts the new /dev/null over /proc/sysrq-trigger and /proc/sys/vm/drop_caches
+   (when the kernel has them: ``standby.sync`` must not empty the host's caches);
 5. execs the program after ``--``.
 
 Everything it mounts disappears with the namespace when the program exits.
@@ -33,6 +34,7 @@ MS_NOEXEC = 0x8
 MS_BIND = 0x1000
 
 SYSRQ_TRIGGER = "/proc/sysrq-trigger"
+DROP_CACHES = "/proc/sys/vm/drop_caches"
 DEFAULT_SHADOWED = ("reboot", "poweroff", "shutdown", "halt")
 CHARACTER_DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8),
                      "urandom": (1, 9), "tty": (5, 0)}
@@ -138,8 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_dev(args.loop)
         if not args.no_shadow:
             shadow_programs(DEFAULT_SHADOWED if args.shadow is None else args.shadow)
-        if os.path.exists(SYSRQ_TRIGGER):     # absent: no kernel sysrq to protect from
-            _mount("/dev/null", SYSRQ_TRIGGER, None, MS_BIND)
+        for shadowed in (SYSRQ_TRIGGER, DROP_CACHES):
+            if os.path.exists(shadowed):      # absent: nothing of the kernel's to protect
+                _mount("/dev/null", shadowed, None, MS_BIND)
     except (SandboxError, OSError) as e:
         print(f"sandbox_init: {e}", file=sys.stderr)
         return 125
