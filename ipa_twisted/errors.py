@@ -200,6 +200,12 @@ class DeploymentError(RESTError):
     message = "Deploy step failed"
 
 
+class InvalidImage(DeploymentError):
+    """The image (or what deploying it needs) fails validation or the agent's policy."""
+
+    message = "The provided image is not valid for use"
+
+
 class ClockSyncError(RESTError):
     message = "Error syncing system clock"
 

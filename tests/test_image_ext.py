@@ -22,6 +22,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipa_twisted import errors
@@ -162,8 +163,11 @@ class BootloaderTestCase(SynchronousTestCase):
 
     def agent(self, boot_mode: str = "bios", config: AgentConfig | None = None,
               clock: Any = None) -> Agent:
+        """An agent installing on the fake disk; BIOS installs allowed unless ``config``
+        says otherwise."""
         clock = clock if clock is not None else self.clock
-        return Agent(config or self.fake.config(), clock, self.runner,  # type: ignore[arg-type]
+        config = config or self.fake.config(enable_bios_bootloader_install=True)
+        return Agent(config, clock, self.runner,  # type: ignore[arg-type]
                      managers=HardwareManagers([(Disk(self.device, boot_mode), 3)]),
                      reactor=clock)
 
@@ -297,6 +301,53 @@ class BiosTests(BootloaderTestCase):
             self.assertEqual(result.command_status.value, "SUCCEEDED")
         self.assertEqual(self.mounts(), [])
 
+    def test_bios_install_disabled_by_default(self) -> None:
+        self.bios_layout()
+        agent = self.agent(config=self.fake.config())
+        for params in ({"root_uuid": ROOT_UUID}, {"root_uuid": ROOT_UUID,
+                                                  "target_boot_mode": None},
+                       {"root_uuid": ROOT_UUID, "prep_boot_part_uuid": "prep"}):
+            with capturedLogs() as events:
+                result = self.install(agent, **params)
+            self.assertEqual(result.command_status.value, "FAILED")
+            error = result.command_error
+            self.assertIsInstance(error, errors.InvalidImage)
+            self.assertEqual(error.serialize()["type"], "InvalidImage")
+            self.assertIn("enable_bios_bootloader_install", str(error))
+            self.assertIn("CVE-2026-43003", str(error))
+            self.assertTrue(any("CVE-2026-43003" in formatEvent(e) for e in events
+                                if e["log_level"] is LogLevel.error))
+        # Refused before anything was looked up, mounted or run.
+        self.assertEqual([argv for argv in self.runner.argvs
+                          if argv[0] in ("blkid", "mount", "chroot", "efibootmgr")], [])
+        self.flushLoggedErrors()
+
+    def test_bios_refusal_ignored_on_request(self) -> None:
+        self.bios_layout()
+        config = self.fake.config(ignore_bootloader_failure=True)
+        with capturedLogs() as events:
+            result = self.install(self.agent(config=config), root_uuid=ROOT_UUID)
+        self.assertEqual(result.command_status.value, "SUCCEEDED", result.command_error)
+        self.assertEqual(self.mounts(), [])
+        self.assertTrue(any("enable_bios_bootloader_install" in formatEvent(e)
+                            for e in events if e["log_level"] is LogLevel.error))
+
+    def test_lookup_policy_enables_bios_install(self) -> None:
+        self.bios_layout()
+        agent = self.agent(config=self.fake.config())
+        agent.context = agent.hardware_context()
+        agent.process_lookup_data({"node": {"uuid": "n-1"},
+                                   "config": {"enable_bios_bootloader_install": True}})
+        result = self.install(agent, root_uuid=ROOT_UUID)
+        self.assertEqual(result.command_status.value, "SUCCEEDED", result.command_error)
+        self.assertIn(("chroot", self.root_of(), "grub-install", f"--target={BIOS_TARGET}",
+                       "/dev/sda"), self.runner.argvs)
+
+    def test_whole_disk_bios_image_is_not_refused(self) -> None:
+        self.bios_layout()
+        result = self.install(self.agent(config=self.fake.config()), root_uuid="0x00000000")
+        self.assertEqual(result.command_status.value, "SUCCEEDED", result.command_error)
+
     def test_validation(self) -> None:
         agent = self.agent()
         for params in ({}, {"root_uuid": ROOT_UUID, "target_boot_mode": "coreboot"},
@@ -350,6 +401,14 @@ class UefiTests(BootloaderTestCase):
             ("umount", f"{root}/boot/efi"), *self.unbinds(root), ("umount", root)])
         self.assertEqual(sorted(self.filesystems.snapshots[f"{root}/boot/efi"]),
                          ["EFI/BOOT/BOOTX64.EFI", "EFI/debian/grubx64.efi"])
+
+    def test_uefi_unaffected_by_the_bios_policy(self) -> None:
+        self.uefi_layout()
+        result = self.install(self.agent("uefi", config=self.fake.config()),
+                              root_uuid=ROOT_UUID, efi_system_part_uuid=ESP_UUID,
+                              target_boot_mode="uefi")
+        self.assertEqual(result.command_status.value, "SUCCEEDED", result.command_error)
+        self.assertTrue(any("--efi-directory=/boot/efi" in argv for argv in self.mounts()))
 
     def test_agent_in_bios_mode_makes_no_boot_record(self) -> None:
         self.uefi_layout()
@@ -556,6 +615,7 @@ class RealGrubTests(TestCase):
                                                    self.tarball], timeout=600)
         await self._run_agent(loop, {"device": loop.path, "boot_mode": "bios",
                                "command": "image.install_bootloader",
+                               "config": {"enable_bios_bootloader_install": True},
                                "params": {"root_uuid": await self._uuid(root)}})
         with open(loop.path, "rb") as f:
             mbr = f.read(512)

@@ -58,8 +58,11 @@ class RealIronicDeployTests(TestCase):
                                    interface="127.0.0.1")
         self.addCleanup(server.stopListening)
         self.images_url = f"http://127.0.0.1:{server.getHost().port}"
+        # The partition image gets GRUB for BIOS: Ironic's lookup answer must allow it
+        # (off by default, the CVE-2026-43003 mitigation).
         self.ironic = RealIronic(os.path.join(self.dir, "ironic"), restrict_lookup=True,
-                                 heartbeat_timeout=HEARTBEAT_TIMEOUT)
+                                 heartbeat_timeout=HEARTBEAT_TIMEOUT,
+                                 options={"agent": {"enable_bios_bootloader_install": True}})
         await self.ironic.start()
         self.addCleanup(self.ironic.stop)
 

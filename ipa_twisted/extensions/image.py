@@ -4,7 +4,8 @@ The work is in ``ipa_twisted.hardware.bootloader`` (see its docstring for the st
 command picks the install device and the agent's own boot mode from the hardware managers,
 stops an iSCSI target exposing the disk (``iscsi.start_iscsi_target``) first, and applies
 ``ignore_bootloader_failure`` (the command's, else the ``ignore_bootloader_failure`` option
-when the configuration has one, else False).
+when the configuration has one, else False). A partition image's BIOS boot loader needs the
+``enable_bios_bootloader_install`` option (Ironic's lookup may set it; CVE-2026-43003).
 """
 
 from __future__ import annotations

@@ -23,7 +23,10 @@
    Everything mounted is unmounted in reverse order afterwards, also on failure.
 
 A root UUID of ``None`` or ``0x00000000`` means a whole-disk image: nothing is done after
-step 1. Failing programs become CommandExecutionError; a partition that cannot be found,
+step 1. A BIOS install (step 2 without an ESP: ``grub-install`` run from the image) needs
+``enable_bios_bootloader_install`` (default off, the CVE-2026-43003 mitigation, as the
+reference agent): without it the command fails, naming the option, before anything is
+mounted or run (with ``ignore_bootloader_failure``, it is logged and nothing is done). Failing programs become CommandExecutionError; a partition that cannot be found,
 DeviceNotFound.
 """
 
@@ -41,7 +44,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from ipa_twisted.errors import (CommandExecutionError, DeviceNotFound,
-                                InstanceDeployFailure)
+                                InstanceDeployFailure, InvalidImage)
 from ipa_twisted.hardware import disks, efi
 from ipa_twisted.hardware.interface import HardwareContext
 from ipa_twisted.hardware.mounts import MountStack, mounted, remove_mount_point
@@ -54,6 +57,11 @@ GRUB_TIMEOUT = 600.0
 LOOKUP_TIMEOUT = 60.0
 CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 WHOLE_DISK_ROOT_UUIDS = (None, "0x00000000")
+BIOS_INSTALL_DISABLED = (
+    "Install of legacy BIOS bootloaders disabled by the agent option "
+    "enable_bios_bootloader_install (Ironic's [agent]enable_bios_bootloader_install) as "
+    "part of CVE-2026-43003 mitigation.")
+"""Why a partition image's BIOS boot loader is not installed (the option is off)."""
 BIND_MOUNTS = ("dev", "proc", "sys", "run")
 """Mounted under the image root for the chroot, in this order (unmounted in reverse)."""
 
@@ -559,6 +567,8 @@ async def install_bootloader(context: HardwareContext, device: str, root_uuid: s
                              ignore_failure: bool = False) -> None:
     """The whole of ``image.install_bootloader`` on ``device`` (see the module docstring).
 
+    A partition image's BIOS boot loader (no ESP given, target not UEFI) is only installed
+    with ``enable_bios_bootloader_install``: else InvalidImage (``BIOS_INSTALL_DISABLED``).
     With ``ignore_failure`` errors are logged and the boot loader is left as it is.
     """
     try:
@@ -574,6 +584,13 @@ async def install_bootloader(context: HardwareContext, device: str, root_uuid: s
                  "whole disk image")
         return
     assert root_uuid is not None
+    if (not efi_system_part_uuid and target_boot_mode != "uefi"
+            and not context.config.enable_bios_bootloader_install):
+        # Before anything is mounted or run: a BIOS (or PReP) grub-install from the image.
+        log.error("{error}", error=BIOS_INSTALL_DISABLED)
+        if not ignore_failure:
+            raise InvalidImage(BIOS_INSTALL_DISABLED)
+        return
     try:
         await install_grub2(context, device, root_uuid,
                             efi_system_part_uuid=efi_system_part_uuid,
