@@ -196,6 +196,21 @@ class CleaningError(RESTError):
     message = "Clean step failed"
 
 
+class ProtectedDeviceError(CleaningError):
+    """Cleaning stopped: a disk holds a shared cluster filesystem (VMFS, GFS2, ...)."""
+
+    message = "Protected device located, cleaning aborted"
+
+    def __init__(self, device: str, what: str) -> None:
+        self.device, self.what = device, what
+        super().__init__(
+            f"Protected {what} located on device {device}. This volume or its contents may "
+            "be a shared block device. Please consult your storage administrator, and "
+            "restart cleaning after either detaching the volume, or instructing the agent "
+            "not to protect such contents (the agent option guard_special_filesystems, "
+            "kernel parameter ipa-guard-special-filesystems=0).")
+
+
 class DeploymentError(RESTError):
     message = "Deploy step failed"
 

@@ -105,7 +105,12 @@ class EraseMetadataFakeTests(SynchronousTestCase):
         runner = FakeRunner({("lsblk",): LSBLK, ("wipefs",): b"", ("sgdisk",): b""},
                             hold=True)
         erasing = Deferred.fromCoroutine(self.manager(runner).erase_devices_metadata({}, []))
-        runner.release_one()                    # lsblk
+        runner.release_one()                    # lsblk: the devices
+        runner.release_one()                    # lsblk: the shared filesystem guard
+        dev = self.system.dev_path
+        self.assertEqual(runner.argvs[1], ("lsblk", "-bia", "--json", "-o",
+                                           disks.GUARD_LSBLK_COLUMNS, f"{dev}/sda",
+                                           f"{dev}/sdb"))   # not the read-only nor removable
         self.assertEqual(self.names(runner, "wipefs"), ["sda2", "sdb"])   # both at once
         runner.release()
         self.successResultOf(erasing)

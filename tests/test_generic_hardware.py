@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipa_twisted.config import AgentConfig
@@ -777,6 +777,25 @@ class InventoryTests(GenericTestCase):
         inventory = self.successResultOf(collecting)
         self.assertEqual(inventory["cpu"].count, 16)
         self.assertEqual(len(inventory["disks"]), 2)
+
+    def test_skip_bmc_detect_runs_no_ipmitool(self) -> None:
+        manager = self.manager()
+        manager.context.config = manager.context.config.merged(
+            {"skip_bmc_detect": True}, "Ironic's lookup answer")
+        with capturedLogs() as events:
+            inventory = to_jsonable(self.result(manager.list_hardware_info()))
+        self.assertEqual([argv for argv in self.runner.argvs if argv[0] == "ipmitool"], [])
+        self.assertIsNone(inventory["bmc_address"])
+        self.assertIsNone(inventory["bmc_v6address"])
+        self.assertNotIn("bmc_mac", inventory)
+        self.assertEqual(list(inventory)[4:6], ["bmc_address", "bmc_v6address"])  # in place
+        self.assertEqual(inventory["memory"]["total"], 16318048 * 1024)
+        self.assertTrue(any("agent_skip_bmc_detect" in formatEvent(e) for e in events))
+        # The policy is read at each collection: back on, ipmitool is asked again.
+        manager.context.config = manager.context.config.override(skip_bmc_detect=False)
+        inventory = to_jsonable(self.result(manager.list_hardware_info()))
+        self.assertEqual(inventory["bmc_address"], "10.0.0.5")
+        self.assertIn(("ipmitool", "lan", "print", "1"), self.runner.argvs)
 
     def test_through_the_dispatcher(self) -> None:
         manager = self.manager()

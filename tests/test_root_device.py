@@ -16,7 +16,8 @@ from ipa_twisted.hardware.inventory import BlockDevice
 from ipa_twisted.hardware.root_device import (GiB, RootDeviceHintError, find_devices_by_hints,
                                               guess_root_disk, match_root_device_hints,
                                               parse_root_device_hints,
-                                              root_device_hints_from_node, skip_list_from_node)
+                                              root_device_hints_from_node, skip_list_from_node,
+                                              skipped_devices)
 from ipa_twisted.testing.fake_system import lsblk_row as _lsblk
 from ipa_twisted.testing.fake_process import FakeRunner
 from ipa_twisted.testing.fake_system import FakeSystem
@@ -203,10 +204,88 @@ class MatchTests(SynchronousTestCase):
     def test_skip_list(self) -> None:
         node = {"properties": {"skip_block_devices": [{"name": "sda"},
                                                       {"volume_name": "large"}]}}
-        self.assertEqual(skip_list_from_node(node), [{"name": "sda"}])
-        self.assertEqual(skip_list_from_node({}), [])
-        self.assertRaises(RootDeviceHintError, skip_list_from_node,
-                          {"properties": {"skip_block_devices": "sda"}})
+        skip = skip_list_from_node(node)
+        self.assertEqual((skip.device_hints, skip.volume_names), (({"name": "sda"},),
+                                                                  ("large",)))
+        self.assertFalse(skip_list_from_node({}))
+        self.assertFalse(skip_list_from_node({"properties": {"skip_block_devices": None}}))
+
+
+class SkipListTests(SynchronousTestCase):
+    """``skip_block_devices``: which entry matches which disk, and invalid entries."""
+
+    def skipped(self, *entries: Any) -> dict[str, str]:
+        return skipped_devices(DEVICES, {"properties": {"skip_block_devices": list(entries)}})
+
+    def test_each_hint_kind_matches_and_says_which_entry(self) -> None:
+        cases: list[tuple[dict[str, Any], set[str]]] = [
+            ({"name": "/dev/sdb"}, {"/dev/sdb"}),
+            ({"name": "sdb"}, {"/dev/sdb"}),
+            ({"serial": "S3Z9NB0K"}, {"/dev/sda"}),
+            ({"wwn": "0x5000C5009E9A3F11"}, {"/dev/sdb"}),
+            ({"wwn_with_extension": "0x5002538e4098d1a3"}, {"/dev/sda"}),
+            ({"wwn_vendor_extension": "0x0001"}, {"/dev/sda"}),
+            ({"vendor": "seagate"}, {"/dev/sdb"}),
+            ({"model": "<in> samsung"}, {"/dev/sda", "/dev/nvme0n1"}),
+            ({"model": "<or> ST500DM002 <or> nothing"}, {"/dev/sdb"}),
+            ({"size": ">= 100"}, {"/dev/sda", "/dev/sdb"}),
+            ({"size": 10}, {"/dev/nvme0n1"}),
+            ({"rotational": True}, {"/dev/sdb"}),
+            ({"rotational": "false"}, {"/dev/sda", "/dev/nvme0n1"}),
+            ({"hctl": "1:0:0:0"}, {"/dev/sdb"}),
+            ({"by_path": "/dev/disk/by-path/pci-0000:00:1f.2-ata-1"}, {"/dev/sda"}),
+            ({"tran": "nvme"}, {"/dev/nvme0n1"}),
+            ({"serial": "S3Z9NB0K", "size": 500}, set()),      # every hint must hold
+            ({"serial": "nothing-like-it"}, set()),
+        ]
+        for entry, expected in cases:
+            skipped = self.skipped(entry)
+            self.assertEqual(set(skipped), expected, entry)
+            for reason in skipped.values():
+                self.assertEqual(reason, f"skip_block_devices entry {entry} matches it")
+
+    def test_first_matching_entry_is_the_reason(self) -> None:
+        skipped = self.skipped({"serial": "Z3T1"}, {"rotational": True})
+        self.assertEqual(skipped, {"/dev/sdb": "skip_block_devices entry {'serial': 'Z3T1'} "
+                                               "matches it"})
+
+    def test_volume_names_match_no_disk(self) -> None:
+        self.assertEqual(self.skipped({"volume_name": "data"}), {})
+        skip = skip_list_from_node({"properties": {"skip_block_devices": [
+            {"volume_name": " data "}, {"volume_name": "data"}, {"volume_name": "db"}]}})
+        self.assertEqual(skip.volume_names, ("data", "db"))
+        self.assertTrue(skip)
+
+    def test_dev_path(self) -> None:
+        devices = [BlockDevice(name="/tmp/sandbox/dev/sdb", size=10 * GiB, model=None,
+                               rotational=False)]
+        skipped = skipped_devices(devices, {"properties": {"skip_block_devices": [
+            {"name": "/dev/sdb"}]}}, dev_path="/tmp/sandbox/dev")
+        self.assertEqual(list(skipped), ["/tmp/sandbox/dev/sdb"])
+
+    def test_invalid_entries_say_which_and_why(self) -> None:
+        cases: list[tuple[Any, str]] = [
+            ("sdb", "skip_block_devices must be a list of objects"),
+            ({"name": "sdb"}, "skip_block_devices must be a list of objects"),
+            (["sdb"], "entry 1 ('sdb') must be a non-empty object"),
+            ([{"name": "sda"}, {}], "entry 2 ({}) must be a non-empty object"),
+            ([{"color": "red"}], 'entry 1 ({\'color\': \'red\'}) is invalid: The hints '
+                                 '"color" are invalid'),
+            ([{"size": "huge"}], 'is not an integer value'),
+            ([{"size": -1}], "should be a positive integer"),
+            ([{"name": 7}], "is not a string value"),
+            ([{"rotational": "maybe"}], "is not a Boolean value"),
+            ([{"model": "<in>"}], "has the operator <in> but no value"),
+            ([{"size": "s== 10"}], "Operator s== is not valid for the numeric"),
+            ([{"volume_name": ""}], "volume_name must be a non-empty string"),
+            ([{"volume_name": 3}], "volume_name must be a non-empty string"),
+            ([{"volume_name": "data", "name": "sdb"}],
+             "names a RAID volume (volume_name) and device hints at once"),
+        ]
+        for value, message in cases:
+            with self.assertRaises(RootDeviceHintError, msg=repr(value)) as caught:
+                skip_list_from_node({"properties": {"skip_block_devices": value}})
+            self.assertIn(message, str(caught.exception), repr(value))
 
 
 class GuessTests(SynchronousTestCase):

@@ -13,11 +13,12 @@ does so under the configured ``dev_path``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
 import struct
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,6 +215,74 @@ async def destroy_disk_metadata(context: HardwareContext, device: str, *,
                      device=device)
     await (wipe or _default_wiper())(device, context.reactor)
     log.info("Metadata of {device} destroyed", device=device)
+
+
+# -- shared cluster filesystems -------------------------------------------------------------
+
+SHARED_PARTITION_TYPES = {
+    "37affc90-ef7d-4e96-91c3-2d7ae055b174": "IBM GPFS Partition",
+    "aa31e02a-400f-11db-9590-000c2911d1b8": "VMware VMFS Partition (GPT)",
+    "0xfb": "VMware VMFS Partition (MBR)",
+}
+"""Partition types (GPT type GUIDs, MBR type bytes) of shared-disk cluster filesystems."""
+SHARED_FILESYSTEMS = {
+    "gfs2": "Red Hat Global File System 2",
+    "gfs": "Red Hat Global File System",
+    "ocfs2": "Oracle Cluster File System 2",
+    "vmfs": "VMware VMFS",
+    "vmfs_volume_member": "VMware VMFS volume member",
+}
+"""Filesystem types (as blkid and lsblk name them) of shared-disk cluster filesystems."""
+GUARD_LSBLK_COLUMNS = "KNAME,FSTYPE,UUID,PTUUID,PARTTYPE,PARTUUID"
+
+
+def shared_filesystem(row: Mapping[str, Any]) -> str | None:
+    """What shared cluster filesystem one lsblk row shows (its FSTYPE or PARTTYPE), or None."""
+    def field(name: str) -> str:
+        value = row.get(name.lower(), row.get(name))
+        return str(value).strip().lower() if value is not None else ""
+
+    found = SHARED_FILESYSTEMS.get(field("FSTYPE"))
+    if found is None:
+        found = SHARED_PARTITION_TYPES.get(field("PARTTYPE"))
+    return found
+
+
+async def find_shared_filesystems(context: HardwareContext, devices: Sequence[str]
+                                  ) -> list[tuple[str, str]]:
+    """``(device, what)`` for each of ``devices`` (or a partition or holder of one of
+    theirs) that holds a shared cluster filesystem: VMFS, GFS2, OCFS2, GPFS.
+
+    One ``lsblk`` for all of them, children included (the reference agent looks at each
+    device alone, and at its file system type not at all). ProcessExecutionError if lsblk
+    fails: the caller decides (an erase must not go ahead unchecked).
+    """
+    if not devices:
+        return []
+    out, _ = await context.runner.execute("lsblk", "-bia", "--json", "-o",
+                                          GUARD_LSBLK_COLUMNS, *devices,
+                                          timeout=_timeout(context))
+    try:
+        document = json.loads(out)
+        tops = document["blockdevices"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ProcessExecutionError(["lsblk", *devices], 0, out,
+                                    f"unreadable lsblk output: {e}".encode()) from e
+    found: list[tuple[str, str]] = []
+
+    def path(row: Mapping[str, Any]) -> str:
+        return os.path.join(context.config.dev_path, os.path.basename(str(row.get("kname"))))
+
+    def walk(rows: Sequence[Mapping[str, Any]], top: str) -> None:
+        for row in rows:
+            what = shared_filesystem(row)
+            if what is not None:
+                found.append((top, what if path(row) == top else f"{what} (on {path(row)})"))
+            walk(row.get("children") or (), top)
+
+    for top in tops:
+        walk([top], path(top))
+    return found
 
 
 # -- the kernel's view --------------------------------------------------------------------------

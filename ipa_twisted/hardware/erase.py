@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +35,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from ipa_twisted.errors import BlockDeviceEraseError
+from ipa_twisted.errors import BlockDeviceEraseError, ProtectedDeviceError
+from ipa_twisted.hardware import disks, raid, root_device
 from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError
 
 if TYPE_CHECKING:
@@ -364,6 +365,50 @@ class EraseProgress:
         self._loop = None
 
 
+# -- what must not be erased ----------------------------------------------------------------
+
+async def protected_devices(context: HardwareContext, node: Any,
+                            devices: Sequence[BlockDevice]) -> raid.Protection:
+    """What the node's ``skip_block_devices`` protects among ``devices`` (see
+    ``raid.protected_devices``); BlockDeviceEraseError, naming the problem, if the
+    property is invalid."""
+    try:
+        return await raid.protected_devices(context, node, devices)
+    except root_device.RootDeviceHintError as e:
+        raise BlockDeviceEraseError(
+            f"Invalid skip_block_devices in the node's properties, nothing was erased: {e}"
+        ) from e
+
+
+async def guard_special_filesystems(context: HardwareContext, devices: Sequence[str]) -> None:
+    """ProtectedDeviceError if one of ``devices`` (or its partitions) holds a shared cluster
+    filesystem (VMFS, GFS2, OCFS2, GPFS), unless ``guard_special_filesystems`` is off.
+
+    Called before anything is erased, for every device the step would erase.
+    BlockDeviceEraseError if the devices cannot be checked.
+    """
+    if not context.config.guard_special_filesystems or not devices:
+        return
+    try:
+        found = await disks.find_shared_filesystems(context, devices)
+    except ProcessExecutionError as e:
+        raise BlockDeviceEraseError(
+            f"Cannot check {', '.join(devices)} for shared cluster filesystems before "
+            f"erasing (guard_special_filesystems): {e}") from e
+    for device, what in found:
+        log.error("Not erasing {device}: it holds a {what}, a shared cluster filesystem "
+                  "(guard_special_filesystems)", device=device, what=what)
+    if found:
+        device, what = found[0]
+        raise ProtectedDeviceError(device, what)
+
+
+def log_protected(step: str, device: str, reason: str) -> None:
+    """The one log line for a device a step leaves alone because the node protects it."""
+    log.info("{step}: not erasing {device}, protected by skip_block_devices: {reason}",
+             step=step, device=device, reason=reason)
+
+
 # -- the mixin -----------------------------------------------------------------------------
 
 Dispatcher = Callable[..., Awaitable[Any]]
@@ -399,15 +444,28 @@ class EraseMixin:
     async def erase_devices(self, node: Any, ports: Any) -> dict[str, Any]:
         """Erase every disk, concurrently: ``{device: what was done}``.
 
-        Each disk goes through ``erase_block_device`` (dispatched to the managers). Every
+        Disks the node's ``skip_block_devices`` protects are left alone (and logged, each
+        with the entry that protects it). If another disk holds a shared cluster filesystem
+        nothing is erased: ProtectedDeviceError (``guard_special_filesystems``). Each
+        other disk goes through ``erase_block_device`` (dispatched to the managers). Every
         disk is tried; then a failure is raised: the disk's own error when one failed,
         BlockDeviceEraseError naming them all when several did.
         """
         settings = self._erase_settings(node)
-        devices = await self.list_block_devices()
+        listed = await self.list_block_devices()
+        protection = await protected_devices(self.context, node, listed)
+        devices = [d for d in listed if protection.reason(d.name) is None]
+        await guard_special_filesystems(self.context, [d.name for d in devices])
         progress = EraseProgress(self.context.clock, self.context.config.sys_path)
-        for device in devices:
-            progress.add(device.name, device.size)
+        results: dict[str, Any] = {}
+        for device in listed:
+            disk = progress.add(device.name, device.size)
+            reason = protection.reason(device.name)
+            if reason is not None:
+                log_protected("erase_devices", device.name, reason)
+                disk.use("skipped")
+                disk.finish("skipped", f"protected: {reason}")
+                results[device.name] = f"skipped: protected by skip_block_devices: {reason}"
         self._erase_progress = progress
         self.context.report_progress(progress)
         progress.start()
@@ -439,7 +497,6 @@ class EraseMixin:
             return result
 
         jobs = [semaphore.run(erase, device) for device in devices]
-        results: dict[str, Any] = {}
         failures: dict[str, Exception] = {}
         for device, job in zip(devices, jobs):
             try:
@@ -458,8 +515,9 @@ class EraseMixin:
     async def erase_block_device(self, node: Any, block_device: BlockDevice) -> str:
         """Erase one disk the best way it supports; what was done, as text.
 
-        Virtual media and software RAID members are left alone; a read-only disk is left
-        alone if the node allows it, else fails. NVMe: ``nvme format`` (crypto erase when
+        Devices the node's ``skip_block_devices`` protects, virtual media and software RAID
+        members are left alone; a read-only disk is left alone if the node allows it, else
+        fails. NVMe: ``nvme format`` (crypto erase when
         supported, else user data erase). Others: ATA (enhanced) secure erase when the drive
         supports it. Otherwise, or when a secure erase failed and the node allows shredding
         instead: ``shred``. BlockDeviceEraseError on failure.
@@ -467,6 +525,11 @@ class EraseMixin:
         settings = self._erase_settings(node)
         name = block_device.name
         disk = self._progress_for(block_device)
+        protected = (await protected_devices(self.context, node, [block_device])).reason(name)
+        if protected is not None:
+            log_protected("erase_block_device", name, protected)
+            disk.use("skipped")
+            return f"skipped: protected by skip_block_devices: {protected}"
         skip = await self._erase_skip_reason(block_device, settings)
         if skip is not None:
             self.log.info("Not erasing {device}: {reason}", device=name, reason=skip)
@@ -494,16 +557,30 @@ class EraseMixin:
     async def erase_devices_express(self, node: Any, ports: Any) -> dict[str, str]:
         """Quick erase: hardware erase where it is quick, then the metadata erase of all.
 
+        Protected disks and shared cluster filesystems as for ``erase_devices``.
+
         NVMe drives are formatted (crypto or user data erase) and non-rotational ATA drives
         secure-erased when they support it (a failure there is logged, not fatal); then
         ``erase_devices_metadata`` runs on every disk. ``{device: what was done}``.
         """
         settings = self._erase_settings(node)
-        devices = await self.list_block_devices()
+        listed = await self.list_block_devices()
+        protection = await protected_devices(self.context, node, listed)
+        devices = [d for d in listed if protection.reason(d.name) is None]
+        await guard_special_filesystems(self.context, [d.name for d in devices])
         progress = EraseProgress(self.context.clock, self.context.config.sys_path)
         self._erase_progress = progress
         self.context.report_progress(progress)
         semaphore = DeferredSemaphore(settings.concurrency or max(1, len(devices)))
+        skipped: dict[str, str] = {}
+        for device in listed:
+            reason = protection.reason(device.name)
+            if reason is not None:
+                log_protected("erase_devices_express", device.name, reason)
+                disk = progress.add(device.name, device.size)
+                disk.use("skipped")
+                disk.finish("skipped", f"protected: {reason}")
+                skipped[device.name] = f"skipped: protected by skip_block_devices: {reason}"
 
         async def fast_erase(device: BlockDevice) -> str:
             disk = progress.add(device.name, device.size)
@@ -528,6 +605,7 @@ class EraseMixin:
 
         jobs = [semaphore.run(fast_erase, device) for device in devices]
         results = {device.name: await job for device, job in zip(devices, jobs)}
+        results.update(skipped)
         progress.phase = "erasing metadata"
         try:
             await self.erase_devices_metadata(node, ports)

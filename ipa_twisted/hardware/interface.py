@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, Union
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
@@ -129,6 +129,9 @@ _INVENTORY_GETTERS: tuple[tuple[str, str], ...] = (
 )
 # Fields that are left out (not set to None) when the manager does not support them.
 _OPTIONAL_INVENTORY_GETTERS: tuple[tuple[str, str], ...] = (("bmc_mac", "get_bmc_mac"),)
+_BMC_FIELDS = frozenset({"bmc_address", "bmc_v6address"})
+_OPTIONAL_BMC_FIELDS = frozenset({"bmc_mac"})
+"""Fields ``skip_bmc_detect`` leaves None, and leaves out."""
 
 
 @implementer(IHardwareManager, IPlugin)
@@ -239,10 +242,19 @@ class HardwareManager:
         inventory is kept. A getter raising IncompatibleHardwareMethodError means this
         manager cannot produce the inventory at all: that error propagates, so dispatch
         asks the next manager (``bmc_mac`` is the exception: it is left out instead).
+        With the ``skip_bmc_detect`` option (Ironic's ``agent_skip_bmc_detect``) the BMC
+        getters are not called: ``bmc_address`` and ``bmc_v6address`` are None and
+        ``bmc_mac`` is left out, as with the reference agent.
         """
+        skip_bmc = self._context is not None and self._context.config.skip_bmc_detect
+        if skip_bmc:
+            self.log.info("Skipping BMC detection as requested by Ironic "
+                          "(agent_skip_bmc_detect)")
         started: dict[str, Deferred[Any]] = {
-            field: call_manager_method(getattr(self, getter))
-            for field, getter in _INVENTORY_GETTERS + _OPTIONAL_INVENTORY_GETTERS}
+            field: succeed(None) if skip_bmc and field in _BMC_FIELDS
+            else call_manager_method(getattr(self, getter))
+            for field, getter in _INVENTORY_GETTERS + _OPTIONAL_INVENTORY_GETTERS
+            if not (skip_bmc and field in _OPTIONAL_BMC_FIELDS)}
         optional = {field for field, _ in _OPTIONAL_INVENTORY_GETTERS}
         inventory: dict[str, Any] = {}
         incompatible: IncompatibleHardwareMethodError | None = None

@@ -204,12 +204,15 @@ class LogicalDiskPlan:
 
 
 def select_holders(devices: Sequence[BlockDevice], logical_disks: Sequence[Mapping[str, Any]],
-                   *, dev_path: str = "/dev") -> tuple[list[str], list[list[str]]]:
+                   *, dev_path: str = "/dev",
+                   excluded: Mapping[str, tuple[BlockDevice, str]] | None = None,
+                   ) -> tuple[list[str], list[list[str]]]:
     """(every holder disk, in order; each logical disk's holders).
 
     A logical disk with ``physical_disks`` takes, for each hint, the first matching disk it
     has not taken yet; one without takes every disk. SoftwareRAIDError when a hint matches
-    no disk (left).
+    no disk (left); it says which ``excluded`` disks (``{name: (device, why)}``: protected,
+    read-only) the hint would have matched.
     """
     everything: list[str] = []
     per_disk: list[list[str]] = []
@@ -227,9 +230,15 @@ def select_holders(devices: Sequence[BlockDevice], logical_disks: Sequence[Mappi
                     raise SoftwareRAIDError(f"Invalid physical disk hints {hints}: {e}") \
                         from e
                 if not candidates:
+                    others = root_device.find_devices_by_hints(
+                        [device for device, _ in (excluded or {}).values()], hints,
+                        dev_path=dev_path)
+                    why = "".join(
+                        f"; {name} matches but cannot be used: {(excluded or {})[name][1]}"
+                        for name in (str(_name(d)) for d in others))
                     raise SoftwareRAIDError(
                         f"No candidates for physical disk {hints} from the list "
-                        f"{[d.name for d in devices]}")
+                        f"{[d.name for d in devices]}{why}")
                 left = [name for name in candidates if name not in matching]
                 if not left:
                     raise SoftwareRAIDError(
@@ -241,6 +250,10 @@ def select_holders(devices: Sequence[BlockDevice], logical_disks: Sequence[Mappi
         per_disk.append(matching)
         everything.extend(name for name in matching if name not in everything)
     return everything, per_disk
+
+
+def _name(device: Any) -> Any:
+    return device["name"] if isinstance(device, Mapping) else device.name
 
 
 def _size_gb(value: Any) -> int | None:
@@ -341,6 +354,83 @@ async def get_holder_disks(context: HardwareContext, raid_device: str) -> list[s
         if disk not in holders:
             holders.append(disk)
     return holders
+
+
+@dataclass
+class Protection:
+    """What the node's ``skip_block_devices`` protects among the devices present.
+
+    ``devices`` maps each protected device (disk or md device) to why: a device hint
+    matches it; its RAID volume name is listed; it is a holder disk of a protected md
+    device; or it is an md device with a member on a disk a hint protects. Nothing may be
+    written to a protected device (nor to its partitions).
+    """
+
+    devices: dict[str, str] = field(default_factory=dict)
+    kept_arrays: dict[str, str | None] = field(default_factory=dict)
+    """Protected md devices: path → volume name."""
+    neighbours: dict[str, str | None] = field(default_factory=dict)
+    """Unprotected md devices on a holder disk of a protected one: path → volume name.
+    Their partitions stay (the holder's table is protected); their contents may go."""
+
+    def reason(self, device: str) -> str | None:
+        """Why ``device`` is protected, or None if it is not."""
+        return self.devices.get(device)
+
+    def __bool__(self) -> bool:
+        return bool(self.devices)
+
+
+async def protected_devices(context: HardwareContext, node: Any,
+                            devices: Sequence[BlockDevice]) -> Protection:
+    """The devices among ``devices`` and the md arrays that ``skip_block_devices`` protects.
+
+    RootDeviceHintError if the node's ``skip_block_devices`` is invalid. Runs no program
+    when the node protects nothing.
+    """
+    skip = root_device.skip_list_from_node(node if isinstance(node, Mapping) else None)
+    protection = Protection()
+    if not skip:
+        return protection
+    reasons = skip.match(devices, dev_path=context.config.dev_path)
+    arrays: dict[str, tuple[str | None, list[str]]] = {}
+    for array in list_md_devices(context):
+        path = md_path(context, array.name)
+        detail = await md_detail(context, path)
+        holders: list[str] = []
+        for component in (detail.components if detail is not None else ()):
+            disk = parent_disk(context, component)
+            if disk not in holders:
+                holders.append(disk)
+        if not holders:                       # mdstat knows the members when mdadm does not
+            holders = list(dict.fromkeys(
+                parent_disk(context, md_path(context, member)) for member in array.members))
+        arrays[path] = (detail.volume_name if detail is not None else None, holders)
+    for path, (volume, _) in arrays.items():
+        if volume is not None and volume in skip.volume_names:
+            reasons.setdefault(path, f"skip_block_devices entry {{'volume_name': "
+                                     f"'{volume}'}} names its RAID volume")
+    for volume in skip.volume_names:
+        if not any(found == volume for found, _ in arrays.values()):
+            log.info("skip_block_devices names RAID volume {volume}, which is not here",
+                     volume=volume)
+    direct = dict(reasons)
+    for path, (_, holders) in arrays.items():
+        if path not in reasons:
+            on = next((h for h in holders if h in direct), None)
+            if on is not None:
+                reasons[path] = f"it has a member on the protected disk {on} ({direct[on]})"
+    for path, (volume, holders) in arrays.items():
+        if path in reasons:
+            protection.kept_arrays[path] = volume
+            for holder in holders:
+                reasons.setdefault(holder, f"it holds the protected RAID device {path} "
+                                           f"({reasons[path]})")
+    for path, (volume, holders) in arrays.items():
+        if path not in reasons and any(h in reasons for h in holders):
+            protection.neighbours[path] = volume
+    protection.devices = reasons
+    return protection
 
 
 async def md_restart(context: HardwareContext, raid_device: str) -> None:
@@ -521,13 +611,17 @@ class SoftwareRaidMixin:
         if sizes.count(None) > 1:
             problems.append("Software RAID can have only one RAID device with size 'MAX'")
         if not problems:
+            candidates, excluded, protection = await self._raid_candidates(node)
+            present = _present_volumes(protection)
+            to_create = [d for d in logical_disks if d.get("volume_name") not in present]
             try:
-                _, per_disk = select_holders(await self._raid_candidates(node), logical_disks,
-                                             dev_path=self.context.config.dev_path)
+                _, per_disk = select_holders(candidates, to_create,
+                                             dev_path=self.context.config.dev_path,
+                                             excluded=excluded)
             except SoftwareRAIDError as e:
                 problems.append(e.details)
             else:
-                for disk, holders in zip(logical_disks, per_disk):
+                for disk, holders in zip(to_create, per_disk):
                     level = str(disk["raid_level"])
                     if len(holders) < MIN_HOLDERS[level]:
                         problems.append(
@@ -542,7 +636,10 @@ class SoftwareRaidMixin:
 
         Nothing ({}) when the node has no target RAID configuration, or none for software.
         The holder disks must have no partitions (run ``delete_configuration`` or
-        ``erase_devices_metadata`` first). SoftwareRAIDError on failure.
+        ``erase_devices_metadata`` first). Disks the node's ``skip_block_devices`` protects
+        are never holders; a logical disk whose volume is there already, kept because of
+        ``skip_block_devices`` (see ``delete_configuration``), is not created again.
+        SoftwareRAIDError on failure.
         """
         raid_config = (node or {}).get("target_raid_config") if isinstance(node, Mapping) \
             else None
@@ -561,18 +658,24 @@ class SoftwareRaidMixin:
 
     async def delete_configuration(self, node: Any, ports: Any) -> None:
         """Delete every software RAID device: stop it, zero its members' superblocks and
-        wipe its holder disks (arrays named in the node's ``skip_block_devices`` by
-        ``volume_name`` are kept). Up to two passes; SoftwareRAIDError if arrays remain.
+        wipe its holder disks. Up to two passes; SoftwareRAIDError if arrays remain.
+
+        What the node's ``skip_block_devices`` protects stays: an array whose
+        ``volume_name`` it lists, or whose md device or a member disk its device hints
+        match, is kept with its holder disks and their partition tables; another array on
+        those holders is kept too, its contents wiped (``wipefs``), as the reference agent
+        does, so ``create_configuration`` can use it again by its volume name.
         """
-        keep = _kept_volume_names(node)
         await md_scan_and_assemble(self.context)
+        _, _, protection = await self._raid_candidates(node)
+        await self._keep_protected_arrays(protection)
         for _ in range(2):
-            arrays = await self._arrays_to_delete(keep)
+            arrays = self._arrays_to_delete(protection)
             if not arrays:
                 break
-            await self._delete_pass(arrays)
+            await self._delete_pass(arrays, protection)
         else:
-            arrays = await self._arrays_to_delete(keep)
+            arrays = self._arrays_to_delete(protection)
             if arrays:
                 raise SoftwareRAIDError("Unable to clean all softraid correctly. Remaining "
                                         f"{arrays}")
@@ -616,9 +719,31 @@ class SoftwareRaidMixin:
         self.log.info("Creating Software RAID")
         await self.validate_configuration(raid_config, node)
         context = self.context
-        candidates = await self._raid_candidates(node)
-        holders, per_disk = select_holders(candidates, logical_disks,
-                                           dev_path=context.config.dev_path)
+        candidates, excluded, protection = await self._raid_candidates(node, log_excluded=True)
+        present = _present_volumes(protection)
+        wanted = {d.get("volume_name") for d in logical_disks}
+        stray = [f"{path} ({volume or 'no volume name'})"
+                 for path, volume in protection.neighbours.items()
+                 if volume not in wanted and volume != ESP_VOLUME_NAME]
+        if stray:
+            raise SoftwareRAIDError(
+                f"Existing Software RAID device(s) {', '.join(stray)} share holder disks with "
+                "a RAID device that skip_block_devices protects, and the target RAID "
+                "configuration has no logical disk of that volume name to reuse them")
+        indexed = []
+        for index, disk in enumerate(logical_disks):
+            name = disk.get("volume_name")
+            if name in present:
+                self.log.info("Software RAID volume {name} is already there ({device}), kept "
+                              "because of skip_block_devices: not creating it", name=name,
+                              device=present[name])
+            else:
+                indexed.append((index, disk))
+        if not indexed:
+            self.log.info("Every logical disk of the RAID configuration is already there")
+            return dict(raid_config)
+        holders, per_disk = select_holders(candidates, [d for _, d in indexed],
+                                           dev_path=context.config.dev_path, excluded=excluded)
         with_partitions = []
         for holder in holders:
             try:
@@ -637,7 +762,7 @@ class SoftwareRaidMixin:
         plans = [LogicalDiskPlan(index=i, raid_level=str(d["raid_level"]),
                                  size_gb=_size_gb(d["size_gb"]),
                                  volume_name=d.get("volume_name"), holders=list(h))
-                 for i, (d, h) in enumerate(zip(logical_disks, per_disk))]
+                 for (i, d), h in zip(indexed, per_disk)]
         # The MAX logical disk goes last on each holder: it takes what the others leave.
         ordered = sorted(plans, key=lambda p: p.size_gb is None)
         self.log.info("Software RAID on {holders}: {table} tables, boot mode {mode}",
@@ -732,34 +857,64 @@ class SoftwareRaidMixin:
             except ProcessExecutionError as e:
                 raise SoftwareRAIDError(f"Failed re-add {missing} to {device}: {e}") from e
 
-    async def _raid_candidates(self, node: Any) -> list[BlockDevice]:
-        """Disks that may hold RAID partitions: no md devices, read-only or skipped disks."""
-        devices = [d for d in await self.list_block_devices()
-                   if not is_md_name(d.name)
-                   and not self._is_read_only(os.path.basename(d.name))]
+    async def _raid_candidates(self, node: Any, *, log_excluded: bool = False
+                               ) -> tuple[list[BlockDevice], dict[str, tuple[BlockDevice, str]],
+                                          Protection]:
+        """(disks that may hold RAID partitions, ``{disk: (device, why not)}`` for the
+        others, what ``skip_block_devices`` protects). md devices are never candidates;
+        read-only and protected disks are the excluded ones. SoftwareRAIDError if the
+        node's ``skip_block_devices`` is invalid."""
+        devices = await self.list_block_devices()
         try:
-            skipped = root_device.skipped_devices(devices, node if isinstance(node, Mapping)
-                                                  else None,
-                                                  dev_path=self.context.config.dev_path)
+            protection = await protected_devices(self.context, node, devices)
         except root_device.RootDeviceHintError as e:
-            raise SoftwareRAIDError(f"Invalid skip_block_devices: {e}") from e
-        return [d for d in devices if d.name not in skipped]
+            raise SoftwareRAIDError(f"Invalid skip_block_devices in the node's properties: "
+                                    f"{e}") from e
+        candidates: list[BlockDevice] = []
+        excluded: dict[str, tuple[BlockDevice, str]] = {}
+        for device in devices:
+            if is_md_name(device.name):
+                continue
+            reason = protection.reason(device.name)
+            if reason is not None:
+                excluded[device.name] = (device, f"protected by skip_block_devices: {reason}")
+                if log_excluded:
+                    self.log.info("Software RAID: not using {device}, protected by "
+                                  "skip_block_devices: {reason}", device=device.name,
+                                  reason=reason)
+            elif self._is_read_only(os.path.basename(device.name)):
+                excluded[device.name] = (device, "it is read-only")
+            else:
+                candidates.append(device)
+        return candidates, excluded, protection
 
     # -- deleting --------------------------------------------------------------------------
-    async def _arrays_to_delete(self, keep: set[str]) -> list[str]:
-        arrays = []
-        for array in list_md_devices(self.context):
-            path = md_path(self.context, array.name)
-            if keep:
-                detail = await md_detail(self.context, path)
-                if detail is not None and detail.volume_name in keep:
-                    self.log.info("Keeping {device} ({name}): skip_block_devices names it",
-                                  device=path, name=detail.volume_name)
-                    continue
-            arrays.append(path)
-        return arrays
+    async def _keep_protected_arrays(self, protection: Protection) -> None:
+        """Log the arrays kept; wipe the contents of those only kept for their holders."""
+        for path, volume in protection.kept_arrays.items():
+            self.log.warn("Software RAID device {device} ({name}) is not deleted, protected "
+                          "by skip_block_devices: {reason}", device=path, name=volume,
+                          reason=protection.reason(path))
+        for path, volume in protection.neighbours.items():
+            if volume == ESP_VOLUME_NAME:
+                self.log.warn("EFI RAID device {device} is not deleted: it shares holder "
+                              "disks with a protected RAID device", device=path)
+                continue
+            self.log.warn("Software RAID device {device} ({name}) is not deleted: it shares "
+                          "holder disks with a protected RAID device; wiping its contents",
+                          device=path, name=volume)
+            try:
+                await self.context.runner.execute("wipefs", "-af", path,
+                                                  timeout=_timeout(self.context))
+            except ProcessExecutionError as e:
+                self.log.warn("Failed to wipefs {device}: {error}", device=path, error=str(e))
 
-    async def _delete_pass(self, arrays: Sequence[str]) -> None:
+    def _arrays_to_delete(self, protection: Protection) -> list[str]:
+        return [path for path in (md_path(self.context, a.name)
+                                  for a in list_md_devices(self.context))
+                if path not in protection.kept_arrays and path not in protection.neighbours]
+
+    async def _delete_pass(self, arrays: Sequence[str], protection: Protection) -> None:
         context = self.context
         all_holders: list[str] = []
         for device in arrays:
@@ -787,8 +942,12 @@ class SoftwareRaidMixin:
             all_holders.extend(h for h in holders if h not in all_holders)
         # Superblocks left on any disk or partition (members of arrays that were never
         # assembled, or half-deleted ones): partitions first, then their disks.
+        kept = set(protection.devices)
+        for array in [*protection.kept_arrays, *protection.neighbours]:
+            kept.update(await get_component_devices(context, array))
         devices = [d.name for d in await self.list_block_devices(include_partitions=True)
-                   if not is_md_name(d.name)]
+                   if not is_md_name(d.name) and d.name not in kept
+                   and parent_disk(context, d.name) not in protection.devices]
         examined = [Deferred.fromCoroutine(has_md_superblock(context, name))
                     for name in devices]
         left = [name for name, probe in zip(devices, examined) if await probe]
@@ -796,7 +955,7 @@ class SoftwareRaidMixin:
             self.log.info("Removing the md superblock left on {device}", device=name)
             await zero_superblock(context, name)
         await _all(Deferred.fromCoroutine(self._wipe_holder(holder))
-                   for holder in all_holders)
+                   for holder in all_holders if protection.reason(holder) is None)
 
     async def _wipe_holder(self, holder: str) -> None:
         """Remove the partition table of a former holder disk (warnings, not errors)."""
@@ -827,12 +986,7 @@ def _md_number(name: str) -> int:
     return int(match.group(1)) if match else 1 << 30
 
 
-def _kept_volume_names(node: Any) -> set[str]:
-    """Volume names of arrays the node's ``skip_block_devices`` says to keep."""
-    if not isinstance(node, Mapping):
-        return set()
-    skip = (node.get("properties") or {}).get("skip_block_devices") or []
-    if not isinstance(skip, list):
-        return set()
-    return {str(entry["volume_name"]) for entry in skip
-            if isinstance(entry, Mapping) and entry.get("volume_name")}
+def _present_volumes(protection: Protection) -> dict[str, str]:
+    """``{volume name: md device}`` of the arrays kept because of ``skip_block_devices``."""
+    return {volume: path for path, volume in {**protection.kept_arrays,
+                                              **protection.neighbours}.items() if volume}

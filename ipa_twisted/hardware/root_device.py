@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Union
 from urllib.parse import quote, unquote
 
@@ -136,28 +137,83 @@ def root_device_hints_from_node(node: Mapping[str, Any] | None) -> Any:
     return instance_info.get("root_device") or properties.get("root_device") or None
 
 
-def skip_list_from_node(node: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
-    """The device hints of ``properties.skip_block_devices`` that name devices.
+VOLUME_NAME = "volume_name"
+"""The ``skip_block_devices`` key naming a software RAID volume (``mdadm --name``)."""
 
-    Entries naming only a RAID ``volume_name`` concern software RAID and are left out.
-    RootDeviceHintError if the property is not a list of objects.
+
+@dataclass(frozen=True)
+class SkipList:
+    """The node's ``properties.skip_block_devices``, checked: devices no step may write.
+
+    Each entry is either device hints (any root device hint: ``{"name": "/dev/sdb"}``,
+    ``{"serial": "S1"}``, ``{"size": ">= 1000", "rotational": true}``) naming the disks it
+    matches, or ``{"volume_name": NAME}`` naming a software RAID volume (the md device and
+    its holder disks are then protected; see ``raid.protected_devices``).
+    """
+
+    device_hints: tuple[Mapping[str, Any], ...] = ()
+    """Device hint entries, as the node gives them (validated)."""
+    volume_names: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.device_hints or self.volume_names)
+
+    def match(self, devices: Sequence[Device], *, dev_path: str = "/dev") -> dict[str, str]:
+        """``{device name: why it is skipped}`` for each device a device hint matches.
+
+        The reason names the first entry that matches, as the node wrote it.
+        """
+        reasons: dict[str, str] = {}
+        for hints in self.device_hints:
+            for device in find_devices_by_hints(devices, hints, dev_path=dev_path):
+                reasons.setdefault(str(_get(device, "name")),
+                                   f"skip_block_devices entry {dict(hints)} matches it")
+        return reasons
+
+
+def skip_list_from_node(node: Mapping[str, Any] | None) -> SkipList:
+    """The node's ``properties.skip_block_devices``, checked (an empty SkipList if none).
+
+    RootDeviceHintError, saying which entry and why, unless it is a list of objects each
+    either valid device hints or ``{"volume_name": "<non-empty string>"}``.
     """
     skip = ((node or {}).get("properties") or {}).get("skip_block_devices") or []
-    if not isinstance(skip, list) or not all(isinstance(s, Mapping) for s in skip):
-        raise RootDeviceHintError("skip_block_devices must be a list of objects of "
-                                  "device hints")
-    return [{k: v for k, v in entry.items() if k != "volume_name"}
-            for entry in skip if set(entry) - {"volume_name"}]
+    if not isinstance(skip, list):
+        raise RootDeviceHintError(
+            "skip_block_devices must be a list of objects of device hints (such as "
+            f'[{{"name": "/dev/sdb"}}, {{"volume_name": "data"}}]), not {skip!r}')
+    hints: list[Mapping[str, Any]] = []
+    volumes: list[str] = []
+    for number, entry in enumerate(skip, 1):
+        where = f"skip_block_devices entry {number} ({entry!r})"
+        if not isinstance(entry, Mapping) or not entry:
+            raise RootDeviceHintError(f"{where} must be a non-empty object of device hints "
+                                      "or a volume_name")
+        if VOLUME_NAME in entry:
+            name = entry[VOLUME_NAME]
+            if len(entry) > 1:
+                raise RootDeviceHintError(
+                    f"{where} names a RAID volume (volume_name) and device hints at once; "
+                    "give them as separate entries")
+            if not isinstance(name, str) or not name.strip():
+                raise RootDeviceHintError(f"{where}: volume_name must be a non-empty string")
+            volumes.append(name.strip())
+            continue
+        try:
+            parse_root_device_hints(entry)
+        except RootDeviceHintError as e:
+            raise RootDeviceHintError(f"{where} is invalid: {e}") from None
+        hints.append(dict(entry))
+    return SkipList(tuple(hints), tuple(dict.fromkeys(volumes)))
 
 
 def skipped_devices(devices: Sequence[Device], node: Mapping[str, Any] | None, *,
-                    dev_path: str = "/dev") -> set[str]:
-    """Names of the devices matched by any entry of the node's ``skip_block_devices``."""
-    names: set[str] = set()
-    for entry in skip_list_from_node(node):
-        names.update(str(_get(d, "name")) for d in
-                     find_devices_by_hints(devices, entry, dev_path=dev_path))
-    return names
+                    dev_path: str = "/dev") -> dict[str, str]:
+    """``{name: why}`` of the devices the node's ``skip_block_devices`` hints match.
+
+    RootDeviceHintError if the property is invalid (see ``skip_list_from_node``).
+    """
+    return skip_list_from_node(node).match(devices, dev_path=dev_path)
 
 
 # -- parsing ------------------------------------------------------------------------------------
