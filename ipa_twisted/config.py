@@ -128,8 +128,9 @@ class AgentConfig:
                                          "suites are the library's. Ironic's lookup may set "
                                          "it.")
     # -- Inspection -------------------------------------------------------------------------
-    inspection_callback_url: str | None = _opt(None, "Inspection receiver URL, or 'mdns'.",
-                                                url=True)
+    inspection_callback_url: str | None = _opt(None, "Inspection receiver URL, several "
+                                                "comma-separated (tried in turn), or "
+                                                "'mdns'.", urls=True)
     inspection_collectors: str = _opt("default", "Comma-separated inspection collectors.")
     inspection_dhcp_wait_timeout: float = _opt(
         60.0, "Seconds to wait for DHCP before inspection; 0: no wait. Also read as "
@@ -746,7 +747,8 @@ neither `api_url` nor `inspection_callback_url` set means `api_url = mdns`.
   (`ipa-api-url=https://a:6385,https://b:6385`): each is checked, and lookup, heartbeats
   and version requests try them in turn until one answers (a connection error or timeout
   moves on to the next; an HTTP answer, even an error, is Ironic's). The one that answered
-  is tried first next time.
+  is tried first next time. `inspection_callback_url` may list several too: each posting
+  attempt tries them in turn.
 - Lists are comma-separated.
 - An empty value unsets an option whose default is unset.
 

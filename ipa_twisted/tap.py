@@ -168,12 +168,13 @@ def makeService(options: Options) -> IService:
         from ipa_twisted.ironic.client import IronicClient
         assert config.api_url is not None
         ironic = IronicClient(config.api_url, http_client(), reactor, agent.version,
-                              config.global_request_id)
-        api_url = config.api_url
+                              config.global_request_id,
+                              request_timeout=config.http_request_timeout,
+                              api_version=config.ironic_api_version)
 
         async def find_address() -> str:
-            return await find_advertise_address(
-                runner, api_url, attempts=config.ip_lookup_attempts,
+            return await find_advertise_address(   # the URL that answered first
+                runner, ironic.api_urls, attempts=config.ip_lookup_attempts,
                 delay=config.ip_lookup_sleep, clock=reactor,
                 network_interface=config.network_interface, sys_path=config.sys_path,
                 resolver=getattr(reactor, "resolver", None))

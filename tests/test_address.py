@@ -43,7 +43,8 @@ class _Base(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
 
-    def find(self, runner: FakeRunner, api_url: str, **kwargs: Any) -> Deferred[str]:
+    def find(self, runner: FakeRunner, api_url: str | list[str],
+             **kwargs: Any) -> Deferred[str]:
         kwargs.setdefault("attempts", 3)
         kwargs.setdefault("delay", 10)
         return Deferred.fromCoroutine(find_advertise_address(
@@ -124,6 +125,30 @@ class RouteSourceTests(_Base):
         self.assertEqual(error.details, "Agent could not find a valid IP address.")
         self.assertEqual(len(runner.calls), 3)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class SeveralURLsTests(_Base):
+    def test_first_host_with_a_route_wins(self) -> None:
+        runner = FakeRunner({
+            ("ip", "-j", "route", "get", "10.9.9.9"): Exit(2, b"", b"Network is unreachable"),
+            ("ip", "-j", "route", "get", "10.1.2.3"): route("10.1.2.3", "10.0.0.5")})
+        with capturedLogs():
+            found = self.successResultOf(self.find(
+                runner, "http://10.9.9.9:6385,https://10.1.2.3:6385"))
+        self.assertEqual(found, "10.0.0.5")
+        self.assertEqual([call[-1] for call in runner.argvs], ["10.9.9.9", "10.1.2.3"])
+
+    def test_a_sequence_in_the_order_given(self) -> None:
+        runner = FakeRunner({("ip",): lambda argv: route(argv[-1], "10.0.0.7")})
+        found = self.successResultOf(self.find(
+            runner, ["http://10.1.2.3:6385", "http://10.9.9.9:6385"]))
+        self.assertEqual(found, "10.0.0.7")
+        self.assertEqual(runner.argvs, [("ip", "-j", "route", "get", "10.1.2.3")])
+
+    def test_a_url_without_host_is_named(self) -> None:
+        error = self.failureResultOf(self.find(FakeRunner({}), "http://10.1.2.3,http://"),
+                                     LookupAgentIPError).value
+        self.assertIn("'http://'", error.details)
 
 
 class InterfaceAddressTests(_Base):

@@ -82,6 +82,11 @@ class CallbackURLTests(SynchronousTestCase):
         self.assertIsNone(post.callback_url(AgentConfig(api_url="mdns"), requested=True))
         self.assertIsNone(post.callback_url(AgentConfig(), requested=True))
 
+    def test_each_api_url_when_several(self) -> None:
+        config = AgentConfig(api_url="http://ironic:6385/,https://ironic-b:6385")
+        self.assertEqual(post.callback_url(config, requested=True),
+                         f"{IRONIC},https://ironic-b:6385/v1/continue_inspection")
+
     def test_mdns_is_passed_on(self) -> None:
         self.assertEqual(post.callback_url(AgentConfig(inspection_callback_url="mdns")),
                          "mdns")
@@ -151,6 +156,37 @@ class PostTests(SynchronousTestCase):
         self.clock.advance(2.7)
         self.assertEqual(self.successResultOf(posting).node_uuid, DEFAULT_NODE_UUID)
         self.assertEqual(http.requests, 3)
+
+    def test_several_urls_the_next_after_a_connection_error(self) -> None:
+        class RefusingOne:
+            def __init__(self, http: Any) -> None:
+                self.http, self.urls = http, []  # type: Any, list[str]
+
+            def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]:
+                self.urls.append(url)
+                if url.startswith("http://down"):
+                    return fail(ConnectionRefusedError("refused"))
+                result: Deferred[Any] = self.http.request(method, url, **kwargs)
+                return result
+
+        http = RefusingOne(self.http)
+        down = "http://down:6385/v1/continue_inspection"
+        with capturedLogs() as events:
+            answer = self.successResultOf(self.post(f"{down},{IRONIC}", http=http))
+        self.assertEqual(answer.node_uuid, DEFAULT_NODE_UUID)
+        self.assertEqual(http.urls, [down, IRONIC])
+        self.assertEqual([e["url"] for e in events if "next URL" in e["log_format"]], [down])
+        self.assertEqual(self.receiver.posts[0].headers["x-openstack-ironic-api-version"],
+                         "1.84")
+
+    def test_several_urls_a_5xx_ends_the_attempt(self) -> None:
+        self.receiver.fail(503)
+        posting = self.post(f"{INSPECTOR},{IRONIC}")
+        self.assertNoResult(posting)
+        self.assertEqual(len(self.receiver.posts), 1)
+        self.clock.advance(1.0)
+        self.assertEqual(self.successResultOf(posting).node_uuid, DEFAULT_NODE_UUID)
+        self.assertEqual([p.status for p in self.receiver.posts], [503, 200])
 
     def test_gives_up_after_the_attempts(self) -> None:
         http = FlakyHTTP(self.http, refusals=100)

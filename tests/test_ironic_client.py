@@ -346,6 +346,97 @@ class HeartbeatTests(ClientTestCase):
         self.assertIn("bad url", error.details)
 
 
+API_B = "http://ironic-b.example:6385"
+
+
+class SeveralURLsTests(ClientTestCase):
+    """``ipa-api-url=A,B``: each request tries the URLs in turn until one answers."""
+
+    def lookup(self, client: IronicClient, **kwargs: Any) -> Deferred[dict[str, Any]]:
+        kwargs.setdefault("timeout", 300)
+        return Deferred.fromCoroutine(client.lookup([MAC1], interval=1, **kwargs))
+
+    def test_the_next_url_after_a_connection_error_then_it_comes_first(self) -> None:
+        http = FailingHTTP(StubTreq(self.fake.app.resource()), match="ironic.test")
+        client = IronicClient(f"{API}/, {API_B}/", http, self.clock, "0.1.0")
+        self.assertEqual(client.api_urls, [API, API_B])
+        with capturedLogs() as events:
+            content = self.successResultOf(self.lookup(client))
+        self.assertEqual(content["node"]["uuid"], DEFAULT_NODE_UUID)
+        self.assertEqual(http.calls, [("GET", f"{API}/"), ("GET", f"{API_B}/"),
+                                      ("GET", f"{API_B}/v1/lookup")])
+        self.assertEqual(client.api_url, API_B)
+        self.assertEqual([e["url"] for e in warnings(events)], [f"{API}/"])
+        self.assertIn("ConnectionRefusedError", warnings(events)[0]["error"])
+        self.assertEqual([e["url"] for e in events if "node_uuid" in e],
+                         [f"{API_B}/v1/lookup"])
+        self.successResultOf(Deferred.fromCoroutine(client.heartbeat(
+            DEFAULT_NODE_UUID, "http://10.0.0.5:9999", self.node.token)))
+        self.assertEqual(http.calls[-1], ("POST", f"{API_B}/v1/heartbeat/{DEFAULT_NODE_UUID}"))
+
+    def test_an_http_error_is_ironics_answer(self) -> None:
+        http = FailingHTTP(StubTreq(self.fake.app.resource()), failures=0)
+        client = IronicClient([API, API_B], http, self.clock, "0.1.0")
+        with capturedLogs():
+            done = Deferred.fromCoroutine(client.heartbeat("no-such-node", "http://h:1", None))
+        self.assertIn("Invalid status code: 404",
+                      self.failureResultOf(done, HeartbeatError).value.details)
+        self.assertEqual(http.calls, [("GET", f"{API}/"),
+                                      ("POST", f"{API}/v1/heartbeat/no-such-node")])
+        self.assertEqual(client.api_url, API)
+
+    def test_a_hanging_url_times_out_per_url(self) -> None:
+        http = FailingHTTP(StubTreq(self.fake.app.resource()), match="ironic.test", hang=True)
+        client = IronicClient([API, API_B], http, self.clock, "0.1.0", request_timeout=5)
+        with capturedLogs() as events:
+            done = self.lookup(client)
+            self.clock.advance(4.9)
+            self.assertNoResult(done)
+            self.clock.advance(0.1)
+        self.successResultOf(done)
+        self.assertEqual(http.cancelled, 1)
+        self.assertIn("TimeoutError", warnings(events)[0]["error"])
+
+    def test_all_unreachable(self) -> None:
+        refused = FailingHTTP(StubTreq(self.fake.app.resource()))
+        client = IronicClient([API, API_B], refused, self.clock, "0.1.0")
+        with capturedLogs() as events:
+            done = self.lookup(client, timeout=1)
+            self.clock.advance(1)
+        self.failureResultOf(done, LookupNodeError)
+        failed = [e for e in warnings(events) if "attempt" in e]
+        self.assertEqual(failed[0]["url"], f"{API}/v1/lookup, {API_B}/v1/lookup")
+        error = self.failureResultOf(Deferred.fromCoroutine(client.heartbeat(
+            DEFAULT_NODE_UUID, "http://h:1", None)), HeartbeatConnectionError).value
+        self.assertIn("ConnectionRefusedError", error.details)
+        self.assertEqual(refused.calls[-2:], [
+            ("POST", f"{API}/v1/heartbeat/{DEFAULT_NODE_UUID}"),
+            ("POST", f"{API_B}/v1/heartbeat/{DEFAULT_NODE_UUID}")])
+
+    def test_no_url(self) -> None:
+        self.assertRaises(ValueError, IronicClient, " , ", StubTreq(self.fake.app.resource()),
+                          self.clock, "0.1.0")
+
+
+class ConfiguredVersionTests(ClientTestCase):
+    def test_ironic_api_version_is_not_asked_for(self) -> None:
+        client = self.client(api_version="1.62")
+        self.successResultOf(Deferred.fromCoroutine(client.lookup([MAC1], timeout=1,
+                                                                  interval=1)))
+        self.assertEqual([r.kind for r in self.fake.requests], ["lookup"])
+        self.assertEqual(self.fake.lookups[0].headers["x-openstack-ironic-api-version"],
+                         "1.62")
+        self.assertFalse(self.successResultOf(Deferred.fromCoroutine(
+            client.supports_auto_tls())))
+
+    def test_a_bad_version_is_logged_and_ironic_asked(self) -> None:
+        with capturedLogs() as events:
+            client = self.client(api_version="latest")
+        self.assertEqual(warnings(events)[0]["value"], "latest")
+        self.assertEqual(self.successResultOf(Deferred.fromCoroutine(client.api_version())),
+                         (1, 89))
+
+
 class HelperTests(SynchronousTestCase):
     def test_callback_url(self) -> None:
         self.assertEqual(callback_url("10.0.0.5", 9999, "http"), "http://10.0.0.5:9999")

@@ -12,6 +12,10 @@ Connection failures, timeouts and 5xx answers are retried: the waits are 1, 2.7,
 seconds (factor 2.7) capped at 1200 s, each multiplied by a random factor in [0.7, 1.2]
 (the reference agent's ``IronicInspection`` backoff). A 4xx answer is final:
 InspectionError with the receiver's message.
+
+The receiver may be given as several comma-separated URLs (as the reference agent allows):
+each attempt tries them in order, moving on to the next after a connection error or
+timeout; a 5xx answer ends the attempt.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from ipa_twisted import __version__, encoding
-from ipa_twisted.config import AgentConfig
+from ipa_twisted.config import AgentConfig, split_urls
 from ipa_twisted.errors import InspectionError
 from ipa_twisted.ironic.client import CONNECTION_ERRORS, HTTPClientLike, error_message
 
@@ -69,12 +73,14 @@ def callback_url(config: AgentConfig, *, requested: bool = False) -> str | None:
 
     ``inspection_callback_url`` when set (``mdns`` is returned as is: the caller discovers
     the receiver). Otherwise, if inspection was ``requested`` (the console command) and
-    the Ironic URL is known, Ironic's ``{api_url}/v1/continue_inspection``.
+    the Ironic URL is known, Ironic's ``{api_url}/v1/continue_inspection`` (for each URL
+    of an ``api_url`` list, comma-separated).
     """
     if config.inspection_callback_url:
         return config.inspection_callback_url
     if requested and config.api_url and config.api_url != "mdns":
-        return config.api_url.rstrip("/") + CONTINUE_INSPECTION_PATH
+        return ",".join(url.rstrip("/") + CONTINUE_INSPECTION_PATH
+                        for url in split_urls(config.api_url))
     return None
 
 
@@ -93,7 +99,11 @@ def backoff_delays(uniform: Callable[[float, float], float] = random.uniform,
 
 
 class _Retry(Exception):
-    """One attempt failed in a way worth retrying."""
+    """One attempt failed in a way worth retrying; ``unreachable``: no answer at all."""
+
+    def __init__(self, error: str, unreachable: bool = False) -> None:
+        super().__init__(error)
+        self.unreachable = unreachable
 
 
 async def post_inspection_data(http: HTTPClientLike, url: str, data: Mapping[str, Any],
@@ -102,14 +112,12 @@ async def post_inspection_data(http: HTTPClientLike, url: str, data: Mapping[str
                                timeout: float = REQUEST_TIMEOUT) -> InspectionAnswer:
     """POST ``data`` (JSON) to ``url`` until it is accepted; what the receiver answered.
 
-    ``attempts`` None retries forever. Raises InspectionError on a 4xx answer, or when the
-    attempts are used up (with the last failure).
+    ``url`` may list several URLs, comma-separated: each attempt tries them in turn until
+    one answers. ``attempts`` None retries forever. Raises InspectionError on a 4xx
+    answer, or when the attempts are used up (with the last failure).
     """
     body = encoding.encode(data)
-    headers = {"Content-Type": "application/json", "Accept": "application/json",
-               "User-Agent": f"ipa-twisted/{__version__}"}
-    if is_ironic_receiver(url):
-        headers[IRONIC_VERSION_HEADER] = CONTINUE_INSPECTION_VERSION
+    urls = split_urls(url) or [url]
     log.info("Posting inspection data ({size} bytes) to {url}", size=len(body), url=url)
     log.debug("Inspection data: {data}",
               data={k: v for k, v in data.items() if k not in _NOT_LOGGED})
@@ -118,7 +126,7 @@ async def post_inspection_data(http: HTTPClientLike, url: str, data: Mapping[str
     while True:
         attempt += 1
         try:
-            return await _post_once(http, url, body, headers, clock, timeout)
+            return await _post_to_first(http, urls, body, clock, timeout)
         except _Retry as e:
             if attempts is not None and attempt >= attempts:
                 raise InspectionError(f"Posting inspection data to {url} failed "
@@ -128,6 +136,24 @@ async def post_inspection_data(http: HTTPClientLike, url: str, data: Mapping[str
                      "{error}; retrying in {delay:.1f} s", url=url, attempt=attempt,
                      error=str(e), delay=delay)
             await deferLater(clock, delay)
+
+
+async def _post_to_first(http: HTTPClientLike, urls: list[str], body: bytes,
+                         clock: IReactorTime, timeout: float) -> InspectionAnswer:
+    """One attempt: the URLs in turn until one answers (the last one's failure raised)."""
+    for index, url in enumerate(urls):
+        headers = {"Content-Type": "application/json", "Accept": "application/json",
+                   "User-Agent": f"ipa-twisted/{__version__}"}
+        if is_ironic_receiver(url):
+            headers[IRONIC_VERSION_HEADER] = CONTINUE_INSPECTION_VERSION
+        try:
+            return await _post_once(http, url, body, headers, clock, timeout)
+        except _Retry as e:
+            if not e.unreachable or index == len(urls) - 1:
+                raise
+            log.warn("Cannot reach the inspection receiver at {url}, trying the next URL: "
+                     "{error}", url=url, error=str(e))
+    raise AssertionError("unreachable: there is always a URL")
 
 
 async def _post_once(http: HTTPClientLike, url: str, body: bytes, headers: dict[str, str],
@@ -142,7 +168,8 @@ async def _post_once(http: HTTPClientLike, url: str, body: bytes, headers: dict[
     except CancelledError:
         raise
     except CONNECTION_ERRORS as e:
-        raise _Retry(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from e
+        raise _Retry(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
+                     unreachable=True) from e
     if code >= 500:
         raise _Retry(f"status {code}: {_message(content)}")
     if code >= 400:

@@ -1,7 +1,8 @@
 """The address the agent advertises to Ironic in heartbeats (when not configured).
 
 Without ``network_interface``: the source address the kernel would use to reach Ironic's
-API host (``ip -j route get <ip>``, its ``prefsrc``), the reference agent's rule. With
+API host (``ip -j route get <ip>``, its ``prefsrc``), the reference agent's rule; with several
+API URLs, to the first host that has such a route. With
 ``network_interface``: that interface's first global address, IPv4 preferred. Link-local
 sources are not advertised. A loopback Ironic (127.0.0.1, ::1) is reached from the same
 loopback address.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+from collections.abc import Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -21,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime, IResolverSimple
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from ipa_twisted.config import split_urls
 from ipa_twisted.errors import LookupAgentIPError
 
 log = Logger()
@@ -40,36 +43,46 @@ class _NotFound(Exception):
     """This attempt found no address (yet)."""
 
 
-async def find_advertise_address(runner: CommandRunner, api_url: str, *, attempts: int,
+async def find_advertise_address(runner: CommandRunner, api_url: str | Sequence[str], *,
+                                 attempts: int,
                                  delay: float, clock: IReactorTime,
                                  network_interface: str | None = None,
                                  sys_path: str = "/sys",
                                  resolver: IResolverSimple | None = None) -> str:
-    """The address to advertise to the Ironic at ``api_url``.
+    """The address to advertise to the Ironic at ``api_url`` (one URL, several
+    comma-separated, or a sequence: their hosts are tried in order).
 
     Tries ``attempts`` times, ``delay`` seconds apart on ``clock`` (interfaces and routes
     may still be coming up), then raises LookupAgentIPError. A host name in ``api_url``
     is resolved with ``resolver`` (``reactor.resolver`` in production); IP literals need
     none.
     """
-    host = urlsplit(api_url).hostname
-    if not host:
-        raise LookupAgentIPError(f"No host in the Ironic API URL {api_url!r}")
+    urls = split_urls(api_url) if isinstance(api_url, str) else list(api_url)
+    hosts = []
+    for url in urls:
+        host = urlsplit(url).hostname
+        if not host:
+            raise LookupAgentIPError(f"No host in the Ironic API URL {url!r}")
+        hosts.append(host)
+    if not hosts:
+        raise LookupAgentIPError(f"No Ironic API URL in {api_url!r}")
     attempts = max(attempts, 1)
     for attempt in range(1, attempts + 1):
-        try:
-            if network_interface:
-                address = await _interface_address(runner, network_interface, sys_path)
+        for host in hosts[:1] if network_interface else hosts:
+            try:
+                if network_interface:
+                    address = await _interface_address(runner, network_interface, sys_path)
+                else:
+                    address = await _route_source(runner,
+                                                  await _resolve(host, resolver, clock))
+            except CancelledError:
+                raise
+            except _NotFound as e:
+                log.warn("No advertise address yet (attempt {attempt} of {attempts}): "
+                         "{error}", attempt=attempt, attempts=attempts, error=str(e))
             else:
-                address = await _route_source(runner, await _resolve(host, resolver, clock))
-        except CancelledError:
-            raise
-        except _NotFound as e:
-            log.warn("No advertise address yet (attempt {attempt} of {attempts}): {error}",
-                     attempt=attempt, attempts=attempts, error=str(e))
-        else:
-            log.info("Advertising address {address} to Ironic", address=address)
-            return address
+                log.info("Advertising address {address} to Ironic", address=address)
+                return address
         if attempt < attempts:
             await deferLater(clock, delay)
     raise LookupAgentIPError("Agent could not find a valid IP address.")

@@ -3,6 +3,11 @@
 The client is given its HTTP client (``make_http_client`` in production, ``StubTreq`` in
 tests) and its clock; every request has a timeout on that clock, and every wait between
 lookup attempts is a Deferred on it.
+
+Ironic may be given as several API URLs (``ipa-api-url=https://a:6385,https://b:6385``), as
+the reference agent allows: each request tries them in order until one answers; a
+connection error or timeout moves on to the next URL, an HTTP answer (even an error) ends
+the round. The URL that answered is tried first from then on.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from twisted.web.client import RequestTransmissionFailed, ResponseFailed
 from twisted.web.client import ResponseNeverReceived
 
 from ipa_twisted import encoding
+from ipa_twisted.config import split_urls
 from ipa_twisted.errors import HeartbeatConflictError, HeartbeatConnectionError
 from ipa_twisted.errors import HeartbeatError, LookupNodeError
 
@@ -89,6 +95,18 @@ def error_message(body: bytes) -> str:
     return text[:_MAX_ERROR_TEXT]
 
 
+def _parse_version(text: str | None) -> tuple[int, int] | None:
+    """``"1.68"`` as (1, 68); None for None, and (logged) for anything else."""
+    if text is None:
+        return None
+    major, dot, minor = text.strip().partition(".")
+    if dot and major.isdigit() and minor.isdigit():
+        return int(major), int(minor)
+    IronicClient.log.warn("ironic_api_version {value!r} is not MAJOR.MINOR; asking Ironic "
+                          "for its version instead", value=text)
+    return None
+
+
 def _describe(error: BaseException) -> str:
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
@@ -97,29 +115,41 @@ def _describe(error: BaseException) -> str:
 class _RetryableLookupError(Exception):
     """One lookup attempt failed; ``status`` is the HTTP code when there was an answer."""
 
-    def __init__(self, error: str, status: int | None = None) -> None:
+    def __init__(self, error: str, status: int | None = None, url: str = "") -> None:
         super().__init__(error)
-        self.error, self.status = error, status
+        self.error, self.status, self.url = error, status, url
 
 
 class IronicClient:
     """Talks to the Ironic API for the agent: lookup and heartbeat.
 
-    ``http`` is a treq ``HTTPClient`` (or ``StubTreq``); ``clock`` times out requests and
-    spaces lookup attempts. ``uniform`` draws the jittered lookup waits (tests fix it).
+    ``api_url`` is one URL, several comma-separated, or a sequence of them. ``http`` is a
+    treq ``HTTPClient`` (or ``StubTreq``); ``clock`` times out requests (each URL tried
+    gets ``request_timeout``: the ``http_request_timeout`` option) and spaces lookup
+    attempts. ``api_version`` ("1.68", the ``ironic_api_version`` option) is used instead
+    of asking Ironic. ``uniform`` draws the jittered lookup waits (tests fix it).
     """
 
     log = Logger()
 
-    def __init__(self, api_url: str, http: HTTPClientLike, clock: IReactorTime,
-                 agent_version: str, global_request_id: str | None = None, *,
-                 request_timeout: float = REQUEST_TIMEOUT,
+    def __init__(self, api_url: str | Sequence[str], http: HTTPClientLike,
+                 clock: IReactorTime, agent_version: str,
+                 global_request_id: str | None = None, *,
+                 request_timeout: float = REQUEST_TIMEOUT, api_version: str | None = None,
                  uniform: Callable[[float, float], float] = random.uniform) -> None:
-        self.api_url = api_url.rstrip("/")
+        urls = split_urls(api_url) if isinstance(api_url, str) else list(api_url)
+        if not urls:
+            raise ValueError("no Ironic API URL")
+        self.api_urls = [url.rstrip("/") for url in urls]
         self._http, self._clock = http, clock
         self._agent_version, self._request_id = agent_version, global_request_id
         self._request_timeout, self._uniform = request_timeout, uniform
-        self._api_version: tuple[int, int] | None = None
+        self._api_version: tuple[int, int] | None = _parse_version(api_version)
+
+    @property
+    def api_url(self) -> str:
+        """The API URL tried first: the one that answered last."""
+        return self.api_urls[0]
 
     # -- plumbing ---------------------------------------------------------------------------
     def _url(self, path: str) -> str:
@@ -137,20 +167,40 @@ class IronicClient:
             headers[VERSION_HEADER] = format_version(min(version, MAX_KNOWN_VERSION))
         return headers
 
-    async def _exchange(self, method: str, url: str, headers: Mapping[str, str], *,
+    async def _exchange(self, method: str, path: str, headers: Mapping[str, str], *,
                         data: bytes | None = None, params: Mapping[str, str] | None = None,
                         timeout: float | None = None) -> tuple[int, bytes]:
-        """(status, body) of one request; the whole exchange times out on our clock."""
-        async def exchange() -> tuple[int, bytes]:
+        """(status, body) of one request to ``path`` under the first API URL that answers.
+
+        Each URL's exchange times out on our clock. A connection error or timeout moves on
+        to the next URL (logged); the last URL's is raised. The URL that answered becomes
+        the first.
+        """
+        async def exchange(url: str) -> tuple[int, bytes]:
             response = await self._http.request(method, url, headers=dict(headers),
                                                 data=data, params=dict(params or {}))
             body: bytes = await treq.content(response)
             return response.code, body
 
-        exchanged = Deferred.fromCoroutine(exchange())
-        exchanged.addTimeout(self._request_timeout if timeout is None else timeout,
-                             self._clock)
-        return await exchanged
+        for index, base in enumerate(list(self.api_urls)):
+            url = f"{base}/{path}"
+            exchanged = Deferred.fromCoroutine(exchange(url))
+            exchanged.addTimeout(self._request_timeout if timeout is None else timeout,
+                                 self._clock)
+            try:
+                answer = await exchanged
+            except CancelledError:
+                raise
+            except CONNECTION_ERRORS as e:
+                if index == len(self.api_urls) - 1:
+                    raise
+                self.log.warn("Cannot reach Ironic at {url}, trying the next API URL: "
+                              "{error}", url=url, error=_describe(e))
+                continue
+            if index:
+                self.api_urls = self.api_urls[index:] + self.api_urls[:index]
+            return answer
+        raise AssertionError("unreachable: there is always an API URL")
 
     # -- API version ------------------------------------------------------------------------
     async def api_version(self) -> tuple[int, int]:
@@ -161,9 +211,8 @@ class IronicClient:
         """
         if self._api_version is not None:
             return self._api_version
-        url = self._url("")
         try:
-            status, body = await self._exchange("GET", url, self._headers())
+            status, body = await self._exchange("GET", "", self._headers())
             if status != 200:
                 raise ValueError(f"status {status}: {error_message(body)}")
             major, minor = json.loads(body)["default_version"]["version"].split(".")
@@ -172,10 +221,10 @@ class IronicClient:
             raise
         except Exception as e:
             self.log.warn("Could not read the Ironic API version from {url}: {error}; "
-                          "assuming {version}", url=url, error=_describe(e),
-                          version=format_version(MIN_IRONIC_VERSION))
+                          "assuming {version}", url=", ".join(self.api_urls),
+                          error=_describe(e), version=format_version(MIN_IRONIC_VERSION))
             return MIN_IRONIC_VERSION
-        self.log.info("Ironic API version {version} at {url}", url=url,
+        self.log.info("Ironic API version {version} at {url}", url=self.api_url,
                       version=format_version(version))
         self._api_version = version
         return version
@@ -207,14 +256,14 @@ class IronicClient:
         params = {"addresses": ",".join(macs)}
         if node_uuid:
             params["node_uuid"] = node_uuid
-        url = self._url("v1/lookup")
         low = min(interval, max_interval)
         attempt = 0
         while True:
             attempt += 1
             try:
-                content = await self._lookup_once(url, params, deadline)
+                content = await self._lookup_once(params, deadline)
             except _RetryableLookupError as e:
+                url = e.url
                 self.log.warn("Lookup of node with addresses {addresses} at {url} failed "
                               "(attempt {attempt}): {error}", url=url, status=e.status,
                               error=e.error, addresses=params["addresses"], attempt=attempt)
@@ -230,35 +279,37 @@ class IronicClient:
                 await deferLater(self._clock, wait)
                 continue
             self.log.info("Looked up node {node_uuid} at {url}",
-                          node_uuid=content["node"]["uuid"], url=url)
+                          node_uuid=content["node"]["uuid"], url=self._url("v1/lookup"))
             return content
         raise LookupNodeError("Could not look up node info. Check logs for details.")
 
-    async def _lookup_once(self, url: str, params: Mapping[str, str],
+    async def _lookup_once(self, params: Mapping[str, str],
                            deadline: float) -> dict[str, Any]:
         version = await self.api_version()
         remaining = deadline - self._clock.seconds()
         try:
             status, body = await self._exchange(
-                "GET", url, self._headers(version), params=params,
+                "GET", "v1/lookup", self._headers(version), params=params,
                 timeout=min(self._request_timeout, max(remaining, 1.0)))
         except CancelledError:
             raise
         except Exception as e:
-            raise _RetryableLookupError(_describe(e)) from e
+            raise _RetryableLookupError(_describe(e), url=", ".join(
+                f"{base}/v1/lookup" for base in self.api_urls)) from e
+        url = self._url("v1/lookup")
         if status != 200:
-            raise _RetryableLookupError(error_message(body), status)
+            raise _RetryableLookupError(error_message(body), status, url)
         try:
             content = json.loads(body)
         except ValueError as e:
-            raise _RetryableLookupError(f"Error decoding response: {e}", status) from e
+            raise _RetryableLookupError(f"Error decoding response: {e}", status, url) from e
         node = content.get("node") if isinstance(content, dict) else None
         if not isinstance(node, dict) or not node.get("uuid"):
-            raise _RetryableLookupError("Got invalid node data in the response", status)
+            raise _RetryableLookupError("Got invalid node data in the response", status, url)
         if "config" not in content:
             if "heartbeat_timeout" not in content:
                 raise _RetryableLookupError("No config and no heartbeat_timeout in the "
-                                            "response", status)
+                                            "response", status, url)
             content["config"] = {"heartbeat_timeout": content.pop("heartbeat_timeout")}
         result: dict[str, Any] = content
         return result
@@ -282,11 +333,12 @@ class IronicClient:
             data["agent_version"] = self._agent_version
         if version >= AGENT_VERIFY_CA_IRONIC_VERSION and agent_verify_ca is not None:
             data["agent_verify_ca"] = agent_verify_ca
-        url = self._url(f"v1/heartbeat/{quote(uuid, safe='')}")
-        self.log.debug("Heartbeat to {url} with callback {callback_url}", url=url,
-                       callback_url=callback_url)
+        path = f"v1/heartbeat/{quote(uuid, safe='')}"
+        self.log.debug("Heartbeat to {url} with callback {callback_url}",
+                       url=self._url(path), callback_url=callback_url)
         try:
-            status, body = await self._exchange("POST", url, self._headers(version, body=True),
+            status, body = await self._exchange("POST", path,
+                                                self._headers(version, body=True),
                                                 data=encoding.encode(data))
         except CancelledError:
             raise
