@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from ipa_twisted.errors import CommandExecutionError, SoftwareRAIDError
+from ipa_twisted.errors import CommandExecutionError, DeviceNotFound, SoftwareRAIDError
 from ipa_twisted.hardware import raid
 from ipa_twisted.hardware.erase import EraseMixin
 from ipa_twisted.hardware.generic import GenericHardwareManager
@@ -731,3 +731,157 @@ class HelperTests(RaidTestCase):
         self.assertFalse(self.result(raid.is_md_device(context, self.dev("md0"))))
         self.result(raid.md_scan_and_assemble(context))        # logged, not raised
         self.assertEqual(raid.list_md_devices(context), [])
+
+
+# -- skip_block_devices: protected disks and volumes ------------------------------------------
+
+DATA_ON_V1_V2 = {"size_gb": 1, "raid_level": "1", "controller": "software",
+                 "volume_name": "data", "physical_disks": [{"serial": "V1"}, {"serial": "V2"}]}
+SCRATCH_ON_V1_V2 = {"size_gb": "MAX", "raid_level": "1", "controller": "software",
+                    "volume_name": "scratch",
+                    "physical_disks": [{"serial": "V1"}, {"serial": "V2"}]}
+
+
+def protect(*entries: dict[str, Any], raid: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+    return node(*raid, properties={"skip_block_devices": list(entries)})
+
+
+class ProtectedRaidTests(RaidTestCase):
+    """Which arrays and disks ``skip_block_devices`` protects, and what each step does."""
+
+    DISKS = {"vda": (100 * GiB, "V1"), "vdb": (100 * GiB, "V2"), "vdc": (100 * GiB, "V3"),
+             "vdd": (100 * GiB, "V4")}
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.needs_root()
+        self.result(self.manager().create_configuration(
+            node(DATA_ON_V1_V2, SCRATCH_ON_V1_V2), []))
+        self.assertEqual({a.name for a in self.machine.arrays.values()}, {"data", "scratch"})
+        self.md = {a.name: self.dev(n) for n, a in self.machine.arrays.items()}
+
+    def protection(self, *entries: dict[str, Any]) -> raid.Protection:
+        manager = self.manager()
+        devices = self.result(manager.list_block_devices())
+        return self.result(raid.protected_devices(manager.context, protect(*entries),
+                                                  devices))
+
+    def test_volume_name_protects_the_array_and_its_holders(self) -> None:
+        protection = self.protection({"volume_name": "data"})
+        named = "skip_block_devices entry {'volume_name': 'data'} names its RAID volume"
+        self.assertEqual(protection.devices, {
+            self.md["data"]: named,
+            self.dev("vda"): f"it holds the protected RAID device {self.md['data']} ({named})",
+            self.dev("vdb"): f"it holds the protected RAID device {self.md['data']} ({named})"})
+        self.assertEqual(protection.kept_arrays, {self.md["data"]: "data"})
+        self.assertEqual(protection.neighbours, {self.md["scratch"]: "scratch"})
+
+    def test_a_member_disk_protects_its_arrays(self) -> None:
+        protection = self.protection({"serial": "V2"})
+        hint = "skip_block_devices entry {'serial': 'V2'} matches it"
+        self.assertEqual(protection.devices[self.dev("vdb")], hint)
+        for name in ("data", "scratch"):
+            self.assertEqual(protection.devices[self.md[name]],
+                             f"it has a member on the protected disk {self.dev('vdb')} ({hint})")
+        self.assertIn("it holds the protected RAID device", protection.devices[self.dev("vda")])
+        self.assertNotIn(self.dev("vdc"), protection.devices)
+        self.assertEqual(protection.neighbours, {})
+
+    def test_an_md_device_named_by_a_hint(self) -> None:
+        name = os.path.basename(self.md["scratch"])
+        protection = self.protection({"name": f"/dev/{name}"})
+        self.assertEqual(set(protection.devices),
+                         {self.md["scratch"], self.dev("vda"), self.dev("vdb")})
+        self.assertEqual(protection.neighbours, {self.md["data"]: "data"})
+
+    def test_nothing_protected_runs_nothing(self) -> None:
+        self.assertFalse(self.protection())
+        self.assertEqual(self.runner.argvs[1:], [])     # the lsblk listing only
+
+    def test_an_absent_volume_protects_nothing(self) -> None:
+        self.assertEqual(self.protection({"volume_name": "elsewhere"}).devices, {})
+
+    def test_delete_keeps_the_protected_array_and_its_neighbours(self) -> None:
+        manager = self.manager()
+        self.machine.superblocks[self.dev("vdc")] = "md9"       # a stray superblock
+        self.result(manager.delete_configuration(protect({"volume_name": "data"}), []))
+        self.assertEqual({a.name for a in self.machine.arrays.values()}, {"data", "scratch"})
+        argvs = self.runner.argvs
+        self.assertIn(("wipefs", "-af", self.md["scratch"]), argvs)    # contents wiped
+        self.assertNotIn(("wipefs", "-af", self.md["data"]), argvs)
+        for md in self.md.values():
+            self.assertNotIn(("mdadm", "--stop", md), argvs)
+        touched = [argv for argv in argvs if argv[0] in ("mdadm", "wipefs", "sgdisk", "parted")
+                   and any(a.startswith((self.dev("vda"), self.dev("vdb"))) for a in argv)]
+        self.assertEqual(touched, [])
+        self.assertEqual(self.wiped, [self.dev("vdc")])    # the stray array's holder only
+        self.assertNotIn(self.dev("vdc"), self.machine.superblocks)
+        self.assertEqual(len(self.machine.parts[self.dev("vda")]), 2)
+
+    def test_create_reuses_kept_volumes_and_builds_the_rest_elsewhere(self) -> None:
+        self.result(self.manager().delete_configuration(protect({"volume_name": "data"}), []))
+        new = {"size_gb": "MAX", "raid_level": "1", "controller": "software",
+               "volume_name": "new"}
+        target = protect({"volume_name": "data"},
+                         raid=(DATA_ON_V1_V2, SCRATCH_ON_V1_V2, new))
+        # three logical disks are one too many for validation: drop the second
+        target["target_raid_config"]["logical_disks"] = [DATA_ON_V1_V2, new]
+        error = self.failure(self.manager().create_configuration(target, []))
+        self.assertIn(f"{self.md['scratch']} (scratch) share holder disks", error)
+        target["target_raid_config"]["logical_disks"] = [DATA_ON_V1_V2, SCRATCH_ON_V1_V2]
+        manager = self.manager()
+        self.assertEqual(self.result(manager.create_configuration(target, [])),
+                         target["target_raid_config"])
+        self.assertEqual(self.creates(), [])
+        self.assertEqual([a for a in self.runner.argvs if a[0] == "parted" and "--" in a], [])
+
+    def test_create_never_partitions_a_protected_disk(self) -> None:
+        self.result(self.manager().delete_configuration(node(), []))
+        self.assertEqual(self.machine.arrays, {})
+        manager = self.manager()
+        self.result(manager.create_configuration(protect({"serial": "V3"}, raid=(RAID1_MAX,)),
+                                                 []))
+        self.assertEqual(self.parted("vdc"), [])
+        [array] = self.machine.arrays.values()
+        self.assertEqual(array.members, [self.dev("vda1"), self.dev("vdb1"), self.dev("vdd1")])
+
+    def test_physical_disk_hint_on_a_protected_disk(self) -> None:
+        self.result(self.manager().delete_configuration(node(), []))
+        error = self.failure(self.manager().create_configuration(
+            protect({"name": "vdb"}, raid=(DATA_ON_V1_V2,)), []))
+        self.assertIn("No candidates for physical disk {'serial': 'V2'}", error)
+        self.assertIn(f"{self.dev('vdb')} matches but cannot be used: protected by "
+                      "skip_block_devices: skip_block_devices entry {'name': 'vdb'} matches it",
+                      error)
+        self.assertEqual(self.creates(), [])
+
+    def test_invalid_skip_list(self) -> None:
+        for step in ("create_configuration", "delete_configuration"):
+            manager = self.manager()
+            error = self.failure(getattr(manager, step)(
+                protect({"size": "big"}, raid=(RAID1_MAX,)), []))
+            self.assertIn("Invalid skip_block_devices in the node's properties: "
+                          "skip_block_devices entry 1", error)
+            self.assertEqual([a for a in self.runner.argvs
+                              if a[:2] in (("mdadm", "--stop"), ("mdadm", "--create"))], [])
+
+    def test_metadata_erase_spares_the_protected_array(self) -> None:
+        manager = self.manager()
+        self.result(manager.erase_devices_metadata(protect({"volume_name": "data"}), []))
+        wiped = {argv[-1] for argv in self.runner.argvs if argv[0] == "wipefs"}
+        self.assertNotIn(self.md["data"], wiped)
+        self.assertFalse(wiped & {self.dev(n) for n in ("vda", "vda1", "vda2", "vdb",
+                                                         "vdb1", "vdb2")}, wiped)
+        self.assertIn(self.md["scratch"], wiped)       # its contents, not the holders' table
+        self.assertIn(self.dev("vdc"), wiped)
+        self.assertEqual(len(self.machine.parts[self.dev("vdb")]), 2)
+
+    def test_install_device_is_never_a_protected_volume(self) -> None:
+        manager = self.manager()
+        failure = self.failureResultOf(Deferred.fromCoroutine(manager.get_os_install_device(
+            node=protect({"volume_name": "data"}, raid=(DATA_ON_V1_V2,)))), DeviceNotFound)
+        self.assertIn(f"The software RAID device {self.md['data']} of the node's RAID "
+                      "configuration is protected by skip_block_devices", str(failure.value))
+        self.assertEqual(self.result(manager.get_os_install_device(
+            node=protect({"volume_name": "scratch"}, raid=(DATA_ON_V1_V2,)))),
+            self.md["data"])
