@@ -3,13 +3,16 @@
 ``write_image_to_disk`` is given the device (the caller chose it, usually with
 ``get_os_install_device``) and does what the reference agent's ``prepare_image`` does:
 
-- whole-disk image: destroy the disk's metadata, write the image with the image pipeline,
+- whole-disk image: once the pipeline accepted the image (checksum policy, format policy:
+  the disk is untouched when it is refused), destroy the disk's metadata, write the image,
   re-read the table, move the backup GPT to the end, check the image left a partition
-  table, then add the config drive partition at the end of the disk. The result is
+  table (naming a sector size mismatch when its GPT shows one), then add the config drive
+  partition at the end of the disk. The result is
   ``{"root uuid": <MBR disk identifier, 0x%08x>}``.
-- partition image (``image_type == "partition"``): lay the disk out and write the image into
-  the root partition (``ipa_twisted.images.partition``); the config drive gets a partition
-  in the layout. The result is the ``partitions``/``root uuid``/... dictionary.
+- partition image (``image_type == "partition"``): once the image is accepted, lay the disk
+  out and write the image into the root partition (``ipa_twisted.images.partition``); the
+  config drive gets a partition in the layout. The result is the
+  ``partitions``/``root uuid``/... dictionary.
 
 Boot mode and disk label come from the node as Ironic sends it (``instance_info``,
 ``properties.capabilities``), with ``image_info``'s older ``deploy_boot_mode`` and
@@ -23,6 +26,8 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from ipa_twisted.errors import ImageWriteError, InstanceDeployFailure
@@ -30,13 +35,16 @@ from ipa_twisted.hardware import disks
 from ipa_twisted.hardware.interface import HardwareContext
 from ipa_twisted.images import configdrive as configdrives
 from ipa_twisted.images import partition
+from ipa_twisted.images.formats import gpt_sector_size
 from ipa_twisted.images.info import is_partition_image
 from ipa_twisted.process import ProcessExecutionError
 
 log = Logger()
 
-ImageWriter = Callable[[Mapping[str, Any], str], Awaitable[object]]
-"""``write(image_info, device)``: download the image and write it to ``device``."""
+ImageWriter = Callable[..., Awaitable[object]]
+"""``write(image_info, device, prepare=None)``: download the image and write it to
+``device``. ``prepare()`` (see ``images.pipeline.Prepare``) must be awaited once the image
+is accepted and before its first byte is written; it may return the device to write to."""
 
 
 def pipeline_writer(context: HardwareContext,
@@ -48,12 +56,13 @@ def pipeline_writer(context: HardwareContext,
     """
     from ipa_twisted.images.pipeline import ImageProgress, write_image
 
-    async def write(image_info: Mapping[str, Any], device: str) -> object:
+    async def write(image_info: Mapping[str, Any], device: str,
+                    prepare: Callable[[], Awaitable[str | None]] | None = None) -> object:
         progress = ImageProgress(context.reactor)
         (report_progress or context.report_progress)(progress)
         return await write_image(dict(image_info), device, http=context.http(),
                                  reactor=context.reactor, runner=context.runner,
-                                 config=context.config, progress=progress)
+                                 config=context.config, progress=progress, prepare=prepare)
     return write
 
 
@@ -106,27 +115,76 @@ async def write_image_to_disk(context: HardwareContext, device: str,
         if is_partition_image(image_info):
             layout = partition_layout(image_info, node, sys_path=context.config.sys_path,
                                       configdrive_size=len(data) if data else 0)
-
-            async def write_root(root: str) -> None:
-                await writer(image_info, root)
-
-            return await partition.work_on_disk(context, device, layout,
-                                                write_root=write_root, configdrive=data,
-                                                wipe=wipe)
+            return await _write_partition_image(context, device, image_info, layout, writer,
+                                                data, wipe)
         return await _write_whole_disk(context, device, image_info, writer, data, wipe)
     except ProcessExecutionError as e:
         raise ImageWriteError(device, e.exit_code, e.stdout.decode("utf-8", "replace"),
                               e.stderr.decode("utf-8", "replace")) from e
 
 
+async def _write_partition_image(context: HardwareContext, device: str,
+                                 image_info: Mapping[str, Any],
+                                 layout: partition.PartitionLayout, writer: ImageWriter,
+                                 configdrive: bytes | None,
+                                 wipe: disks.Wiper | None) -> dict[str, Any]:
+    """Partition ``device`` only once the image is accepted, then write it into its root.
+
+    ``work_on_disk`` runs from the writer's ``prepare`` until it reaches the root partition,
+    waits there for the image, then finishes (swap, ephemeral, UUIDs).
+    """
+    root_ready: Deferred[str] = Deferred()
+    image_done: Deferred[None] = Deferred()
+    working: Deferred[dict[str, Any]] | None = None
+    reached = []
+
+    async def write_root(root: str) -> None:
+        reached.append(root)
+        root_ready.callback(root)
+        await image_done
+
+    def fail_early(failure: Any) -> Any:
+        if not root_ready.called:
+            root_ready.errback(failure)
+            return None
+        return failure
+
+    async def prepare() -> str:
+        nonlocal working
+        working = Deferred.fromCoroutine(partition.work_on_disk(
+            context, device, layout, write_root=write_root, configdrive=configdrive,
+            wipe=wipe))
+        working.addErrback(fail_early)
+        return await root_ready
+
+    try:
+        await writer(image_info, device, prepare=prepare)
+    except BaseException as e:
+        if working is not None:
+            if reached:
+                image_done.errback(e)           # work_on_disk stops at the root partition
+            working.addErrback(lambda _: None)  # the writer's error is the one reported
+        raise
+    if working is None:
+        raise InstanceDeployFailure("The image writer never prepared the disk")
+    image_done.callback(None)
+    result: dict[str, Any] = await working
+    return result
+
+
 async def _write_whole_disk(context: HardwareContext, device: str,
                             image_info: Mapping[str, Any], writer: ImageWriter,
                             configdrive: bytes | None,
                             wipe: disks.Wiper | None) -> dict[str, Any]:
-    await disks.destroy_disk_metadata(context, device, wipe=wipe)
-    await disks.udev_settle(context)
-    log.info("Writing image {image} to {device}", image=image_info.get("id"), device=device)
-    await writer(image_info, device)
+    async def prepare() -> None:
+        # Only once the image passed its checksum and format policy: a refused image
+        # leaves the disk as it was.
+        await disks.destroy_disk_metadata(context, device, wipe=wipe)
+        await disks.udev_settle(context)
+        log.info("Writing image {image} to {device}", image=image_info.get("id"),
+                 device=device)
+
+    await writer(image_info, device, prepare=prepare)
     await disks.rescan_device(context, device)
     try:
         await disks.fix_gpt_partition(context, device)
@@ -151,7 +209,30 @@ async def validate_partitioning(context: HardwareContext, device: str) -> None:
     except Exception as e:
         raise InstanceDeployFailure(
             "Unable to find a valid partition table on the disk after writing the image. "
-            f"The image may be corrupted. Error: {e}") from e
+            "The image may be corrupted or it uses a different sector size than the device. "
+            f"Error: {e}") from e
     if not partitions:
         raise InstanceDeployFailure(
-            f"No partitions found on the device {device} after writing the image.")
+            f"No partitions found on the device {device} after writing the image"
+            + await _sector_size_hint(context, device) + ".")
+
+
+async def _sector_size_hint(context: HardwareContext, device: str) -> str:
+    """Why a written whole-disk image shows no partition, when its GPT header says so."""
+    try:
+        layout = await disks.read_layout(context, device)
+        head: bytes = await deferToThreadPool(context.reactor, context.reactor.getThreadPool(),
+                                              _read_head, device)
+    except Exception:
+        return ""
+    found = gpt_sector_size(head)
+    if found is not None and found != layout.logical_sector_size:
+        return (f": the image's GPT is laid out for {found}-byte sectors but {device} has "
+                f"{layout.logical_sector_size}-byte logical sectors (the image uses a "
+                "different sector size than the device)")
+    return ""
+
+
+def _read_head(device: str) -> bytes:
+    with open(device, "rb") as f:
+        return f.read(8192)

@@ -124,7 +124,8 @@ class ChecksumTests(SynchronousTestCase):
                 raise ValueError(f"{url} answered HTTP 404")
             return files[url]
         return self.successResultOf(Deferred.fromCoroutine(expected_checksum(
-            {"id": "img", "urls": ["http://server/images/cirros.img?sig=1"], **info}, fetch)))
+            {"id": "img", "urls": ["http://server/images/cirros.img?sig=1"], **info}, fetch,
+            md5_enabled=True)))
 
     def test_os_hash_is_preferred(self) -> None:
         got = self.expected({"os_hash_algo": "sha512", "os_hash_value": "AB" * 64,
@@ -142,7 +143,8 @@ class ChecksumTests(SynchronousTestCase):
                          ExpectedChecksum("sha256", "f" * 64, "checksum"))
         for bad in ("abc", "z" * 32, "sha999:" + "0" * 64):
             self.failureResultOf(Deferred.fromCoroutine(expected_checksum(
-                {"id": "i", "urls": ["http://x/y"], "checksum": bad}, lambda u: None)),  # type: ignore[arg-type, return-value]
+                {"id": "i", "urls": ["http://x/y"], "checksum": bad}, lambda u: None,  # type: ignore[arg-type, return-value]
+                md5_enabled=True)),
                 errors.ImageDownloadError)
 
     def test_unknown_os_hash_algo_falls_back_to_checksum(self) -> None:
@@ -174,7 +176,7 @@ class ChecksumTests(SynchronousTestCase):
         for info in ({"checksum": "http://server/missing"},
                      {"checksum": "file:///etc/sums"}):
             failure = self.failureResultOf(Deferred.fromCoroutine(expected_checksum(
-                {"id": "img", "urls": ["http://s/a.img"], **info}, fetch)),
+                {"id": "img", "urls": ["http://s/a.img"], **info}, fetch, md5_enabled=True)),
                 errors.ImageDownloadError)
             self.assertIn("img", str(failure.value))
 

@@ -129,9 +129,9 @@ class RawImageTests(ImageServerMixin, TestCase):
     async def test_missing_device_file_is_created(self) -> None:
         data = image_bytes(100_000)
         url = self.serve("small", ImageResource(data))
-        written = await self.write({"urls": [url], "checksum": hashlib.md5(data).hexdigest()})
+        written = await self.write({"urls": [url], "checksum": hashlib.sha512(data).hexdigest()})
         self.assertEqual(self.device_bytes(), data)
-        self.assertEqual(written.checksum_algo, "md5")
+        self.assertEqual(written.checksum_algo, "sha512")
 
     async def test_no_checksum_warns_and_writes(self) -> None:
         data = image_bytes(70_000)
@@ -148,8 +148,9 @@ class RawImageTests(ImageServerMixin, TestCase):
         url = self.serve("auth", resource)
         sums = ImageResource(f"{sha256(data)}  auth\n".encode())
         sums_url = self.serve("SHA256SUMS", sums)
+        # Ironic sends the header value base64-encoded
         await self.write({"urls": [url], "checksum": sums_url,
-                          "image_request_authorization": "Bearer s3cret"})
+                          "image_request_authorization": "QmVhcmVyIHMzY3JldA=="})
         self.assertEqual(resource.requests[0]["authorization"], "Bearer s3cret")
         self.assertEqual(sums.requests[0]["authorization"], "Bearer s3cret")
 
@@ -227,7 +228,7 @@ class RawImageTests(ImageServerMixin, TestCase):
         urls = [self.serve("a", ImageResource(b"", fail=[404])),
                 self.serve("b", ImageResource(b"", fail=[500, 500, 500]))]
         with capturedLogs(), self.assertRaises(errors.ImageDownloadError) as caught:
-            await self.write({"urls": urls, "checksum": "0" * 32})
+            await self.write({"urls": urls, "checksum": "0" * 64})
         message = str(caught.exception)
         self.assertIn(f"{urls[0]}: HTTP 404", message)
         self.assertIn(f"{urls[1]}: HTTP 500", message)
@@ -569,6 +570,6 @@ class ProxyTests(ImageServerMixin, TestCase):
 
         proxy = self.listen_proxy(Factory.forProtocol(Refusing))
         with capturedLogs(), self.assertRaises(errors.ImageDownloadError) as caught:
-            await self.write({"urls": ["https://127.0.0.1:1/x.img"], "checksum": "0" * 32,
+            await self.write({"urls": ["https://127.0.0.1:1/x.img"], "checksum": "0" * 64,
                               "proxies": {"https": proxy}})
         self.assertIn("403 Forbidden", str(caught.exception))

@@ -218,8 +218,11 @@ class LoopTestCase(TestCase):
         return path
 
     def writer(self, source: str) -> Any:
-        """An image writer copying file ``source`` (stands in for the pipeline)."""
-        async def write(image_info: Any, device: str) -> None:
+        """An image writer copying file ``source`` (stands in for the pipeline, whose
+        ``prepare`` it awaits before writing, as the pipeline does)."""
+        async def write(image_info: Any, device: str, prepare: Any = None) -> None:
+            if prepare is not None:
+                device = await prepare() or device
             self.written.append(device)
 
             def copy() -> None:

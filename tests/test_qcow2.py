@@ -195,7 +195,7 @@ class Qcow2DeployTests(Qcow2TestBase):
         data = self.read(qcow2)
         self.device = await self.loop_device(32 * MiB)
         url = self.serve("l.qcow2", ImageResource(data))
-        written = await self.write({"urls": [url], "checksum": hashlib.md5(data).hexdigest()})
+        written = await self.write({"urls": [url], "checksum": hashlib.sha256(data).hexdigest()})
         self.assertEqual(written.virtual_size, 24 * MiB)
         disk = self.read(self.device)
         self.assertEqual(disk[:len(expected)], expected)

@@ -114,20 +114,51 @@ def parse_checksum_file(text: str, filenames: Sequence[str]) -> tuple[str | None
                      f"file ({len(entries)} entries)")
 
 
+class Md5Refused(errors.ImageDownloadError):
+    """The image's only checksum is MD5 and MD5 is disabled (``md5_enabled``)."""
+
+
 async def expected_checksum(image_info: Mapping[str, Any],
-                            fetch: Callable[[str], Awaitable[bytes]]) -> ExpectedChecksum | None:
+                            fetch: Callable[[str], Awaitable[bytes]], *,
+                            md5_enabled: bool) -> ExpectedChecksum | None:
     """The checksum the image must match, or None when image_info has none.
 
     ``fetch(url)`` reads a checksums file (``download.fetch_small``). Errors are
     ImageDownloadError: the image is not downloaded when its checksum cannot be known.
+    With ``md5_enabled`` False (the ``md5_enabled`` option, which Ironic's
+    ``agent_md5_checksum_enable`` sets at lookup), an MD5 ``os_hash_value`` gives way to a
+    non-MD5 ``checksum``; an image whose only checksum is MD5 (``os_hash_algo`` md5, a
+    32-digit ``checksum``, or an MD5 entry in a checksums file) is Md5Refused.
     """
+    found = await _expected(image_info, fetch, use_os_hash=True)
+    if found is None or found.algorithm != "md5" or md5_enabled:
+        return found
+    image_id = str(image_info.get("id", ""))
+    if found.source == "os_hash_value" and image_info.get("checksum"):
+        other = await _expected(image_info, fetch, use_os_hash=False)
+        if other is not None and other.algorithm != "md5":
+            log.info("Image {image_id}: os_hash_algo is md5, which is disabled; verifying "
+                     "its {algo} checksum instead", image_id=image_id, algo=other.algorithm)
+            return other
+    where = "os_hash_algo md5" if found.source == "os_hash_value" else (
+        "a 32-digit 'checksum'" if found.source == "checksum" else
+        f"an MD5 entry in {found.source}")
+    raise Md5Refused(
+        image_id, f"its only checksum is MD5 ({where}) and MD5 checksums are disabled "
+        "(agent option md5_enabled is false; Ironic sets it from [agent] "
+        "allow_md5_checksum as agent_md5_checksum_enable). Give the image a SHA-256 or "
+        "SHA-512 checksum, or enable MD5.")
+
+
+async def _expected(image_info: Mapping[str, Any], fetch: Callable[[str], Awaitable[bytes]],
+                    *, use_os_hash: bool) -> ExpectedChecksum | None:
     image_id = str(image_info.get("id", ""))
 
     def fail(message: str) -> errors.ImageDownloadError:
         return errors.ImageDownloadError(image_id, message)
 
     algo_name, algo_value = image_info.get("os_hash_algo"), image_info.get("os_hash_value")
-    if algo_name and algo_value:
+    if algo_name and algo_value and use_os_hash:
         algorithm = hash_algorithm(str(algo_name))
         if algorithm is not None:
             return ExpectedChecksum(algorithm, str(algo_value).strip().lower(), "os_hash_value")

@@ -14,13 +14,20 @@ seconds apart (a retry that made progress does not count); a 4xx other than 408/
 the next URL at once, which is also asked for the bytes still missing. When every URL failed,
 ImageDownloadError lists each URL with its last error.
 
-``image_request_authorization`` is sent as the ``Authorization`` header value; ``proxies``
-and ``no_proxy`` pick a proxy per URL (``proxy_for``); the client for a proxy comes from
-``ipa_twisted.http.make_proxy_http_client``.
+The ``Authorization`` header (``authorization_header``) is, as in the reference agent:
+``image_request_authorization`` (Ironic base64-encodes the header value, e.g. an OCI
+registry's bearer token), else HTTP basic auth with ``image_server_user``/``_password`` when
+image_info's ``image_server_auth_strategy`` is ``http_basic``, else the same from the
+agent's own options. ``proxies`` and ``no_proxy`` pick a proxy per URL (``proxy_for``); the
+client for a proxy comes from ``ipa_twisted.http.make_proxy_http_client``. ``abort`` stops a
+transfer at once, also while it waits for an answer or for its next retry
+(``image_download_max_duration`` uses it).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol as TypingProtocol
@@ -44,6 +51,49 @@ SMALL_FETCH_LIMIT = 4 * 1024 * 1024
 READ_SIZE = 1024 * 1024
 """Bytes asked of each socket read while a body streams."""
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+
+
+class ImageDownloadTimeout(errors.ImageDownloadError):
+    """The whole download took longer than ``image_download_max_duration``."""
+
+
+def _basic(user: Any, password: Any, image_id: str, where: str) -> str:
+    missing = [name for name, value in (("user", user), ("password", password)) if not value]
+    if missing:
+        raise errors.ImageDownloadError(
+            image_id, f"image_server_auth_strategy is http_basic but {where} has no "
+            f"{' or '.join('image_server_' + m for m in missing)}")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    return f"Basic {token}"
+
+
+def authorization_header(image_info: Mapping[str, Any], config: AgentConfig) -> str | None:
+    """The ``Authorization`` value for the image's URLs (and its checksums file), or None.
+
+    ImageDownloadError when ``image_request_authorization`` is not base64 or http_basic
+    lacks a user or password.
+    """
+    image_id = str(image_info.get("id", ""))
+    supplied = image_info.get("image_request_authorization")
+    if supplied:
+        raw = supplied.encode("ascii", "replace") if isinstance(supplied, str) else supplied
+        try:
+            value = base64.b64decode(raw, validate=True).decode("utf-8")
+        except (binascii.Error, ValueError, TypeError):
+            raise errors.ImageDownloadError(
+                image_id, "image_request_authorization is not base64 (Ironic encodes the "
+                "Authorization header value it sends)") from None
+        if not value or "\n" in value or "\r" in value:
+            raise errors.ImageDownloadError(
+                image_id, "image_request_authorization does not decode to a header value")
+        return value
+    if image_info.get("image_server_auth_strategy") == "http_basic":
+        return _basic(image_info.get("image_server_user"),
+                      image_info.get("image_server_password"), image_id, "image_info")
+    if config.image_server_auth_strategy == "http_basic":
+        return _basic(config.image_server_user, config.image_server_password, image_id,
+                      "the agent's configuration")
+    return None
 
 
 class Valve:
@@ -289,9 +339,9 @@ class ImageDownload:
         self._http, self._clock, self._config = http, clock, config
         self._client_for = client_for or (lambda url: http)
         self.headers: dict[str, str] = {}
-        auth = image_info.get("image_request_authorization")
+        auth = authorization_header(image_info, config)
         if auth:
-            self.headers["Authorization"] = str(auth)
+            self.headers["Authorization"] = auth
         self.retries = config.image_download_connection_retries
         self.retry_interval = config.image_download_connection_retry_interval
         self.timeout = config.image_download_connection_timeout
@@ -300,6 +350,7 @@ class ImageDownload:
         """The URL that served the whole image, once ``stream`` returned."""
         self._fatal: BaseException | None = None
         self._body: _Body | None = None
+        self._waiting: Deferred[Any] | None = None
 
     def abort(self, reason: BaseException) -> None:
         """Stop now: the transfer in progress fails with ``reason``, with no retry."""
@@ -307,6 +358,22 @@ class ImageDownload:
             self._fatal = reason
         if self._body is not None:
             self._body.stop()
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.cancel()
+
+    async def _wait(self, d: Deferred[Any]) -> Any:
+        """``await d``, cancelled by ``abort``."""
+        if self._fatal is not None:
+            d.cancel()
+            d.addErrback(lambda _: None)
+            raise self._fatal
+        self._waiting = d
+        try:
+            return await d
+        finally:
+            if self._waiting is d:
+                self._waiting = None
 
     def _check_fatal(self) -> None:
         if self._fatal is not None:
@@ -365,6 +432,7 @@ class ImageDownload:
                     reason = str(e)
                     next_url = isinstance(e, _NextURL)
                 except (CancelledError, errors.RESTError):
+                    self._check_fatal()
                     raise
                 except Exception as e:
                     self._check_fatal()
@@ -379,7 +447,11 @@ class ImageDownload:
                 if next_url or attempt > self.retries:
                     failures.append(f"{url}: {reason}")
                     break
-                await deferLater(self._clock, self.retry_interval)
+                try:
+                    await self._wait(deferLater(self._clock, self.retry_interval))
+                except CancelledError:
+                    self._check_fatal()
+                    raise
         raise errors.ImageDownloadError(
             self.image_id, "every URL failed: " + "; ".join(failures))
 
@@ -396,9 +468,12 @@ class ImageDownload:
         requesting = client.request("GET", url, headers=headers, unbuffered=True)
         requesting.addTimeout(self.timeout, self._clock)
         try:
-            response = await requesting
+            response = await self._wait(requesting)
         except TimeoutError:
             raise _Transient(f"no response within {self.timeout} s")
+        except CancelledError:
+            self._check_fatal()
+            raise
         code = response.code
         if code == 206 and ranged:
             header = response.headers.getRawHeaders("content-range") or [""]

@@ -41,7 +41,12 @@ descriptor may name other files as extents. Convert them to qcow2 or raw in Glan
 """
 
 _RAW_LIKE = frozenset({RAW, ISO})
-_DECLARED_RAW = frozenset({"raw", "ami", "ari", "aki", "iso"})
+DECLARED_RAW = frozenset({"raw", "gpt", "ami", "ari", "aki", "iso"})
+GPT = "gpt"
+"""The policy name of a raw image that holds a GPT (as the reference's format inspector)."""
+UNKNOWN = "unknown"
+"""``disk_format`` Ironic declares for OCI artifacts: the format comes from the bytes."""
+_GPT_SIGNATURE = b"EFI PART"
 
 QCOW2_MAGIC = b"QFI\xfb"
 QCOW2_HEADER_V2 = 72
@@ -201,7 +206,7 @@ def check_safe(detected: str, info: Qcow2Info | None, declared: str | None,
 
     if detected in COMPRESSED:
         if inner is None:  # only the container is known yet
-            if declared is not None and declared not in _DECLARED_RAW:
+            if declared is not None and declared not in DECLARED_RAW:
                 refuse(f"declared disk_format {declared!r} but the bytes are "
                        f"{detected}-compressed (only compressed raw images are supported)")
             return
@@ -210,7 +215,7 @@ def check_safe(detected: str, info: Qcow2Info | None, declared: str | None,
                    f"as a whole (use the format's own compression)")
         effective = inner
     if declared is not None:
-        if declared in _DECLARED_RAW:
+        if declared in DECLARED_RAW:
             if effective not in _RAW_LIKE:
                 refuse(f"declared disk_format {declared!r} but the bytes are {effective}")
         elif declared in (QCOW2, VMDK, VHD, VHDX, VDI):
@@ -230,6 +235,44 @@ def check_safe(detected: str, info: Qcow2Info | None, declared: str | None,
 
 
 def declared_format(image_info: Mapping[str, Any]) -> str | None:
-    """``disk_format`` from image_info, or None when Ironic sent none."""
+    """``disk_format`` from image_info, or None when Ironic sent none or ``unknown``."""
     value = image_info.get("disk_format")
-    return str(value) if value else None
+    if not value or str(value).lower() == UNKNOWN:
+        return None
+    return str(value)
+
+
+def gpt_sector_size(head: bytes) -> int | None:
+    """The sector size (512 or 4096) at which ``head`` holds a GPT header, or None."""
+    for sector in (512, 4096):
+        if head[sector:sector + 8] == _GPT_SIGNATURE:
+            return sector
+    return None
+
+
+def policy_name(detected: str, head: bytes) -> str:
+    """The name ``permitted_image_formats`` knows the image by.
+
+    ``detected`` is ``detect_format`` of ``head`` (for a compressed image: of its
+    decompressed head): a raw image holding a GPT is ``gpt``, as the reference's format
+    inspector names it; the others keep their names (raw, iso, qcow2, vmdk, ...).
+    """
+    if detected == RAW and gpt_sector_size(head) is not None:
+        return GPT
+    return detected
+
+
+def check_permitted(name: str, permitted: tuple[str, ...] | list[str], image_id: str = ""
+                    ) -> None:
+    """ImageFormatRefused unless the ``policy_name`` ``name`` is in ``permitted``.
+
+    ``gpt`` (raw with a GPT) is also permitted by ``raw``: the reference agent writes any
+    image declared raw without inspecting it.
+    """
+    allowed = {str(p).strip().lower() for p in permitted}
+    if name in allowed or (name == GPT and RAW in allowed):
+        return
+    raise ImageFormatRefused(
+        image_id, f"the image's format is {name!r}, which is not in permitted_image_formats "
+        f"({', '.join(permitted) or 'empty'}); Ironic sets that list from [conductor] "
+        "permitted_image_formats")

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -41,7 +41,8 @@ from ipa_twisted.config import AgentConfig
 from ipa_twisted.images import formats
 from ipa_twisted.images.checksum import ExpectedChecksum, expected_checksum, new_hash
 from ipa_twisted.images.decompress import DecompressingSink
-from ipa_twisted.images.download import ImageDownload, Valve, fetch_small, proxy_for
+from ipa_twisted.images.download import (ImageDownload, ImageDownloadTimeout, Valve,
+                                         fetch_small, proxy_for)
 from ipa_twisted.images.qcow2 import Qcow2Converter
 from ipa_twisted.images.writer import DeviceWriter, SequentialSink, wipe_partition_tables
 from ipa_twisted.http import make_pool, make_proxy_http_client
@@ -51,6 +52,11 @@ log = Logger()
 
 BATCH = 4 * 1024 * 1024
 """Bytes gathered on the reactor before a batch goes to the worker threads."""
+
+
+Prepare = Callable[[], Awaitable[str | None]]
+"""``prepare()``: make the device ready once the image is accepted (its checksum and format
+pass), before its first byte is written; it may return the device to write to instead."""
 
 
 class ImageProgress:
@@ -170,6 +176,10 @@ class WrittenImage:
     checksum: str | None
     """The verified hex digest (None when image_info had no checksum)."""
     url: str
+
+
+class DigestMismatch(errors.ImageChecksumError):
+    """The downloaded bytes did not hash to the expected checksum."""
 
 
 class _Worker:
@@ -332,10 +342,15 @@ class _ImageJob:
 
     def __init__(self, image_info: Mapping[str, Any], device: str, download: ImageDownload,
                  expected: ExpectedChecksum | None, reactor: Any, runner: Any,
-                 progress: ImageProgress, writer: DeviceWriter | None = None) -> None:
+                 progress: ImageProgress, writer: DeviceWriter | None = None, *,
+                 config: AgentConfig | None = None, prepare: Prepare | None = None) -> None:
         self.image_id = str(image_info.get("id", ""))
         self.declared = formats.declared_format(image_info)
         self.device = device
+        self.config = config if config is not None else AgentConfig()
+        self.prepare = prepare
+        self.downloaded = False
+        """True once every byte (qcow2 refetches too) has arrived."""
         self.download = download
         self.expected = expected
         self.reactor, self.runner, self.progress = reactor, runner, progress
@@ -430,13 +445,25 @@ class _ImageJob:
 
     def _choose_sink(self, head: bytes) -> None:
         fmt = formats.detect_format(head, self.total)
+        deep = not self.config.disable_deep_image_inspection
+        if not deep and self.declared and self.declared.lower() in formats.DECLARED_RAW \
+                and fmt not in formats.COMPRESSED and fmt != formats.RAW:
+            # As the reference agent with deep inspection disabled: an image declared raw is
+            # written as it is, whatever its bytes look like.
+            log.warn("Image {image_id} looks like {image_format} but is declared "
+                     "{declared}; disable_deep_image_inspection is set, so its bytes are "
+                     "written as they are", image_id=self.image_id, image_format=fmt,
+                     declared=self.declared)
+            fmt = formats.RAW
         info = None
         if fmt == formats.QCOW2:
             try:
                 info = formats.inspect_qcow2(head)
             except ValueError as e:
                 raise formats.ImageFormatRefused(self.image_id, f"invalid qcow2 header: {e}")
-        formats.check_safe(fmt, info, self.declared, self.image_id)
+        formats.check_safe(fmt, info, self.declared if deep else None, self.image_id)
+        if fmt not in formats.COMPRESSED:
+            self._check_policy(fmt, head)
         self.format, self.info = fmt, info
         log.info("Image {image_id} is {image_format} ({declared} declared){virtual}",
                  image_id=self.image_id, image_format=fmt, declared=self.declared or "nothing",
@@ -446,11 +473,15 @@ class _ImageJob:
                                             "zstd program is not installed")
         needed = info.virtual_size if info else (
             self.total if fmt in (formats.RAW, formats.ISO) else None)
-        self._track(self.writer_thread.submit(self._open_writer, needed))
+        if fmt not in formats.COMPRESSED:
+            self._track(self.writer_thread.submit(self._open_writer, needed))
 
-        def check_inner(inner_head: bytes) -> None:
+        def check_inner(inner_head: bytes) -> None:  # in the writer thread
             inner = formats.detect_format(inner_head)
-            formats.check_safe(fmt, None, self.declared, self.image_id, inner=inner)
+            formats.check_safe(fmt, None, self.declared if deep else None, self.image_id,
+                               inner=inner)
+            self._check_policy(inner, inner_head)
+            self._open_writer(None)
 
         if fmt == formats.QCOW2:
             assert info is not None
@@ -466,7 +497,25 @@ class _ImageJob:
         else:
             self.sink = SequentialSink(self.writer)
 
+    def _check_policy(self, fmt: str, head: bytes) -> None:
+        """ImageFormatRefused unless the config's permitted_image_formats allows ``fmt``."""
+        config = self.config
+        if config.disable_deep_image_inspection:
+            return  # the reference skips the permitted list then too
+        formats.check_permitted(formats.policy_name(fmt, head),
+                                config.permitted_image_formats, self.image_id)
+
     def _open_writer(self, needed: int | None) -> None:
+        """Open the device (in the writer thread), once the image was accepted.
+
+        ``prepare`` (the caller's: destroy the disk's metadata, partition it) runs first, on
+        the reactor; it may name the device to write to instead.
+        """
+        if self.prepare is not None:
+            prepare, self.prepare = self.prepare, None
+            target = blockingCallFromThread(self.reactor, Deferred.fromCoroutine, prepare())
+            if target:
+                self.device = self.writer.device = target
         if not self.writer.opened:
             self.writer.open()
         if needed is not None and self.writer.size is not None and needed > self.writer.size:
@@ -500,10 +549,12 @@ class _ImageJob:
             await self.drain()
             self._raise_failure()
             if self.zstd is not None:
+                self.downloaded = True
                 await self.zstd.finish()
             elif isinstance(self.sink, Qcow2Converter):
                 await self._qcow2_passes(self.sink, url)
             else:
+                self.downloaded = True
                 await self.writer_thread.submit(self.sink.finish)
             digest = None
             if self.hash is not None:
@@ -512,8 +563,7 @@ class _ImageJob:
             virtual = self.info.virtual_size if self.info else self.writer.end
             await self.writer_thread.submit(self.writer.finish, virtual)
             if self.expected is not None and digest != self.expected.value:
-                raise errors.ImageChecksumError(self.image_id, url, self.expected.value,
-                                                str(digest))
+                raise DigestMismatch(self.image_id, url, self.expected.value, str(digest))
             return WrittenImage(format=self.format, size=self.writer.end,
                                 virtual_size=virtual,
                                 checksum_algo=self.expected.algorithm if self.expected else None,
@@ -552,6 +602,7 @@ class _ImageJob:
                 self._flush_refetch()
                 await self.drain()
                 self._raise_failure()
+        self.downloaded = True
         await self.writer_thread.submit(converter.finish)
 
     def _flush_refetch(self) -> None:
@@ -578,15 +629,20 @@ class _ImageJob:
 async def write_image(image_info: Mapping[str, Any], device: str, *, http: Any, reactor: Any,
                       runner: Any, config: AgentConfig,
                       progress: ImageProgress | None = None,
-                      writer: DeviceWriter | None = None) -> WrittenImage:
+                      writer: DeviceWriter | None = None,
+                      prepare: Prepare | None = None) -> WrittenImage:
     """Stream the image ``image_info`` describes to ``device``; verify it; return what was
     written.
 
     ``http`` is the agent's treq client (``ipa_twisted.http.make_http_client``); URLs that
     ``proxies``/``no_proxy`` send through a proxy get a proxy client of their own. Raises
-    ImageDownloadError (every URL failed, refused format, bad checksum source),
-    ImageChecksumError (mismatch: the device's partition tables are wiped first) or
-    ImageWriteError. ``progress`` is updated as the image streams; ``writer`` replaces the
+    ImageDownloadError (every URL failed, refused checksum or format, bad checksum source,
+    ``image_download_max_duration`` exceeded), ImageChecksumError (mismatch twice: the
+    device's partition tables are wiped first) or ImageWriteError. ``config`` is read for
+    every policy (md5_enabled, permitted_image_formats, disable_deep_image_inspection, image
+    server credentials). ``prepare`` runs once the image is accepted, before its first byte
+    is written (see ``Prepare``): a refused image leaves the device untouched.
+    ``progress`` is updated as the image streams; ``writer`` replaces the
     ``DeviceWriter(device)`` (tests give a slow one).
     """
     progress = progress if progress is not None else ImageProgress(reactor)
@@ -611,6 +667,20 @@ async def write_image(image_info: Mapping[str, Any], device: str, *, http: Any, 
     progress.phase = "starting"
     progress.start()
     phase = "failed"
+    limit = config.image_download_max_duration
+    deadline: dict[str, Any] = {"expired": None, "job": None}
+
+    def expire() -> None:
+        error = ImageDownloadTimeout(
+            image_id, f"the download took longer than image_download_max_duration "
+            f"({limit:g} s, retries included)")
+        log.error("Image {image_id}: {error}", image_id=image_id, error=str(error))
+        deadline["expired"] = error
+        job = deadline["job"]
+        if job is not None and not job.downloaded:
+            job.fail(error)
+
+    timer = reactor.callLater(limit, expire) if limit and limit > 0 else None
     try:
         download = ImageDownload(image_info, http=http, clock=reactor, config=config,
                                  client_for=client_for)
@@ -622,10 +692,28 @@ async def write_image(image_info: Mapping[str, Any], device: str, *, http: Any, 
                                      clock=reactor)
 
         progress.phase = "fetching checksum"
-        expected = await expected_checksum(image_info, fetch)
-        job = _ImageJob(image_info, device, download, expected, reactor, runner, progress,
-                        writer)
-        written = await job.run()
+        expected = await expected_checksum(image_info, fetch, md5_enabled=config.md5_enabled)
+        for attempt in (1, 2):
+            if deadline["expired"] is not None:
+                raise deadline["expired"]
+            job = _ImageJob(image_info, device, download, expected, reactor, runner,
+                            progress, writer if attempt == 1 else None, config=config,
+                            prepare=prepare)
+            deadline["job"] = job
+            try:
+                written = await job.run()
+                break
+            except DigestMismatch as e:
+                if attempt == 2 or deadline["expired"] is not None:
+                    raise
+                # As the reference agent (since 9.8): a mismatch is taken for a download
+                # failure and the image fetched once more; prepare has run already.
+                log.warn("Image {image_id} did not match its checksum; downloading it once "
+                         "more: {error}", image_id=image_id, error=str(e))
+                prepare = None
+                device = job.device
+                download = ImageDownload(image_info, http=http, clock=reactor, config=config,
+                                         client_for=client_for)
         phase = "done"
         elapsed = time.monotonic() - started
         log.info("Wrote image {image_id} ({image_format}, {size} bytes) to {device} in "
@@ -633,7 +721,13 @@ async def write_image(image_info: Mapping[str, Any], device: str, *, http: Any, 
                  image_format=written.format, size=written.size, device=device, elapsed=elapsed,
                  algo=written.checksum_algo, checksum=written.checksum)
         return written
+    except errors.RESTError:
+        if deadline["expired"] is not None:
+            raise deadline["expired"] from None
+        raise
     finally:
+        if timer is not None and timer.active():
+            timer.cancel()
         progress.stop(phase)
         for pool in pools:
             await pool.closeCachedConnections()
