@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 
@@ -19,12 +20,16 @@ from ipa_twisted.config import AgentConfig
 from ipa_twisted.process import ProcessRunner
 
 if TYPE_CHECKING:  # imported when used: a standalone agent never loads them (idle RSS)
+    from ipa_twisted.api.site import AgentSite
     from ipa_twisted.hardware.dispatch import HardwareManagers
     from ipa_twisted.ironic.client import IronicClient
     from ipa_twisted.ironic.heartbeat import Heartbeater
     from ipa_twisted.net.autotls import SwitchableTLSFactory
 
 LOOKUP_RETRY_PAUSE = 10.0
+LOCKDOWN_MARKER = ".ipa-locked-down"
+"""Written under ``etc_path`` at lockdown: the ramdisk's init never restarts the agent
+once it exists (``ramdisk/init``)."""
 
 
 class AgentService(MultiService):
@@ -51,7 +56,8 @@ class AgentService(MultiService):
                                                         Callable[[], Awaitable[str]]]]
                  | None = None,
                  api_tls: SwitchableTLSFactory | None = None,
-                 vmedia_config: Callable[[AgentConfig], Awaitable[AgentConfig]] | None = None
+                 vmedia_config: Callable[[AgentConfig], Awaitable[AgentConfig]] | None = None,
+                 api_site: AgentSite | None = None
                  ) -> None:
         super().__init__()
         self.agent = agent
@@ -70,16 +76,52 @@ class AgentService(MultiService):
         self._connect = connect
         self._api_tls = api_tls
         self._vmedia_config = vmedia_config
+        self._api_site = api_site
+        self.lockdown: Deferred[None] | None = None
+        """Set once lockdown begins; fires when it is complete."""
         if stop_process is not None:
             agent.stop_requested = stop_process
 
     def _lock_down(self) -> None:
-        """Close the API and stop heartbeats; the process stays (so nothing restarts it)."""
-        self.log.info("Locked down: closing the API and stopping heartbeats")
+        if self.lockdown is None:
+            self.lockdown = Deferred.fromCoroutine(self.lock_down())
+            self.lockdown.addErrback(lambda failure: self.log.failure(
+                "Lockdown did not complete", failure))
+
+    async def lock_down(self) -> None:
+        """Make the agent unreachable for good (``system.lockdown``), in this order: no
+        start-up step and no heartbeat any more, a marker for the ramdisk's init (see
+        ``LOCKDOWN_MARKER``), the API port closed, every open connection closed (keep-alive
+        ones included), then the machine's interfaces taken down
+        (``ipa_twisted.net.lockdown``). The process keeps running, answering no one, so that
+        nothing restarts it into an open API."""
+        self.log.info("Locking down: closing the API for good, stopping heartbeats and "
+                      "taking the network interfaces down")
+        self.agent.locked_down = True
         self._startup.cancel()
-        for service in (self._api_service, self.heartbeater):
-            if service is not None and service.running:
-                service.stopService()
+        self.agent.heartbeat_requested = lambda: None
+        self._write_lockdown_marker()
+        stopping = [maybeDeferred(service.disownServiceParent)
+                    for service in (self._api_service, self.heartbeater)
+                    if service is not None and service.parent is self]
+        await gatherResults(stopping, consumeErrors=True)
+        if self._api_site is not None:
+            await self._api_site.close_connections(self.agent.clock)
+        from ipa_twisted.net.lockdown import take_interfaces_down
+        down = await take_interfaces_down(self.agent.runner, self.agent.config.sys_path)
+        self.log.info("Locked down: the API is closed, heartbeats stopped, interfaces down: "
+                      "{interfaces}; the agent keeps running and answers no one",
+                      interfaces=", ".join(down) or "none")
+
+    def _write_lockdown_marker(self) -> None:
+        path = os.path.join(self.agent.config.etc_path, LOCKDOWN_MARKER)
+        try:
+            with open(path, "w") as f:
+                f.write(f"{self.agent.clock.seconds():.0f}\n")
+        except OSError as e:
+            self.log.warn("Cannot write the lockdown marker {path} (the ramdisk's init may "
+                          "restart the agent if it ever stops): {error}", path=path,
+                          error=str(e))
 
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)

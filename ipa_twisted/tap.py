@@ -206,4 +206,4 @@ def makeService(options: Options) -> IService:
     return AgentService(agent, api_service, load_managers, None, None,
                         make_log_observer(options, config.debug), stop_process=reactor.stop,
                         inspect=inspect, resolve_config=resolve_config, connect=connect,
-                        api_tls=api_tls, vmedia_config=vmedia_config)
+                        api_tls=api_tls, vmedia_config=vmedia_config, api_site=site)

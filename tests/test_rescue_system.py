@@ -90,8 +90,14 @@ class Stoppable(Service):
 
 class LockdownTests(SynchronousTestCase):
     def test_lockdown_closes_api_and_refuses_commands(self) -> None:
+        # More in tests/test_lockdown.py. Fakes only: lockdown takes interfaces down.
+        from ipa_twisted.testing.fake_process import Exit, FakeRunner
+        from ipa_twisted.testing.fake_system import FakeSystem
         clock = Clock()
-        agent = Agent(AgentConfig(standalone=True), clock, runner=None)  # type: ignore[arg-type]
+        system = FakeSystem(self.mktemp())
+        system.add_interface("eth0", "52:54:00:12:34:56")
+        runner = FakeRunner({("ip", "link", "set", "eth0", "down"): Exit(0)})
+        agent = Agent(system.config(standalone=True), clock, runner)  # type: ignore[arg-type]
         api = Stoppable()
 
         async def load() -> HardwareManagers:
@@ -105,6 +111,7 @@ class LockdownTests(SynchronousTestCase):
         self.assertTrue(api.running)
         clock.advance(1)
         self.assertFalse(api.running)
+        self.assertEqual(runner.argvs, [("ip", "link", "set", "eth0", "down")])
         failure = self.failureResultOf(Deferred.fromCoroutine(
             agent.execute_command("system.lockdown", {})))
         self.assertIn("locked down", str(failure.value))

@@ -9,7 +9,8 @@ import json
 
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTCP
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -20,6 +21,8 @@ from twisted.web.server import Request, Site
 from ipa_twisted.api.app import AgentAPI
 
 DEFAULT_MAX_REQUEST_BODY = 1048576
+CLOSE_GRACE = 5.0
+"""Seconds ``close_connections`` lets a connection finish sending before aborting it."""
 log = Logger()
 
 
@@ -82,6 +85,12 @@ class AgentChannel(HTTPChannel):
 
     _arrival: IDelayedCall | None = None
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        site = getattr(self, "site", None)
+        if isinstance(site, AgentSite):
+            site.channel_opened(self)
+
     def dataReceived(self, data: bytes) -> None:
         if self._arrival is None and not self._handlingRequest:
             limit = getattr(getattr(self, "site", None), "request_timeout", None)
@@ -96,6 +105,9 @@ class AgentChannel(HTTPChannel):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_arrival()
         super().connectionLost(reason)
+        site = getattr(self, "site", None)
+        if isinstance(site, AgentSite):
+            site.channel_closed(self)
 
     def _stop_arrival(self) -> None:
         if self._arrival is not None:
@@ -120,6 +132,8 @@ class AgentSite(Site):
     others meanwhile. ``request_timeout`` (default: ``idle_timeout``): seconds from a
     request's first byte until it has arrived whole. ``max_request_body``: bytes; larger
     bodies get a 413.
+    The site knows its open connections: ``close_connections`` (lockdown) closes them all,
+    keep-alive ones included, and refuses any further one.
     ``access_log``: whether to emit the access log's debug events at all (only with debug
     logging on: building and filtering one event per request costs ~7% of throughput).
     """
@@ -138,6 +152,61 @@ class AgentSite(Site):
         self.max_request_body = max_request_body
         self.access_log = access_log
         self.request_timeout = idle_timeout if request_timeout is None else request_timeout
+        self._channels: dict[HTTPChannel, list[Deferred[None]]] = {}
+        self.closed = False
+        """Set by ``close_connections``: no connection is served any more."""
+
+    def channel_opened(self, channel: HTTPChannel) -> None:
+        """Count ``channel`` among the open connections (its connectionMade); once closed,
+        a connection that still arrives is aborted at once."""
+        if self.closed:
+            channel.transport.abortConnection()
+            return
+        self._channels.setdefault(channel, [])
+
+    def channel_closed(self, channel: HTTPChannel) -> None:
+        """``channel``'s connection is gone (its connectionLost)."""
+        for waiter in self._channels.pop(channel, []):
+            waiter.callback(None)
+
+    @property
+    def open_connections(self) -> int:
+        """How many connections are open now."""
+        return len(self._channels)
+
+    async def close_connections(self, clock: IReactorTime, grace: float = CLOSE_GRACE
+                                ) -> None:
+        """Close every open connection and refuse new ones, for good (lockdown).
+
+        Each connection is closed once what was already written to it has gone out (an
+        answer being sent is finished); one still open ``grace`` seconds later (a client
+        that reads nothing) is aborted. Returns when all are gone.
+        """
+        self.closed = True
+        channels = list(self._channels)
+        if not channels:
+            return
+        log.info("Closing {count} open API connection(s)", count=len(channels))
+        gone: list[Deferred[None]] = []
+        for channel in channels:
+            waiter: Deferred[None] = Deferred()
+            self._channels[channel].append(waiter)
+            gone.append(waiter)
+            channel.setTimeout(None)
+            channel.loseConnection()
+
+        def abort() -> None:
+            for channel in list(self._channels):
+                if channel.transport is not None:
+                    log.info("Aborting an API connection that did not close within "
+                             "{grace} s", grace=grace)
+                    channel.transport.abortConnection()
+        deadline = clock.callLater(grace, abort)
+        try:
+            await gatherResults(gone)
+        finally:
+            if deadline.active():
+                deadline.cancel()
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         """One debug event per request: client, method, path (no query), status, size."""
