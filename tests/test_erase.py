@@ -20,8 +20,8 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipa_twisted.config import AgentConfig
-from ipa_twisted.errors import BlockDeviceEraseError
-from ipa_twisted.hardware import erase
+from ipa_twisted.errors import BlockDeviceEraseError, ProtectedDeviceError
+from ipa_twisted.hardware import disks, erase
 from ipa_twisted.hardware.erase import (EraseMixin, EraseProgress, EraseSettings,
                                         erase_clean_steps, parse_ata_security,
                                         parse_nvme_id_ctrl, shred_argv)
@@ -708,3 +708,169 @@ class ProgressTests(SynchronousTestCase):
         self.assertEqual((view["state"], view["percent"], view["elapsed"]),
                          ("done", 100.0, 3.0))
         self.assertEqual(progress.serialize()["elapsed"], 8.0)
+
+
+# -- protected disks: skip_block_devices and shared cluster filesystems -----------------------
+
+VMFS_GPT = "AA31E02A-400F-11DB-9590-000C2911D1B8"
+
+
+class ProtectedDiskTests(EraseTestCase):
+    """Every erase step leaves what ``skip_block_devices`` names, and stops before a shared
+    cluster filesystem."""
+
+    DISKS = ExpressTests.DISKS
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.system.add_block_device("sdb1")
+        self.found: dict[str, dict[str, Any]] = {}     # kname → what lsblk reports on it
+
+    def guard_lsblk(self, argv: tuple[str, ...]) -> bytes:
+        """``lsblk -o KNAME,FSTYPE,...`` of the devices asked, with their partitions."""
+        rows = []
+        for device in argv[5:]:
+            kname = os.path.basename(device)
+            [disk] = [d for d in self.DISKS if d["name"] == kname]
+            children = [{"kname": child, "fstype": None, "parttype": None,
+                         **self.found.get(child, {})} for child in disk.get("children", [])]
+            rows.append({"kname": kname, "fstype": None, "uuid": None, "ptuuid": None,
+                         "parttype": None, "partuuid": None, **self.found.get(kname, {}),
+                         **({"children": children} if children else {})})
+        return json.dumps({"blockdevices": rows}).encode()
+
+    def answers(self, extra: dict[tuple[str, ...], Any] | None = None
+                ) -> dict[tuple[str, ...], Any]:
+        return super().answers({("lsblk", "-bia", "--json", "-o", disks.GUARD_LSBLK_COLUMNS):
+                                self.guard_lsblk, **(extra or {})})
+
+    def writes(self) -> set[str]:
+        """Devices a program that changes disks was run on."""
+        return {argv[-1] for argv in self.runner.argvs
+                if argv[0] in ("wipefs", "sgdisk", "shred")
+                or argv[:2] in (("nvme", "format"),)
+                or (argv[0] == "hdparm" and "-I" not in argv)} | set(self.wiped)
+
+    def protect(self, *entries: Any) -> dict[str, Any]:
+        return {"uuid": "n1", "properties": {"skip_block_devices": list(entries)}}
+
+    # -- skip_block_devices ----------------------------------------------------------------
+    def test_erase_devices_leaves_protected_disks(self) -> None:
+        manager = self.manager()
+        with capturedLogs() as events:
+            result = self.result(manager.erase_devices(
+                self.protect({"serial": "S1"}, {"name": "/dev/nvme0n1"}), []))
+        reason = "skip_block_devices entry {'serial': 'S1'} matches it"
+        self.assertEqual(result[self.dev("sda")],
+                         f"skipped: protected by skip_block_devices: {reason}")
+        self.assertIn("skipped: protected", result[self.dev("nvme0n1")])
+        self.assertEqual(result[self.dev("vda")],
+                         "shred: 1 random pass(es) and a pass of zeros")
+        self.assertEqual(self.writes(), {self.dev("vda"), self.dev("sdb")})
+        self.assertEqual([a for a in self.runner.argvs if self.dev("sda") in a], [])
+        logged = {(e["device"], e["reason"]) for e in events if e.get("step") == "erase_devices"}
+        self.assertEqual(logged, {(self.dev("sda"), reason), (
+            self.dev("nvme0n1"), "skip_block_devices entry {'name': '/dev/nvme0n1'} matches it")})
+        devices = self.progress[0].serialize()["devices"]
+        self.assertEqual(devices[self.dev("sda")]["state"], "skipped")
+        # the guard looked only at the disks to erase
+        [guard] = [a for a in self.runner.argvs if disks.GUARD_LSBLK_COLUMNS in a]
+        self.assertEqual(guard[5:], (self.dev("vda"), self.dev("sdb")))
+
+    def test_erase_block_device_alone_checks_too(self) -> None:
+        manager = self.manager()
+        result = self.result(manager.erase_block_device(self.protect({"name": "vda"}),
+                                                        self.device("vda", rotational=True)))
+        self.assertEqual(result, "skipped: protected by skip_block_devices: skip_block_devices"
+                                 " entry {'name': 'vda'} matches it")
+        self.assertEqual(self.writes(), set())
+
+    def test_metadata_erase_leaves_protected_disks_and_their_partitions(self) -> None:
+        manager = self.manager()
+        with capturedLogs() as events:
+            self.result(manager.erase_devices_metadata(
+                self.protect({"size": "<= 1", "rotational": True}), []))
+        # sdb is 64 MiB and rotational (and so is vda): both protected, partitions included
+        self.assertEqual(self.writes(), {self.dev("nvme0n1"), self.dev("sda")})
+        self.assertEqual({e["device"] for e in events
+                          if e.get("step") == "erase_devices_metadata"},
+                         {self.dev("vda"), self.dev("sdb")})
+
+    def test_express_leaves_protected_disks(self) -> None:
+        manager = self.manager()
+        result = self.result(manager.erase_devices_express(
+            self.protect({"tran": "nvme"}, {"name": "sdb"}), []))
+        self.assertIn("skipped: protected", result[self.dev("nvme0n1")])
+        self.assertIn("skipped: protected", result[self.dev("sdb")])
+        self.assertEqual(self.ran("nvme"), [])
+        self.assertEqual(self.writes(), {self.dev("sda"), self.dev("vda")})
+
+    def test_invalid_skip_list_erases_nothing(self) -> None:
+        for step in ("erase_devices", "erase_devices_metadata", "erase_devices_express"):
+            manager = self.manager()
+            error = self.failure(getattr(manager, step)(
+                self.protect({"serial": "S1"}, {"colour": "red"}), []), BlockDeviceEraseError)
+            self.assertIn("Invalid skip_block_devices in the node's properties, nothing was "
+                          "erased: skip_block_devices entry 2 ({'colour': 'red'}) is invalid",
+                          str(error))
+            self.assertEqual(self.writes(), set(), step)
+
+    # -- shared cluster filesystems --------------------------------------------------------
+    def test_each_shared_filesystem_stops_every_erase_step(self) -> None:
+        cases = [
+            ("sdb1", {"parttype": VMFS_GPT}, "VMware VMFS Partition (GPT)"),
+            ("sdb1", {"parttype": VMFS_GPT.lower()}, "VMware VMFS Partition (GPT)"),
+            ("sdb1", {"parttype": "0xfb"}, "VMware VMFS Partition (MBR)"),
+            ("sdb1", {"parttype": "37AFFC90-EF7D-4E96-91C3-2D7AE055B174"},
+             "IBM GPFS Partition"),
+            ("sdb1", {"fstype": "gfs2"}, "Red Hat Global File System 2"),
+            ("sdb1", {"fstype": "ocfs2"}, "Oracle Cluster File System 2"),
+            ("vda", {"fstype": "VMFS_volume_member"}, "VMware VMFS volume member"),
+        ]
+        for step in ("erase_devices", "erase_devices_metadata", "erase_devices_express"):
+            for kname, fields, what in cases:
+                self.found = {kname: fields}
+                self.wiped.clear()
+                manager = self.manager()
+                error = self.failure(getattr(manager, step)({"uuid": "n1"}, []),
+                                     ProtectedDeviceError)
+                disk = "vda" if kname == "vda" else "sdb"
+                on = "" if kname == disk else f" (on {self.dev(kname)})"
+                self.assertEqual(error.device, self.dev(disk))
+                self.assertEqual(error.what, what + on)
+                self.assertIn(f"Protected {what}{on} located on device {self.dev(disk)}",
+                              str(error))
+                self.assertIn("guard_special_filesystems", str(error))
+                self.assertEqual(error.serialize()["type"], "ProtectedDeviceError")
+                self.assertEqual(self.writes(), set(), (step, kname, fields))
+        self.flushLoggedErrors()
+
+    def test_ordinary_filesystems_pass(self) -> None:
+        self.found = {"sdb1": {"fstype": "ext4", "parttype":
+                               "0fc63daf-8483-4772-8e79-3d69d8477de4"},
+                      "vda": {"fstype": "linux_raid_member"}}
+        self.result(self.manager().erase_devices_metadata({"uuid": "n1"}, []))
+        self.assertIn(self.dev("sdb"), self.writes())
+
+    def test_guard_off(self) -> None:
+        self.found = {"sdb1": {"fstype": "gfs2"}}
+        manager = self.manager(guard_special_filesystems=False)
+        self.result(manager.erase_devices_metadata({"uuid": "n1"}, []))
+        self.assertIn(self.dev("sdb"), self.writes())
+        self.assertEqual([a for a in self.runner.argvs if disks.GUARD_LSBLK_COLUMNS in a], [])
+
+    def test_a_protected_disk_is_not_guarded(self) -> None:
+        self.found = {"sdb1": {"fstype": "gfs2"}}
+        self.result(self.manager().erase_devices_metadata(self.protect({"name": "sdb"}), []))
+        self.assertNotIn(self.dev("sdb"), self.writes())
+        self.assertIn(self.dev("vda"), self.writes())
+
+    def test_unreadable_guard_erases_nothing(self) -> None:
+        manager = self.manager(FakeRunner(self.answers({
+            ("lsblk", "-bia", "--json", "-o", disks.GUARD_LSBLK_COLUMNS):
+            Exit(1, b"", b"lsblk: broken")}), missing=["smartctl"]))
+        error = self.failure(manager.erase_devices({"uuid": "n1"}, []), BlockDeviceEraseError)
+        self.assertIn("for shared cluster filesystems before erasing "
+                      "(guard_special_filesystems)", str(error))
+        self.assertIn("lsblk: broken", str(error))
+        self.assertEqual(self.writes(), set())

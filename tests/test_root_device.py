@@ -7,6 +7,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipa_twisted.errors import DeviceNotFound
@@ -380,6 +381,26 @@ class InstallDeviceTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(self.install_device(node)), f"{self.dev}/sdc")
         node["properties"]["root_device"] = {"name": "md0"}
         self.failureResultOf(self.install_device(node), DeviceNotFound)
+
+    def test_skipped_disks_are_logged_with_their_entry(self) -> None:
+        node = {"properties": {"skip_block_devices": [{"serial": "BIG1"}]}}
+        with capturedLogs() as events:
+            self.assertEqual(self.successResultOf(self.install_device(node)), f"{self.dev}/md0")
+            node["properties"]["root_device"] = {"size": ">= 400"}
+            self.failureResultOf(self.install_device(node), DeviceNotFound)
+        self.assertEqual([(e["device"], e["reason"]) for e in events
+                          if "Not installing on" in e["log_format"]],
+                         [(f"{self.dev}/sdc", "skip_block_devices entry {'serial': 'BIG1'} "
+                                              "matches it")] * 2)
+
+    def test_invalid_skip_list(self) -> None:
+        failure = self.failureResultOf(self.install_device(
+            {"properties": {"skip_block_devices": [{"name": "sdc"}, {"size": "0"}]}}),
+            DeviceNotFound)
+        self.assertIn("No install device was chosen: the node's skip_block_devices is "
+                      "invalid: skip_block_devices entry 2 ({'size': '0'}) is invalid: ",
+                      str(failure.value))
+        self.assertIn("should be a positive integer", str(failure.value))
 
     def test_nothing_suitable(self) -> None:
         self.system.write("sys/class/block/md0/ro", "1\n")
