@@ -24,7 +24,8 @@ from ipa_twisted.encoding import to_jsonable
 from ipa_twisted.errors import InspectionError
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.hardware.generic import GenericHardwareManager
-from ipa_twisted.hardware.interface import HardwareContext
+from ipa_twisted.hardware.interface import (HardwareContext, HardwareManager,
+                                            HardwareSupport)
 from ipa_twisted.hardware.inventory import NetworkInterface
 from ipa_twisted.inspector import collectors
 from ipa_twisted.inspector.collectors import AccumulatedFailures
@@ -35,7 +36,8 @@ from ipa_twisted.testing.fake_inspector import (DEFAULT_NODE_UUID, DEFAULT_TOKEN
                                                 FakeInspectionReceiver)
 from ipa_twisted.testing.fake_process import Answer, Exit, FakeRunner
 from ipa_twisted.testing.fake_system import FakeSystem
-from tests.test_inspector_parsing import DMIDECODE, add_numa_node, add_pci_device
+from tests.test_inspector_parsing import (DMIDECODE, add_numa_node, add_pci_device,
+                                          usb_machine)
 
 _T = TypeVar("_T")
 GiB = 1024 ** 3
@@ -450,16 +452,66 @@ class CollectorTests(MachineTestCase):
         async def broken_reader(*args: Any) -> dict[str, Any]:
             raise RuntimeError("socket trouble")
 
-        with capturedLogs():
+        with capturedLogs() as events:
             data, failures = self.result(collect(context, machine.managers(context),
                                                  lldp_reader=broken_reader))
         self.flushLoggedErrors(RuntimeError)
+        # An unknown name is a warning, not an error: Ironic fails inspections with errors.
+        [unknown] = [e for e in events if e.get("name") == "nope"]
+        self.assertEqual(unknown["log_level"].name, "warn")
+        self.assertIn("usb-devices", unknown["known"])
         self.assertEqual(failures.failures, [
-            "Failed to load collector nope: no such collector",
             "collector lldp failed: socket trouble",
             "Failed to get the list of PCI devices: [Errno 2] No such file or directory: "
             f"'{machine.system.sys_path}/bus/pci/devices'"])
         self.assertEqual(data["error"], failures.get_error())
+
+    def test_only_unknown_collectors_is_not_an_error(self) -> None:
+        machine = small_vm(self.mktemp())
+        context = machine.context(inspection_collectors="default,usb-devices-v2")
+        with capturedLogs():
+            data, failures = self.result(collect(context, machine.managers(context)))
+        self.assertEqual((len(failures), data["error"]), (0, None))
+        self.assertIn("inventory", data)
+        self.assertEqual(data["configuration"]["collectors"], ["default", "usb-devices-v2"])
+
+    def test_usb_devices_from_sysfs(self) -> None:
+        machine = small_vm(self.mktemp())
+        usb_machine(machine.system)
+        context = machine.context(inspection_collectors="usb-devices")
+        data, failures = self.result(collect(context, machine.managers(context)))
+        self.assertEqual(len(failures), 0)
+        self.assertEqual([d["handle"] for d in data["usb_devices"]],
+                         ["USB:1:3", "USB:1:5", "USB:2:2"])
+        self.assertEqual(data["usb_devices"][1]["product"], "Dell KB216 Wired Keyboard")
+        self.assertEqual(json.loads(json.dumps(to_jsonable(data)))["usb_devices"],
+                         data["usb_devices"])
+
+    def test_usb_devices_without_usb(self) -> None:
+        machine = small_vm(self.mktemp())
+        context = machine.context(inspection_collectors="usb-devices")
+        data, failures = self.result(collect(context, machine.managers(context)))
+        self.assertEqual((data["usb_devices"], len(failures)), ([], 0))
+
+    def test_usb_devices_from_a_manager_that_has_them(self) -> None:
+        class USBManager(HardwareManager):
+            HARDWARE_MANAGER_NAME = "usb_vendor"
+
+            def evaluate_hardware_support(self) -> int:
+                return HardwareSupport.SERVICE_PROVIDER
+
+            def get_usb_devices(self) -> list[dict[str, str]]:
+                return [{"product": "Token", "vendor": "ACME", "handle": "USB:9:9"}]
+
+        machine = small_vm(self.mktemp())
+        usb_machine(machine.system)
+        context = machine.context(inspection_collectors="usb-devices")
+        loading = Deferred.fromCoroutine(HardwareManagers.load(
+            context, [USBManager(), GenericHardwareManager(udev=lambda name: {})]))
+        managers = self.successResultOf(loading)
+        data, _ = self.result(collect(context, managers))
+        self.assertEqual(data["usb_devices"],
+                         [{"product": "Token", "vendor": "ACME", "handle": "USB:9:9"}])
 
     def test_lldp(self) -> None:
         machine = network_node(self.mktemp())

@@ -1,4 +1,5 @@
-"""Tests for the inspector's pure parts: dmidecode, sysfs PCI and NUMA, inventory fixes."""
+"""Tests for the inspector's pure parts: dmidecode, sysfs PCI, USB and NUMA, inventory
+fixes."""
 
 from __future__ import annotations
 
@@ -180,6 +181,73 @@ class PCITests(SynchronousTestCase):
     def test_no_pci_bus(self) -> None:
         system = FakeSystem(self.mktemp())
         self.assertRaises(OSError, sysfs.list_pci_devices, system.sys_path)
+
+
+def add_usb_device(system: FakeSystem, name: str, bus: int | None, number: int | None,
+                   vendor_id: str, product_id: str, device_class: str = "00",
+                   manufacturer: str | None = None, product: str | None = None) -> None:
+    """A USB device (or hub: class ``09``) under its controller in sys/devices, with its
+    first interface and their sys/bus/usb/devices links, as the kernel lays them out."""
+    parent = name.rpartition(".")[0] if "." in name else f"usb{name.partition('-')[0]}"
+    controller = "sys/devices/pci0000:00/0000:00:14.0"
+    base = f"{controller}/{parent}/{name}" if not name.startswith("usb") \
+        else f"{controller}/{name}"
+    for key, value in (("busnum", bus), ("devnum", number), ("idVendor", vendor_id),
+                       ("idProduct", product_id), ("bDeviceClass", device_class),
+                       ("manufacturer", manufacturer), ("product", product)):
+        if value is not None:
+            system.write(f"{base}/{key}", f"{value}\n")
+    interface = f"{name}:1.0" if not name.startswith("usb") else f"{name[3:]}-0:1.0"
+    system.write(f"{base}/{interface}/bInterfaceClass", "09\n" if device_class == "09"
+                 else "03\n")
+    links = system.path("sys/bus/usb/devices")
+    os.makedirs(links, exist_ok=True)
+    for entry, target in ((name, base), (interface, f"{base}/{interface}")):
+        link = os.path.join(links, entry)
+        if not os.path.lexists(link):
+            os.symlink(os.path.relpath(system.path(target), links), link)
+
+
+def usb_machine(system: FakeSystem) -> None:
+    """Two buses: root hubs, an external hub with a keyboard behind it, a BMC's virtual
+    media, and a device without strings."""
+    add_usb_device(system, "usb1", 1, 1, "1d6b", "0002", "09", "Linux 6.1 xhci-hcd",
+                   "xHCI Host Controller")
+    add_usb_device(system, "usb2", 2, 1, "1d6b", "0003", "09")
+    add_usb_device(system, "1-4", 1, 3, "046b", "ff01", "00", "American Megatrends Inc.",
+                   "Virtual Hub")
+    add_usb_device(system, "1-1", 1, 2, "0424", "2514", "09", None, None)
+    add_usb_device(system, "1-1.2", 1, 5, "413c", "2113", "00", "Dell Computer Corp.",
+                   "Dell KB216 Wired Keyboard")
+    add_usb_device(system, "2-3", 2, 2, "0781", "5583")
+
+
+class USBTests(SynchronousTestCase):
+    def test_devices_without_hubs_by_bus_and_number(self) -> None:
+        system = FakeSystem(self.mktemp())
+        usb_machine(system)
+        self.assertEqual(sysfs.list_usb_devices(system.sys_path), [
+            {"product": "Virtual Hub", "vendor": "American Megatrends Inc.",
+             "handle": "USB:1:3", "vendor_id": "046b", "product_id": "ff01"},
+            {"product": "Dell KB216 Wired Keyboard", "vendor": "Dell Computer Corp.",
+             "handle": "USB:1:5", "vendor_id": "413c", "product_id": "2113"},
+            {"product": "", "vendor": "", "handle": "USB:2:2", "vendor_id": "0781",
+             "product_id": "5583"},
+        ])
+
+    def test_a_device_without_numbers_is_skipped(self) -> None:
+        system = FakeSystem(self.mktemp())
+        add_usb_device(system, "1-2", None, 4, "0781", "5583")
+        add_usb_device(system, "1-3", 1, 6, "0781", "5584")
+        system.write("sys/devices/pci0000:00/0000:00:14.0/usb1/1-2/busnum", "x\n")
+        with capturedLogs() as events:
+            devices = sysfs.list_usb_devices(system.sys_path)
+        self.assertEqual([d["handle"] for d in devices], ["USB:1:6"])
+        self.assertEqual([e["name"] for e in events if "Skipping" in e["log_format"]],
+                         ["1-2"])
+
+    def test_no_usb_is_an_empty_list(self) -> None:
+        self.assertEqual(sysfs.list_usb_devices(FakeSystem(self.mktemp()).sys_path), [])
 
 
 def add_numa_node(system: FakeSystem, node: int, memory: str,

@@ -9,6 +9,8 @@ default        ``inventory``, ``root_disk``, ``boot_interface``, ``configuration
 logs           ``logs``: base64 of a tar.gz of the journal (or /var/log), dmesg ...
 pci-devices    ``pci_devices``: ``[{vendor_id, product_id, class, revision, bus,
                numa_node_id}]``
+usb-devices    ``usb_devices``: ``[{product, vendor, handle, vendor_id, product_id}]``
+               from sysfs, hubs left out (a manager's ``get_usb_devices`` wins)
 extra-hardware ``data``: ``hardware-detect`` output (the ``hardware`` package), with
                ``inspection_benchmarks`` (cpu, disk, mem) run
 dmi-decode     ``dmi``: ``{bios, cpu, memory}`` from ``dmidecode``
@@ -23,6 +25,9 @@ A collector reports problems with ``failures.add(...)``; they become the ``error
 the data (Ironic's ``ramdisk-error`` hook then fails the inspection with that message),
 and one collector's failure never stops the others. Problems the reference agent only
 logs (a missing NUMA tree, a log archive that cannot be built) are only logged here too.
+An unknown collector name is logged as a warning and skipped: unlike the reference agent,
+which fails the whole inspection for it, this agent does not let a typo, or a collector
+that only another version has, cost the node its inspection.
 """
 
 from __future__ import annotations
@@ -197,6 +202,21 @@ async def collect_pci_devices(data: dict[str, Any], failures: AccumulatedFailure
         failures.add("Failed to get the list of PCI devices: %s", e)
 
 
+# -- usb-devices ---------------------------------------------------------------------------
+async def collect_usb_devices(data: dict[str, Any], failures: AccumulatedFailures,
+                              context: CollectorContext) -> None:
+    """USB devices: a hardware manager's ``get_usb_devices`` when one has it, else sysfs."""
+    try:
+        devices = await context.managers.dispatch_to_managers("get_usb_devices")
+    except HardwareManagerMethodNotFound:
+        try:
+            devices = sysfs.list_usb_devices(context.config.sys_path)
+        except OSError as e:
+            failures.add("Failed to get the list of USB devices: %s", e)
+            return
+    data["usb_devices"] = devices
+
+
 # -- extra-hardware ------------------------------------------------------------------------
 def benchmarks(config: AgentConfig) -> list[str]:
     """The known benchmark names in ``inspection_benchmarks`` (others are warned about)."""
@@ -302,6 +322,7 @@ BUILTIN_COLLECTORS: dict[str, Collector] = {
     "default": collect_default,
     "logs": collect_logs,
     "pci-devices": collect_pci_devices,
+    "usb-devices": collect_usb_devices,
     "extra-hardware": collect_extra_hardware,
     "dmi-decode": collect_dmidecode,
     "numa-topology": collect_numa_topology,
@@ -318,3 +339,11 @@ def find_collector(name: str) -> Collector | None:
             loaded: Collector = point.load()
             return loaded
     return None
+
+
+def known_collectors() -> list[str]:
+    """The built-in collectors' names, then those of the entry point group."""
+    names = list(BUILTIN_COLLECTORS)
+    names += sorted({point.name for point in entry_points(group=ENTRY_POINT_GROUP)}
+                    - set(names))
+    return names

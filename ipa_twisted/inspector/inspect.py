@@ -1,9 +1,10 @@
 """One inspection run: collect the data with the configured collectors, then post it.
 
 As in the reference agent, problems are gathered rather than raised, so the receiver
-always hears from a machine it may know nothing else about: a failing collector, or an
-unknown collector name, becomes a line of the ``error`` key, and the other collectors
-still run.
+always hears from a machine it may know nothing else about: a failing collector becomes a
+line of the ``error`` key, and the other collectors still run. An unknown collector name
+is logged as a warning and skipped (not an error: Ironic fails an inspection whose data
+has one).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ipa_twisted.errors import InspectionError
 from ipa_twisted.hardware.interface import HardwareContext
 from ipa_twisted.inspector.collectors import (AccumulatedFailures, CollectorContext,
                                               LLDPReader, collector_names, find_collector,
-                                              run_order)
+                                              known_collectors, run_order)
 from ipa_twisted.inspector.post import (POST_ATTEMPTS, InspectionAnswer, callback_url,
                                         post_inspection_data)
 from ipa_twisted.ironic.client import HTTPClientLike
@@ -46,7 +47,8 @@ async def collect(context: HardwareContext, managers: Any, config: AgentConfig |
     for name in run_order(names):
         collector = find_collector(name)
         if collector is None:
-            failures.add("Failed to load collector %s: no such collector", name)
+            log.warn("Skipping unknown inspection collector {name} (known: {known})",
+                     name=name, known=", ".join(known_collectors()))
             continue
         started = time.monotonic()
         try:

@@ -1,4 +1,5 @@
-"""PCI devices and NUMA topology read from sysfs (pci-devices and numa-topology collectors).
+"""PCI and USB devices and NUMA topology read from sysfs (the pci-devices, usb-devices and
+numa-topology collectors).
 
 Every function takes the sysfs root (``AgentConfig.sys_path``) so tests use a fake tree.
 The files are tiny kernel attributes: they are read synchronously, like the generic
@@ -73,6 +74,57 @@ def list_pci_devices(sys_path: str) -> list[dict[str, Any]]:
         devices.append({"vendor_id": vendor, "product_id": product, "class": pci_class,
                         "revision": revision, "bus": address, "numa_node_id": numa_node})
     return devices
+
+
+# -- USB -----------------------------------------------------------------------------------
+_USB_DEVICE = re.compile(r"^\d+-\d+(\.\d+)*$")
+"""A device behind a port (``1-4``, ``2-1.3``); not a root hub (``usb1``) nor an interface
+(``1-4:1.0``)."""
+USB_CLASS_HUB = "09"
+
+
+def list_usb_devices(sys_path: str) -> list[dict[str, Any]]:
+    """Every USB device under ``{sys}/bus/usb/devices`` except hubs, by bus and device
+    number.
+
+    Items as the reference agent's ``usb_devices``: ``product`` and ``vendor`` (the
+    device's strings, ``""`` when it has none) and ``handle`` (``USB:<bus>:<device>``,
+    lshw's form), plus ``vendor_id`` and ``product_id`` (hexadecimal, as in ``lsusb``).
+    The kernel caches these attributes when the device is enumerated: reading them never
+    talks to the device. A device whose numbers cannot be read is skipped with a warning;
+    no USB (no directory) is an empty list.
+    """
+    directory = os.path.join(sys_path, "bus", "usb", "devices")
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        if not _USB_DEVICE.match(name):
+            continue
+        base = os.path.join(directory, name)
+
+        def attribute(key: str) -> str:
+            try:
+                return _read(os.path.join(base, key))
+            except OSError:
+                return ""
+
+        if attribute("bDeviceClass") == USB_CLASS_HUB:
+            continue
+        try:
+            bus, number = int(_read(os.path.join(base, "busnum"))), int(
+                _read(os.path.join(base, "devnum")))
+        except (OSError, ValueError) as e:
+            log.warn("Skipping USB device {name}: cannot read its numbers: {error}",
+                     name=name, error=str(e))
+            continue
+        found.append(((bus, number), {
+            "product": attribute("product"), "vendor": attribute("manufacturer"),
+            "handle": f"USB:{bus}:{number}", "vendor_id": attribute("idVendor"),
+            "product_id": attribute("idProduct")}))
+    return [device for _, device in sorted(found, key=lambda item: item[0])]
 
 
 # -- NUMA ----------------------------------------------------------------------------------
