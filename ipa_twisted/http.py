@@ -1,14 +1,12 @@
 """The one HTTP client factory: connection pool, connect timeout and client TLS from config.
 
-TLS (outgoing requests only; serving TLS is elsewhere):
-
-- ``insecure``: no certificate or hostname verification (a client certificate is still sent);
-- ``cafile``: servers must chain to the CA certificates in that PEM file, and match the host
-  name (or IP address) of the URL;
-- ``certfile`` + ``keyfile``: a client certificate is presented;
-- otherwise: the platform's trust store, with service_identity hostname checks.
-
-The files are read once, when the client is made (start-up), not on the reactor's hot path.
+Client TLS is ``ipa_twisted.tls``'s (``tls_policy``): verification (``insecure``,
+``cafile``), a client certificate (``certfile`` + ``keyfile``), and the TLS version and
+ciphers (``tls_min_version``, ``tls_cipher_suites``). Given the configuration in force as a
+function, a client follows changes to the version and ciphers (Ironic's lookup answer) from
+the next connection on, and never reuses a kept-alive connection made under older settings.
+The certificate files are read once, when the client is made (start-up), not on the
+reactor's hot path.
 
 Proxies (image downloads' ``proxies``): ``make_proxy_http_client`` forwards http URLs through
 an http:// proxy and tunnels https URLs through it with CONNECT, TLS end to end.
@@ -16,19 +14,11 @@ an http:// proxy and tunnels https URLs through it with CONNECT, TLS end to end.
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable, Hashable
 from typing import Any
 from urllib.parse import urlsplit
 
-from constantly import NamedConstant
-from OpenSSL import SSL
 from treq.client import HTTPClient
-from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.internet._sslverify import IOpenSSLTrustRoot  # not re-exported publicly
-from twisted.internet.ssl import Certificate, CertificateOptions
-from twisted.internet.ssl import PrivateCertificate, TLSVersion, optionsForClientTLS
-from twisted.internet.ssl import trustRootFromCertificates
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
@@ -37,93 +27,43 @@ from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, HTTPConnectionPool, ProxyAgent
 from twisted.web.client import _HTTP11ClientFactory  # the pool's factory; not public
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from ipa_twisted.config import AgentConfig
+from ipa_twisted.tls import (AgentTLSPolicy, load_client_certificate,  # noqa: F401 (API)
+                             load_trust_root, tls_policy)
 
 CONNECT_TIMEOUT = 30.0
 MAX_PERSISTENT_PER_HOST = 2
 CACHED_CONNECTION_TIMEOUT = 120
 
-_PEM_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+ConfigSource = AgentConfig | Callable[[], AgentConfig]
+"""A configuration, or a function returning the one in force (``lambda: agent.config``)."""
 
 
-def load_trust_root(cafile: str) -> IOpenSSLTrustRoot:
-    """Every certificate of a PEM bundle, as a trust root."""
-    with open(cafile, "rb") as f:
-        blocks = _PEM_CERTIFICATE.findall(f.read())
-    if not blocks:
-        raise ValueError(f"No PEM certificate in {cafile}")
-    root: IOpenSSLTrustRoot = trustRootFromCertificates(
-        [Certificate.loadPEM(block) for block in blocks])
-    return root
+def _policy(config: ConfigSource) -> AgentTLSPolicy:
+    if isinstance(config, AgentConfig):
+        return tls_policy(config)
+    return tls_policy(config(), current=config)
 
 
-def load_client_certificate(certfile: str, keyfile: str) -> PrivateCertificate:
-    """The client certificate and its key, from PEM files (they may be the same file)."""
-    with open(certfile, "rb") as f:
-        certificate = f.read()
-    with open(keyfile, "rb") as f:
-        key = f.read()
-    loaded: PrivateCertificate = PrivateCertificate.loadPEM(certificate + b"\n" + key)
-    return loaded
+class _TLSKeyedPool:
+    """A view of a connection pool that files HTTPS connections under the TLS settings
+    they were made with, so none made under older settings is reused."""
 
+    def __init__(self, pool: HTTPConnectionPool, policy: AgentTLSPolicy) -> None:
+        self._pool, self._policy = pool, policy
 
-@implementer(IOpenSSLClientConnectionCreator)
-class _UnverifiedClientTLS:
-    """Client TLS that accepts any server certificate (``insecure``); still sends SNI."""
-
-    def __init__(self, options: CertificateOptions, hostname: str) -> None:
-        self._options, self._hostname = options, hostname
-
-    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
-        connection = SSL.Connection(self._options.getContext(), None)
-        connection.set_app_data(tlsProtocol)
-        if not (isIPAddress(self._hostname) or isIPv6Address(self._hostname)):
-            connection.set_tlsext_host_name(self._hostname.encode("idna"))
+    def getConnection(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
+        if isinstance(key, tuple) and key and key[0] == b"https":
+            key = (key, self._policy.settings)
+        connection: Deferred[Any] = self._pool.getConnection(key, endpoint)
         return connection
 
-
-@implementer(IPolicyForHTTPS)
-class AgentTLSPolicy:
-    """The agent's client TLS policy (see the module docstring)."""
-
-    def __init__(self, *, verify: bool = True, trust_root: IOpenSSLTrustRoot | None = None,
-                 client_certificate: PrivateCertificate | None = None,
-                 minimum_version: NamedConstant = TLSVersion.TLSv1_2) -> None:
-        self.verify, self.trust_root = verify, trust_root
-        self.client_certificate, self.minimum_version = client_certificate, minimum_version
-
-    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
-        host = hostname.decode("ascii").strip("[]")
-        if not self.verify:
-            key = cert = None
-            if self.client_certificate is not None:
-                key = self.client_certificate.privateKey.original
-                cert = self.client_certificate.original
-            return _UnverifiedClientTLS(
-                CertificateOptions(verify=False, privateKey=key, certificate=cert,
-                                   raiseMinimumTo=self.minimum_version), host)
-        creator: IOpenSSLClientConnectionCreator = optionsForClientTLS(
-            host, trustRoot=self.trust_root, clientCertificate=self.client_certificate,
-            extraCertificateOptions={"raiseMinimumTo": self.minimum_version})
-        return creator
-
-
-def tls_policy(config: AgentConfig) -> AgentTLSPolicy:
-    """The client TLS policy ``config`` asks for; reads cafile/certfile/keyfile."""
-    from ipa_twisted.tls import tls_version  # certificate generation: loaded when used
-    trust_root = None if config.insecure or not config.cafile else load_trust_root(
-        config.cafile)
-    client_certificate = None
-    if config.certfile and config.keyfile:
-        client_certificate = load_client_certificate(config.certfile, config.keyfile)
-    return AgentTLSPolicy(verify=not config.insecure, trust_root=trust_root,
-                          client_certificate=client_certificate,
-                          minimum_version=tls_version(config.tls_min_version))
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
@@ -145,17 +85,20 @@ def make_pool(reactor: object) -> HTTPConnectionPool:
     return pool
 
 
-def make_http_client(reactor: object, config: AgentConfig, *,
+def make_http_client(reactor: object, config: ConfigSource, *,
                      pool: HTTPConnectionPool | None = None,
                      connect_timeout: float = CONNECT_TIMEOUT) -> HTTPClient:
     """The treq client every outgoing request of the agent goes through.
 
-    Pass a ``pool`` (``make_pool``) to close its connections on shutdown; without one a new
-    pool is made. Request timeouts are the caller's (``Deferred.addTimeout``).
+    ``config`` is the configuration, or a function returning the one in force (its TLS
+    version and ciphers then apply from the next connection on). Pass a ``pool``
+    (``make_pool``) to close its connections on shutdown; without one a new pool is made.
+    Request timeouts are the caller's (``Deferred.addTimeout``).
     """
-    agent = Agent(reactor, contextFactory=tls_policy(config),
-                  connectTimeout=connect_timeout,
-                  pool=pool if pool is not None else make_pool(reactor))
+    policy = _policy(config)
+    pool = pool if pool is not None else make_pool(reactor)
+    agent = Agent(reactor, contextFactory=policy, connectTimeout=connect_timeout,
+                  pool=_TLSKeyedPool(pool, policy))
     return HTTPClient(agent)
 
 
@@ -276,23 +219,25 @@ class _SchemeAgent:
         return agent.request(method, uri, headers, bodyProducer)
 
 
-def make_proxy_http_client(reactor: Any, config: AgentConfig, proxy_url: str, *,
+def make_proxy_http_client(reactor: Any, config: ConfigSource, proxy_url: str, *,
                            pool: HTTPConnectionPool | None = None,
                            connect_timeout: float = CONNECT_TIMEOUT) -> HTTPClient:
     """A treq client whose requests go through the HTTP proxy ``proxy_url``.
 
     Plain http URLs are forwarded by the proxy (absolute-URI requests); https URLs go through
-    a CONNECT tunnel, with the agent's TLS policy (``tls_policy``) end to end. Only http://
-    proxies are supported (not TLS to the proxy itself, nor proxy credentials).
+    a CONNECT tunnel, with the agent's TLS policy (``ipa_twisted.tls.tls_policy``) end to
+    end; ``config`` as for ``make_http_client``. Only http:// proxies are supported (not
+    TLS to the proxy itself, nor proxy credentials).
     """
     parts = urlsplit(proxy_url if "://" in proxy_url else f"http://{proxy_url}")
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"unsupported proxy {proxy_url!r}: only http:// proxies are")
     host, port = parts.hostname, parts.port or 80
     pool = pool if pool is not None else make_pool(reactor)
+    policy = _policy(config)
     forward = ProxyAgent(HostnameEndpoint(reactor, host, port, timeout=connect_timeout),
                          reactor=reactor, pool=pool)
     tunnel = Agent.usingEndpointFactory(
-        reactor, _TunnelEndpoints(reactor, host, port, tls_policy(config), connect_timeout),
-        pool=pool)
+        reactor, _TunnelEndpoints(reactor, host, port, policy, connect_timeout),
+        pool=_TLSKeyedPool(pool, policy))
     return HTTPClient(_SchemeAgent(forward, tunnel))

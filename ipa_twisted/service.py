@@ -187,7 +187,11 @@ class AgentService(MultiService):
         ironic = self._ironic
         protocol, verify_ca = config.advertise_protocol, None
         if self._api_tls is not None:
-            tls = await prepare_api_tls(config, ironic, host, clock=clock)
+            # Manual TLS follows lookup's tls_min_version/tls_cipher_suites from the next
+            # connection on; those made before under other settings end here.
+            self._api_tls.close_outdated()
+            tls = await prepare_api_tls(config, ironic, host, clock=clock,
+                                        current=lambda: self.agent.config)
             if tls.context is not None:
                 self._api_tls.start_tls(tls.context)
             protocol, verify_ca = tls.protocol, tls.agent_verify_ca

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -45,6 +46,12 @@ def check_startup_config(config: AgentConfig) -> None:
         if not (config.ssl_cert_file and config.ssl_key_file):
             raise ConfigError("listen_tls needs [ssl] cert_file and key_file")
         server_tls_options(config)
+    elif config.tls_cipher_suites:
+        from ipa_twisted.tls import TLSSettings, check_settings
+        try:
+            check_settings(TLSSettings.of(config))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _wildcard_or(host: str) -> str:
@@ -60,54 +67,26 @@ def _wildcard_or(host: str) -> str:
 
 
 def make_endpoint(reactor: Any, config: AgentConfig) -> Any:
-    """The API's server endpoint: TCP, or TLS with [ssl] files when listen_tls."""
+    """The API's server endpoint: TCP (TLS, manual or automatic, is the factory's)."""
     from twisted.internet import endpoints
     host = _wildcard_or(config.listen_host)
-    ipv6 = ":" in host
-    if config.listen_tls:
-        context = server_tls_options(config)
-        if ipv6:
-            return _SSL6ServerEndpoint(reactor, config.listen_port, context, host)
-        return endpoints.SSL4ServerEndpoint(reactor, config.listen_port, context,
-                                            interface=host)
-    if ipv6:
+    if ":" in host:
         return endpoints.TCP6ServerEndpoint(reactor, config.listen_port, interface=host)
     return endpoints.TCP4ServerEndpoint(reactor, config.listen_port, interface=host)
 
 
-def server_tls_options(config: AgentConfig) -> Any:
-    """TLS settings for the API from ``[ssl]`` files (client certificates if ca_file)."""
-    from twisted.internet import ssl
+def server_tls_options(config: AgentConfig,
+                       current: Callable[[], AgentConfig] | None = None) -> Any:
+    """The API's manual TLS from ``[ssl]`` files (client certificates if ca_file): an
+    ``ipa_twisted.tls.ServerTLS`` whose TLS version and ciphers follow ``current()`` (the
+    configuration in force; default ``config``). ConfigError when it cannot be used."""
+    from ipa_twisted.tls import ServerTLS
     try:
-        with open(config.ssl_key_file or "", "rb") as f:
-            key = f.read()
-        with open(config.ssl_cert_file or "", "rb") as f:
-            cert = f.read()
-        certificate = ssl.PrivateCertificate.loadPEM(key + b"\n" + cert)
-        trust = None
-        if config.ssl_ca_file:
-            with open(config.ssl_ca_file, "rb") as f:
-                trust = ssl.Certificate.loadPEM(f.read())
-    except (OSError, ValueError, Exception) as e:
-        raise ConfigError(f"Cannot load the API's TLS certificate or key ([ssl]): {e}") from e
-    from ipa_twisted.tls import tls_version
-    minimum = tls_version(config.tls_min_version)
-    return ssl.CertificateOptions(
-        privateKey=certificate.privateKey.original, certificate=certificate.original,
-        trustRoot=trust, requireCertificate=trust is not None, raiseMinimumTo=minimum)
-
-
-class _SSL6ServerEndpoint:
-    """TLS over an IPv6 (or dual-stack) listening socket."""
-
-    def __init__(self, reactor: Any, port: int, context: Any, interface: str) -> None:
-        self._reactor, self._port, self._context, self._interface = (
-            reactor, port, context, interface)
-
-    def listen(self, factory: Any) -> Any:
-        from twisted.internet.defer import execute
-        return execute(self._reactor.listenSSL, self._port, factory, self._context,
-                       interface=self._interface)
+        return ServerTLS(config.ssl_cert_file or "", config.ssl_key_file or "",
+                         current or (lambda: config), ca_file=config.ssl_ca_file)
+    except Exception as e:
+        raise ConfigError(f"Cannot use the API's TLS certificate, key or settings ([ssl], "
+                          f"tls_min_version, tls_cipher_suites): {e}") from e
 
 
 def make_log_observer(options: Options, debug: bool) -> ILogObserver | None:
@@ -142,14 +121,19 @@ def makeService(options: Options) -> IService:
     @functools.cache
     def http_client() -> Any:
         from ipa_twisted.http import make_http_client
-        return make_http_client(reactor, config)
+        return make_http_client(reactor, lambda: agent.config)   # lookup may change TLS
 
     context = HardwareContext(config, runner, reactor, reactor, http_client=http_client,
                               report_progress=agent.report_progress)
     agent.context = context
     site = make_site(AgentAPI(agent))
     api_tls = None
-    if not config.standalone and not config.listen_tls:
+    if config.listen_tls:
+        # Manual TLS from the start; its version and ciphers follow the config in force.
+        from ipa_twisted.net.autotls import SwitchableTLSFactory
+        api_tls = SwitchableTLSFactory(site)
+        api_tls.start_tls(server_tls_options(config, lambda: agent.config))
+    elif not config.standalone:
         # Plain HTTP until automatic TLS (or mDNS enabling it) switches new connections.
         from ipa_twisted.net.autotls import SwitchableTLSFactory
         api_tls = SwitchableTLSFactory(site)

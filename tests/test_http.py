@@ -15,7 +15,8 @@ from OpenSSL import SSL
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
-from twisted.internet.ssl import Certificate, CertificateOptions, PrivateCertificate, TLSVersion
+from twisted.internet.ssl import (AcceptableCiphers, Certificate, CertificateOptions,
+                                  PrivateCertificate, TLSVersion)
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -23,7 +24,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from ipa_twisted.config import AgentConfig
-from ipa_twisted.http import make_http_client, make_pool, tls_policy
+from ipa_twisted.http import make_http_client, make_pool
+from ipa_twisted.tls import DEFAULT_TLS12_CIPHERS, AgentTLSPolicy, tls_policy
 
 _NOW = datetime.datetime.now(datetime.timezone.utc)
 
@@ -91,9 +93,10 @@ class _TLSProtocol:
 class Handshake:
     """Runs a TLS handshake between two memory-BIO connections."""
 
-    def __init__(self, config: AgentConfig, host: bytes, server: CertificateOptions) -> None:
+    def __init__(self, config: AgentConfig, host: bytes, server: CertificateOptions,
+                 policy: AgentTLSPolicy | None = None) -> None:
         self.app = _TLSProtocol()
-        creator = tls_policy(config).creatorForNetloc(host, 443)
+        creator = (policy or tls_policy(config)).creatorForNetloc(host, 443)
         self.client = creator.clientConnectionForTLS(self.app)  # type: ignore[arg-type]
         self.client.set_connect_state()
         self.server = SSL.Connection(server.getContext(), None)
@@ -181,6 +184,61 @@ class TLSPolicyTests(SynchronousTestCase):
         strict = AgentConfig(cafile=config.cafile, tls_min_version="1.3")
         self.assertIsInstance(Handshake(strict, b"ironic.test", old).error, SSL.Error)
 
+    def only_tls12(self, cipher: str) -> CertificateOptions:
+        """Ironic's certificate, served with TLS 1.2 and ``cipher`` only."""
+        return server_options(self.ca.issue("ironic", dns=("ironic.test",)),
+                              lowerMaximumSecurityTo=TLSVersion.TLSv1_2,
+                              acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(
+                                  cipher))
+
+    def test_tls12_ciphers_default_to_the_reference_list(self) -> None:
+        config = AgentConfig(cafile=self.write(self.ca.pem))
+        for cipher in DEFAULT_TLS12_CIPHERS.split(":"):
+            if "ECDSA" in cipher:          # our test certificates have EC keys
+                self.assertTrue(Handshake(config, b"ironic.test",
+                                          self.only_tls12(cipher)).ok, cipher)
+        chacha = self.only_tls12("ECDHE-ECDSA-CHACHA20-POLY1305")
+        self.assertIsInstance(Handshake(config, b"ironic.test", chacha).error, SSL.Error)
+        allowed = config.override(tls_cipher_suites="ECDHE-ECDSA-CHACHA20-POLY1305")
+        self.assertTrue(Handshake(allowed, b"ironic.test", chacha).ok)
+        aes = self.only_tls12("ECDHE-ECDSA-AES128-GCM-SHA256")
+        self.assertIsInstance(Handshake(allowed, b"ironic.test", aes).error, SSL.Error)
+
+    def test_cipher_list_does_not_limit_tls13(self) -> None:
+        config = AgentConfig(cafile=self.write(self.ca.pem), tls_min_version="1.3",
+                             tls_cipher_suites="ECDHE-ECDSA-CHACHA20-POLY1305")
+        handshake = Handshake(config, b"ironic.test", self.server)
+        self.assertTrue(handshake.ok, handshake.error)
+        self.assertEqual(handshake.client.get_protocol_version_name(), "TLSv1.3")
+
+    def test_policy_follows_the_config_in_force(self) -> None:
+        """As after lookup: the next connection gets the version Ironic asked for."""
+        old = server_options(self.ca.issue("ironic", dns=("ironic.test",)),
+                             lowerMaximumSecurityTo=TLSVersion.TLSv1_2)
+        current = [AgentConfig(cafile=self.write(self.ca.pem))]
+        policy = tls_policy(current[0], current=lambda: current[0])
+        self.assertTrue(Handshake(current[0], b"ironic.test", old, policy).ok)
+        current[0] = current[0].merged({"tls_min_version": "1.3"}, "Ironic's lookup answer")
+        self.assertEqual(policy.settings.minimum_version, "1.3")
+        self.assertIsInstance(Handshake(current[0], b"ironic.test", old, policy).error,
+                              SSL.Error)
+        self.assertTrue(Handshake(current[0], b"ironic.test", self.server, policy).ok)
+
+    def test_unusable_cipher_list_from_lookup_falls_back_to_the_default(self) -> None:
+        current = [AgentConfig(cafile=self.write(self.ca.pem))]
+        policy = tls_policy(current[0], current=lambda: current[0])
+        current[0] = current[0].override(tls_cipher_suites="NO-SUCH-CIPHER")
+        with capturedLogs() as events:
+            handshake = Handshake(current[0], b"ironic.test",
+                                  self.only_tls12("ECDHE-ECDSA-AES256-GCM-SHA384"), policy)
+            self.assertTrue(handshake.ok, handshake.error)
+            Handshake(current[0], b"ironic.test", self.server, policy)
+        errors = [formatEvent(e) for e in events if e["log_level"].name == "error"]
+        self.assertEqual(len(errors), 1, errors)      # once, not per connection
+        self.assertIn("NO-SUCH-CIPHER", errors[0])
+        self.assertRaises(ValueError, tls_policy,                 # configured: refused
+                          current[0].override(cafile=None))
+
     def test_missing_or_empty_files_fail_early(self) -> None:
         self.assertRaises(OSError, tls_policy, AgentConfig(cafile="/nonexistent/ca.pem"))
         self.assertRaises(ValueError, tls_policy, AgentConfig(cafile=self.write(b"")))
@@ -238,6 +296,39 @@ class RealConnectionTests(TestCase):
         # No "Starting factory" / "Stopping factory" lines for the client's connections.
         self.assertEqual([formatEvent(e) for e in events
                           if "factory" in formatEvent(e).lower()], [])
+
+    async def test_kept_alive_connections_follow_tls_changes(self) -> None:
+        """A connection made before lookup changed the TLS settings is not reused."""
+        ca = Authority()
+        site = Site(_Hello())
+        connections = []
+        build = site.buildProtocol
+        site.buildProtocol = lambda addr: connections.append(addr) or build(addr)  # type: ignore
+        options = server_options(ca.issue("ironic", ips=("127.0.0.1",)),
+                                 lowerMaximumSecurityTo=TLSVersion.TLSv1_2)
+        port = await SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(
+            site)
+        self.addCleanup(port.stopListening)
+        cafile = self.mktemp()
+        with open(cafile, "wb") as f:
+            f.write(ca.pem)
+        current = [AgentConfig(cafile=cafile)]
+        pool = make_pool(reactor)
+        self.addCleanup(pool.closeCachedConnections)
+        client = make_http_client(reactor, lambda: current[0], pool=pool)
+        url = f"https://127.0.0.1:{port.getHost().port}/"
+        for _ in range(2):
+            response = await client.get(url)
+            self.assertEqual(await response.content(), b"hello")
+        self.assertEqual(len(connections), 1)
+        current[0] = current[0].override(tls_cipher_suites="ECDHE-ECDSA-AES256-GCM-SHA384")
+        response = await client.get(url)
+        self.assertEqual(await response.content(), b"hello")
+        self.assertEqual(len(connections), 2)
+        current[0] = current[0].override(tls_min_version="1.3")
+        with self.assertRaises(Exception) as raised:
+            await client.get(url)
+        self.assertIn("protocol version", repr(raised.exception))
 
     async def test_https_with_cafile_and_insecure(self) -> None:
         ca = Authority()

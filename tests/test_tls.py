@@ -18,13 +18,15 @@ from treq.client import HTTPClient
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Protocol
-from twisted.internet.ssl import (Certificate, PrivateCertificate, TLSVersion,
+from twisted.internet.ssl import (AcceptableCiphers, Certificate, PrivateCertificate,
+                                  TLSVersion,
                                   optionsForClientTLS, trustRootFromCertificates)
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
@@ -32,11 +34,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from ipa_twisted.config import AgentConfig
+from ipa_twisted.agent import Agent as IronicAgent
+from ipa_twisted.config import AgentConfig, ConfigError
 from ipa_twisted.http import make_http_client, make_pool
 from ipa_twisted.ironic.client import IronicClient, callback_url
 from ipa_twisted.net.autotls import SwitchableTLSFactory, auto_tls_possible, prepare_api_tls
 from ipa_twisted.testing.fake_ironic import FakeIronic
+from ipa_twisted.tap import check_startup_config, server_tls_options
 from ipa_twisted.tls import (CLOCK_SKEW, TlsCertificate, generate_tls_certificate,
                              server_context_from, tls_version)
 
@@ -183,17 +187,20 @@ class ClientPolicy:
     TLS version at ``maximum``."""
 
     def __init__(self, trust: str | bytes, certificate: tuple[str, str] | None = None,
-                 maximum: Any = None) -> None:
+                 maximum: Any = None, ciphers: str | None = None) -> None:
         pem = trust if isinstance(trust, bytes) else trust.encode()
         self.trust = trustRootFromCertificates([Certificate.loadPEM(pem)])
         self.client = None
         if certificate is not None:
             with open(certificate[0], "rb") as c, open(certificate[1], "rb") as k:
                 self.client = PrivateCertificate.loadPEM(c.read() + k.read())
-        self.maximum = maximum
+        self.maximum, self.ciphers = maximum, ciphers
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
-        extra = {"lowerMaximumSecurityTo": self.maximum} if self.maximum else {}
+        extra: dict[str, Any] = {"lowerMaximumSecurityTo": self.maximum} if self.maximum else {}
+        if self.ciphers:
+            extra["acceptableCiphers"] = AcceptableCiphers.fromOpenSSLCipherString(
+                self.ciphers)
         creator: IOpenSSLClientConnectionCreator = optionsForClientTLS(
             hostname.decode(), trustRoot=self.trust, clientCertificate=self.client,
             extraCertificateOptions=extra)
@@ -365,3 +372,132 @@ class ManualTLSTests(HandshakeTestCase):
                            "certificate required")
         insecure = AgentConfig(insecure=True, certfile=certfile, keyfile=keyfile)
         self.assertEqual(await self.get(self.client(config=insecure), url), b"hello over TLS")
+
+
+class KeptAlive(Protocol):
+    """One HTTP/1.1 request on a connection that then stays open (keep-alive)."""
+
+    def __init__(self) -> None:
+        self.answered: Deferred[bytes] = Deferred()
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(b"GET / HTTP/1.1\r\nHost: agent\r\n\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.answered.called:
+            self.answered.callback(data)
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        self.closed.callback(None)
+
+
+class PolicyTLSTests(HandshakeTestCase):
+    """tls_min_version and tls_cipher_suites on the API, from the moment lookup sets them."""
+
+    def manual(self, **options: Any) -> tuple[IronicAgent, SwitchableTLSFactory, int, str]:
+        """An agent whose API serves manual TLS ([ssl] files) on 127.0.0.1: (agent, API
+        factory, port, the CA's PEM)."""
+        ca = Authority(self)
+        cert, key = ca.issue("agent", ip="127.0.0.1")
+        config = IRONIC_CONFIG.override(listen_tls=True, ssl_cert_file=cert,
+                                        ssl_key_file=key, **options)
+        check_startup_config(config)
+        agent = IronicAgent(config, reactor, None)  # type: ignore[arg-type]
+        api = SwitchableTLSFactory(Site(Hello()))
+        api.start_tls(server_tls_options(config, lambda: agent.config))
+        listening = reactor.listenTCP(0, api, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        with open(ca.path) as f:
+            return agent, api, listening.getHost().port, f.read()
+
+    async def test_manual_tls_refuses_tls12_once_lookup_says_13(self) -> None:
+        agent, api, port, ca = self.manual()
+        url = f"https://127.0.0.1:{port}/"
+        tls12 = ClientPolicy(ca, maximum=TLSVersion.TLSv1_2)
+        self.assertEqual(await self.get(self.client(tls12), url), b"hello over TLS")
+        lingering = KeptAlive()
+        await connectProtocol(wrapClientTLS(tls12.creatorForNetloc(b"127.0.0.1", port),
+                                            TCP4ClientEndpoint(reactor, "127.0.0.1", port)),
+                              lingering)
+        self.assertIn(b"200 OK", await lingering.answered)
+
+        with capturedLogs() as events:
+            agent.process_lookup_data({"node": {"uuid": "n-1"}, "config": {
+                "heartbeat_timeout": 300, "tls_min_version": "1.3",
+                "tls_cipher_suites": None}})
+            await self.refused(self.client(tls12), url, "protocol version")
+            api.close_outdated()                     # as the service does after lookup
+            await lingering.closed                   # the 1.2 keep-alive connection ends
+        self.assertEqual(await self.get(self.client(ClientPolicy(ca)), url), b"hello over TLS")
+        said = " ".join(formatEvent(e) for e in events)
+        self.assertIn("TLS 1.3 or later", said)
+        self.assertIn("Closed 1 API connection", said)
+
+    async def test_cipher_suites_on_the_api(self) -> None:
+        agent, _, port, ca = self.manual(tls_cipher_suites="ECDHE-ECDSA-AES128-GCM-SHA256")
+        url = f"https://127.0.0.1:{port}/"
+
+        def tls12(ciphers: str) -> HTTPClient:
+            return self.client(ClientPolicy(ca, maximum=TLSVersion.TLSv1_2, ciphers=ciphers))
+        self.assertEqual(await self.get(tls12("ECDHE-ECDSA-AES128-GCM-SHA256"), url),
+                         b"hello over TLS")
+        await self.refused(tls12("ECDHE-ECDSA-AES256-GCM-SHA384"), url, "handshake failure")
+        # Ironic's lookup sets none: the agent's own list stays (as the reference).
+        agent.apply_lookup_policy({"tls_cipher_suites": None})
+        await self.refused(tls12("ECDHE-ECDSA-AES256-GCM-SHA384"), url, "handshake failure")
+        agent.apply_lookup_policy({"tls_cipher_suites": "ECDHE-ECDSA-AES256-GCM-SHA384"})
+        self.assertEqual(await self.get(tls12("ECDHE-ECDSA-AES256-GCM-SHA384"), url),
+                         b"hello over TLS")
+        await self.refused(tls12("ECDHE-ECDSA-AES128-GCM-SHA256"), url, "handshake failure")
+
+    async def test_default_tls12_ciphers_are_the_references(self) -> None:
+        _, _, port, ca = self.manual()
+        url = f"https://127.0.0.1:{port}/"
+        chacha = ClientPolicy(ca, maximum=TLSVersion.TLSv1_2,
+                              ciphers="ECDHE-ECDSA-CHACHA20-POLY1305")
+        await self.refused(self.client(chacha), url, "handshake failure")
+        self.assertEqual(await self.get(self.client(ClientPolicy(
+            ca, maximum=TLSVersion.TLSv1_2, ciphers="ECDHE-ECDSA-AES256-GCM-SHA384")), url),
+            b"hello over TLS")
+
+    async def test_unusable_cipher_list_from_lookup_keeps_the_api_up(self) -> None:
+        agent, _, port, ca = self.manual()
+        with capturedLogs() as events:
+            agent.apply_lookup_policy({"tls_cipher_suites": "NOT-A-CIPHER-FROM-IRONIC"})
+            self.assertEqual(await self.get(self.client(ClientPolicy(
+                ca, maximum=TLSVersion.TLSv1_2)), f"https://127.0.0.1:{port}/"),
+                b"hello over TLS")
+        errors = [formatEvent(e) for e in events if e["log_level"].name == "error"]
+        self.assertEqual(len(errors), 1, errors)
+        self.assertIn("NOT-A-CIPHER-FROM-IRONIC", errors[0])
+
+    def test_bad_settings_stop_start_up(self) -> None:
+        with self.assertRaises(ConfigError) as raised:
+            check_startup_config(IRONIC_CONFIG.override(tls_cipher_suites="NOT-A-CIPHER"))
+        self.assertIn("tls_cipher_suites", str(raised.exception))
+        made = generate_tls_certificate("127.0.0.1", directory=directory(self))
+        with self.assertRaises(ConfigError) as raised:
+            check_startup_config(IRONIC_CONFIG.override(
+                listen_tls=True, ssl_cert_file=made.private_key_path,
+                ssl_key_file=made.private_key_path))
+        self.assertIn("[ssl]", str(raised.exception))
+        check_startup_config(IRONIC_CONFIG.override(
+            tls_cipher_suites="ECDHE+AESGCM", listen_tls=True, ssl_cert_file=made.path,
+            ssl_key_file=made.private_key_path))
+
+    async def test_auto_tls_follows_the_config_in_force(self) -> None:
+        fake = FakeIronic(version="1.68")
+        ironic = IronicClient("http://ironic:6385", StubTreq(fake.app.resource()), reactor,
+                              "test")
+        current = [IRONIC_CONFIG]
+        tls = await prepare_api_tls(IRONIC_CONFIG, ironic, "127.0.0.1",
+                                    directory=directory(self), current=lambda: current[0])
+        assert tls.agent_verify_ca is not None
+        port = self.serve_tls(tls.context)
+        url = f"https://127.0.0.1:{port}/"
+        tls12 = ClientPolicy(tls.agent_verify_ca, maximum=TLSVersion.TLSv1_2)
+        self.assertEqual(await self.get(self.client(tls12), url), b"hello over TLS")
+        current[0] = IRONIC_CONFIG.override(tls_min_version="1.3")
+        await self.refused(self.client(tls12), url, "protocol version")

@@ -26,6 +26,7 @@ not None, ``api_factory.start_tls(tls.context)``; heartbeat with
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 from twisted.internet.interfaces import IAddress, IProtocolFactory, IReactorTime
@@ -34,7 +35,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from ipa_twisted.config import AgentConfig
-from ipa_twisted.tls import TlsCertificate, generate_tls_certificate, server_context_from
+from ipa_twisted.tls import ServerTLS, TlsCertificate, generate_tls_certificate
 
 log = Logger()
 
@@ -64,11 +65,14 @@ def auto_tls_possible(config: AgentConfig) -> bool:
 
 async def prepare_api_tls(config: AgentConfig, ironic: _SupportsAutoTLS | None,
                           advertise_host: str, *, clock: IReactorTime | None = None,
-                          directory: str | None = None) -> ApiTLS:
+                          directory: str | None = None,
+                          current: Callable[[], AgentConfig] | None = None) -> ApiTLS:
     """Decide on automatic TLS and, when used, generate its certificate and context.
 
     ``ironic`` is asked whether it supports API 1.68 (its answer is cached by the client).
-    ``clock`` and ``directory`` go to ``generate_tls_certificate``.
+    ``clock`` and ``directory`` go to ``generate_tls_certificate``. The context's TLS
+    version and ciphers follow ``current()``, the configuration in force (default:
+    ``config``), connection by connection.
     """
     unchanged = ApiTLS(None, None, config.advertise_protocol)
     if ironic is None or not auto_tls_possible(config):
@@ -78,10 +82,11 @@ async def prepare_api_tls(config: AgentConfig, ironic: _SupportsAutoTLS | None,
                  "{protocol}", protocol=config.advertise_protocol)
         return unchanged
     certificate = generate_tls_certificate(advertise_host, clock=clock, directory=directory)
-    context = server_context_from(certificate.path, certificate.private_key_path,
-                                  minimum_version=config.tls_min_version)
+    context = ServerTLS(certificate.path, certificate.private_key_path,
+                        current or (lambda: config))
     log.info("Automatic TLS: serving the API over HTTPS with a self-signed certificate for "
-             "{host}", host=advertise_host)
+             "{host} (TLS {version} or later)", host=advertise_host,
+             version=context.settings.minimum_version)
     return ApiTLS(context, certificate.text, "https", certificate)
 
 
@@ -92,6 +97,7 @@ class SwitchableTLSFactory(WrappingFactory):
     def __init__(self, wrappedFactory: IProtocolFactory) -> None:
         super().__init__(wrappedFactory)
         self._tls: TLSMemoryBIOFactory | None = None
+        self._context: Any = None
 
     @property
     def tls_active(self) -> bool:
@@ -101,10 +107,17 @@ class SwitchableTLSFactory(WrappingFactory):
         """Serve new connections over TLS with ``context`` (CertificateOptions or any
         IOpenSSLServerConnectionCreator); close the plain ones unless told not to."""
         self._tls = TLSMemoryBIOFactory(context, False, self.wrappedFactory)
+        self._context = context
         if close_plain:
             for wrapper in list(self.protocols):
                 if wrapper.transport is not None:
                     wrapper.transport.loseConnection()
+
+    def close_outdated(self) -> None:
+        """Close the TLS connections made under settings no longer in force (the context
+        is a ``ServerTLS``, whose settings follow the configuration)."""
+        if isinstance(self._context, ServerTLS):
+            self._context.close_outdated()
 
     def buildProtocol(self, addr: IAddress | None) -> ProtocolWrapper:
         if self._tls is None:
