@@ -96,6 +96,16 @@ class FakeIronicTests(SynchronousTestCase):
         self.assertEqual(self.beat({"callback_url": "http://a:1"},
                                    headers={"X-OpenStack-Ironic-API-Version": "1.61"})[0], 202)
 
+    def test_lookup_config_carries_the_policy_asked_for(self) -> None:
+        from ipa_twisted.testing.fake_ironic import IRONIC_39_POLICY
+        self.fake.lookup_config = dict(IRONIC_39_POLICY, tls_cipher_suites="ECDHE+AESGCM")
+        code, doc = self.get(f"/v1/lookup?node_uuid={DEFAULT_NODE_UUID}")
+        self.assertEqual(code, 200)
+        self.assertEqual(doc["config"]["tls_min_version"], "1.3")
+        self.assertEqual(doc["config"]["tls_cipher_suites"], "ECDHE+AESGCM")
+        self.assertIs(doc["config"]["enable_bios_bootloader_install"], False)
+        self.assertEqual(doc["config"]["heartbeat_timeout"], 42)   # the rest is kept
+
     def test_lookup_by_node_uuid(self) -> None:
         code, doc = self.get(f"/v1/lookup?node_uuid={DEFAULT_NODE_UUID}")
         self.assertEqual((code, doc["node"]["uuid"]), (200, DEFAULT_NODE_UUID))

@@ -17,7 +17,8 @@ What it emulates of Ironic:
 - ``GET /v1/lookup?addresses=..&node_uuid=..``: by node UUID if given, else by any
   registered port MAC; 404 with Ironic's error shape when nothing matches. With API >= 1.62
   the first lookup issues the node's agent token; later lookups get ``"******"`` as Ironic
-  does (unless ``reissue_tokens``);
+  does (unless ``reissue_tokens``); ``lookup_config`` (``--lookup-config JSON``) adds keys
+  to the answer's ``config``, such as the policy Ironic 39 sends (``IRONIC_39_POLICY``);
 - ``POST /v1/heartbeat/<uuid>``: 202; 404 for an unknown node; 400 for fields the
   requested version does not know (``agent_version`` < 1.36, ``agent_verify_ca`` < 1.68);
   once a token was issued, 400 "Agent token is required for heartbeat processing." without
@@ -34,7 +35,7 @@ import json
 import secrets
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,6 +45,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 
 DEFAULT_VERSION = "1.89"
+IRONIC_39_POLICY: dict[str, Any] = {
+    "agent_md5_checksum_enable": True, "disable_deep_image_inspection": False,
+    "permitted_image_formats": ["raw", "gpt", "qcow2", "iso"],
+    "agent_skip_bmc_detect": False, "enable_bios_bootloader_install": False,
+    "tls_min_version": "1.3", "tls_cipher_suites": None,
+}
+"""The policy keys of Ironic 39's lookup answer with its default configuration."""
 DEFAULT_NODE_UUID = "1be26c0b-03f2-4d2e-ae87-c02d7f33c123"
 MASKED_TOKEN = "******"
 RAMDISK_ENDPOINTS_VERSION = (1, 22)
@@ -104,8 +112,10 @@ class FakeIronic:
     def __init__(self, *, version: str = DEFAULT_VERSION, heartbeat_timeout: float = 300,
                  agent_token: str | None = None, reissue_tokens: bool = False,
                  clock: IReactorTime | None = None,
-                 record: Callable[[Record], None] | None = None) -> None:
+                 record: Callable[[Record], None] | None = None,
+                 lookup_config: Mapping[str, Any] | None = None) -> None:
         self.version = version
+        self.lookup_config = dict(lookup_config or {})
         self.heartbeat_timeout = heartbeat_timeout
         self.agent_token = agent_token
         self.reissue_tokens = reissue_tokens
@@ -246,7 +256,8 @@ class FakeIronic:
                        "metrics": {"backend": "noop", "prepend_host": False,
                                    "prepend_uuid": False, "prepend_host_reverse": True,
                                    "global_prefix": None},
-                       "metrics_statsd": {"statsd_host": "localhost", "statsd_port": 8125}},
+                       "metrics_statsd": {"statsd_host": "localhost", "statsd_port": 8125},
+                       **self.lookup_config},
         }
         return json.dumps(content).encode()
 
@@ -323,7 +334,7 @@ async def _serve(reactor: Any, options: argparse.Namespace) -> None:
     fake = FakeIronic(version=options.api_version, heartbeat_timeout=options.heartbeat_timeout,
                       agent_token=options.token, reissue_tokens=options.reissue_tokens,
                       clock=reactor, record=_json_lines(options.record) if options.record
-                      else None)
+                      else None, lookup_config=json.loads(options.lookup_config))
     fake.add_node(options.node_uuid, options.mac or [])
     if options.fail_lookups:
         fake.fail_lookups(options.fail_lookups, options.fail_code)
@@ -349,6 +360,8 @@ def run_standalone(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--fail-lookups", type=int, default=0)
     parser.add_argument("--fail-code", type=int, default=500)
     parser.add_argument("--record", default=None, help="append records as JSON lines here")
+    parser.add_argument("--lookup-config", default="{}",
+                        help="a JSON object added to the lookup answer's config")
     options = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     react(_serve, (options,))
 
