@@ -68,8 +68,12 @@ def pipeline_writer(context: HardwareContext,
 
 def partition_layout(image_info: Mapping[str, Any], node: Mapping[str, Any] | None, *,
                      sys_path: str = "/sys", configdrive_size: int = 0,
-                     cpu_arch: str | None = None) -> partition.PartitionLayout:
-    """The PartitionLayout Ironic asks for with ``image_info`` on ``node``."""
+                     cpu_arch: str | None = None,
+                     efi_system_partition_mb: int = partition.EFI_SYSTEM_PARTITION_MB,
+                     bios_boot_partition_mb: int = partition.BIOS_BOOT_PARTITION_MB,
+                     ) -> partition.PartitionLayout:
+    """The PartitionLayout Ironic asks for with ``image_info`` on ``node``; the boot
+    partitions' sizes are the ``[disk_utils]`` options'."""
     boot_mode = partition.get_node_boot_mode(node, sys_path=sys_path,
                                              fallback=image_info.get("deploy_boot_mode"))
     label = partition.get_partition_table_type_from_specs(
@@ -86,7 +90,9 @@ def partition_layout(image_info: Mapping[str, Any], node: Mapping[str, Any] | No
         configdrive_mb=-(-configdrive_size // disks.MiB),
         boot_mode=boot_mode, disk_label=label,
         cpu_arch=os.uname().machine if cpu_arch is None else cpu_arch,
-        preserve_ephemeral=bool(image_info.get("preserve_ephemeral", False)))
+        preserve_ephemeral=bool(image_info.get("preserve_ephemeral", False)),
+        efi_system_partition_mb=efi_system_partition_mb,
+        bios_boot_partition_mb=bios_boot_partition_mb)
 
 
 async def write_image_to_disk(context: HardwareContext, device: str,
@@ -113,8 +119,12 @@ async def write_image_to_disk(context: HardwareContext, device: str,
         data = await configdrives.get_configdrive(context, configdrive, fetch=fetch)
     try:
         if is_partition_image(image_info):
-            layout = partition_layout(image_info, node, sys_path=context.config.sys_path,
-                                      configdrive_size=len(data) if data else 0)
+            config = context.config
+            layout = partition_layout(
+                image_info, node, sys_path=config.sys_path,
+                configdrive_size=len(data) if data else 0,
+                efi_system_partition_mb=config.efi_system_partition_size,
+                bios_boot_partition_mb=config.bios_boot_partition_size)
             return await _write_partition_image(context, device, image_info, layout, writer,
                                                 data, wipe)
         return await _write_whole_disk(context, device, image_info, writer, data, wipe)

@@ -87,6 +87,14 @@ class SpecTests(SynchronousTestCase):
             root_mb=100, swap_mb=10, configdrive_mb=2, boot_mode="bios", disk_label="gpt",
             cpu_arch="x86_64", preserve_ephemeral=True))
 
+    def test_boot_partition_sizes_given(self) -> None:
+        layout = partition_layout({"root_mb": 100, "deploy_boot_mode": "uefi"}, {},
+                                  cpu_arch="x86_64", efi_system_partition_mb=1024,
+                                  bios_boot_partition_mb=4)
+        self.assertEqual((layout.efi_system_partition_mb, layout.bios_boot_partition_mb),
+                         (1024, 4))
+        self.assertEqual(plan_partitions(layout)[0].size_mb, 1024)
+
     def test_plans(self) -> None:
         def roles(**kw: Any) -> list[tuple[str, int, tuple[str, ...]]]:
             return [(p.role, p.size_mb, p.flags)
@@ -320,6 +328,19 @@ class PartitionImageTests(LoopTestCase):
         self.assertTrue({"boot", "esp"} <= layout.partitions[0].flags)
         self.assertEqual(await disks.get_efi_part_on_device(self.context(loop.path),
                                                             loop.path), 1)
+
+    async def test_boot_partition_sizes_from_the_disk_utils_options(self) -> None:
+        loop, _, _ = await self.deploy(
+            256 * MiB, {"root_mb": 32}, {"properties": {"capabilities": "boot_mode:uefi"}},
+            configdrive=False, efi_system_partition_size=40)
+        self.assertEqual((await self.parted(loop.path)).partitions[0].size, 40 * MiB)
+        loop, _, _ = await self.deploy(
+            256 * MiB, {"root_mb": 32},
+            {"instance_info": {"deploy_boot_mode": "bios",
+                               "capabilities": {"disk_label": "gpt"}}},
+            configdrive=False, bios_boot_partition_size=3)
+        first = (await self.parted(loop.path)).partitions[0]
+        self.assertEqual((first.size, "bios_grub" in first.flags), (3 * MiB, True))
 
     async def test_partition_nodes_made_without_udev(self) -> None:
         """dev_path holding only the disk's node: partition nodes come from sysfs."""

@@ -41,8 +41,10 @@ from ipa_twisted.process import ProcessExecutionError
 log = Logger()
 
 EFI_SYSTEM_PARTITION_MB = 550
-"""Size of the EFI system partition, in MiB (the reference's current default)."""
+"""Size of the EFI system partition, in MiB: the default of ``[disk_utils]
+efi_system_partition_size`` (the reference's current default), which sets it."""
 BIOS_BOOT_PARTITION_MB = 1
+"""Size of the BIOS Boot partition, in MiB: ``[disk_utils] bios_boot_partition_size``."""
 PREP_BOOT_PARTITION_MB = 8
 LEAD_IN_MB = 1
 GPT_TAIL_MB = 1
