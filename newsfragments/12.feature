@@ -2,3 +2,4 @@
 - `ipa-api-url` (and `inspection_callback_url`) may list several URLs, comma-separated: lookup, heartbeats, the version request and inspection posts try each until one answers, as the reference agent does; `http_request_timeout` and `ironic_api_version` act.
 - New `usb-devices` inspection collector (`usb_devices`: product, vendor, handle and ids of every non-hub USB device, from sysfs); an unknown collector name is a logged warning and no longer fails the inspection.
 - `[disk_utils] efi_system_partition_size` and `bios_boot_partition_size` set the boot partitions made for partition images.
+- `inject_files_priority` (`ipa-inject-files-priority`) gives the `inject_files` deploy step its priority (0, the default: only when Ironic asks for it).

@@ -137,6 +137,26 @@ class InjectTests(SynchronousTestCase):
         self.assertEqual(INJECT_FILES_STEP["interface"], "deploy")
         self.assertEqual(set(INJECT_FILES_STEP["argsinfo"]), {"files", "verify_ca"})
 
+    def test_deploy_step_priority_is_the_option(self) -> None:
+        from ipa_twisted.hardware.generic import GenericHardwareManager
+        generic = GenericHardwareManager(udev=lambda name: {})
+        context = HardwareContext(self.fake.config(), self.runner, self.clock, self.clock)
+        generic.bind(context)
+
+        def priority() -> int:
+            [step] = [s for s in generic.get_deploy_steps({}, [])
+                      if s["step"] == "inject_files"]
+            self.assertEqual(step["argsinfo"], INJECT_FILES_STEP["argsinfo"])
+            return int(step["priority"])
+
+        self.assertEqual(priority(), 0)                 # default: only when Ironic asks
+        context.config = context.config.merged({"inject_files_priority": "45"}, "test")
+        self.assertEqual(priority(), 45)                # read where the steps are listed
+        self.assertEqual(INJECT_FILES_STEP["priority"], 0)
+        [service] = [s for s in generic.get_service_steps({}, [])
+                     if s["step"] == "inject_files"]
+        self.assertEqual(service["priority"], 0)        # service steps: the operator orders
+
     def test_found_by_path_with_modes(self) -> None:
         self.inject([{"path": "/etc/ssh/sshd_config.d/ipa.conf", "content": b64("Port 2\n"),
                       "mode": 0o600, "dirmode": 0o700}])

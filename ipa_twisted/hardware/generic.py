@@ -740,7 +740,7 @@ class GenericHardwareManager(EraseMixin, SoftwareRaidMixin, InjectFilesMixin, Ha
                                           "required": False}}},
             {"step": "erase_devices_metadata", "priority": 0, "interface": "deploy",
              "reboot_requested": False},
-            dict(INJECT_FILES_STEP),
+            {**INJECT_FILES_STEP, "priority": self.context.config.inject_files_priority},
             *raid_deploy_steps(),
         ]
 

@@ -65,7 +65,8 @@ ARGSINFO: dict[str, dict[str, Any]] = {
 INJECT_FILES_STEP: dict[str, Any] = {
     "step": "inject_files", "priority": 0, "interface": "deploy",
     "reboot_requested": False, "abortable": True, "argsinfo": ARGSINFO}
-"""The deploy step, for ``get_deploy_steps``."""
+"""The deploy step, for ``get_deploy_steps``; its priority there is the
+``inject_files_priority`` option's (0, the default: run only when Ironic asks for it)."""
 
 
 def validate_files(from_properties: Any, from_args: Any) -> list[dict[str, Any]]:
