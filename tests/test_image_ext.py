@@ -317,9 +317,13 @@ class BiosTests(BootloaderTestCase):
             self.assertIn("CVE-2026-43003", str(error))
             self.assertTrue(any("CVE-2026-43003" in formatEvent(e) for e in events
                                 if e["log_level"] is LogLevel.error))
-        # Refused before anything was looked up, mounted or run.
-        self.assertEqual([argv for argv in self.runner.argvs
-                          if argv[0] in ("blkid", "mount", "chroot", "efibootmgr")], [])
+        # Refused before any disk was looked at: not a single program run.
+        self.assertEqual(self.runner.argvs, [])
+        # Also when the agent booted in UEFI mode (the firmware's loaders are not tried).
+        result = self.install(self.agent("uefi", config=self.fake.config()),
+                              root_uuid=ROOT_UUID, target_boot_mode="bios")
+        self.assertIsInstance(result.command_error, errors.InvalidImage)
+        self.assertEqual(self.runner.argvs, [])
         self.flushLoggedErrors()
 
     def test_bios_refusal_ignored_on_request(self) -> None:

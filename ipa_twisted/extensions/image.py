@@ -5,7 +5,8 @@ command picks the install device and the agent's own boot mode from the hardware
 stops an iSCSI target exposing the disk (``iscsi.start_iscsi_target``) first, and applies
 ``ignore_bootloader_failure`` (the command's, else the ``ignore_bootloader_failure`` option
 when the configuration has one, else False). A partition image's BIOS boot loader needs the
-``enable_bios_bootloader_install`` option (Ironic's lookup may set it; CVE-2026-43003).
+``enable_bios_bootloader_install`` option (Ironic's lookup may set it; CVE-2026-43003):
+without it the command fails before any disk is looked at (``bios_install_permitted``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ class ImageExtension(Extension):
         CommandExecutionError if the boot loader cannot be installed, DeviceNotFound if a
         partition cannot be found.
         """
+        ignore = ignore_bootloader_failure
+        if ignore is None:
+            ignore = bool(getattr(self.agent.config, "ignore_bootloader_failure", False))
+        if not bootloader.bios_install_permitted(self.agent.config, root_uuid,
+                                                 efi_system_part_uuid, target_boot_mode,
+                                                 ignore):
+            return
         managers = await self.agent.get_managers()
         device = await managers.dispatch_to_managers("get_os_install_device")
         iscsi = self.agent.extensions.get("iscsi")
@@ -60,9 +68,6 @@ class ImageExtension(Extension):
         if cleanup is not None:
             await cleanup(device)
         boot = await managers.dispatch_to_managers("get_boot_info")
-        ignore = ignore_bootloader_failure
-        if ignore is None:
-            ignore = bool(getattr(self.agent.config, "ignore_bootloader_failure", False))
         await bootloader.install_bootloader(
             self.agent.hardware_context(), str(device), root_uuid,
             efi_system_part_uuid=efi_system_part_uuid,

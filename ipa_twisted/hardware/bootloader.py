@@ -23,11 +23,16 @@
    Everything mounted is unmounted in reverse order afterwards, also on failure.
 
 A root UUID of ``None`` or ``0x00000000`` means a whole-disk image: nothing is done after
-step 1. A BIOS install (step 2 without an ESP: ``grub-install`` run from the image) needs
-``enable_bios_bootloader_install`` (default off, the CVE-2026-43003 mitigation, as the
-reference agent): without it the command fails, naming the option, before anything is
-mounted or run (with ``ignore_bootloader_failure``, it is logged and nothing is done). Failing programs become CommandExecutionError; a partition that cannot be found,
+step 1. Failing programs become CommandExecutionError; a partition that cannot be found,
 DeviceNotFound.
+
+A BIOS install (a partition image without an ESP and a target other than UEFI:
+``grub-install`` run from the image) needs ``enable_bios_bootloader_install`` (default off,
+the CVE-2026-43003 mitigation, as the reference agent): ``bios_install_permitted`` refuses
+it, naming the option, before any disk is looked at (with ``ignore_bootloader_failure``, it
+is logged and nothing is done). Unlike the reference, which checks after trying the
+firmware's own loaders (step 1), the check comes first: a BIOS target on a machine booted in
+UEFI mode is refused too.
 """
 
 from __future__ import annotations
@@ -559,16 +564,35 @@ async def _preserve_efi_assets(context: HardwareContext, device: str, root: str,
         return False
 
 
+def bios_install_permitted(config: Any, root_uuid: str | None,
+                           efi_system_part_uuid: str | None, target_boot_mode: str | None,
+                           ignore_failure: bool) -> bool:
+    """Whether ``image.install_bootloader`` may go on under ``enable_bios_bootloader_install``.
+
+    A partition image (a root UUID) without an ESP and with a target other than UEFI gets
+    a BIOS (or PReP) ``grub-install`` run from the image: with the option off (``config``'s,
+    which Ironic's lookup sets) that is InvalidImage naming the option and CVE-2026-43003,
+    or, with ``ignore_failure``, False after logging it. Decided from the parameters alone,
+    before any disk is looked at.
+    """
+    if (root_uuid in WHOLE_DISK_ROOT_UUIDS or efi_system_part_uuid
+            or target_boot_mode == "uefi" or config.enable_bios_bootloader_install):
+        return True
+    log.error("{error}", error=BIOS_INSTALL_DISABLED)
+    if not ignore_failure:
+        raise InvalidImage(BIOS_INSTALL_DISABLED)
+    return False
+
+
 async def install_bootloader(context: HardwareContext, device: str, root_uuid: str | None, *,
                              efi_system_part_uuid: str | None = None,
                              prep_boot_part_uuid: str | None = None,
                              target_boot_mode: str | None = "bios",
                              current_boot_mode: str = "bios",
                              ignore_failure: bool = False) -> None:
-    """The whole of ``image.install_bootloader`` on ``device`` (see the module docstring).
+    """The whole of ``image.install_bootloader`` on ``device`` (see the module docstring),
+    once ``bios_install_permitted`` said yes.
 
-    A partition image's BIOS boot loader (no ESP given, target not UEFI) is only installed
-    with ``enable_bios_bootloader_install``: else InvalidImage (``BIOS_INSTALL_DISABLED``).
     With ``ignore_failure`` errors are logged and the boot loader is left as it is.
     """
     try:
@@ -584,13 +608,6 @@ async def install_bootloader(context: HardwareContext, device: str, root_uuid: s
                  "whole disk image")
         return
     assert root_uuid is not None
-    if (not efi_system_part_uuid and target_boot_mode != "uefi"
-            and not context.config.enable_bios_bootloader_install):
-        # Before anything is mounted or run: a BIOS (or PReP) grub-install from the image.
-        log.error("{error}", error=BIOS_INSTALL_DISABLED)
-        if not ignore_failure:
-            raise InvalidImage(BIOS_INSTALL_DISABLED)
-        return
     try:
         await install_grub2(context, device, root_uuid,
                             efi_system_part_uuid=efi_system_part_uuid,
