@@ -3,3 +3,6 @@
 - New `usb-devices` inspection collector (`usb_devices`: product, vendor, handle and ids of every non-hub USB device, from sysfs); an unknown collector name is a logged warning and no longer fails the inspection.
 - `[disk_utils] efi_system_partition_size` and `bios_boot_partition_size` set the boot partitions made for partition images.
 - `inject_files_priority` (`ipa-inject-files-priority`) gives the `inject_files` deploy step its priority (0, the default: only when Ironic asks for it).
+- Servicing: the generic hardware manager offers the reference agent's service steps (RAID delete/create/apply_configuration, `write_image`, `inject_files`, all priority 0), so Ironic no longer refuses in-band service steps; `service.execute_service_step` checks manager versions first.
+- `system.lockdown` closes the listening port and every open connection (keep-alive ones included), stops heartbeats, takes physical, VLAN and bond interfaces down and keeps the process running; the ramdisk's init never restarts a locked-down agent. Ironic's lockdown poll, and so deploying a `disable_power_off` node, now succeeds.
+- `standby.sync` (and the sync before `run_image`/`power_off`) is the reference's full sync: `sync`, the kernel's caches dropped, `blockdev --flushbufs` on every disk.
