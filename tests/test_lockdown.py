@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 from treq.testing import StubTreq
 from twisted.application.internet import StreamServerEndpointService

@@ -160,7 +160,7 @@ class AgentSite(Site):
         """Count ``channel`` among the open connections (its connectionMade); once closed,
         a connection that still arrives is aborted at once."""
         if self.closed:
-            channel.transport.abortConnection()
+            _abort(channel)
             return
         self._channels.setdefault(channel, [])
 
@@ -197,10 +197,9 @@ class AgentSite(Site):
 
         def abort() -> None:
             for channel in list(self._channels):
-                if channel.transport is not None:
-                    log.info("Aborting an API connection that did not close within "
-                             "{grace} s", grace=grace)
-                    channel.transport.abortConnection()
+                log.info("Aborting an API connection that did not close within {grace} s",
+                         grace=grace)
+                _abort(channel)
         deadline = clock.callLater(grace, abort)
         try:
             await gatherResults(gone)
@@ -219,6 +218,13 @@ class AgentSite(Site):
             method=request.method.decode("ascii", "replace"),
             path=request.path.decode("utf-8", "replace"),
             code=request.code, length=request.sentLength)
+
+
+def _abort(channel: HTTPChannel) -> None:
+    """Close ``channel``'s connection at once, dropping what was not sent."""
+    transport: Any = channel.transport
+    if transport is not None:
+        transport.abortConnection()
 
 
 def make_site(api: AgentAPI, idle_timeout: float = 60.0) -> AgentSite:
