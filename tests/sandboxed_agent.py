@@ -10,8 +10,13 @@ stays in there. SPEC is JSON:
   ``step`` and ``params`` to run a deploy step through ``deploy.execute_deploy_step`` with
   ``InjectFilesMixin`` mixed into the manager; or ``call: "vmedia"`` to read virtual media
   parameters (``get_vmedia_params``);
+- ``manager: "generic"`` with ``devices`` (loop device paths): the generic hardware manager
+  instead, as the ramdisk runs it, through a LoopOnlyRunner (it lists and touches only
+  ``devices``); ``clean_step`` (and ``interface``, default ``deploy``) runs that clean step
+  through ``clean.execute_clean_step``;
 - ``config``: AgentConfig fields; ``node``: the node the step is run for;
-- ``private_run``: mount a tmpfs on /run first (tgtd's control socket lives there).
+- ``private_run``: mount a tmpfs on /run first (tgtd's control socket lives there);
+- ``log``: the agent's log lines go to stderr.
 
 The result is printed as one JSON line: ``{"status", "result", "error"}``. Commands run
 through a real ProcessRunner whose PATH is this process's: a test puts fakes (efibootmgr)
@@ -26,13 +31,18 @@ from typing import Any
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred
+from twisted.logger import globalLogBeginner, textFileLogObserver
 
 from ipa_twisted.agent import Agent
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.hardware.dispatch import HardwareManagers
+from ipa_twisted.hardware.generic import GenericHardwareManager
 from ipa_twisted.hardware.inject import INJECT_FILES_STEP, InjectFilesMixin
+from ipa_twisted.hardware.interface import HardwareManager
+from ipa_twisted.hardware.raid import is_md_name
 from ipa_twisted.process import ProcessRunner
 from ipa_twisted.testing.fake_managers import FixedDeviceManager
+from ipa_twisted.testing.sandbox import LoopOnlyRunner
 
 
 class LoopManager(FixedDeviceManager):
@@ -41,12 +51,23 @@ class LoopManager(FixedDeviceManager):
     HARDWARE_MANAGER_NAME = "loop_manager"
 
 
+class LoopAndMdRunner(LoopOnlyRunner):
+    """Also lets programs name md devices (``/dev/md0``): the tests that use the generic
+    manager give it a fake mdadm, and the sandbox's /dev holds no md device nodes."""
+
+    def _allowed(self, path: str) -> bool:
+        return super()._allowed(path) or is_md_name(path)
+
+
 class InjectingLoopManager(InjectFilesMixin, LoopManager):
     def get_deploy_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
         return [dict(INJECT_FILES_STEP)]
 
 
 async def main(reactor: Any, spec: dict[str, Any]) -> None:
+    if spec.get("log"):
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
+                                         redirectStandardIO=False)
     runner = ProcessRunner(reactor, reactor)
     if spec.get("private_run"):
         await runner.execute("mount", "-t", "tmpfs", "-o", "mode=0755,size=16m", "tmpfs",
@@ -62,13 +83,24 @@ async def main(reactor: Any, spec: dict[str, Any]) -> None:
         else:
             print(json.dumps({"status": "SUCCEEDED", "result": found, "error": None}))
         return
-    manager_class = InjectingLoopManager if "step" in spec else LoopManager
-    manager = manager_class(spec["device"], spec.get("boot_mode", "bios"))
+    manager: HardwareManager
+    if spec.get("manager") == "generic":
+        runner = LoopAndMdRunner(runner, spec["devices"])
+        manager = GenericHardwareManager()
+    else:
+        manager_class = InjectingLoopManager if "step" in spec else LoopManager
+        manager = manager_class(spec["device"], spec.get("boot_mode", "bios"))
     agent = Agent(config, reactor, runner, managers=HardwareManagers([(manager, 3)]),
                   reactor=reactor)
     manager.bind(agent.hardware_context())
     params: dict[str, Any]
-    if "step" in spec:
+    if "clean_step" in spec:
+        name = "clean.execute_clean_step"
+        params = {"step": {"step": spec["clean_step"], "priority": 0,
+                           "interface": spec.get("interface", "deploy"),
+                           "args": spec.get("params", {})},
+                  "node": spec.get("node", {"uuid": "sandboxed"}), "ports": []}
+    elif "step" in spec:
         name = "deploy.execute_deploy_step"
         params = {"step": {"step": spec["step"], "priority": 0, "interface": "deploy",
                            "args": spec.get("params", {})},

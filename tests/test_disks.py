@@ -15,6 +15,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipa_twisted.config import AgentConfig
@@ -40,6 +41,65 @@ BYT;
 2:577765376B:1006632959B:428867584B:ext4:root:;
 1:1006632960B:1073724927B:67091968B:free;
 """
+
+
+class RetryOptionTests(SynchronousTestCase):
+    """``[disk_utils] partprobe_attempts`` and ``partition_detection_attempts``."""
+
+    def setUp(self) -> None:
+        self.system = FakeSystem(self.mktemp())
+        self.clock = Clock()
+
+    def context(self, runner: FakeRunner, **config: Any) -> HardwareContext:
+        return HardwareContext(self.system.config(**config), runner, self.clock, None)
+
+    def test_partprobe_is_retried(self) -> None:
+        outcomes: list[Any] = [Exit(1, b"", b"Device or resource busy")] * 2 + [b""]
+        runner = FakeRunner({("partprobe",): lambda argv: outcomes.pop(0)})
+        probing = Deferred.fromCoroutine(disks.partprobe(self.context(runner), "/dev/sdz"))
+        self.assertEqual(len(runner.calls), 1)
+        self.clock.advance(disks.PARTPROBE_RETRY_DELAY)
+        self.clock.advance(disks.PARTPROBE_RETRY_DELAY)
+        self.assertIs(self.successResultOf(probing), True)
+        self.assertEqual(runner.argvs, [("partprobe", "/dev/sdz")] * 3)
+
+    def test_partprobe_gives_up_after_the_attempts(self) -> None:
+        runner = FakeRunner({("partprobe",): Exit(1, b"", b"busy")})
+        with capturedLogs() as events:
+            probing = Deferred.fromCoroutine(disks.partprobe(
+                self.context(runner, partprobe_attempts=4), "/dev/sdz"))
+            self.clock.pump([disks.PARTPROBE_RETRY_DELAY] * 3)
+        self.assertIs(self.successResultOf(probing), False)
+        self.assertEqual(len(runner.calls), 4)
+        self.assertEqual([e["device"] for e in events if e["log_level"].name == "warn"],
+                         ["/dev/sdz"])
+
+    def test_missing_partprobe_is_not_retried(self) -> None:
+        runner = FakeRunner({}, unknown_missing=True)
+        with capturedLogs():
+            probing = Deferred.fromCoroutine(disks.partprobe(self.context(runner), "/dev/sdz"))
+        self.assertIs(self.successResultOf(probing), False)
+        self.assertEqual(len(runner.calls), 1)
+
+    def wait(self, **config: Any) -> Deferred[None]:
+        context = self.context(FakeRunner({}), **config)
+        dev = self.system.dev_path
+        return Deferred.fromCoroutine(disks.wait_for_partition(
+            context, f"{dev}/sdz", f"{dev}/sdz1"))
+
+    def test_partition_wait_is_at_least_ten_seconds(self) -> None:
+        waiting = self.wait()                        # the reference's 3 checks: 3 s
+        self.clock.pump([disks.PARTITION_WAIT_DELAY] * (disks.PARTITION_WAIT_ATTEMPTS - 2))
+        self.assertNoResult(waiting)
+        self.clock.advance(disks.PARTITION_WAIT_DELAY)
+        self.failureResultOf(waiting, InstanceDeployFailure)
+
+    def test_partition_detection_attempts_lengthen_the_wait(self) -> None:
+        waiting = self.wait(partition_detection_attempts=30)    # 30 s: 60 checks
+        self.clock.pump([disks.PARTITION_WAIT_DELAY] * 58)
+        self.assertNoResult(waiting)
+        self.clock.advance(disks.PARTITION_WAIT_DELAY)
+        self.failureResultOf(waiting, InstanceDeployFailure)
 
 
 class ParsingTests(SynchronousTestCase):
@@ -102,11 +162,13 @@ class EraseMetadataFakeTests(SynchronousTestCase):
         return [os.path.basename(argv[-1]) for argv in runner.argvs if argv[0] == program]
 
     def test_partitions_first_disks_concurrently(self) -> None:
-        runner = FakeRunner({("lsblk",): LSBLK, ("wipefs",): b"", ("sgdisk",): b""},
+        runner = FakeRunner({("lsblk",): LSBLK, ("wipefs",): b"", ("sgdisk",): b"",
+                             ("blkid",): Exit(2)},
                             hold=True)
         erasing = Deferred.fromCoroutine(self.manager(runner).erase_devices_metadata({}, []))
         runner.release_one()                    # lsblk: the devices
-        runner.release_one()                    # lsblk: the shared filesystem guard
+        while not self.names(runner, "wipefs"):  # the shared filesystem guard: lsblk,
+            runner.release_one()                # then blkid -p on each device it lists
         dev = self.system.dev_path
         self.assertEqual(runner.argvs[1], ("lsblk", "-bia", "--json", "-o",
                                            disks.GUARD_LSBLK_COLUMNS, f"{dev}/sda",
@@ -124,6 +186,7 @@ class EraseMetadataFakeTests(SynchronousTestCase):
 
     def test_errors_collected_after_trying_everything(self) -> None:
         runner = FakeRunner({("lsblk",): LSBLK, ("wipefs",): b"", ("sgdisk",): b"",
+                             ("blkid",): Exit(2),
                              ("wipefs", "--force", "--all", f"{self.system.dev_path}/sdb"):
                              Exit(1, b"", b"wipefs: error: probing initialization failed")})
         failure = self.failureResultOf(Deferred.fromCoroutine(

@@ -277,6 +277,7 @@ class EraseTestCase(SynchronousTestCase):
             ("shred",): (b"", b"shred: pass 1/2 (random)...\nshred: pass 2/2 (000000)...\n"),
             ("wipefs",): b"",
             ("sgdisk", "-Z"): b"GPT data structures destroyed!\n",
+            ("blkid", "-p"): Exit(2),               # nothing found on the disk itself
         }
         answers.update(extra or {})
         return answers
@@ -843,6 +844,25 @@ class ProtectedDiskTests(EraseTestCase):
                 self.assertIn("guard_special_filesystems", str(error))
                 self.assertEqual(error.serialize()["type"], "ProtectedDeviceError")
                 self.assertEqual(self.writes(), set(), (step, kname, fields))
+        self.flushLoggedErrors()
+
+    def test_found_by_blkid_where_udev_told_lsblk_nothing(self) -> None:
+        for blkid, what in (("PART_ENTRY_SCHEME=gpt\nPART_ENTRY_TYPE=aa31e02a-400f-11db-"
+                             "9590-000c2911d1b8\n", "VMware VMFS Partition (GPT)"),
+                            ("TYPE=gfs2\nUUID=0d2e\n", "Red Hat Global File System 2"),
+                            ("PART_ENTRY_SCHEME=dos\nPART_ENTRY_TYPE=0xfb\n",
+                             "VMware VMFS Partition (MBR)")):
+            manager = self.manager(FakeRunner(self.answers({
+                ("blkid", "-p", "-o", "export", self.dev("sdb1")): blkid}),
+                missing=["smartctl"]))
+            error = self.failure(manager.erase_devices({"uuid": "n1"}, []),
+                                 ProtectedDeviceError)
+            self.assertEqual((error.device, error.what),
+                             (self.dev("sdb"), f"{what} (on {self.dev('sdb1')})"))
+            self.assertEqual(self.writes(), set())
+        probed = [argv[-1] for argv in self.ran("blkid")]
+        self.assertEqual(probed, [self.dev(n) for n in ("nvme0n1", "sda", "vda", "sdb",
+                                                        "sdb1")])
         self.flushLoggedErrors()
 
     def test_ordinary_filesystems_pass(self) -> None:

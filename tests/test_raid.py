@@ -174,7 +174,8 @@ class FakeMdMachine:
                 ("lsblk", "--fs", "--noheadings"): self.lsblk_fs,
                 ("parted",): self.parted, ("mdadm",): self.mdadm, ("wipefs",): self.wipefs,
                 ("sgdisk", "-Z"): self.sgdisk_zap, ("partprobe",): b"", ("udevadm",): b"",
-                ("sync",): b"", ("mkfs.vfat",): b"mkfs.fat 4.2 (2021-01-31)\n"}
+                ("sync",): b"", ("mkfs.vfat",): b"mkfs.fat 4.2 (2021-01-31)\n",
+                ("blkid", "-p"): Exit(2)}
 
     def lsblk(self, argv: tuple[str, ...]) -> bytes:
         def row(name: str, size: int, kind: str, **extra: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ does so under the configured ``dev_path``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import stat
@@ -37,6 +38,7 @@ DISK_COMMAND_TIMEOUT = 300.0
 """Longest wait for one partitioning or probing command."""
 PARTITION_WAIT_ATTEMPTS = 20
 PARTITION_WAIT_DELAY = 0.5
+PARTPROBE_RETRY_DELAY = 1.0
 """How long ``wait_for_partition`` waits for a partition node: attempts and seconds apart."""
 
 Wiper = Callable[[str, Any], Awaitable[object]]
@@ -233,7 +235,7 @@ SHARED_FILESYSTEMS = {
     "vmfs_volume_member": "VMware VMFS volume member",
 }
 """Filesystem types (as blkid and lsblk name them) of shared-disk cluster filesystems."""
-GUARD_LSBLK_COLUMNS = "KNAME,FSTYPE,UUID,PTUUID,PARTTYPE,PARTUUID"
+GUARD_LSBLK_COLUMNS = "NAME,KNAME,PKNAME,FSTYPE,UUID,PTUUID,PARTTYPE,PARTUUID"
 
 
 def shared_filesystem(row: Mapping[str, Any]) -> str | None:
@@ -253,9 +255,11 @@ async def find_shared_filesystems(context: HardwareContext, devices: Sequence[st
     """``(device, what)`` for each of ``devices`` (or a partition or holder of one of
     theirs) that holds a shared cluster filesystem: VMFS, GFS2, OCFS2, GPFS.
 
-    One ``lsblk`` for all of them, children included (the reference agent looks at each
-    device alone, and at its file system type not at all). ProcessExecutionError if lsblk
-    fails: the caller decides (an erase must not go ahead unchecked).
+    ``lsblk`` gives the devices' trees (and the types, where udev recorded them); each
+    device in them is also probed with ``blkid -p``, which reads the disk itself, so the
+    check holds where udev does not run. (The reference agent asks lsblk only, about each
+    device alone, for the partition type only.) ProcessExecutionError if a tool fails: the
+    caller decides (an erase must not go ahead unchecked).
     """
     if not devices:
         return []
@@ -263,25 +267,33 @@ async def find_shared_filesystems(context: HardwareContext, devices: Sequence[st
                                           GUARD_LSBLK_COLUMNS, *devices,
                                           timeout=_timeout(context))
     try:
-        document = json.loads(out)
-        tops = document["blockdevices"]
+        tops = json.loads(out)["blockdevices"]
     except (ValueError, KeyError, TypeError) as e:
         raise ProcessExecutionError(["lsblk", *devices], 0, out,
                                     f"unreadable lsblk output: {e}".encode()) from e
-    found: list[tuple[str, str]] = []
 
     def path(row: Mapping[str, Any]) -> str:
         return os.path.join(context.config.dev_path, os.path.basename(str(row.get("kname"))))
 
-    def walk(rows: Sequence[Mapping[str, Any]], top: str) -> None:
+    found: list[tuple[str, str]] = []
+    tops_of: dict[str, str] = {}          # kname → the asked device it is under
+
+    async def walk(rows: Sequence[Mapping[str, Any]], top: str | None) -> None:
         for row in rows:
+            if top is None:               # a flat listing (no NAME tree): follow PKNAME
+                top = tops_of.get(str(row.get("pkname")), path(row))
+            tops_of[str(row.get("kname"))] = top
             what = shared_filesystem(row)
+            if what is None:
+                probed = await probe(context, path(row))
+                what = shared_filesystem({"fstype": probed.get("TYPE"),
+                                          "parttype": probed.get("PART_ENTRY_TYPE")})
             if what is not None:
                 found.append((top, what if path(row) == top else f"{what} (on {path(row)})"))
-            walk(row.get("children") or (), top)
+            await walk(row.get("children") or (), top)
 
-    for top in tops:
-        walk([top], path(top))
+    for row in tops:
+        await walk([row], None)
     return found
 
 
@@ -300,14 +312,27 @@ async def udev_settle(context: HardwareContext) -> bool:
 
 
 async def partprobe(context: HardwareContext, device: str) -> bool:
-    """Have the kernel re-read the partition table of ``device``; False (logged) if not."""
-    try:
-        await context.runner.execute("partprobe", device, timeout=_timeout(context))
-    except ProcessExecutionError as e:
-        log.warn("Unable to probe for partitions on {device}; the partition table may be "
-                 "broken: {error}", device=device, error=str(e))
-        return False
-    return True
+    """Have the kernel re-read the partition table of ``device``; False (logged) if not.
+
+    partprobe is tried ``partprobe_attempts`` times, ``PARTPROBE_RETRY_DELAY`` apart (a
+    disk just written may still be busy).
+    """
+    attempts = max(context.config.partprobe_attempts, 1)
+    for attempt in range(1, attempts + 1):
+        try:
+            await context.runner.execute("partprobe", device, timeout=_timeout(context))
+        except ProcessExecutionError as e:
+            if attempt < attempts and not isinstance(e, CommandNotFoundError):
+                log.debug("partprobe {device} failed (attempt {attempt} of {attempts}): "
+                          "{error}", device=device, attempt=attempt, attempts=attempts,
+                          error=str(e))
+                await deferLater(context.clock, PARTPROBE_RETRY_DELAY)
+                continue
+            log.warn("Unable to probe for partitions on {device}; the partition table may "
+                     "be broken: {error}", device=device, error=str(e))
+            return False
+        return True
+    return False
 
 
 async def rescan_device(context: HardwareContext, device: str) -> bool:
@@ -364,7 +389,7 @@ def _make_node(context: HardwareContext, path: str, number: int) -> bool:
 
 
 async def wait_for_partition(context: HardwareContext, disk: str, path: str, *,
-                             attempts: int = PARTITION_WAIT_ATTEMPTS,
+                             attempts: int | None = None,
                              delay: float = PARTITION_WAIT_DELAY) -> None:
     """Wait until ``path``, a partition of ``disk``, is a block device node.
 
@@ -372,7 +397,14 @@ async def wait_for_partition(context: HardwareContext, disk: str, path: str, *,
     partition now (a stale node left by an earlier table is replaced); the node is made
     from sysfs when nothing else makes it (see the module docstring). Without sysfs any
     block node at ``path`` is accepted. InstanceDeployFailure if it never appears.
+    ``attempts`` (``delay`` apart) defaults to PARTITION_WAIT_ATTEMPTS, or more when
+    ``partition_detection_attempts`` (the reference's checks, 1 s apart) asks for a longer
+    wait.
     """
+    if attempts is None:
+        wanted = math.ceil(context.config.partition_detection_attempts / delay) \
+            if delay > 0 else context.config.partition_detection_attempts
+        attempts = max(PARTITION_WAIT_ATTEMPTS, wanted)
     kernel_knows_disk = _sysfs_dev(context, os.path.basename(os.path.realpath(disk))) \
         is not None
     name = os.path.basename(path)
