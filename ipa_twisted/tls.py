@@ -315,7 +315,8 @@ class AgentTLSPolicy:
         self.verify, self.trust_root = verify, trust_root
         self.client_certificate = client_certificate
         fixed = TLSSettings(minimum_version, cipher_suites)
-        check_settings(fixed)
+        if settings is None:
+            check_settings(fixed)      # else usable_settings decides, connection by connection
         self._settings = settings or (lambda: fixed)
 
     @property

@@ -238,6 +238,9 @@ class TLSPolicyTests(SynchronousTestCase):
         self.assertIn("NO-SUCH-CIPHER", errors[0])
         self.assertRaises(ValueError, tls_policy,                 # configured: refused
                           current[0].override(cafile=None))
+        # Following the configuration in force, a client is made all the same.
+        self.assertEqual(tls_policy(current[0], current=lambda: current[0]).settings,
+                         ("1.2", None))
 
     def test_missing_or_empty_files_fail_early(self) -> None:
         self.assertRaises(OSError, tls_policy, AgentConfig(cafile="/nonexistent/ca.pem"))
