@@ -9,7 +9,9 @@ in that configuration reaches beyond this machine, and Ironic never asks our age
 off or reboot the machine the tests run on: nodes are enrolled with
 ``deploy_forces_oob_reboot`` (power off through the fake power interface, after a ``sync``),
 the ``agent`` power interface is not enabled, and automated cleaning is off with the erase
-steps at priority 0.
+steps at priority 0 (``automated_clean=True`` turns it on, with the erase steps at the
+priorities the agent gives them, as Ironic's defaults are: ``erase_devices_metadata`` 99,
+``erase_devices`` 10).
 
 Typical use, in a ``TestCase``::
 
@@ -91,10 +93,13 @@ class RealIronic:
     def __init__(self, directory: str, *, restrict_lookup: bool = True,
                  fast_track: bool = False, require_tls: bool = True,
                  heartbeat_timeout: int = 30, callback_timeout: int = 300,
+                 automated_clean: bool = False,
                  options: Mapping[str, Mapping[str, object]] | None = None) -> None:
         """``heartbeat_timeout`` is ``[api]ramdisk_heartbeat_timeout``, which Ironic hands the
         agent at lookup (it beats every 0.3 to 0.6 of it). ``callback_timeout`` bounds every
-        ``* wait`` state. ``options`` adds to or overrides the configuration, by section."""
+        ``* wait`` state. ``automated_clean``: ``provide`` cleans the node through the agent
+        (see the module docstring). ``options`` adds to or overrides the configuration, by
+        section."""
         self.directory = os.path.abspath(directory)
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}"
@@ -104,6 +109,7 @@ class RealIronic:
         self._restrict_lookup, self._fast_track = restrict_lookup, fast_track
         self._require_tls, self._heartbeat_timeout = require_tls, heartbeat_timeout
         self._callback_timeout = callback_timeout
+        self._automated_clean = automated_clean
         self._options = options or {}
         self._child: Child | None = None
 
@@ -182,6 +188,10 @@ class RealIronic:
             "nova": {"send_power_notifications": False},
             "oslo_concurrency": {"lock_path": os.path.join(state, "locks")},
         }
+        if self._automated_clean:
+            sections["conductor"]["automated_clean"] = True
+            for step in ("erase_devices_priority", "erase_devices_metadata_priority"):
+                del sections["deploy"][step]          # the agent's own priorities
         for section, values in self._options.items():
             sections.setdefault(section, {}).update(values)
         return sections
@@ -428,13 +438,13 @@ __all__ = ["FAILED_STATES", "HARDWARE_TYPE", "IRONIC_VENV", "IronicError", "MICR
 
 def start_agent(test: Any, ironic: RealIronic, directory: str, *, name: str = "agent",
                 config: str = "", wrap: Callable[[list[str]], list[str]] | None = None,
-                debug: bool = True) -> Child:
+                env: dict[str, str] | None = None, debug: bool = True) -> Child:
     """A real ``twistd ipa`` looking ``ironic`` up, on a free port of 127.0.0.1.
 
     ``config`` adds ``[DEFAULT]`` lines; power commands are harmless and the kernel command
-    line is empty. ``wrap`` rewrites the argv (to run it in the disk sandbox). The process
-    is killed in ``test``'s cleanup.
+    line is empty. ``wrap`` rewrites the argv (to run it in the disk sandbox); ``env``
+    replaces ``tests.processes.child_env()``. The process is killed in ``test``'s cleanup.
     """
     from tests.processes import start_agent as start
     return start(test, directory, api_url=ironic.api_url, name=name, config=config,
-                 wrap=wrap, debug=debug)
+                 wrap=wrap, env=env, debug=debug)
