@@ -67,7 +67,11 @@ if TYPE_CHECKING:
 log = Logger()
 
 CLOCK_SKEW = datetime.timedelta(days=1)
-"""How far before now a generated certificate becomes valid."""
+"""How far before now a generated certificate becomes valid, unless told (automatic TLS
+passes ``auto_tls_allowed_clock_skew``)."""
+
+CURVES = ("p256", "p384", "p521")
+"""Elliptic curves a generated certificate's key may use (``tls_certificate_curve``)."""
 
 DEFAULT_VALIDITY_DAYS = 90
 TLS_VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
@@ -380,13 +384,16 @@ def _write_private(path: str, data: bytes) -> None:
 def generate_tls_certificate(ip_address: str, common_name: str | None = None,
                              valid_for_days: int = DEFAULT_VALIDITY_DAYS, *,
                              clock: IReactorTime | None = None,
-                             directory: str | None = None) -> TlsCertificate:
+                             directory: str | None = None, curve: str = "p256",
+                             clock_skew: float | None = None) -> TlsCertificate:
     """A new self-signed certificate for ``ip_address`` and its key, written to files.
 
     ``common_name`` defaults to this host's name. ``ip_address`` is normally an IP
     address (the SAN is then an IP address entry); a host name gives a DNS name entry.
     ``clock`` gives "now" (default: the system clock). The files go into ``directory``
-    (default: a new private temporary directory).
+    (default: a new private temporary directory). ``curve`` (one of CURVES) is the key's
+    elliptic curve; the certificate is valid from ``clock_skew`` seconds before now
+    (default CLOCK_SKEW).
     """
     # Loaded here: only automatic TLS (and tests) make certificates.
     from cryptography import x509
@@ -397,14 +404,18 @@ def generate_tls_certificate(ip_address: str, common_name: str | None = None,
         clock.seconds() if clock is not None else time.time(), datetime.timezone.utc)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
                                          common_name or socket.gethostname() or "ipa")])
-    key = ec.generate_private_key(ec.SECP256R1())
+    curves = {"p256": ec.SECP256R1, "p384": ec.SECP384R1, "p521": ec.SECP521R1}
+    if curve not in curves:
+        raise ValueError(f"unknown curve {curve!r}: not one of {', '.join(CURVES)}")
+    skew = CLOCK_SKEW if clock_skew is None else datetime.timedelta(seconds=clock_skew)
+    key = ec.generate_private_key(curves[curve]())
     public_key = key.public_key()
     certificate = (
         x509.CertificateBuilder()
         .subject_name(name).issuer_name(name)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_before(now - skew)
         .not_valid_after(now + datetime.timedelta(days=valid_for_days))
         .add_extension(x509.SubjectAlternativeName(
             [_subject_alternative_name(ip_address)]), critical=False)

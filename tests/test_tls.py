@@ -131,6 +131,23 @@ class GenerateTests(SynchronousTestCase):
         key.verify(cert.signature, cert.tbs_certificate_bytes,
                    ec.ECDSA(cert.signature_hash_algorithm))          # self-signed
 
+    def test_curve_and_clock_skew_given(self) -> None:
+        clock = Clock()
+        clock.advance(NOW)
+        now = datetime.datetime.fromtimestamp(NOW, datetime.timezone.utc)
+        for curve, name in [("p256", "secp256r1"), ("p384", "secp384r1"),
+                            ("p521", "secp521r1")]:
+            cert = load(generate_tls_certificate("192.0.2.5", clock=clock, curve=curve,
+                                                 clock_skew=600, directory=directory(self)))
+            key = cert.public_key()
+            assert isinstance(key, ec.EllipticCurvePublicKey)
+            self.assertEqual(key.curve.name, name)
+            self.assertEqual(cert.not_valid_before_utc, now - datetime.timedelta(seconds=600))
+            key.verify(cert.signature, cert.tbs_certificate_bytes,
+                       ec.ECDSA(cert.signature_hash_algorithm))
+        self.assertRaises(ValueError, generate_tls_certificate, "192.0.2.5", curve="p192",
+                          directory=directory(self))
+
     def test_files(self) -> None:
         made = generate_tls_certificate("192.0.2.5", directory=directory(self))
         with open(made.path) as f:
@@ -266,6 +283,11 @@ class AutoTLSTests(HandshakeTestCase):
         self.assertEqual(body["callback_url"], f"https://127.0.0.1:{port}")
         sent = body["agent_verify_ca"]
         self.assertEqual(sent, tls.agent_verify_ca)
+        # tls_certificate_curve and auto_tls_allowed_clock_skew: the reference's defaults
+        cert = x509.load_pem_x509_certificate(sent.encode())
+        self.assertEqual(cert.public_key().curve.name, "secp384r1")  # type: ignore[union-attr]
+        self.assertEqual(cert.not_valid_after_utc - cert.not_valid_before_utc,
+                         datetime.timedelta(days=90, seconds=3600))
 
         verified = self.client(ClientPolicy(sent))
         self.assertEqual(await self.get(verified, f"https://127.0.0.1:{port}/"),

@@ -70,7 +70,8 @@ async def prepare_api_tls(config: AgentConfig, ironic: _SupportsAutoTLS | None,
     """Decide on automatic TLS and, when used, generate its certificate and context.
 
     ``ironic`` is asked whether it supports API 1.68 (its answer is cached by the client).
-    ``clock`` and ``directory`` go to ``generate_tls_certificate``. The context's TLS
+    ``clock`` and ``directory`` go to ``generate_tls_certificate``, with the
+    ``tls_certificate_curve`` and ``auto_tls_allowed_clock_skew`` options. The context's TLS
     version and ciphers follow ``current()``, the configuration in force (default:
     ``config``), connection by connection.
     """
@@ -81,7 +82,9 @@ async def prepare_api_tls(config: AgentConfig, ironic: _SupportsAutoTLS | None,
         log.info("Ironic does not support automatic TLS (API 1.68); serving the API over "
                  "{protocol}", protocol=config.advertise_protocol)
         return unchanged
-    certificate = generate_tls_certificate(advertise_host, clock=clock, directory=directory)
+    certificate = generate_tls_certificate(
+        advertise_host, clock=clock, directory=directory,
+        curve=config.tls_certificate_curve, clock_skew=config.auto_tls_allowed_clock_skew)
     context = ServerTLS(certificate.path, certificate.private_key_path,
                         current or (lambda: config))
     log.info("Automatic TLS: serving the API over HTTPS with a self-signed certificate for "
