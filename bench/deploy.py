@@ -43,7 +43,8 @@ GiB = 1024 * MiB
 # -- the image server (child process) --------------------------------------------------------
 
 def serve(directory: str, port_file: str) -> None:
-    """Serve ``directory`` over HTTP/1.1 with sendfile and Range support until killed."""
+    """Serve ``directory`` over HTTP/1.1 with sendfile and Range support until killed;
+    the bytes each answer sent are appended to ``port_file + ".sent"``, one line each."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Handler(BaseHTTPRequestHandler):
@@ -52,7 +53,10 @@ def serve(directory: str, port_file: str) -> None:
         def log_message(self, *args: Any) -> None:
             pass
 
-        def do_GET(self) -> None:
+        def do_HEAD(self) -> None:
+            self.do_GET(body=False)
+
+        def do_GET(self, body: bool = True) -> None:
             path = os.path.join(directory, os.path.basename(self.path.split("?")[0]))
             try:
                 f = open(path, "rb")
@@ -73,7 +77,11 @@ def serve(directory: str, port_file: str) -> None:
                 self.send_header("Content-Length", str(end - start + 1))
                 self.end_headers()
                 self.wfile.flush()
-                self.connection.sendfile(f, start, end - start + 1)
+                if not body:
+                    return
+                sent = self.connection.sendfile(f, start, end - start + 1)
+                with open(port_file + ".sent", "a") as counter:  # one short O_APPEND write
+                    counter.write(f"{sent}\n")
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     with open(port_file + ".tmp", "w") as f:
@@ -187,10 +195,17 @@ class Bench:
         result: dict[str, Any] = json.loads(lines[-1])
         return result
 
-    def pipe(self, url: str, device: str) -> float:
+    def pipe(self, url: str, device: str, fullblock: bool = True) -> float:
+        """Seconds for ``curl | tee >(openssl dgst -sha256) | dd`` to write ``device``.
+
+        ``fullblock`` makes dd gather whole 4 MiB blocks from the pipe before each
+        O_DIRECT write (without it each short pipe read is its own write); ``conv=fsync``
+        ends it with an fsync, as our writer ends."""
+        iflag = " iflag=fullblock" if fullblock else ""
         started = time.monotonic()
-        subprocess.run(["bash", "-c", f"curl -s {url} | tee >(openssl dgst -sha256 "
-                        f">/dev/null) | dd of={device} bs=4M oflag=direct status=none"],
+        subprocess.run(["bash", "-o", "pipefail", "-c",
+                        f"curl -sf {url} | tee >(openssl dgst -sha256 >/dev/null) | "
+                        f"dd of={device} bs=4M{iflag} oflag=direct conv=fsync status=none"],
                        check=True)
         return time.monotonic() - started
 
@@ -200,6 +215,11 @@ class Bench:
         if self.server is not None:
             self.server.kill()
             self.server.wait()
+
+
+def log(message: str) -> None:
+    """Progress, on stderr (stdout carries the JSON rows with --json)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def make_raw(path: str, size: int) -> str:
@@ -239,42 +259,105 @@ def tmpfs_used() -> int:
     return used
 
 
-def raw_bench(bench: Bench, size_gib: float, runs: int) -> None:
+def fio_write(device: str, size: int, depth: int, block: int = 8 * MiB) -> float:
+    """Sequential O_DIRECT write bandwidth of ``device`` (MiB/s): fio, libaio, ``depth``
+    writes of ``block`` bytes in flight, an fsync at the end (as ours and the pipe do)."""
+    out = subprocess.run(
+        ["fio", "--name=seqwrite", f"--filename={device}", "--rw=write", f"--bs={block}",
+         "--direct=1", "--ioengine=libaio", f"--iodepth={depth}", f"--size={size}",
+         "--end_fsync=1", "--output-format=json"],
+        check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    # bw_bytes leaves the end fsync out: the job's whole run time puts it back in.
+    return float(job["write"]["io_bytes"]) / (job["job_runtime"] / 1000) / MiB
+
+
+def hash_rate(name: str, data: bytes, seconds: float = 1.0) -> float:
+    """MiB/s of one core hashing ``data`` with hashlib (OpenSSL), 8 MiB per update."""
+    view = memoryview(data)
+    digest = hashlib.new(name)
+    done, started = 0, time.monotonic()
+    while time.monotonic() - started < seconds:
+        for offset in range(0, len(view), 8 * MiB):
+            digest.update(view[offset:offset + 8 * MiB])
+        done += len(view)
+    return done / (time.monotonic() - started) / MiB
+
+
+def curl_rate(url: str) -> float:
+    """MiB/s of ``curl`` fetching ``url`` to /dev/null over loopback."""
+    out = subprocess.run(["curl", "-sf", "-o", "/dev/null", "-w", "%{size_download} "
+                          "%{time_total}", url], check=True, capture_output=True,
+                         text=True).stdout.split()
+    return float(out[0]) / float(out[1]) / MiB
+
+
+def raw_bench(bench: Bench, size_gib: float, runs: int, depth: int) -> list[dict[str, Any]]:
+    """Ours, the pipes and each stage's limit, interleaved per run; rows for compare.py."""
     size = int(size_gib * GiB)
-    print(f"Making a {size_gib:g} GiB incompressible raw image ...", flush=True)
+    log(f"Making a {size_gib:g} GiB incompressible raw image ...")
     checksum = make_raw(os.path.join(bench.workdir, "image.raw"), size)
     os.sync()  # its write-back would slow the first run down
     device, is_loop = bench.target("raw-target", size + 64 * MiB)
-    print(f"Target: {device}" + ("" if is_loop else
-                                 " (a REGULAR FILE: not root or no losetup, no loop device)"))
+    log(f"Target: {device}" + ("" if is_loop else
+                               " (a REGULAR FILE: not root or no losetup, no loop device)"))
     url = bench.url("image.raw")
-    ours: list[float] = []
-    pipe: list[float] = []
+    sample = os.urandom(256 * MiB)
+    got: dict[str, list[float]] = {key: [] for key in (
+        "ours", "pipe", "pipe_plain", "fio_qd1", "fio_qdn", "sha256", "sha512", "curl")}
+    have_fio = shutil.which("fio") is not None and is_loop
+    if not have_fio:
+        log("no device limit: fio is not installed (apt-get install -y fio) or no loop device")
     for run in range(runs):
         result = bench.ours(url, device, checksum, "raw")
         if result["checksum"] != checksum:
             raise RuntimeError("checksum mismatch")
-        ours.append(result["elapsed"])
+        got["ours"].append(size / result["elapsed"] / MiB)
         if run == 0:
             if device_sha256(device, size) != checksum:
                 raise RuntimeError("the device does not hold the image")
-            print("  read back from the device: sha256 matches")
-        pipe.append(bench.pipe(url, device))
-        print(f"  run {run + 1}: ours {ours[-1]:.2f} s (peak RSS "
-              f"{result['peak_rss_kib'] / 1024:.0f} MiB), pipe {pipe[-1]:.2f} s", flush=True)
-    ours_median, pipe_median = statistics.median(ours), statistics.median(pipe)
-    print(f"raw {size_gib:g} GiB, median of {runs}: ours {ours_median:.2f} s "
-          f"({size / ours_median / MiB:.0f} MiB/s), pipe {pipe_median:.2f} s "
-          f"({size / pipe_median / MiB:.0f} MiB/s), ratio pipe/ours "
-          f"{pipe_median / ours_median:.2f} (target >= 0.9)")
+            log("  read back from the device: sha256 matches")
+        got["pipe"].append(size / bench.pipe(url, device, fullblock=True) / MiB)
+        got["pipe_plain"].append(size / bench.pipe(url, device, fullblock=False) / MiB)
+        if have_fio:
+            got["fio_qd1"].append(fio_write(device, size, 1))
+            got["fio_qdn"].append(fio_write(device, size, depth))
+        got["sha256"].append(hash_rate("sha256", sample))
+        got["sha512"].append(hash_rate("sha512", sample))
+        got["curl"].append(curl_rate(url))
+        log(f"  run {run + 1} (MiB/s): "
+            + ", ".join(f"{k} {v[-1]:.0f}" for k, v in got.items() if v))
     bench.detach(device)
     os.remove(os.path.join(bench.workdir, "raw-target"))
     os.remove(os.path.join(bench.workdir, "image.raw"))
+    med = {k: statistics.median(v) if v else float("nan") for k, v in got.items()}
+    limits = {"sha256, one core": "sha256", "loopback HTTP": "curl"}
+    if have_fio:
+        limits[f"device, fio QD{depth}"] = "fio_qdn"
+    lowest = min(limits, key=lambda name: med[limits[name]])
+    target = "" if is_loop else " (REGULAR FILE)"
+    rows: list[dict[str, Any]] = [
+        {"measure": f"raw {size_gib:g} GiB{target} (MiB/s) vs pipe, fullblock",
+         "ours": got["ours"], "theirs": got["pipe"], "fmt": "{:.0f}", "target": ">= 1.0x",
+         "min_ratio": 1.0},
+        {"measure": f"  vs lowest limit: {lowest}", "ours": got["ours"],
+         "theirs": got[limits[lowest]], "fmt": "{:.0f}", "target": ">= 0.9x",
+         "min_ratio": 0.9},
+        {"measure": "  vs pipe without fullblock (old baseline)", "ours": got["ours"],
+         "theirs": got["pipe_plain"], "fmt": "{:.0f}"},
+        {"measure": f"limit: device O_DIRECT 8M, fio QD1 | QD{depth}", "ours": got["fio_qd1"],
+         "theirs": got["fio_qdn"], "fmt": "{:.0f}"},
+        {"measure": "limit: one core, sha256 | sha512 (MiB/s)", "ours": got["sha256"],
+         "theirs": got["sha512"], "fmt": "{:.0f}"},
+        {"measure": "limit: loopback HTTP, curl to /dev/null", "ours": got["curl"],
+         "theirs": [], "fmt": "{:.0f}"},
+    ]
+    return rows
 
 
 def qcow2_bench(bench: Bench, sizes_gib: list[float]) -> None:
     if shutil.which("qemu-img") is None:
-        print("qcow2: skipped, qemu-img is not installed (Debian package qemu-utils)")
+        log("qcow2: skipped, qemu-img is not installed (Debian package qemu-utils)")
         return
     for vsize_gib in sizes_gib:
         vsize = int(vsize_gib * GiB)
@@ -296,12 +379,12 @@ def qcow2_bench(bench: Bench, sizes_gib: list[float]) -> None:
         tmpfs_delta = tmpfs_used() - tmpfs_before
         same = subprocess.run(["cmp", "-n", str(vsize), device, raw],
                               capture_output=True).returncode == 0
-        print(f"qcow2 {vsize_gib:g} GiB virtual ({os.path.getsize(qcow2) / MiB:.0f} MiB file) "
+        log(f"qcow2 {vsize_gib:g} GiB virtual ({os.path.getsize(qcow2) / MiB:.0f} MiB file) "
               f"to {'a loop device' if is_loop else 'a regular file'}: "
               f"{result['elapsed']:.1f} s, peak RSS {result['peak_rss_kib'] / 1024:.0f} MiB "
               f"(RSS before writing {result['rss_before_kib'] / 1024:.0f} MiB), "
               f"tmpfs grew {tmpfs_delta / MiB:.0f} MiB, "
-              f"{'identical to' if same else 'DIFFERENT FROM'} the source raw", flush=True)
+              f"{'identical to' if same else 'DIFFERENT FROM'} the source raw")
         bench.detach(device)
         for name in ("q.raw", "image.qcow2", "qcow2-target"):
             os.remove(os.path.join(bench.workdir, name))
@@ -313,21 +396,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-gib", type=float, default=2.0)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--qcow2-gib", default="1,4,8",
-                        help="virtual sizes for the qcow2 memory runs ('' for none)")
+    parser.add_argument("--depth", type=int, default=16,
+                        help="fio's queue depth for the device limit (default 16)")
+    parser.add_argument("--qcow2-gib", default="",
+                        help="virtual sizes for ours-only qcow2 memory runs, e.g. 1,4,8 "
+                             "(bench/real_ironic.py compares qcow2 with the reference)")
     parser.add_argument("--workdir", default=None,
                         help="where images and targets go (default: a new dir in /var/tmp)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the rows as one JSON list (for compare.py)")
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="ipa-bench-deploy-", dir=args.workdir or "/var/tmp")
     bench = Bench(workdir)
+    rows: list[dict[str, Any]] = []
     try:
         bench.start_server()
         if args.size_gib > 0:
-            raw_bench(bench, args.size_gib, args.runs)
+            rows = raw_bench(bench, args.size_gib, args.runs, args.depth)
         qcow2_bench(bench, [float(s) for s in args.qcow2_gib.split(",") if s.strip()])
     finally:
         bench.close()
         shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        print(json.dumps(rows))
+        return
+    for row in rows:
+        ours = statistics.median(row["ours"]) if row["ours"] else float("nan")
+        theirs = statistics.median(row["theirs"]) if row["theirs"] else float("nan")
+        print(f"{row['measure']:<52} {ours:>8.0f} {theirs:>8.0f} {ours / theirs:>6.2f} "
+              f"{row.get('target', '')}")
 
 
 if __name__ == "__main__":
