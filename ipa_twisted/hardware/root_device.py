@@ -16,6 +16,11 @@ operators and the matching rules are the reference agent's (ironic-lib's root de
 - ``name`` and ``by_path`` may leave out the leading ``/dev/``.
 
 An invalid hint raises RootDeviceHintError (a ValueError) saying what is wrong.
+
+The same hints protect disks: ``properties.skip_block_devices`` is a list of such hint
+objects (or ``{"volume_name": ...}`` for software RAID volumes); ``skip_list_from_node``
+checks it and ``SkipList.match`` tells which disks each entry protects (see
+``raid.protected_devices`` for RAID volumes and their holder disks).
 """
 
 from __future__ import annotations
