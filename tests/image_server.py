@@ -70,15 +70,18 @@ class ImageResource(Resource):
     ``stalls``: the same, but the connection stays open and silent.
     ``ranges``: honour Range requests (else answer 200 with everything). ``fail``: HTTP
     status codes answered by the first requests, in order. ``after_first``: the data served
-    from the second request on (a server that changes its bytes).
+    from the second request on (a server that changes its bytes). ``basic_auth``: a
+    ``(user, password)`` every request must carry as HTTP basic auth (else 401).
     """
 
     isLeaf = True
 
     def __init__(self, data: Any, *, cuts: list[int] | None = None, ranges: bool = True,
                  fail: list[int] | None = None, after_first: Any = None,
-                 stalls: list[int] | None = None) -> None:
+                 stalls: list[int] | None = None,
+                 basic_auth: tuple[str, str] | None = None) -> None:
         super().__init__()
+        self.basic_auth = basic_auth
         self.data = data
         self.cuts = list(cuts or [])
         self.stalls = list(stalls or [])
@@ -92,6 +95,13 @@ class ImageResource(Resource):
         self.requests.append({"range": header,
                               "authorization": request.getHeader("authorization"),
                               "path": request.path.decode()})
+        if self.basic_auth is not None:
+            user, password = self.basic_auth
+            if (request.getUser(), request.getPassword()) != (user.encode(),
+                                                             password.encode()):
+                request.setResponseCode(401)
+                request.setHeader("www-authenticate", 'Basic realm="images"')
+                return b"authentication required"
         if self.fail:
             request.setResponseCode(self.fail.pop(0))
             return b"failure"

@@ -194,12 +194,15 @@ class FakeIronicProcess:
     """
 
     def __init__(self, test: Any, directory: str, *, macs: Sequence[str], node_uuid: str,
-                 token: str, heartbeat_timeout: float) -> None:
+                 token: str, heartbeat_timeout: float,
+                 lookup_config: dict[str, Any] | None = None) -> None:
         self.record = os.path.join(directory, "ironic.jsonl")
         self.port = 0
         self._args = [sys.executable, "-m", "ipa_twisted.testing.fake_ironic",
                       "--node-uuid", node_uuid, "--token", token, "--heartbeat-timeout",
                       str(heartbeat_timeout), "--record", self.record]
+        if lookup_config:
+            self._args += ["--lookup-config", json.dumps(lookup_config)]
         for mac in macs:
             self._args += ["--mac", mac]
         self._children: list[Child] = []

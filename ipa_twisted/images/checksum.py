@@ -117,6 +117,10 @@ def parse_checksum_file(text: str, filenames: Sequence[str]) -> tuple[str | None
 class Md5Refused(errors.ImageDownloadError):
     """The image's only checksum is MD5 and MD5 is disabled (``md5_enabled``)."""
 
+    def __init__(self, image_id: str, msg: str) -> None:
+        super().__init__(image_id, msg)
+        self.type = "ImageDownloadError"
+
 
 async def expected_checksum(image_info: Mapping[str, Any],
                             fetch: Callable[[str], Awaitable[bytes]], *,

@@ -56,6 +56,10 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 class ImageDownloadTimeout(errors.ImageDownloadError):
     """The whole download took longer than ``image_download_max_duration``."""
 
+    def __init__(self, image_id: str, msg: str) -> None:
+        super().__init__(image_id, msg)
+        self.type = "ImageDownloadTimeoutError"   # the reference agent's name
+
 
 def _basic(user: Any, password: Any, image_id: str, where: str) -> str:
     missing = [name for name, value in (("user", user), ("password", password)) if not value]

@@ -179,7 +179,11 @@ class WrittenImage:
 
 
 class DigestMismatch(errors.ImageChecksumError):
-    """The downloaded bytes did not hash to the expected checksum."""
+    """The downloaded bytes did not hash to the expected checksum (retried once)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.type = "ImageChecksumError"   # what Ironic and the reference agent call it
 
 
 class _Worker:

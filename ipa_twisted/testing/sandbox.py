@@ -65,8 +65,11 @@ def loop_devices_unavailable(tools: Sequence[str] = ()) -> str | None:
 
 async def attach_loop_devices(runner: CommandRunner, directory: str, sizes: Sequence[int],
                               add_cleanup: Callable[..., object], *,
-                              read_only: bool = False) -> list[LoopDevice]:
+                              read_only: bool = False,
+                              sector_size: int | None = None) -> list[LoopDevice]:
     """Attach one loop device per size (bytes) on sparse files in ``directory``.
+
+    ``sector_size``: their logical sector size (``losetup --sector-size``, e.g. 4096).
 
     ``add_cleanup`` (a TestCase's ``addCleanup``) is given each device's cleanup as soon as
     the device exists; cleanups may return Deferreds.
@@ -80,7 +83,8 @@ async def attach_loop_devices(runner: CommandRunner, directory: str, sizes: Sequ
             f.truncate(size)
         add_cleanup(_remove, backing)
         argv = ["losetup", "--find", "--show", "--partscan"] + (
-            ["--read-only"] if read_only else []) + [backing]
+            ["--read-only"] if read_only else []) + (
+            ["--sector-size", str(sector_size)] if sector_size else []) + [backing]
         out, _ = await runner.execute(*argv, timeout=LOSETUP_TIMEOUT)
         device = LoopDevice(out.decode().strip(), backing, size)
         add_cleanup(lambda d=device: Deferred.fromCoroutine(detach_loop_device(runner, d)))
