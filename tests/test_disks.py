@@ -140,6 +140,65 @@ LSBLK = json.dumps({"blockdevices": [
 ]}).encode()
 
 
+class SharedFilesystemTests(SynchronousTestCase):
+    """``find_shared_filesystems``: lsblk's tree or flat listing, and blkid where udev did
+    not tell lsblk."""
+
+    def find(self, lsblk: Any, blkid: dict[str, Any] | None = None,
+             devices: tuple[str, ...] = ("/dev/sda", "/dev/sdb")) -> Any:
+        answers: dict[tuple[str, ...], Any] = {("lsblk",): lsblk, ("blkid", "-p"): Exit(2)}
+        for path, output in (blkid or {}).items():
+            answers[("blkid", "-p", "-o", "export", path)] = output
+        self.runner = FakeRunner(answers)
+        context = HardwareContext(AgentConfig(), self.runner, Clock(), None)
+        return Deferred.fromCoroutine(disks.find_shared_filesystems(context, devices))
+
+    def test_tree(self) -> None:
+        tree = {"blockdevices": [
+            {"name": "sda", "kname": "sda", "fstype": None, "children": [
+                {"name": "sda1", "kname": "sda1", "parttype": "0x83", "children": [
+                    {"name": "md0", "kname": "md0", "fstype": "ocfs2"}]}]},
+            {"name": "sdb", "kname": "sdb", "fstype": "gfs2"}]}
+        self.assertEqual(self.successResultOf(self.find(json.dumps(tree))), [
+            ("/dev/sda", "Oracle Cluster File System 2 (on /dev/md0)"),
+            ("/dev/sdb", "Red Hat Global File System 2")])
+        self.assertEqual(self.runner.argvs[0], ("lsblk", "-bia", "--json", "-o",
+                                                disks.GUARD_LSBLK_COLUMNS, "/dev/sda",
+                                                "/dev/sdb"))
+
+    def test_flat_listing_follows_pkname(self) -> None:
+        flat = {"blockdevices": [
+            {"kname": "sda", "pkname": None}, {"kname": "sda1", "pkname": "sda"},
+            {"kname": "sdb", "pkname": None},
+            {"kname": "sdb2", "pkname": "sdb", "parttype": "0xFB"}]}
+        self.assertEqual(self.successResultOf(self.find(json.dumps(flat))), [
+            ("/dev/sdb", "VMware VMFS Partition (MBR) (on /dev/sdb2)")])
+
+    def test_blkid_reads_what_lsblk_did_not_say(self) -> None:
+        flat = {"blockdevices": [{"kname": "sda", "pkname": None},
+                                 {"kname": "sda1", "pkname": "sda"}]}
+        found = self.successResultOf(self.find(json.dumps(flat), {
+            "/dev/sda1": "DEVNAME=/dev/sda1\nPART_ENTRY_SCHEME=gpt\nPART_ENTRY_TYPE="
+                         "37affc90-ef7d-4e96-91c3-2d7ae055b174\n"}, devices=("/dev/sda",)))
+        self.assertEqual(found, [("/dev/sda", "IBM GPFS Partition (on /dev/sda1)")])
+        self.assertEqual([argv[-1] for argv in self.runner.argvs if argv[0] == "blkid"],
+                         ["/dev/sda", "/dev/sda1"])
+
+    def test_nothing_special(self) -> None:
+        tree = {"blockdevices": [{"kname": "sda", "fstype": "ext4"},
+                                 {"kname": "sdb", "fstype": "linux_raid_member"}]}
+        self.assertEqual(self.successResultOf(self.find(json.dumps(tree))), [])
+        self.assertEqual(self.successResultOf(self.find("", devices=())), [])
+
+    def test_unreadable_lsblk(self) -> None:
+        self.failureResultOf(self.find("not json"), ProcessExecutionError)
+        self.failureResultOf(self.find(Exit(1, b"", b"lsblk: failed")),
+                             ProcessExecutionError)
+        broken = {"blockdevices": [{"kname": "sda"}]}
+        self.failureResultOf(self.find(json.dumps(broken), {"/dev/sda": Exit(4)}),
+                             ProcessExecutionError)
+
+
 class EraseMetadataFakeTests(SynchronousTestCase):
     """Ordering, skipping, concurrency and error collection, on recorded outputs."""
 
