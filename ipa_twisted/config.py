@@ -265,10 +265,9 @@ class AgentConfig:
                           "mDNS answers are not authenticated.", section="mdns")
     mdns_allowed_overrides: tuple[str, ...] = _opt(
         ("inspection_callback_url", "ntp_server"), "Options that mDNS TXT properties "
-        "(ipa_<option>) may set.", section="mdns", name="allowed_overrides", kernel=False,
-        list=True,
-        ignored="mDNS may set only the fixed list in docs/network.md (no address, identity "
-        "or secret), whatever this says")
+        "(ipa_<option>) may set; only those of the list in docs/network.md (never an "
+        "address, identity or secret) can be.", section="mdns", name="allowed_overrides",
+        kernel=False, list=True)
     mdns_lookup_attempts: int = _opt(
         3, "Attempts to find a service with mDNS.", section="mdns", name="lookup_attempts",
         kernel=False, minimum=1,

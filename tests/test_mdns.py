@@ -268,9 +268,13 @@ class DiscoverTests(SynchronousTestCase):
                       str(self.failureResultOf(finding, ServiceLookupFailure).value))
 
 
+EVERY_OVERRIDE = AgentConfig(mdns_allowed_overrides=tuple(sorted(mdns.ALLOWED_OVERRIDES)))
+"""A configuration whose ``[mdns] allowed_overrides`` names every option mDNS may set."""
+
+
 class OverrideTests(SynchronousTestCase):
     def test_allowed_options_are_converted(self) -> None:
-        config = apply_overrides(AgentConfig(), {
+        config = apply_overrides(EVERY_OVERRIDE, {
             "ipa_debug": "true", "ipa_lldp_timeout": "5", "ipa_collect_lldp": "1",
             "ipa_disk_wait_attempts": "3", "ipa_enable_vlan_interfaces": "all",
             "ipa_inspection_callback_url": "http://192.0.2.1:5050/v1/continue",
@@ -281,8 +285,27 @@ class OverrideTests(SynchronousTestCase):
                          (True, 5.0, True, 3, "all", "http://192.0.2.1:5050/v1/continue",
                           None))
 
+    def test_by_default_as_the_reference_only_callback_url_and_ntp_server(self) -> None:
+        with capturedLogs() as events:
+            config = apply_overrides(AgentConfig(), {
+                "ipa_debug": "true", "ipa_ntp_server": "192.0.2.123",
+                "ipa_inspection_callback_url": "http://192.0.2.1:5050/v1/continue"})
+        self.assertEqual((config.debug, config.ntp_server, config.inspection_callback_url),
+                         (False, "192.0.2.123", "http://192.0.2.1:5050/v1/continue"))
+        [warning] = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(warning["name"], "debug")
+        self.assertIn("allowed_overrides", warning["log_format"])
+
+    def test_allowed_overrides_cannot_open_the_fixed_list(self) -> None:
+        base = AgentConfig().merged({"mdns_allowed_overrides": "agent_token,debug"}, "test")
+        with capturedLogs():
+            config = apply_overrides(base, {"ipa_agent_token": "stolen", "ipa_debug": "1",
+                                            "ipa_ntp_server": "192.0.2.123"})
+        self.assertEqual((config.agent_token, config.debug, config.ntp_server),
+                         (None, True, None))
+
     def test_others_are_logged_and_ignored(self) -> None:
-        base = AgentConfig(agent_token="kept")
+        base = EVERY_OVERRIDE.override(agent_token="kept")
         with capturedLogs() as events:
             config = apply_overrides(base, {
                 "ipa_api_url": "http://evil:6385", "ipa_agent_token": "stolen",
@@ -301,7 +324,7 @@ class ResolveTests(SynchronousTestCase):
             IRONIC: announcement(port=6385, txt=[b"protocol=http", b"ipa_debug=1"]),
             INSPECTOR: announcement(name=INSPECTOR, port=5050, addresses=["192.0.2.7"],
                                     txt=[b"protocol=http", b"ipa_lldp_timeout=7"])})
-        config = AgentConfig(api_url="mdns", inspection_callback_url="mdns")
+        config = EVERY_OVERRIDE.override(api_url="mdns", inspection_callback_url="mdns")
         resolving = Deferred.fromCoroutine(resolve_mdns_urls(config, reactor,
                                                              interfaces=interfaces("eth0")))
         reactor.pump([0.05] * 4)
@@ -354,7 +377,7 @@ class ZeroconfTests(TestCase):
         self.assertEqual(code, 0, found)
         self.assertEqual(found, {"url": "http://192.0.2.1:6385/baremetal", "params": {
             "ipa_debug": "true", "ipa_lldp_timeout": "5", "ipa_agent_token": "stolen"}})
-        config = apply_overrides(AgentConfig(), found["params"])
+        config = apply_overrides(EVERY_OVERRIDE, found["params"])
         self.assertEqual((config.debug, config.lldp_timeout, config.agent_token),
                          (True, 5.0, None))
 
@@ -365,7 +388,9 @@ class ZeroconfTests(TestCase):
         await self._publish(ironic, "--service", "baremetal-introspection", "--endpoint",
                             "http://192.0.2.1:5050", "--param", "ipa_inspection_collectors="
                             "default,logs")
-        code, found = await self._agent(agent, "--resolve", "--inspection", "--timeout", "30")
+        code, found = await self._agent(agent, "--resolve", "--inspection", "--timeout", "30",
+                                        "--allowed-overrides",
+                                        "collect_lldp,inspection_collectors")
         self.assertEqual(code, 0, found)
         self.assertEqual(found["config"], {
             "api_url": "https://[2001:db8::1]:443", "collect_lldp": True,

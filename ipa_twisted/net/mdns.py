@@ -21,8 +21,9 @@ ServiceLookupFailure is raised. Unsolicited announcements are used as well.
 The URL is built from them: a host name that is not under ``.local.`` is used as is (the
 catalog named a host); otherwise the address, IPv4 first, then global IPv6, never a loopback
 (unless allowed) or an IPv6 link-local one. ``apply_overrides`` applies the ``ipa_*``
-properties to the configuration, limited to ``ALLOWED_OVERRIDES``; the others are logged and
-ignored. ``resolve_mdns_urls`` does it all for the ``api_url`` and
+properties to the configuration, limited to the ``[mdns] allowed_overrides`` option
+(default, as the reference agent: ``inspection_callback_url`` and ``ntp_server``) within
+``ALLOWED_OVERRIDES``; the others are logged and ignored. ``resolve_mdns_urls`` does it all for the ``api_url`` and
 ``inspection_callback_url`` options set to ``mdns``.
 
 ``python -m ipa_twisted.net.mdns --service baremetal --timeout 30`` prints
@@ -88,9 +89,10 @@ ALLOWED_OVERRIDES: frozenset[str] = frozenset({
     "image_download_connection_timeout", "image_download_connection_retries",
     "image_download_connection_retry_interval",
 })
-"""Options that TXT properties ``ipa_<option>`` may set. Not allowed: where the agent
-listens and what it advertises, its identity and secrets (``api_url``, ``agent_token``,
-``standalone``), file paths and commands."""
+"""Options that TXT properties ``ipa_<option>`` may ever set, whatever ``[mdns]
+allowed_overrides`` says. Never: where the agent listens and what it advertises, its
+identity and secrets (``api_url``, ``agent_token``, ``standalone``), file paths and
+commands."""
 
 
 class ServiceLookupFailure(RESTError):
@@ -450,9 +452,11 @@ def _convert(name: str, raw: str) -> Any:
 def apply_overrides(config: AgentConfig, params: Mapping[str, str]) -> AgentConfig:
     """``config`` with the allowed ``ipa_<option>`` properties applied (``config.override``).
 
-    Other keys, options not in ALLOWED_OVERRIDES and invalid values are logged as
+    Allowed: the options of ``config.mdns_allowed_overrides`` that are also in
+    ALLOWED_OVERRIDES. Other keys, other options and invalid values are logged as
     warnings and ignored.
     """
+    allowed = ALLOWED_OVERRIDES & set(config.mdns_allowed_overrides)
     changes: dict[str, Any] = {}
     for key, raw in params.items():
         name = key[4:] if key.startswith("ipa_") else None
@@ -463,6 +467,10 @@ def apply_overrides(config: AgentConfig, params: Mapping[str, str]) -> AgentConf
         if name not in ALLOWED_OVERRIDES:
             log.warn("Ignoring mDNS property {key}: {name} may not be set over mDNS",
                      key=key, name=name)
+            continue
+        if name not in allowed:
+            log.warn("Ignoring mDNS property {key}: {name} is not in [mdns] "
+                     "allowed_overrides", key=key, name=name)
             continue
         try:
             changes[name] = _convert(name, raw)
@@ -517,6 +525,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--inspection", action="store_true")
     parser.add_argument("--sys-path", default="/sys")
     parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--allowed-overrides", default=None,
+                        help="[mdns] allowed_overrides for --resolve (comma-separated)")
     options = parser.parse_args(argv)
     log_to_stderr(options.debug)
 
@@ -528,6 +538,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             return {"url": url, "params": params}
         config = AgentConfig(api_url="mdns", sys_path=options.sys_path,
                              inspection_callback_url="mdns" if options.inspection else None)
+        if options.allowed_overrides is not None:
+            config = config.merged({"mdns_allowed_overrides": options.allowed_overrides},
+                                   "--allowed-overrides")
         resolved = await resolve_mdns_urls(config, reactor, timeout=options.timeout)
         return {"config": {option.name: getattr(resolved, option.name) for option in OPTIONS
                            if getattr(resolved, option.name) != getattr(config, option.name)}}
