@@ -404,11 +404,12 @@ def generate_tls_certificate(ip_address: str, common_name: str | None = None,
         clock.seconds() if clock is not None else time.time(), datetime.timezone.utc)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
                                          common_name or socket.gethostname() or "ipa")])
-    curves = {"p256": ec.SECP256R1, "p384": ec.SECP384R1, "p521": ec.SECP521R1}
+    curves: dict[str, ec.EllipticCurve] = {
+        "p256": ec.SECP256R1(), "p384": ec.SECP384R1(), "p521": ec.SECP521R1()}
     if curve not in curves:
         raise ValueError(f"unknown curve {curve!r}: not one of {', '.join(CURVES)}")
     skew = CLOCK_SKEW if clock_skew is None else datetime.timedelta(seconds=clock_skew)
-    key = ec.generate_private_key(curves[curve]())
+    key = ec.generate_private_key(curves[curve])
     public_key = key.public_key()
     certificate = (
         x509.CertificateBuilder()
