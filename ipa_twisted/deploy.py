@@ -219,8 +219,8 @@ async def validate_partitioning(context: HardwareContext, device: str) -> None:
     except Exception as e:
         raise InstanceDeployFailure(
             "Unable to find a valid partition table on the disk after writing the image. "
-            "The image may be corrupted or it uses a different sector size than the device. "
-            f"Error: {e}") from e
+            "The image may be corrupted or it uses a different sector size than the device"
+            f"{await _sector_size_hint(context, device)}. Error: {e}") from e
     if not partitions:
         raise InstanceDeployFailure(
             f"No partitions found on the device {device} after writing the image"

@@ -10,6 +10,7 @@ import base64
 import gzip
 import hashlib
 import os
+import shutil
 import uuid as uuidlib
 from typing import Any
 
@@ -199,10 +200,30 @@ class LoopTestCase(TestCase):
         os.makedirs(self.workdir)
         self.written: list[str] = []
 
-    async def loop(self, size: int) -> LoopDevice:
+    async def loop(self, size: int, sector_size: int | None = None) -> LoopDevice:
         [device] = await attach_loop_devices(self.real, os.path.join(self.workdir, "disks"),
-                                             [size], self.addCleanup)
+                                             [size], self.addCleanup,
+                                             sector_size=sector_size)
         return device
+
+    async def pipeline_context(self, loop: LoopDevice, **config: Any) -> tuple[
+            HardwareContext, str]:
+        """A context whose writer is the real pipeline, and the URL of ``self.workdir``."""
+        from twisted.web.server import Site
+        from twisted.web.static import File
+
+        from ipa_twisted.http import make_http_client, make_pool
+        port: Any = reactor.listenTCP(0, Site(File(self.workdir)),  # type: ignore[arg-type]
+                                      interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        pool = make_pool(reactor)
+        self.addCleanup(pool.closeCachedConnections)
+        agent_config = AgentConfig(image_download_connection_retries=0, **config)
+        http = make_http_client(reactor, agent_config, pool=pool)
+        context = HardwareContext(agent_config, LoopOnlyRunner(self.real, [loop.path]),
+                                  reactor, reactor, http_client=lambda: http,
+                                  report_progress=lambda progress: None)
+        return context, f"http://127.0.0.1:{port.getHost().port}"
 
     def context(self, *devices: str, **config: Any) -> HardwareContext:
         return HardwareContext(AgentConfig(**config), LoopOnlyRunner(self.real, devices),
@@ -387,6 +408,58 @@ class PartitionImageTests(LoopTestCase):
         self.assertIn("Not enough space", str(caught.exception))
         self.assertEqual(self.written, [])
         self.assertEqual((await self.parted(loop.path)).table, "gpt")   # untouched
+
+
+class RefusedBeforePartitioningTests(LoopTestCase):
+    """Through the real pipeline: a refused partition image never reaches parted."""
+
+    async def test_refused_partition_images_leave_the_disk_alone(self) -> None:
+        loop = await self.loop(256 * MiB)
+        await self.sh("sgdisk", "-o", "-n", "1:2048:+32M", "-c", "1:precious", loop.path)
+        with open(loop.path, "rb") as f:
+            before = f.read(64 * MiB)
+        root = await self.file_image("root.img", 8 * MiB, "mkfs.ext4", "-q", "-F")
+        with open(root, "rb") as f:
+            data = f.read()
+        qcow2 = root + ".qcow2"
+        await self.sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", root, qcow2)
+        with open(qcow2, "rb") as f:
+            qcow2_digest = hashlib.sha256(f.read()).hexdigest()
+        context, base = await self.pipeline_context(loop, permitted_image_formats=("raw",))
+        common = {"id": "img", "image_type": "partition", "root_mb": 64}
+        for info, words in (
+                ({"urls": [f"{base}/root.img"], "checksum": hashlib.md5(data).hexdigest()},
+                 ("md5_enabled",)),
+                ({"urls": [f"{base}/root.img.qcow2"], "disk_format": "qcow2",
+                  "checksum": qcow2_digest}, ("'qcow2'", "permitted_image_formats"))):
+            with self.assertRaises(Exception) as caught:
+                await write_image_to_disk(context, loop.path, {**common, **info}, None,
+                                          node={})
+            for word in words:
+                self.assertIn(word, str(caught.exception))
+            with open(loop.path, "rb") as f:
+                self.assertEqual(f.read(64 * MiB), before)
+        # accepted: partitioned, then written into the root partition
+        result = await write_image_to_disk(
+            context, loop.path, {**common, "urls": [f"{base}/root.img"],
+                                 "checksum": hashlib.sha256(data).hexdigest()}, None, node={})
+        self.assertEqual((await self.blkid(result["partitions"]["root"]))["TYPE"], "ext4")
+    test_refused_partition_images_leave_the_disk_alone.skip = (  # type: ignore[attr-defined]
+        None if shutil.which("qemu-img") else "qemu-img is not installed")
+
+    async def test_image_for_512_byte_sectors_on_a_4k_disk(self) -> None:
+        loop = await self.loop(64 * MiB, sector_size=4096)
+        image = os.path.join(self.workdir, "512.img")
+        with open(image, "wb") as f:
+            f.truncate(32 * MiB)
+        await self.sh("sgdisk", "-o", "-n", "1:2048:0", image)   # a file: 512-byte sectors
+        with self.assertRaises(InstanceDeployFailure) as caught:
+            await write_image_to_disk(self.context(loop.path), loop.path, {"id": "whole"},
+                                      write=self.writer(image))
+        message = str(caught.exception)
+        self.assertIn("different sector size than the device", message)
+        self.assertIn("512-byte sectors", message)
+        self.assertIn("4096-byte logical sectors", message)
 
 
 class WholeDiskConfigdriveTests(LoopTestCase):
