@@ -282,8 +282,11 @@ class AgentConfig:
         name="interfaces", kernel=False, list=True,
         ignored="queries go out on every interface that is up and multicast-capable")
     # -- Metrics ----------------------------------------------------------------------------
-    metrics_backend: str = _opt("noop", "Metrics backend.", section="metrics",
-                                name="backend", kernel=False, choices=("noop", "statsd"))
+    metrics_backend: str = _opt("noop", "Metrics backend: statsd sends them; collector (the "
+                                "reference keeps them in its own memory, for no reader "
+                                "in the agent) sends nothing, as noop.", section="metrics",
+                                name="backend", kernel=False,
+                                choices=("noop", "statsd", "collector"))
     metrics_prepend_host: bool = _opt(False, "Prefix metric names with the host name.",
                                       section="metrics", name="prepend_host", kernel=False)
     metrics_prepend_uuid: bool = _opt(False, "Prefix metric names with the node UUID.",

@@ -648,6 +648,11 @@ class ReferenceCompatibilityTests(ConfigTestCase):
         self.assertIn("must be at least 1",
                       self.error(self.write("[disk_utils]\nefi_system_partition_size=0\n")))
 
+    def test_every_metrics_backend_of_the_reference(self) -> None:
+        for backend in ("noop", "statsd", "collector"):
+            config, warnings = self.load(self.write(f"[metrics]\nbackend = {backend}\n"))
+            self.assertEqual((config.metrics_backend, warnings), (backend, []))
+
     def test_use_mdns_means_api_url_mdns(self) -> None:
         self.assertEqual(self.load(cmdline="ipa-use-mdns=1")[0].api_url, "mdns")
         self.assertEqual(self.load(cmdline="ipa-use-mdns=1 ipa-api-url=http://i:6385")[0]

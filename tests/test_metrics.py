@@ -89,3 +89,9 @@ class MetricsTests(TestCase):
         metrics = Metrics(reactor)
         metrics.counter(AgentConfig(), None, "x")
         self.assertIsNone(metrics._sender)
+
+    def test_collector_sends_nothing(self) -> None:
+        """The reference's in-memory backend: accepted, and nothing leaves the agent."""
+        metrics = Metrics(reactor)
+        metrics.counter(AgentConfig(metrics_backend="collector"), None, "x")
+        self.assertIsNone(metrics._sender)
