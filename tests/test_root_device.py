@@ -380,7 +380,10 @@ class InstallDeviceTests(SynchronousTestCase):
             "properties": {"skip_block_devices": [{"name": "md0"}, {"serial": "NV1"}]}}
         self.assertEqual(self.successResultOf(self.install_device(node)), f"{self.dev}/sdc")
         node["properties"]["root_device"] = {"name": "md0"}
-        self.failureResultOf(self.install_device(node), DeviceNotFound)
+        failure = self.failureResultOf(self.install_device(node), DeviceNotFound)
+        self.assertIn(f"{{'name': 'md0'}}; {self.dev}/md0 matches them but is protected by "
+                      "skip_block_devices (skip_block_devices entry {'name': 'md0'} matches "
+                      "it)", str(failure.value))
 
     def test_skipped_disks_are_logged_with_their_entry(self) -> None:
         node = {"properties": {"skip_block_devices": [{"serial": "BIG1"}]}}

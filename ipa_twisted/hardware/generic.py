@@ -589,8 +589,15 @@ class GenericHardwareManager(EraseMixin, SoftwareRaidMixin, InjectFilesMixin, Ha
                 found = root_device.match_root_device_hints(candidates, hints,
                                                             dev_path=dev_path)
                 if found is None:
+                    protected = root_device.find_devices_by_hints(
+                        [d for d in listed if protection.reason(d.name) is not None], hints,
+                        dev_path=dev_path)
+                    names = [str(getattr(d, "name", "")) for d in protected]
+                    why = "".join(f"; {name} matches them but is protected by "
+                                  f"skip_block_devices ({protection.reason(name)})"
+                                  for name in names)
                     raise DeviceNotFound("No suitable device was found for deployment "
-                                         f"using these hints {hints}")
+                                         f"using these hints {hints}{why}")
                 assert isinstance(found, BlockDevice)
                 device = found
         except root_device.RootDeviceHintError as e:
