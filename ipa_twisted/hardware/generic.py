@@ -589,10 +589,10 @@ class GenericHardwareManager(EraseMixin, SoftwareRaidMixin, InjectFilesMixin, Ha
                 found = root_device.match_root_device_hints(candidates, hints,
                                                             dev_path=dev_path)
                 if found is None:
-                    protected = root_device.find_devices_by_hints(
+                    hidden = root_device.find_devices_by_hints(
                         [d for d in listed if protection.reason(d.name) is not None], hints,
                         dev_path=dev_path)
-                    names = [str(getattr(d, "name", "")) for d in protected]
+                    names = [str(getattr(d, "name", "")) for d in hidden]
                     why = "".join(f"; {name} matches them but is protected by "
                                   f"skip_block_devices ({protection.reason(name)})"
                                   for name in names)
