@@ -439,6 +439,21 @@ def validate_url(text: str) -> None:
         raise ValueError("URL has no host")
 
 
+def validate_urls(text: str) -> None:
+    """Accept ``mdns`` or comma-separated absolute http(s) URLs, each checked, else
+    ValueError (naming the bad URL when there are several)."""
+    urls = split_urls(text)
+    if not urls:
+        raise ValueError("no URL")
+    if len(urls) > 1 and "mdns" in urls:
+        raise ValueError("'mdns' cannot be combined with other URLs")
+    for url in urls:
+        try:
+            validate_url(url)
+        except ValueError as e:
+            raise ValueError(f"{url!r}: {e}" if len(urls) > 1 else str(e)) from None
+
+
 def default_config_files(etc: str = "/etc") -> list[str]:
     """The default config files that exist under ``etc``, in the order they are read."""
     files = [os.path.join(etc, name) for name in DEFAULT_CONFIG_FILES]
@@ -681,16 +696,7 @@ def _check(option: dataclasses.Field[Any], value: Any) -> None:
     if meta["choices"] is not None and value not in meta["choices"]:
         raise ValueError(f"not one of: {', '.join(meta['choices'])}")
     if meta["urls"]:
-        urls = split_urls(value)
-        if not urls:
-            raise ValueError("no URL")
-        if len(urls) > 1 and "mdns" in urls:
-            raise ValueError("'mdns' cannot be combined with other URLs")
-        for url in urls:
-            try:
-                validate_url(url)
-            except ValueError as e:
-                raise ValueError(f"{url!r}: {e}" if len(urls) > 1 else str(e)) from None
+        validate_urls(value)
     elif meta["url"]:
         validate_url(value)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from ipa_twisted.config import AgentConfig, load_config, validate_url
+from ipa_twisted.config import AgentConfig, load_config, validate_urls
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -51,7 +51,8 @@ class Options(usage.Options):
          "/etc/ironic-python-agent.d/*.conf."],
     ]
     optParameters = [
-        ["api-url", None, None, "Ironic API URL, or 'mdns' to discover it (api_url)."],
+        ["api-url", None, None, "Ironic API URL, several comma-separated (tried in turn), "
+         "or 'mdns' to discover it (api_url)."],
         ["listen", None, None,
          "HOST:PORT the API listens on, IPv6 as [::1]:9999 (listen_host, listen_port)."],
         ["advertise", None, None,
@@ -83,7 +84,7 @@ class Options(usage.Options):
                         f"--{flag} takes HOST:PORT, not {self[flag]!r}: {e}") from None
         if self["api-url"] is not None:
             try:
-                validate_url(self["api-url"])
+                validate_urls(self["api-url"])
             except ValueError as e:
                 raise usage.UsageError(f"--api-url {self['api-url']!r}: {e}") from None
         if self["cmdline-path"] == "":

@@ -50,6 +50,10 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["advertise"], "10.0.0.1:8888")
         self.assertEqual(options["cmdline-path"], "/tmp/cmdline")
 
+    def test_several_api_urls(self) -> None:
+        options = parse("--api-url=https://a:6385,https://b:6385")
+        self.assertEqual(options["api-url"], "https://a:6385,https://b:6385")
+
     def test_config_file_repeats_in_order(self) -> None:
         options = parse("--config-file=/b.conf", "--config-file", "/a.conf",
                         "--config-file=/c.conf")
@@ -68,6 +72,9 @@ class OptionsTests(SynchronousTestCase):
                                      "address needs brackets, as in [::1]:9999"),
             (["--api-url=ironic"], "--api-url 'ironic': not 'mdns' or an http:// or "
                                    "https:// URL"),
+            (["--api-url=http://a:6385,ironic"], "--api-url 'http://a:6385,ironic': "
+                                                 "'ironic': not 'mdns' or an http:// or "
+                                                 "https:// URL"),
             (["--cmdline-path="], "--cmdline-path needs a file name"),
         ]
         for argv, message in cases:

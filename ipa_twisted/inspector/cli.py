@@ -27,7 +27,7 @@ from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredic
                             globalLogBeginner, textFileLogObserver)
 from twisted.python import usage
 
-from ipa_twisted.config import AgentConfig, ConfigError, load_config, validate_url
+from ipa_twisted.config import AgentConfig, ConfigError, load_config, validate_urls
 from ipa_twisted.inspector.post import callback_url
 
 log = Logger()
@@ -94,7 +94,7 @@ class Options(usage.Options):
         url = self["inspection_callback_url"]
         if url is not None:
             try:
-                validate_url(url)
+                validate_urls(url)
             except ValueError as e:
                 raise usage.UsageError(f"--inspection_callback_url {url!r}: {e}") from None
         interval = self["introspection_daemon_post_interval"]
