@@ -113,6 +113,31 @@ class IronicDrivenAgentTests(TestCase):
         self.assertIn(b"Running ", agent.output, "--debug shows commands run")
 
 
+    async def test_several_api_urls_the_one_that_answers(self) -> None:
+        """``--api-url DEAD,IRONIC`` (ipa-api-url=A,B): lookup moves past the URL where nothing
+        listens, heartbeats go to the one that answered, the advertised address is found."""
+        ironic_port = await self.ironic.start()
+        dead = f"http://127.0.0.1:{free_port()}"
+        agent = start_agent(self, self.dir, name="several",
+                            api_url=f"{dead},http://127.0.0.1:{ironic_port}",
+                            config="http_request_timeout = 5\n")
+        beats = await poll(lambda: len(self.records("heartbeat")) >= 2 and
+                           self.records("heartbeat"), timeout=30)
+        self.assertEqual(beats[0]["body"]["callback_url"], f"https://127.0.0.1:{agent.port}")
+        self.assertEqual(beats[0]["node_uuid"], NODE)
+        self.assertIn(f"Cannot reach Ironic at {dead}/".encode(), agent.output)
+        # Once one answered, it comes first: no further tries of the dead URL after lookup.
+        tries = agent.output.count(b"trying the next API URL")
+        await poll(lambda: len(self.records("heartbeat")) >= 4, timeout=30)
+        self.assertEqual(agent.output.count(b"trying the next API URL"), tries)
+        # Automatic TLS with the reference's default curve (tls_certificate_curve = p384).
+        from cryptography import x509
+        cert = x509.load_pem_x509_certificate(beats[0]["body"]["agent_verify_ca"].encode())
+        self.assertEqual(cert.public_key().curve.name, "secp384r1")  # type: ignore[union-attr]
+        await agent.stop("TERM")
+        self.assertTrue(agent.stopped_cleanly, agent.output[-2000:])
+
+
 def _other_certificate() -> str:
     """A certificate for 127.0.0.1 that the agent does not have."""
     import tempfile
