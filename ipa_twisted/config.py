@@ -181,9 +181,8 @@ class AgentConfig:
                                              "image servers (image_info's value wins).",
                                              secret=True)
     config_drive_rebuild: bool = _opt(
-        False, "Always rebuild the config drive as a local file system.",
-        ignored="the config drive is written as Ironic sends it; always rebuilding it is "
-        "not supported")
+        False, "Always rebuild the config drive as a FAT for the disk's sector size (it is "
+        "rebuilt anyway when the disk's sectors are too large for it, e.g. 4K).")
     disable_bootc_deploy: bool = _opt(
         False, "Disable the bootc deploy method.",
         ignored="this agent has no bootc deploy method")

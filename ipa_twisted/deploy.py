@@ -119,6 +119,8 @@ async def write_image_to_disk(context: HardwareContext, device: str,
         data = await configdrives.get_configdrive(context, configdrive, fetch=fetch)
     try:
         if is_partition_image(image_info):
+            if data is not None:
+                data = await configdrives.fit_sector_size(context, device, data)
             config = context.config
             layout = partition_layout(
                 image_info, node, sys_path=config.sys_path,

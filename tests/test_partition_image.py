@@ -26,12 +26,14 @@ from ipa_twisted.hardware import disks
 from ipa_twisted.hardware.generic import GenericHardwareManager
 from ipa_twisted.hardware.interface import HardwareContext
 from ipa_twisted.images import configdrive as cd
+from ipa_twisted.images import configdrive_fs
 from ipa_twisted.images.partition import (PartitionLayout, get_node_boot_mode,
                                           get_partition_table_type_from_specs,
                                           parse_capabilities, parted_argv, plan_partitions)
 from ipa_twisted.process import ProcessRunner
 from ipa_twisted.testing.sandbox import (LoopDevice, LoopOnlyRunner, attach_loop_devices,
                                          loop_devices_unavailable)
+from tests.configdrive_iso import META_DATA, make_iso
 
 MiB = 1 << 20
 TOOLS = ("parted", "sgdisk", "wipefs", "mkfs.ext4", "mkfs.vfat", "mkswap", "blkid",
@@ -460,6 +462,82 @@ class RefusedBeforePartitioningTests(LoopTestCase):
         self.assertIn("different sector size than the device", message)
         self.assertIn("512-byte sectors", message)
         self.assertIn("4096-byte logical sectors", message)
+
+
+class FourKConfigDriveTests(LoopTestCase):
+    """An ISO config drive on a disk with 4096-byte logical sectors is rebuilt as a FAT."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        try:
+            import pycdlib  # noqa: F401
+        except ImportError:
+            raise SkipTest("pycdlib (a test dependency) is not installed") from None
+
+    def gpt_writer(self) -> Any:
+        """A whole-disk "image": a GPT with one partition, made on the disk itself."""
+        async def write(image_info: Any, device: str, prepare: Any = None) -> None:
+            if prepare is not None:
+                await prepare()
+            self.written.append(device)
+            await self.sh("sgdisk", "-o", "-n", "1:1MiB:+32MiB", device)
+        return write
+
+    async def read_partition(self, path: str, size: int) -> bytes:
+        def read() -> bytes:
+            with open(path, "rb") as f:
+                return f.read(size)
+        return await deferToThread(read)
+
+    async def check_fat(self, path: str) -> None:
+        probed = await self.blkid(path)
+        self.assertEqual((probed["TYPE"], probed["LABEL"], probed["BLOCK_SIZE"]),
+                         ("vfat", "CONFIG-2", "4096"))
+        if shutil.which("fsck.fat"):
+            await self.sh("fsck.fat", "-n", path)
+        data = await self.read_partition(path, 8 * MiB)
+        files = {e.path: e.data for e in configdrive_fs.read_fat(data) if not e.is_dir}
+        self.assertEqual(files, META_DATA)
+
+    async def test_whole_disk(self) -> None:
+        loop = await self.loop(256 * MiB, sector_size=4096)
+        await write_image_to_disk(self.context(loop.path), loop.path, {"id": "whole"},
+                                  _gzip_b64(make_iso(META_DATA)), write=self.gpt_writer())
+        layout = await self.parted(loop.path)
+        self.assertEqual(layout.logical_sector_size, 4096)
+        last = layout.partitions[-1]
+        self.assertEqual(last.name, "config-2")
+        await self.check_fat(last.path)
+
+    async def test_partition_image(self) -> None:
+        loop = await self.loop(256 * MiB, sector_size=4096)
+        root = await self.file_image("root.img", 8 * MiB, "mkfs.ext4", "-q", "-F", "-b", "4096")
+        result = await write_image_to_disk(
+            self.context(loop.path), loop.path,
+            {"id": "img", "image_type": "partition", "root_mb": 32}, _gzip_b64(
+                make_iso(META_DATA)), node={"instance_info": {"deploy_boot_mode": "bios"}},
+            write=self.writer(root))
+        await self.check_fat(result["partitions"]["configdrive"])
+
+    async def test_512_byte_sectors_keep_the_iso(self) -> None:
+        loop = await self.loop(256 * MiB)
+        iso = make_iso(META_DATA)
+        await write_image_to_disk(self.context(loop.path), loop.path, {"id": "whole"},
+                                  _gzip_b64(iso), write=self.gpt_writer())
+        last = (await self.parted(loop.path)).partitions[-1]
+        self.assertEqual(await self.read_partition(last.path, len(iso)), iso)
+
+    async def test_config_drive_rebuild_option(self) -> None:
+        loop = await self.loop(256 * MiB)
+        await write_image_to_disk(self.context(loop.path, config_drive_rebuild=True),
+                                  loop.path, {"id": "whole"}, _gzip_b64(make_iso(META_DATA)),
+                                  write=self.gpt_writer())
+        last = (await self.parted(loop.path)).partitions[-1]
+        probed = await self.blkid(last.path)
+        self.assertEqual((probed["TYPE"], probed["BLOCK_SIZE"]), ("vfat", "512"))
+        data = await self.read_partition(last.path, 8 * MiB)
+        self.assertEqual({e.path: e.data for e in configdrive_fs.read_fat(data)
+                          if not e.is_dir}, META_DATA)
 
 
 class WholeDiskConfigdriveTests(LoopTestCase):

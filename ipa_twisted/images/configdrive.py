@@ -12,6 +12,11 @@ file system is labelled ``config-2`` is reused; otherwise a new 64 MiB partition
 the free space at the end of the disk (GPT: ``sgdisk``, named ``config-2``; msdos: a primary
 partition with ``parted``, below the 2 TiB msdos limit). For partition images the config
 drive partition is part of the layout (``ipa_twisted.images.partition``).
+
+On a disk with 4096-byte logical sectors the guest cannot read an ISO 9660 config drive (nor
+a FAT made for 512-byte sectors): ``fit_sector_size`` rebuilds it as a FAT for the disk's
+sector size with the same files, as the reference agent does (``configdrive_fs``); the
+``config_drive_rebuild`` option rebuilds it whatever the sector size.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from twisted.logger import Logger
 from ipa_twisted.errors import CommandExecutionError, InstanceDeployFailure
 from ipa_twisted.hardware import disks
 from ipa_twisted.hardware.interface import HardwareContext
+from ipa_twisted.images import configdrive_fs
 from ipa_twisted.process import ProcessExecutionError
 
 log = Logger()
@@ -142,6 +148,34 @@ async def get_configdrive(context: HardwareContext, configdrive: str | bytes, *,
     return decoded
 
 
+async def fit_sector_size(context: HardwareContext, device: str, configdrive: bytes,
+                          sector_size: int | None = None) -> bytes:
+    """The config drive as a guest can read it from ``device``.
+
+    Unchanged unless ``device``'s logical sector size (read with parted unless given) is
+    one its file system cannot live on, or ``config_drive_rebuild`` is set: then rebuilt as
+    a FAT for that sector size. InstanceDeployFailure when it cannot be rebuilt.
+    """
+    if sector_size is None:
+        sector_size = (await disks.read_layout(context, device)).logical_sector_size
+    problem = configdrive_fs.sector_size_problem(configdrive, sector_size)
+    if problem is None and context.config.config_drive_rebuild:
+        problem = "config_drive_rebuild is set"
+    if problem is None:
+        return configdrive
+    log.info("Rebuilding the config drive as a FAT with {sector_size}-byte sectors for "
+             "{device}: {reason}", sector_size=sector_size, device=device, reason=problem)
+    try:
+        rebuilt: bytes = await deferToThreadPool(
+            context.reactor, context.reactor.getThreadPool(),
+            configdrive_fs.rebuild_for_sector_size, configdrive, sector_size)
+    except ValueError as e:
+        raise InstanceDeployFailure(
+            f"The config drive must be rebuilt for {device} ({problem}) but cannot be: "
+            f"{e}") from None
+    return rebuilt
+
+
 # -- the whole-disk partition -------------------------------------------------------------------
 
 async def find_labelled_partition(context: HardwareContext, device: str,
@@ -199,13 +233,19 @@ async def create_config_drive_partition(context: HardwareContext, device: str,
                                         configdrive: bytes) -> str:
     """Write the ``configdrive`` image to its partition on ``device``; its path.
 
-    See the module docstring for where the partition goes. InstanceDeployFailure when it
-    is too large, there is no room, the msdos table is full or a tool fails.
+    See the module docstring for where the partition goes (and ``fit_sector_size`` for
+    what is written). InstanceDeployFailure when it is too large, there is no room, the
+    msdos table is full or a tool fails.
     """
     if len(configdrive) > MAX_CONFIG_DRIVE_SIZE:
         raise InstanceDeployFailure(
             f"Config drive size exceeds maximum limit of {MAX_CONFIG_DRIVE_SIZE // MiB}MiB.")
     try:
+        configdrive = await fit_sector_size(context, device, configdrive)
+        if len(configdrive) > MAX_CONFIG_DRIVE_SIZE:
+            raise InstanceDeployFailure(
+                f"The config drive rebuilt for {device} exceeds the maximum of "
+                f"{MAX_CONFIG_DRIVE_SIZE // MiB}MiB.")
         await disks.fix_gpt_partition(context, device)     # this re-reads the table:
         await disks.rescan_device(context, device)         # let the partitions come back
         existing = await find_labelled_partition(context, device)
