@@ -1,10 +1,15 @@
-"""Our agent side by side with the reference agent (ironic-python-agent from PyPI).
+"""Our agent side by side with the reference agent (ironic-python-agent from PyPI), and
+our image pipeline against the best pipe and each stage's physical limit: one table.
 
-Usage: /work/venv/bin/python bench/compare.py [--runs 5] [--idle 10] [--duration 5]
+Usage: .venv/bin/python bench/compare.py [--runs 5] [--idle 10] [--duration 5]
+           [--only startup,wrk,deploy,ironic] [--size-gib 2] [--deploy-runs 3]
+           [--ironic-runs 2] [--qcow2-gib 1,4,8] [--fleet 8,16] [--fleet-gib 1]
 
-Prints one table: measure | ours | reference | ratio | target | met?. Every figure is the
-median of ``--runs`` runs, ours and the reference's interleaved in the same run so that a
-busy machine slows both alike. See bench/README.md for what is measured and how.
+Prints one table: measure | ours | baseline | ratio | target | met?, then one line naming
+the rows that missed their target. ``startup`` and ``wrk`` are measured here (medians of
+``--runs`` runs, ours and the reference's interleaved so that a busy machine slows both
+alike); ``deploy`` runs ``bench/deploy.py`` and ``ironic`` runs ``bench/real_ironic.py``,
+which print their rows as JSON. See bench/README.md for what each row measures and how.
 
 The reference is installed on first use into ``bench/_scratch/ref-venv`` (git-ignored). It
 has no standalone mode: it serves its API only after a lookup, so a FakeIronic
@@ -272,23 +277,43 @@ class Row:
             return float("nan")
         return max(values) if self.use_max else statistics.median(values)
 
-    def line(self) -> str:
+    def met(self) -> bool | None:
+        """Whether the row meets its target (None: it has none)."""
+        if not self.target:
+            return None
         ours, theirs = self.value(self.ours), self.value(self.theirs)
         ratio = ours / theirs if theirs else float("nan")
-        met = True
+        met = ours == ours   # a figure that was not measured does not meet its target
         if self.max_ratio is not None:
             met = met and ratio <= self.max_ratio
         if self.min_ratio is not None:
             met = met and ratio >= self.min_ratio
         if self.max_ours is not None:
             met = met and ours <= self.max_ours
-        verdict = "yes" if met else "NO"
-        if not self.target:
-            verdict = "-"
+        return met
+
+    def line(self) -> str:
+        ours, theirs = self.value(self.ours), self.value(self.theirs)
+        ratio = ours / theirs if theirs else float("nan")
+        met = self.met()
+        verdict = "-" if met is None else "yes" if met else "NO"
         ratio_text = f"{ratio:.2f}" if ratio == ratio else "-"
-        return (f"| {self.measure:<46} | {self.fmt.format(ours):>9} | "
-                f"{self.fmt.format(theirs):>9} | {ratio_text:>6} | {self.target:<16} | "
-                f"{verdict:<4} |")
+        ours_text = self.fmt.format(ours) if ours == ours else "-"
+        theirs_text = self.fmt.format(theirs) if theirs == theirs else "-"
+        return (f"| {self.measure:<50} | {ours_text:>9} | {theirs_text:>9} | "
+                f"{ratio_text:>6} | {self.target:<12} | {verdict:<4} |")
+
+
+def script_rows(script: str, args: list[str]) -> list[Row]:
+    """Run ``bench/<script> --json ARGS`` (its progress on our stderr); its rows."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--json",
+                          *args], stdout=subprocess.PIPE, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("[")]
+    if out.returncode != 0 or not lines:
+        message = (out.stdout.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
+        return [Row(f"{script}: NOT MEASURED ({message[:60]})", target="runs",
+                    max_ours=0.0)]
+    return [Row(**row) for row in json.loads(lines[-1])]
 
 
 def main() -> None:
@@ -296,13 +321,25 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--idle", type=float, default=10.0, help="seconds before RSS")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
-    parser.add_argument("--only", choices=["startup", "wrk"], default=None)
+    parser.add_argument("--only", default="startup,wrk,deploy,ironic",
+                        help="parts, comma-separated: startup, wrk, deploy (bench/deploy.py: "
+                             "raw write against the pipe and each stage's limit), ironic "
+                             "(bench/real_ironic.py: deploys, qcow2, fleets through a real "
+                             "Ironic)")
+    parser.add_argument("--size-gib", default="2", help="raw image size (deploy, ironic)")
+    parser.add_argument("--deploy-runs", default="3", help="runs of each in deploy")
+    parser.add_argument("--ironic-runs", default="2", help="deploys of each side in ironic")
+    parser.add_argument("--qcow2-gib", default="1,4,8")
+    parser.add_argument("--fleet", default="8,16", help="fleet sizes")
+    parser.add_argument("--fleet-gib", default="1", help="image size in the fleets (GiB)")
     args = parser.parse_args()
+    parts = set(args.only.split(","))
     ensure_reference()
     rows: list[Row] = []
+    notes: list[str] = []
     with tempfile.TemporaryDirectory(dir=SCRATCH) as config_dir, fake_ironic() as fake_port:
         ours, theirs = make_agents(fake_port, config_dir)
-        if args.only in (None, "startup"):
+        if "startup" in parts:
             startup = Row("start-up to first 200 on GET / (s)", target="<= 0.5x",
                           max_ratio=0.5)
             rss = Row(f"idle RSS after {args.idle:g} s (MiB)", fmt="{:.1f}",
@@ -312,7 +349,8 @@ def main() -> None:
                           for floor in floors]
             rows += [startup, rss, *floor_rows]
             for _ in range(args.runs):
-                runs = [(ours, "ours", startup, rss), (theirs, "theirs", startup, rss)]
+                runs: list[tuple[Agent, str, Row | None, Row]] = [
+                    (ours, "ours", startup, rss), (theirs, "theirs", startup, rss)]
                 runs += [(floor, "ours", None, row) for floor, row in zip(floors, floor_rows)]
                 for agent, side, time_row, rss_row in runs:
                     try:
@@ -326,7 +364,14 @@ def main() -> None:
                         agent.stop()
             for row in floor_rows:  # each floor against the same reference runs
                 row.theirs = rss.theirs
-        if args.only in (None, "wrk"):
+            over = Row("  ours idle RSS over the twistd floor (MiB)", fmt="{:.1f}",
+                       target="ours <= 3", max_ours=3.0)
+            if rss.ours and floor_rows[-1].ours:
+                over.ours = [statistics.median(rss.ours)
+                             - statistics.median(floor_rows[-1].ours)]
+            rows.append(over)
+            notes.append(f"start-up, RSS: medians of {args.runs} runs")
+        if "wrk" in parts:
             loads: list[tuple[str, int, tuple[Row, Row, Row, Row]]] = []
             for path in ("/v1/status", "/v1/commands/"):
                 for connections in (10, 200):
@@ -364,12 +409,35 @@ def main() -> None:
             finally:
                 ours.stop()
                 theirs.stop()
-    print(f"medians of {args.runs} runs (errors: worst run); ratio = ours / reference")
-    print(f"| {'measure':<46} | {'ours':>9} | {'reference':>9} | {'ratio':>6} | "
-          f"{'target':<16} | met? |")
-    print(f"|{'-' * 48}|{'-' * 11}|{'-' * 11}|{'-' * 8}|{'-' * 18}|------|")
+            notes.append(f"wrk, inventory: medians of {args.runs} runs (errors: worst run)")
+    if "deploy" in parts:
+        rows += script_rows("deploy.py", ["--size-gib", args.size_gib,
+                                          "--runs", args.deploy_runs])
+        notes.append(f"raw write and limits: medians of {args.deploy_runs} runs, "
+                     "interleaved; 'limit:' rows compare the two limits they name")
+    if "ironic" in parts:
+        rows += script_rows("real_ironic.py", [
+            "--size-gib", args.size_gib, "--runs", args.ironic_runs,
+            "--qcow2-gib", args.qcow2_gib, "--fleet", args.fleet,
+            "--fleet-gib", args.fleet_gib])
+        notes.append(f"via Ironic: medians of {args.ironic_runs} deploys of each side, "
+                     "alternating; qcow2 and fleets: one of each")
+    print("; ".join(notes) + ". ratio = ours / baseline (the reference agent unless the "
+          "row names another)")
+    print(f"| {'measure':<50} | {'ours':>9} | {'baseline':>9} | {'ratio':>6} | "
+          f"{'target':<12} | met? |")
+    print(f"|{'-' * 52}|{'-' * 11}|{'-' * 11}|{'-' * 8}|{'-' * 14}|------|")
     for row in rows:
         print(row.line())
+    missed, parent = [], ""
+    for row in rows:   # an indented row's measure is read with the row above it
+        if not row.measure.startswith(" "):
+            parent = row.measure.split(" (")[0]
+        if row.met() is False:
+            missed.append(row.measure.strip() if row.measure == parent or not
+                          row.measure.startswith(" ") else f"{parent} / {row.measure.strip()}")
+    print("missed targets: " + ("; ".join(missed) if missed else "none")
+          + f" ({sum(row.met() is not None for row in rows)} rows with a target)")
 
 
 if __name__ == "__main__":

@@ -269,7 +269,7 @@ def fio_write(device: str, size: int, depth: int, block: int = 8 * MiB) -> float
         check=True, capture_output=True, text=True).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]
     # bw_bytes leaves the end fsync out: the job's whole run time puts it back in.
-    return float(job["write"]["io_bytes"]) / (job["job_runtime"] / 1000) / MiB
+    return float(job["write"]["io_bytes"]) / (float(job["job_runtime"]) / 1000) / MiB
 
 
 def hash_rate(name: str, data: bytes, seconds: float = 1.0) -> float:
