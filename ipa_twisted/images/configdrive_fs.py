@@ -249,7 +249,8 @@ def _short_name_text(raw: bytes, flags: int) -> str:
 
 def _dir_entries(raw: bytes) -> list[tuple[str, int, int, int]]:
     """(name, attributes, first cluster, size) of a directory's entries, . and .. left out."""
-    out, long_parts = [], []
+    out: list[tuple[str, int, int, int]] = []
+    long_parts: list[bytes] = []
     for pos in range(0, len(raw) - 31, 32):
         entry = raw[pos:pos + 32]
         if entry[0] == 0:
@@ -262,7 +263,7 @@ def _dir_entries(raw: bytes) -> list[tuple[str, int, int, int]]:
             chars = entry[1:11] + entry[14:26] + entry[28:32]
             long_parts.insert(0, chars)
             continue
-        if attributes & _ATTR_VOLUME or entry[:2] in (b".\x20", b"..") or entry[:11] == b".          ":
+        if attributes & _ATTR_VOLUME or entry[:2] in (b". ", b".."):
             long_parts = []
             continue
         name = _short_name_text(entry[:11], entry[12])
@@ -321,13 +322,13 @@ def _short_name(name: str, taken: set[bytes]) -> bytes:
     def clean(text: str) -> bytes:
         return bytes(c for c in text.upper().encode("ascii", "replace") if c in _SHORT_CHARS)
 
-    base, extension = clean(stem) or b"FILE", clean(ext)[:3]
+    basis, extension = clean(stem) or b"FILE", clean(ext)[:3]
     for n in range(1, 1_000_000):
         tail = b"~%d" % n
-        short = (base[:8 - len(tail)] + tail).ljust(8) + extension.ljust(3)
-        if short not in taken:
-            taken.add(short)
-            return short
+        candidate = (basis[:8 - len(tail)] + tail).ljust(8) + extension.ljust(3)
+        if candidate not in taken:
+            taken.add(candidate)
+            return candidate
     raise ValueError("too many similar file names")
 
 
@@ -416,7 +417,7 @@ def build_fat(entries: list[Entry], sector_size: int, label: str = LABEL,
         for _, child in directory.children:
             if isinstance(child, bytes):
                 needed += -(-len(child) // cluster)
-    reserved = 1 if sector_size >= 1024 else 1
+    reserved = 1
     mib = 1 << 20
     total_bytes = mib
     while True:

@@ -202,6 +202,10 @@ class _Worker:
         self._pool.stop()  # joins the idle thread: callers wait for their jobs first
 
 
+async def _awaited(awaitable: Awaitable[str | None]) -> str | None:
+    return await awaitable
+
+
 def _feed_all(sink: Any, chunks: list[bytes]) -> None:
     for chunk in chunks:
         sink.feed(chunk)
@@ -517,7 +521,10 @@ class _ImageJob:
         """
         if self.prepare is not None:
             prepare, self.prepare = self.prepare, None
-            target = blockingCallFromThread(self.reactor, Deferred.fromCoroutine, prepare())
+            def start() -> Deferred[str | None]:
+                return Deferred.fromCoroutine(_awaited(prepare()))
+            runs: Any = start   # Twisted's stub cannot pick its Deferred-returning overload
+            target: str | None = blockingCallFromThread(self.reactor, runs)
             if target:
                 self.device = self.writer.device = target
         if not self.writer.opened:
