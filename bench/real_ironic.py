@@ -332,6 +332,8 @@ class Bench:
                 await result
 
     async def close(self) -> None:
+        for agent in list(self.sampler.agents):   # left running by a failed fleet
+            await agent.stop()
         self.sampler.stop()
         if self._poller is not None and self._poller.running:
             self._poller.stop()
@@ -388,6 +390,8 @@ class Bench:
             env["PATH"] = self.ref_stubs + os.pathsep + env["PATH"]
             env["PYTHONPATH"] = self.ref_plugins
         wrapped = sandbox_argv([loop], argv)
+        if shutil.which("setpriv"):   # killed if the bench dies first
+            wrapped = ["setpriv", "--pdeathsig", "KILL", "--", *wrapped]
         wrapped[0] = shutil.which(wrapped[0]) or wrapped[0]
         agent = Agent(side, wrapped, env, staging)
         self.sampler.agents.append(agent)
