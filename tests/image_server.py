@@ -2,7 +2,7 @@
 
 ``ImageResource`` serves one image (``bytes``, or any object with ``len`` and slicing such as
 ``RepeatedData``) through a pull producer, so large images stream with TCP backpressure. It
-records each request's Range and Authorization headers.
+records each request's method, Range and Authorization headers.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ class ImageResource(Resource):
         header = request.getHeader("range")
         self.requests.append({"range": header,
                               "authorization": request.getHeader("authorization"),
-                              "path": request.path.decode()})
+                              "path": request.path.decode(),
+                              "method": request.method.decode()})
         if self.basic_auth is not None:
             user, password = self.basic_auth
             if (request.getUser(), request.getPassword()) != (user.encode(),
