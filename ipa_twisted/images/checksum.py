@@ -9,6 +9,11 @@ Order of preference:
    A checksums file may hold ``<hash>  <name>`` or ``<hash> *<name>`` lines (GNU coreutils),
    ``SHA256 (<name>) = <hash>`` lines (BSD / ``openssl dgst``), or a bare hash alone.
 
+MD5 (by ``os_hash_algo``, length, ``md5:`` prefix or a checksums file entry) is used only
+when ``md5_enabled`` (Ironic's ``agent_md5_checksum_enable``); otherwise a stronger
+``checksum`` beside an MD5 ``os_hash_value`` is used, and an image with MD5 alone is refused
+(``Md5Refused``) before anything is downloaded.
+
 No checksum at all: the image is written unverified and a warning is logged, as the reference
 agent does when Ironic sends none (Ironic requires one unless the operator disabled it).
 ``stream_raw_images`` is accepted and ignored: every image is streamed and verified on the way.

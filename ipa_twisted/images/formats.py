@@ -9,7 +9,13 @@ and ``check_safe`` refuses what the agent will not write:
 - a format the agent cannot convert with bounded memory (vmdk, vhd, vhdx, vdi: see
   ``UNSUPPORTED``); a compressed container holding anything but raw (or ISO) bytes;
 - bytes that do not match the declared ``disk_format`` (qcow2 declared but raw bytes, raw
-  declared but qcow2 bytes, ...). A compressed raw image declared as ``raw`` is fine.
+  declared but qcow2 bytes, ...). A compressed raw image declared as ``raw`` is fine;
+  ``unknown`` (OCI artifacts) declares nothing.
+
+``check_permitted`` applies ``permitted_image_formats`` to the format's ``policy_name``
+(``gpt`` for a raw image holding a GPT, as the reference's inspector names it). With
+``disable_deep_image_inspection`` the pipeline skips the list and the declared-format check
+and writes an image declared raw as it is, as the reference agent does.
 
 Refusals are ``ImageFormatRefused`` (an ``ImageDownloadError``), raised before the device is
 opened for writing.

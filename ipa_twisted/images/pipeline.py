@@ -7,15 +7,21 @@ on the device (fsynced) and its checksum verified:
   ``BATCH`` bytes handed to two dedicated worker threads: one hashes (hashlib releases the
   GIL), one decompresses/converts and writes (``writer.DeviceWriter``). A ``Valve`` pauses
   the HTTP transport while more than ``Valve.high`` bytes wait in either;
-- the format is detected from the first bytes and refused (``formats.check_safe``) before
-  the device is even opened for writing;
+- the checksum is settled first (an MD5-only image is refused unless ``md5_enabled``);
+  the format is detected from the first bytes (a compressed image's from its first
+  decompressed bytes) and refused (``formats.check_safe``; ``formats.check_permitted``
+  against ``permitted_image_formats`` unless ``disable_deep_image_inspection``) before the
+  caller's ``prepare`` (destroying the disk's metadata, partitioning) runs and the device is
+  opened: a refused image leaves the disk untouched;
 - raw and ISO bytes are written in order; gzip, bzip2 and xz raw images are decompressed in
   the writer thread; zstd through ``zstd -dc`` (``ProcessRunner.stream``, whose stdout is
   paused while the writer is behind); qcow2 is converted by ``qcow2.Qcow2Converter``, which
   may ask for a few ranges again (HTTP Range requests) when its metadata came after its data;
-- a checksum mismatch wipes the partition tables (first and last MiB) and raises
-  ImageChecksumError; any failure after the first write wipes them too, so the node cannot
-  boot a partial image.
+- a checksum mismatch wipes the partition tables (first and last MiB) and the image is
+  downloaded once more (as the reference agent does); a second mismatch raises
+  ImageChecksumError. Any failure after the first write wipes them too, so the node cannot
+  boot a partial image. ``image_download_max_duration`` bounds the download, retries
+  included.
 
 ``ImageProgress`` is what the API shows while the command runs; it is logged every
 ``ImageProgress.log_interval`` seconds.
