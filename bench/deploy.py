@@ -268,7 +268,7 @@ def fio_write(device: str, size: int, depth: int, block: int = 8 * MiB) -> float
          "--end_fsync=1", "--output-format=json"],
         check=True, capture_output=True, text=True).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]
-    # bw_bytes leaves the end fsync out: the job's whole run time puts it back in.
+    # with --end_fsync the job's run time includes the final fsync
     return float(job["write"]["io_bytes"]) / (float(job["job_runtime"]) / 1000) / MiB
 
 

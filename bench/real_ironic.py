@@ -45,7 +45,7 @@ import subprocess  # making images before the reactor runs: a benchmark driver
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -246,6 +246,32 @@ class Sampler:
         self._loop.stop()
 
 
+def conductor_times(lines: Iterable[str], uuid: str, after: float) -> dict[str, float]:
+    """From the conductor's INFO log ``lines``, when it logged for node ``uuid`` at or after
+    ``after`` (epoch seconds): ``wait`` (first ``wait call-back``), ``step_start``
+    (write_image begins), ``step_done`` (a heartbeat found the agent's write_image done:
+    the first deploy command success after it began) and ``active``."""
+    found: dict[str, float] = {}
+    for line in lines:
+        if uuid not in line:
+            continue
+        if "Executing {'step': 'write_image'" in line:
+            key = "step_start"
+        elif "returned deploy command success" in line:
+            key = "step_done"
+        elif 'moved to provision state "wait call-back" from state "deploying"' in line:
+            key = "wait"
+        elif 'moved to provision state "active"' in line:
+            key = "active"
+        else:
+            continue
+        when = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+        if when < after or key in found or (key == "step_done" and "step_start" not in found):
+            continue
+        found[key] = when
+    return found
+
+
 # -- the bench --------------------------------------------------------------------------------
 
 class Bench:
@@ -442,24 +468,7 @@ class Bench:
         self._log_offset += len(data)
         self._log_lines.extend(line for line in data.decode(errors="replace").splitlines()
                                if " INFO " in line[:40])
-        found: dict[str, float] = {}
-        for line in self._log_lines:
-            if uuid not in line:
-                continue
-            if "Executing {'step': 'write_image'" in line:
-                key = "step_start"
-            elif "returned deploy command success" in line and "step_start" in found:
-                key = "step_done"
-            elif 'moved to provision state "wait call-back" from state "deploying"' in line:
-                key = "wait"
-            elif 'moved to provision state "active"' in line:
-                key = "active"
-            else:
-                continue
-            when = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f").timestamp()
-            if when >= after and key not in found:
-                found[key] = when
-        return found
+        return conductor_times(self._log_lines, uuid, after)
 
     async def deploy(self, side: str, uuid: str, loop: LoopDevice, image: str,
                      disk_format: str, mac: str | None = None,
