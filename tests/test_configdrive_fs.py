@@ -11,9 +11,15 @@ import os
 import shutil
 import subprocess
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from ipa_twisted.config import AgentConfig
+from ipa_twisted.errors import InstanceDeployFailure
+from ipa_twisted.hardware.interface import HardwareContext
+from ipa_twisted.images import configdrive as cd
 from ipa_twisted.images import configdrive_fs as fs
+from ipa_twisted.testing.fake_process import FakeRunner
 from tests.configdrive_iso import META_DATA, make_iso
 
 MiB = 1 << 20
@@ -95,3 +101,42 @@ class ConfigDriveFsTests(SynchronousTestCase):
         self.assertRaises(ValueError, fs.read_fat, bytes(fat))
         self.assertRaises(ValueError, fs.build_fat, [fs.Entry("a/b", False, b"")], 4096)
         self.assertRaises(ValueError, fs.build_fat, [], 3000)
+
+
+def _parted(sector: int) -> bytes:
+    return (f"BYT;\n/dev/sdb:1000204886016B:scsi:{sector}:{sector}:gpt:Disk:;\n"
+            "1:1048576B:1000204885503B:1000203836928B:ext4:root:;\n").encode()
+
+
+class FitSectorSizeTests(TestCase):
+    """The decision to rebuild, on a fake parted answer."""
+
+    def context(self, sector: int, **config: object) -> HardwareContext:
+        runner = FakeRunner({("parted", "-s", "-m", "/dev/sdb", "unit", "B", "print", "free"):
+                             _parted(sector)})
+        return HardwareContext(AgentConfig(**config), runner, reactor, reactor)  # type: ignore[arg-type]
+
+    async def test_iso_rebuilt_on_4k_only(self) -> None:
+        iso = make_iso(META_DATA)
+        self.assertIs(await cd.fit_sector_size(self.context(512), "/dev/sdb", iso), iso)
+        rebuilt = await cd.fit_sector_size(self.context(4096), "/dev/sdb", iso)
+        self.assertEqual(int.from_bytes(rebuilt[11:13], "little"), 4096)
+        self.assertEqual(tree(fs.read_fat(rebuilt)), EXPECTED)
+
+    async def test_config_drive_rebuild_option(self) -> None:
+        iso = make_iso(META_DATA)
+        rebuilt = await cd.fit_sector_size(self.context(512, config_drive_rebuild=True),
+                                           "/dev/sdb", iso)
+        self.assertEqual((fs.sniff(rebuilt), int.from_bytes(rebuilt[11:13], "little")),
+                         ("vfat", 512))
+
+    async def test_unreadable_drive_is_a_clear_failure(self) -> None:
+        broken = bytearray(make_iso(META_DATA))
+        broken[17 * 2048:] = bytes(len(broken) - 17 * 2048)   # no descriptor terminator
+        with self.assertRaises(InstanceDeployFailure) as caught:
+            await cd.fit_sector_size(self.context(4096), "/dev/sdb", bytes(broken))
+        self.assertIn("must be rebuilt for /dev/sdb", str(caught.exception))
+        self.assertIn("4096-byte logical sectors", str(caught.exception))
+        # raw bytes that are neither ISO nor FAT are left alone
+        self.assertEqual(await cd.fit_sector_size(self.context(4096), "/dev/sdb",
+                                                  b"config" * 100), b"config" * 100)
