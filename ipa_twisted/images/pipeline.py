@@ -357,11 +357,11 @@ class _ImageJob:
     def __init__(self, image_info: Mapping[str, Any], device: str, download: ImageDownload,
                  expected: ExpectedChecksum | None, reactor: Any, runner: Any,
                  progress: ImageProgress, writer: DeviceWriter | None = None, *,
-                 config: AgentConfig | None = None, prepare: Prepare | None = None) -> None:
+                 config: AgentConfig, prepare: Prepare | None = None) -> None:
         self.image_id = str(image_info.get("id", ""))
         self.declared = formats.declared_format(image_info)
         self.device = device
-        self.config = config if config is not None else AgentConfig()
+        self.config = config
         self.prepare = prepare
         self.downloaded = False
         """True once every byte (qcow2 refetches too) has arrived."""
