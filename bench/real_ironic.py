@@ -45,7 +45,7 @@ import subprocess  # making images before the reactor runs: a benchmark driver
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -355,6 +355,27 @@ class Bench:
             result = call[0](*call[1:])
             if isinstance(result, Deferred):
                 await result
+
+    async def part(self, name: str, rows: Awaitable[list[dict[str, Any]]]
+                   ) -> list[dict[str, Any]]:
+        """``rows``, or when that part fails, one NOT MEASURED row, Ironic's nodes deleted
+        and the agents stopped so that the next part starts clean."""
+        try:
+            return await rows
+        except Exception as e:
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            log(f"{name} FAILED: {e}")
+            for agent in list(self.sampler.agents):
+                await agent.stop()
+                self.sampler.agents.remove(agent)
+            assert self.ironic is not None
+            _, body = await self.ironic.request("GET", "/v1/nodes?fields=uuid")
+            for node in body["nodes"]:
+                await self.ironic.request("PUT", f"/v1/nodes/{node['uuid']}/maintenance",
+                                          {"reason": "bench part failed"})
+                await self.ironic.request("DELETE", f"/v1/nodes/{node['uuid']}")
+            return [row(f"{name}: NOT MEASURED ({message[:70]})", [], [], target="runs",
+                        max_ours=0.0)]
 
     async def close(self) -> None:
         for agent in list(self.sampler.agents):   # left running by a failed fleet
@@ -704,13 +725,14 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
                                   options={"DEFAULT": {"debug": False}})
         await bench.ironic.start()
         if "deploy" in only and args.size_gib > 0:
-            rows += await single_deploys(bench, args.size_gib, args.runs)
+            rows += await bench.part(f"via Ironic, raw {args.size_gib:g} GiB",
+                                     single_deploys(bench, args.size_gib, args.runs))
         sizes = [float(s) for s in args.qcow2_gib.split(",") if s.strip()]
         if "qcow2" in only and sizes:
-            rows += await qcow2_deploys(bench, sizes)
+            rows += await bench.part("qcow2", qcow2_deploys(bench, sizes))
         fleet = [int(s) for s in args.fleet.split(",") if s.strip()]
         if "fleet" in only and fleet:
-            rows += await fleets(bench, fleet, args.fleet_gib)
+            rows += await bench.part("fleet", fleets(bench, fleet, args.fleet_gib))
     finally:
         await bench.close()
         if not args.keep:
