@@ -1,7 +1,7 @@
 """Deploys through a real Ironic: ours and the reference agent, alternating, in one run.
 
 Usage: .venv/bin/python bench/real_ironic.py [--size-gib 2] [--runs 2] [--qcow2-gib 1,4,8]
-           [--fleet 8,16] [--fleet-gib 1] [--only deploy,qcow2,fleet] [--json]
+           [--fleet 8,16] [--fleet-gib 1] [--only deploy,qcow2,fleet] [--json] [--keep]
 
 One Ironic (``tests/ironic/harness.py``: API and conductor in one process, ``direct``
 deploy, fake power and boot) deploys whole-disk images from one image server on 127.0.0.1
@@ -21,8 +21,8 @@ reaches ``wait call-back``, as a machine would boot its ramdisk.
    temp dir is RAM).
 3. ``fleet``: N nodes deployed at once, each agent with its own loop disk and MAC, then the
    same for the other side: time until all are active, bytes the image server sent, each
-   agent's peak RSS, CPU time and idle RSS (after lookup, before its first command), the
-   latter against the floor of the fixed stack (``bench/bare_klein.py`` under twistd,
+   agent's peak RSS, CPU time and idle RSS (read when it logs its first heartbeat, after
+   lookup), the latter against the floor of the fixed stack (``bench/bare_klein.py`` under twistd,
    measured in the same run).
 
 With ``--json`` the rows are printed as one JSON list for ``bench/compare.py``. Needs root,
