@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import struct
 from typing import Any
 
 from twisted.internet import reactor
@@ -197,6 +198,73 @@ class SharedFilesystemTests(SynchronousTestCase):
         broken = {"blockdevices": [{"kname": "sda"}]}
         self.failureResultOf(self.find(json.dumps(broken), {"/dev/sda": Exit(4)}),
                              ProcessExecutionError)
+
+
+VMFS_GUID = "aa31e02a-400f-11db-9590-000c2911d1b8"
+LINUX_GUID = "0fc63daf-8483-4772-8e79-3d69d8477de4"
+
+
+def gpt_image(path: str, types: list[str], sector: int = 512) -> None:
+    """A disk image whose GPT (header and entries, no CRCs) declares ``types``."""
+    import uuid
+    entries = b"".join(uuid.UUID(t).bytes_le + bytes(112) for t in types)
+    header = b"EFI PART" + bytes(64) + struct.pack("<QII", 2, 128, 128)
+    with open(path, "wb") as f:
+        f.truncate(64 * sector)
+        f.seek(510)
+        f.write(b"\x55\xaa")
+        f.seek(446 + 4)
+        f.write(b"\xee")
+        f.seek(sector)
+        f.write(header)
+        f.seek(2 * sector)
+        f.write(entries)
+
+
+def mbr_image(path: str, kinds: list[int]) -> None:
+    with open(path, "wb") as f:
+        f.truncate(4096)
+        for number, kind in enumerate(kinds):
+            f.seek(446 + 16 * number + 4)
+            f.write(bytes([kind]))
+        f.seek(510)
+        f.write(b"\x55\xaa")
+
+
+class PartitionTypeTests(SynchronousTestCase):
+    """The partition types a disk's own table declares (read without the kernel)."""
+
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.path = os.path.join(self.dir, "disk.img")
+
+    def test_gpt_512_and_4k_sectors(self) -> None:
+        for sector in (512, 4096):
+            gpt_image(self.path, [VMFS_GUID, LINUX_GUID], sector)
+            self.assertEqual(disks.partition_types(self.path), [VMFS_GUID, LINUX_GUID])
+
+    def test_mbr(self) -> None:
+        mbr_image(self.path, [0x83, 0, 0xFB])
+        self.assertEqual(disks.partition_types(self.path), ["0x83", "0xfb"])
+
+    def test_no_table(self) -> None:
+        mbr_image(self.path, [0xEE])                  # protective MBR, no GPT header
+        self.assertEqual(disks.partition_types(self.path), [])
+        with open(self.path, "wb") as f:
+            f.truncate(4096)
+        self.assertEqual(disks.partition_types(self.path), [])
+        self.assertEqual(disks.partition_types(os.path.join(self.dir, "absent")), [])
+
+    def test_guard_reads_tables_the_kernel_has_not_scanned(self) -> None:
+        gpt_image(self.path, [LINUX_GUID, VMFS_GUID])
+        listing = {"blockdevices": [{"name": "disk.img", "kname": "disk.img"}]}
+        runner = FakeRunner({("lsblk",): json.dumps(listing), ("blkid", "-p"): Exit(2)})
+        context = HardwareContext(AgentConfig(dev_path=self.dir), runner, Clock(), None)
+        found = self.successResultOf(Deferred.fromCoroutine(
+            disks.find_shared_filesystems(context, [self.path])))
+        self.assertEqual(found, [(self.path,
+                                  "VMware VMFS Partition (GPT) (in its partition table)")])
 
 
 class EraseMetadataFakeTests(SynchronousTestCase):

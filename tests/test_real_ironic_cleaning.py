@@ -5,7 +5,9 @@ gives them (Ironic's defaults): ``provide`` takes the node through ``cleaning`` 
 wait``, the agent (started then, as a booting ramdisk would be) runs
 ``erase_devices_metadata`` (99) and ``erase_devices`` (10) on two loop devices, and the node
 becomes ``available``. The node's ``properties.skip_block_devices`` names one of them: its
-bytes stay identical while the other is erased to zeros.
+bytes stay identical while the other is erased to zeros. A disk holding a VMFS partition
+fails cleaning (``clean failed``, Ironic's ``last_error`` naming it) with every disk
+untouched.
 
 The agent runs in the disk sandbox (a private mount namespace whose /dev holds only the
 loop devices). ``lsblk`` there still reads this machine's sysfs, so an ``lsblk`` first on
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from typing import Any
 
@@ -28,11 +31,12 @@ from ipa_twisted.process import ProcessRunner
 from ipa_twisted.testing.sandbox import (LoopDevice, attach_loop_devices,
                                          loop_devices_unavailable, sandbox_argv)
 from tests.ironic.harness import RealIronic, skip_reason, start_agent
-from tests.processes import child_env, physical_macs
+from tests.processes import Child, child_env, physical_macs
 
 MiB = 1 << 20
 DISK_SIZE = 64 * MiB
 HEARTBEAT_TIMEOUT = 10
+VMFS_GPT = "AA31E02A-400F-11DB-9590-000C2911D1B8"
 TOOLS = ("parted", "mkfs.ext4", "wipefs", "sgdisk", "shred", "blkid", "lsblk", "partprobe")
 
 LSBLK_WRAPPER = """\
@@ -99,15 +103,13 @@ class RealIronicCleaningTests(TestCase):
         env["PATH"] = fakes + os.pathsep + env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         return env
 
-    async def test_automated_cleaning_keeps_the_protected_disk(self) -> None:
-        protected, erased = self.loops
-        await self.fill(protected, "keep")
-        await self.fill(erased, "erase")
-        before = self.digest(protected)
+    async def clean(self, properties: dict[str, Any], state: str) -> tuple[dict[str, Any],
+                                                                         Child, float]:
+        """Enroll a node, ``provide`` it, start the agent once Ironic waits for it; the node
+        once it is in ``state``, the agent, and how long it took."""
         uuid = await self.ironic.enroll_node(
-            physical_macs(), properties={
-                "skip_block_devices": [{"name": protected.path}],
-                "local_gb": 1, "cpu_arch": "x86_64"}, state="manageable")
+            physical_macs(), properties={"local_gb": 1, "cpu_arch": "x86_64", **properties},
+            state="manageable")
         started = reactor.seconds()
         await self.ironic.set_provision_state(uuid, "provide")
         await self.ironic.wait_for_state(uuid, "clean wait", timeout=60)
@@ -119,10 +121,17 @@ class RealIronicCleaningTests(TestCase):
 
         agent = start_agent(self, self.ironic, self.dir, config="include_loop_devices = true\n",
                             wrap=in_sandbox, env=self.agent_env())
-        node: dict[str, Any] = await self.ironic.wait_for_state(uuid, "available",
-                                                                timeout=240)
-        print(f"\n  automated cleaning: provide to available in "
-              f"{reactor.seconds() - started:.1f}s")
+        node = await self.ironic.wait_for_state(uuid, state, timeout=240)
+        return node, agent, reactor.seconds() - started
+
+    async def test_automated_cleaning_keeps_the_protected_disk(self) -> None:
+        protected, erased = self.loops
+        await self.fill(protected, "keep")
+        await self.fill(erased, "erase")
+        before = self.digest(protected)
+        node, agent, took = await self.clean(
+            {"skip_block_devices": [{"name": protected.path}]}, "available")
+        print(f"\n  automated cleaning: provide to available in {took:.1f}s")
         self.assertIsNone(node["last_error"])
         output = agent.output.decode(errors="replace")
         # Ironic ran both erase steps, at the agent's priorities, through the agent
@@ -135,3 +144,20 @@ class RealIronicCleaningTests(TestCase):
                       output)
         self.assertEqual(self.digest(protected), before)
         self.assertEqual(self.digest(erased), hashlib.sha256(bytes(DISK_SIZE)).hexdigest())
+
+    async def test_a_shared_filesystem_fails_cleaning_untouched(self) -> None:
+        for index, loop in enumerate(self.loops):
+            await self.fill(loop, f"disk{index}")
+        vmfs = self.loops[1]
+        await self.runner.execute("sgdisk", "--typecode", f"1:{VMFS_GPT}", vmfs.path,
+                                  timeout=60)
+        before = [self.digest(loop) for loop in self.loops]
+        node, agent, _ = await self.clean({}, "clean failed")
+        # found on the partition, or (when the kernel has not re-read the table sgdisk
+        # changed, as here usually) in the disk's partition table itself
+        self.assertIn("Clean step deploy.erase_devices_metadata failed", node["last_error"])
+        self.assertRegex(node["last_error"], re.escape("Protected VMware VMFS Partition (GPT) (")
+                         + f"(on {re.escape(vmfs.path)}p1|in its partition table)"
+                         + re.escape(f") located on device {vmfs.path}"))
+        self.assertIn("guard_special_filesystems", node["last_error"])
+        self.assertEqual([self.digest(loop) for loop in self.loops], before)

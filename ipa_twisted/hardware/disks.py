@@ -13,12 +13,14 @@ does so under the configured ``dev_path``.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
 import stat
 import struct
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -250,6 +252,50 @@ def shared_filesystem(row: Mapping[str, Any]) -> str | None:
     return found
 
 
+_ABSENT = (errno.ENOENT, errno.ENXIO, errno.ENODEV, errno.ENOMEDIUM)
+"""Errors opening a device that mean it is not there (a stale node, no medium)."""
+
+
+def partition_types(path: str) -> list[str]:
+    """The partition types the table on ``path`` declares (blocking: run it in a thread).
+
+    GPT type GUIDs (lower case; 512-byte or 4 KiB sectors) or, on an MBR disk, the type bytes
+    of its primary partitions (``0xfb``). Read from the disk itself, so partitions the kernel
+    does not know (the table not re-read since it was written) count too. Empty if there is
+    no table or no such device; OSError if the device cannot be read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in _ABSENT:
+            return []                    # no such device: nothing on it to protect
+        raise
+    try:
+        head = os.pread(fd, 8192, 0)
+        for sector in (512, 4096):
+            header = head[sector:sector + 92]
+            if header[:8] != b"EFI PART":
+                continue
+            entries_lba, count, size = struct.unpack_from("<QII", header, 72)
+            if not 0 < count <= 1024 or not 128 <= size <= 4096:
+                return []
+            table = os.pread(fd, count * size, entries_lba * sector)
+            types = []
+            for offset in range(0, len(table) - size + 1, size):
+                raw = table[offset:offset + 16]
+                if raw != bytes(16):
+                    types.append(str(uuid.UUID(bytes_le=raw)))
+            return types
+        if head[510:512] != b"\x55\xaa":
+            return []
+        kinds = [head[446 + 16 * i + 4] for i in range(4)]
+        if 0xEE in kinds:
+            return []                    # a protective MBR without a GPT header: unreadable
+        return [f"0x{kind:02x}" for kind in kinds if kind]
+    finally:
+        os.close(fd)
+
+
 async def find_shared_filesystems(context: HardwareContext, devices: Sequence[str]
                                   ) -> list[tuple[str, str]]:
     """``(device, what)`` for each of ``devices`` (or a partition or holder of one of
@@ -257,9 +303,11 @@ async def find_shared_filesystems(context: HardwareContext, devices: Sequence[st
 
     ``lsblk`` gives the devices' trees (and the types, where udev recorded them); each
     device in them is also probed with ``blkid -p``, which reads the disk itself, so the
-    check holds where udev does not run. (The reference agent asks lsblk only, about each
-    device alone, for the partition type only.) ProcessExecutionError if a tool fails: the
-    caller decides (an erase must not go ahead unchecked).
+    check holds where udev does not run; and each asked device's partition table is read
+    (``partition_types``), so a partition the kernel has not scanned counts too. (The
+    reference agent asks lsblk only, about each device alone, for the partition type only.)
+    ProcessExecutionError if a tool fails, OSError if a device cannot be read: the caller
+    decides (an erase must not go ahead unchecked).
     """
     if not devices:
         return []
@@ -294,6 +342,17 @@ async def find_shared_filesystems(context: HardwareContext, devices: Sequence[st
 
     for row in tops:
         await walk([row], None)
+    pool = context.reactor.getThreadPool() if context.reactor is not None else None
+    for device in devices:
+        if pool is None:
+            types = partition_types(device)
+        else:
+            types = await deferToThreadPool(context.reactor, pool, partition_types, device)
+        for kind in dict.fromkeys(types):
+            what = SHARED_PARTITION_TYPES.get(kind)
+            if what is not None and not any(d == device and w.startswith(what)
+                                            for d, w in found):
+                found.append((device, f"{what} (in its partition table)"))
     return found
 
 

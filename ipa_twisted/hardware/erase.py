@@ -391,7 +391,7 @@ async def guard_special_filesystems(context: HardwareContext, devices: Sequence[
         return
     try:
         found = await disks.find_shared_filesystems(context, devices)
-    except ProcessExecutionError as e:
+    except (ProcessExecutionError, OSError) as e:
         raise BlockDeviceEraseError(
             f"Cannot check {', '.join(devices)} for shared cluster filesystems before "
             f"erasing (guard_special_filesystems): {e}") from e
