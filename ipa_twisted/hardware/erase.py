@@ -455,6 +455,8 @@ class EraseMixin:
         listed = await self.list_block_devices()
         protection = await protected_devices(self.context, node, listed)
         devices = [d for d in listed if protection.reason(d.name) is None]
+        for name, reason in protection.devices.items():
+            log_protected("erase_devices", name, reason)
         await guard_special_filesystems(self.context, [d.name for d in devices])
         progress = EraseProgress(self.context.clock, self.context.config.sys_path)
         results: dict[str, Any] = {}
@@ -462,7 +464,6 @@ class EraseMixin:
             disk = progress.add(device.name, device.size)
             reason = protection.reason(device.name)
             if reason is not None:
-                log_protected("erase_devices", device.name, reason)
                 disk.use("skipped")
                 disk.finish("skipped", f"protected: {reason}")
                 results[device.name] = f"skipped: protected by skip_block_devices: {reason}"
@@ -567,6 +568,8 @@ class EraseMixin:
         listed = await self.list_block_devices()
         protection = await protected_devices(self.context, node, listed)
         devices = [d for d in listed if protection.reason(d.name) is None]
+        for name, reason in protection.devices.items():
+            log_protected("erase_devices_express", name, reason)
         await guard_special_filesystems(self.context, [d.name for d in devices])
         progress = EraseProgress(self.context.clock, self.context.config.sys_path)
         self._erase_progress = progress
@@ -576,7 +579,6 @@ class EraseMixin:
         for device in listed:
             reason = protection.reason(device.name)
             if reason is not None:
-                log_protected("erase_devices_express", device.name, reason)
                 disk = progress.add(device.name, device.size)
                 disk.use("skipped")
                 disk.finish("skipped", f"protected: {reason}")
