@@ -455,8 +455,8 @@ class EraseMixin:
         listed = await self.list_block_devices()
         protection = await protected_devices(self.context, node, listed)
         devices = [d for d in listed if protection.reason(d.name) is None]
-        for name, reason in protection.devices.items():
-            log_protected("erase_devices", name, reason)
+        for name, why in protection.devices.items():
+            log_protected("erase_devices", name, why)
         await guard_special_filesystems(self.context, [d.name for d in devices])
         progress = EraseProgress(self.context.clock, self.context.config.sys_path)
         results: dict[str, Any] = {}
@@ -568,8 +568,8 @@ class EraseMixin:
         listed = await self.list_block_devices()
         protection = await protected_devices(self.context, node, listed)
         devices = [d for d in listed if protection.reason(d.name) is None]
-        for name, reason in protection.devices.items():
-            log_protected("erase_devices_express", name, reason)
+        for name, why in protection.devices.items():
+            log_protected("erase_devices_express", name, why)
         await guard_special_filesystems(self.context, [d.name for d in devices])
         progress = EraseProgress(self.context.clock, self.context.config.sys_path)
         self._erase_progress = progress
