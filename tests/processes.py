@@ -178,10 +178,47 @@ def start_agent(test: Any, directory: str, *, api_url: str | None = None,
     argv += ["--api-url", api_url] if api_url else ["--standalone"]
     if debug:
         argv.append("--debug")
-    agent = Child(wrap(argv) if wrap is not None else argv, env)
+    if wrap is not None:
+        argv = wrap(argv)
+    else:
+        argv, env = _guard_host(argv, env if env is not None else child_env(), directory)
+    agent = Child(argv, env)
     agent.port = port
     test.addCleanup(agent.stop, "KILL")
     return agent
+
+
+# An agent outside the disk sandbox sees this machine's disks and /proc. What Ironic may ask
+# of it (standby.sync flushes every disk's buffers and drops the kernel's caches) must not
+# reach them: blockdev's writing verbs are shadowed on its PATH and, as root, it runs in a
+# private mount namespace where drop_caches and sysrq-trigger are /dev/null.
+_BLOCKDEV_SHIM = """#!/bin/sh
+for arg in "$@"; do
+  case "$arg" in --flushbufs|--rereadpt|--setro|--setrw|--setra|--setfra|--setbsz)
+    echo "blockdev $*" >>"$(dirname "$0")/refused.log"; exit 0;; esac
+done
+exec /usr/sbin/blockdev "$@"
+"""
+_PRIVATE_PROC = ('for f in /proc/sys/vm/drop_caches /proc/sysrq-trigger; do '
+                 '[ ! -e "$f" ] || mount --bind /dev/null "$f" || exit 1; done; exec "$@"')
+
+
+def _guard_host(argv: list[str], env: dict[str, str],
+                directory: str) -> tuple[list[str], dict[str, str]]:
+    """``argv`` and ``env`` for an agent outside the sandbox, unable to flush or drop
+    this machine's disks and caches; shadowed commands are listed in
+    ``DIRECTORY/host-shims/refused.log``."""
+    shims = os.path.join(directory, "host-shims")
+    os.makedirs(shims, exist_ok=True)
+    path = os.path.join(shims, "blockdev")
+    with open(path, "w") as f:
+        f.write(_BLOCKDEV_SHIM)
+    os.chmod(path, 0o755)
+    env = dict(env, PATH=shims + os.pathsep + env.get("PATH", os.defpath))
+    if os.geteuid() == 0:
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", _PRIVATE_PROC,
+                "sh", *argv]
+    return argv, env
 
 
 class FakeIronicProcess:

@@ -153,15 +153,11 @@ class StandaloneAgentTests(TestCase):
     timeout = 60
 
     async def test_standalone_answers_and_stops(self) -> None:
-        port = free_port()
-        cmdline = os.path.abspath(self.mktemp())
-        with open(cmdline, "w") as f:
-            f.write("\n")
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
         started = reactor.seconds()
-        agent = Child(TWISTD + ["-n", "--pidfile=", "ipa", "--standalone",
-                                "--no-default-config-files", "--cmdline-path", cmdline,
-                                "--listen", f"127.0.0.1:{port}"])
-        self.addCleanup(agent.stop, "KILL")
+        agent = start_agent(self, directory)   # standalone; this machine's disks guarded
+        port = agent.port
 
         async def root() -> Any:
             response = await treq.get(f"http://127.0.0.1:{port}/", timeout=2,
@@ -175,6 +171,10 @@ class StandaloneAgentTests(TestCase):
                                    json={"name": "standby.sync", "params": {}}, timeout=30,
                                    persistent=False)
         self.assertEqual((await response.json())["command_status"], "SUCCEEDED")
+        # The full sync reached blockdev --flushbufs, which the test guard kept off this
+        # machine's disks.
+        with open(os.path.join(directory, "host-shims", "refused.log")) as f:
+            self.assertIn("blockdev --flushbufs", f.read())
         await agent.stop("TERM")
         self.assertTrue(agent.stopped_cleanly, agent.output[-2000:])
 
