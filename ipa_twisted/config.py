@@ -135,7 +135,8 @@ class AgentConfig:
     inspection_callback_url: str | None = _opt(None, "Inspection receiver URL, several "
                                                 "comma-separated (tried in turn), or "
                                                 "'mdns'.", urls=True)
-    inspection_collectors: str = _opt("default", "Comma-separated inspection collectors.")
+    inspection_collectors: str = _opt("default,logs", "Comma-separated inspection "
+                                      "collectors (logs last: it sends the logs so far).")
     inspection_dhcp_wait_timeout: float = _opt(
         60.0, "Seconds to wait for DHCP before inspection; 0: no wait. Also read as "
         "inspection_dhcp_timeout (ipa-inspection-dhcp-timeout), this agent's old name.",
