@@ -5,12 +5,10 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import AsyncIterator
-from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
@@ -18,33 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipa_twisted.process import (CommandNotFoundError, ProcessExecutionError, ProcessRunner,
                                  ProcessTimeoutError, descendants)
-
-
-class FakeProcessReactor:
-    """spawnProcess records; the test plays the child."""
-
-    def __init__(self) -> None:
-        self.children: list[ProcessProtocol] = []
-        self.spawned: list[tuple[str, tuple[str, ...], dict[str, str]]] = []
-        self.signals: list[str] = []
-        self.stdin: list[bytes] = []
-        self.stdin_closed = 0
-
-    def spawnProcess(self, protocol: ProcessProtocol, executable: str, args: Any,
-                     env: Any = None, **kw: Any) -> FakeProcessReactor:
-        protocol.makeConnection(self)  # type: ignore[arg-type]
-        self.children.append(protocol)
-        self.spawned.append((executable, tuple(args), dict(env)))
-        return self
-
-    def signalProcess(self, name: str) -> None:
-        self.signals.append(name)
-
-    def write(self, data: bytes) -> None:
-        self.stdin.append(data)
-
-    def closeStdin(self) -> None:
-        self.stdin_closed += 1
+from ipa_twisted.testing.fake_process_reactor import FakeProcessReactor
 
 
 class ProcessRunnerTests(SynchronousTestCase):
@@ -274,25 +246,11 @@ class RealProcessTests(TestCase):
         self.assertEqual(out.strip(), b"['LANG', 'LC_ALL', 'PATH']")
 
 
-class _PausableFake(FakeProcessReactor):
-    """The fake child's transport also records pause/resume of its output pipes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flow: list[str] = []
-
-    def pauseProducing(self) -> None:
-        self.flow.append("pause")
-
-    def resumeProducing(self) -> None:
-        self.flow.append("resume")
-
-
 class StreamTests(SynchronousTestCase):
     """ProcessRunner.stream: stdout handed on as it comes, paused while the consumer is busy."""
 
     def setUp(self) -> None:
-        self.fake, self.clock = _PausableFake(), Clock()
+        self.fake, self.clock = FakeProcessReactor(), Clock()
         self.runner = ProcessRunner(self.fake, self.clock,  # type: ignore[arg-type]
                                     base_env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
 

@@ -22,7 +22,7 @@ from ipa_twisted.ironic.client import IronicClient
 from ipa_twisted.process import ProcessExecutionError, ProcessRunner
 from ipa_twisted.service import AgentService
 from ipa_twisted.testing.fake_ironic import FakeIronic
-from tests.test_process import FakeProcessReactor
+from ipa_twisted.testing.fake_process_reactor import FakeProcessReactor
 
 MAC = "52:54:00:12:34:56"
 TOKEN = "s" * 40
