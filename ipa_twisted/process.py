@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-from collections.abc import AsyncIterable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
@@ -76,6 +77,16 @@ class ProcessExecutionError(Exception):
                                  else "killed by a signal")
         super().__init__(self.argv, exit_code, stderr)
 
+    @property
+    def stdout_text(self) -> str:
+        """stdout decoded (UTF-8, undecodable bytes replaced)."""
+        return self.stdout.decode("utf-8", "replace")
+
+    @property
+    def stderr_text(self) -> str:
+        """stderr decoded (UTF-8, undecodable bytes replaced)."""
+        return self.stderr.decode("utf-8", "replace")
+
     def __str__(self) -> str:
         return (f"Command {' '.join(self.argv)!r} failed ({self.reason}). "
                 f"stdout: {_tail(self.stdout)!r}; stderr: {_tail(self.stderr)!r}")
@@ -91,6 +102,31 @@ class CommandNotFoundError(ProcessExecutionError):
 
 class ProcessTimeoutError(ProcessExecutionError):
     """The program ran past its timeout and was killed."""
+
+
+@contextmanager
+def failures_as(error: Callable[[str], BaseException] | None = None, message: str = "", *,
+                make: Callable[[ProcessExecutionError], BaseException] | None = None
+                ) -> Iterator[None]:
+    """Inside the block, a ProcessExecutionError is raised as the agent's error instead,
+    chained to it (``raise ... from``).
+
+    ``error(text)`` builds that error (``errors.CleaningError``, ...) from ``message``: the
+    program's failure replaces ``{error}`` in it, or follows it after ": ". ``make(e)``
+    builds it from the failure itself instead (errors taking the exit code and output).
+    Any other exception passes through unchanged.
+    """
+    if (error is None) == (make is None):
+        raise TypeError("failures_as() takes an error class or make=, not both")
+    try:
+        yield
+    except ProcessExecutionError as e:
+        if make is not None:
+            raise make(e) from e
+        assert error is not None
+        text = message.replace("{error}", str(e)) if "{error}" in message else \
+            f"{message}: {e}" if message else str(e)
+        raise error(text) from e
 
 
 @implementer(IPushProducer)
