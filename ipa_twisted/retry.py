@@ -92,27 +92,28 @@ async def retry(operation: Callable[[], Awaitable[T]], clock: IReactorTime, what
                 backoff: Backoff | None = None, attempts: int | None = None,
                 deadline: float | None = None, retry_on: RetryOn = Exception,
                 log: Logger | None = None, level: LogLevel = LogLevel.warn,
-                fields: Mapping[str, Any] | None = None,
+                fields: Mapping[str, Any] | Callable[[BaseException], Mapping[str, Any]]
+                | None = None,
                 describe: Callable[[BaseException], str] = describe,
                 wait_for: Callable[[BaseException, float], float] | None = None,
                 progressed: Callable[[BaseException], bool] | None = None,
                 sleep: Callable[[float], Awaitable[Any]] | None = None) -> T:
     """The result of ``operation()``, called again after each retryable failure.
 
-    ``what`` names the operation in logs ("Lookup of node"). Stops after ``attempts``
+    ``what`` names the operation in logs ("Lookup of node at {url}": a log format, its
+    fields from ``fields``, a mapping or a function of the error). Stops after ``attempts``
     attempts (None: no limit) or once ``deadline`` seconds have passed since the first
     attempt (waits end at the deadline, where one last attempt is made), then raises
     ``GaveUp`` from the last error. An error ``retry_on`` rejects (exception types or a
     predicate) is raised at once, as is ``CancelledError``. Each failed attempt is logged
-    once at ``level`` with the fields ``what``, ``attempt``, ``attempts``, ``error``,
-    ``delay`` and ``fields``. ``wait_for(error, delay)`` may change one wait (a 409 waits
+    once at ``level`` with the fields ``attempt``, ``attempts``, ``error``, ``delay`` and
+    ``fields``. ``wait_for(error, delay)`` may change one wait (a 409 waits
     longer); a failure for which ``progressed(error)`` is true starts the count of
     attempts again (a download that moved on is not a dead link). ``sleep(seconds)``
     replaces the wait on ``clock`` (a wait another party may cut short).
     """
     backoff = backoff or Backoff()
     log = log or _log
-    extra = dict(fields or {})
     started = clock.seconds()
     end = None if deadline is None else started + deadline
     failures = 0
@@ -134,13 +135,18 @@ async def retry(operation: Callable[[], Awaitable[T]], clock: IReactorTime, what
             delay = wait_for(error, delay)
         if not last and end is not None:
             delay = min(delay, end - now)
-        log.emit(level, "{what} failed (attempt {attempt}{of}): {error}; "
+        extra = dict((fields(error) if callable(fields) else fields) or {})
+        log.emit(level, what + " failed (attempt {attempt}{of}): {error}; "
                  + ("giving up" if last else "retrying in {delay:.1f} s"),
-                 what=what, attempt=failures, attempts=attempts,
+                 attempt=failures, attempts=attempts,
                  of=f" of {attempts}" if attempts is not None else "",
                  error=describe(error), delay=delay, **extra)
         if last:
-            raise GaveUp(what, failures, error) from error
+            try:
+                named = what.format_map(extra)
+            except (KeyError, IndexError, ValueError, AttributeError):
+                named = what
+            raise GaveUp(named, failures, error) from error
         await (sleep(delay) if sleep is not None else deferLater(clock, delay))
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipa_twisted.retry import Backoff, GaveUp, fixed, full_jitter, retrying, spread
@@ -90,11 +90,12 @@ class RetryTests(SynchronousTestCase):
         self.assertEqual([(e["attempt"], e["error"], e["delay"], e["log_level"])
                           for e in self.events.events],
                          [(1, "a", 1.0, LogLevel.warn), (2, "b", 2.0, LogLevel.warn)])
-        self.assertEqual(self.events.events[0]["what"], "Fetching")
+        self.assertEqual(formatEvent(self.events.events[0]),
+                         "Fetching failed (attempt 1 of 5): a; retrying in 1.0 s")
 
     def test_gives_up_after_attempts(self) -> None:
         op = _Flaky([ValueError(str(n)) for n in range(10)])
-        d = retrying(op, self.clock, "Fetching", backoff=fixed(1.0), attempts=3,
+        d = retrying(op, self.clock, "Fetching {url}", backoff=fixed(1.0), attempts=3,
                      log=self.events.log, fields={"url": "http://x"})
         self.clock.advance(1.0)
         self.clock.advance(1.0)
@@ -104,7 +105,9 @@ class RetryTests(SynchronousTestCase):
         self.assertEqual(op.calls, 3)
         self.assertEqual(len(self.events.events), 3)
         self.assertEqual(self.events.events[-1]["url"], "http://x")
-        self.assertIn("giving up", self.events.events[-1]["log_format"])
+        self.assertEqual(formatEvent(self.events.events[-1]),
+                         "Fetching http://x failed (attempt 3 of 3): 2; giving up")
+        self.assertEqual(str(failure.value), "Fetching http://x failed 3 time(s); last: 2")
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_not_retried_error_raised_at_once(self) -> None:
@@ -171,6 +174,17 @@ class RetryTests(SynchronousTestCase):
         d.cancel()
         self.failureResultOf(d, CancelledError)
         self.assertEqual((cancelled, self.events.events), ([True], []))
+
+    def test_fields_from_the_error(self) -> None:
+        op = _Flaky([ValueError("x")])
+        d = retrying(op, self.clock, "Lookup at {url}", backoff=fixed(1.0),
+                     fields=lambda e: {"url": f"http://{e}", "status": 500},
+                     log=self.events.log)
+        self.clock.advance(1.0)
+        self.successResultOf(d)
+        self.assertEqual(formatEvent(self.events.events[0]),
+                         "Lookup at http://x failed (attempt 1): x; retrying in 1.0 s")
+        self.assertEqual(self.events.events[0]["status"], 500)
 
     def test_sleep_replaces_clock_wait(self) -> None:
         waits: list[float] = []
