@@ -23,7 +23,6 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionClosed
 from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.client import RequestTransmissionFailed, ResponseFailed
 from twisted.web.client import ResponseNeverReceived
@@ -32,6 +31,7 @@ from ipa_twisted import encoding
 from ipa_twisted.config import split_urls
 from ipa_twisted.errors import HeartbeatConflictError, HeartbeatConnectionError
 from ipa_twisted.errors import HeartbeatError, LookupNodeError
+from ipa_twisted.retry import Backoff, GaveUp, full_jitter, retry
 
 MIN_IRONIC_VERSION = (1, 31)
 AGENT_VERSION_IRONIC_VERSION = (1, 36)
@@ -257,31 +257,29 @@ class IronicClient:
         if node_uuid:
             params["node_uuid"] = node_uuid
         low = min(interval, max_interval)
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                content = await self._lookup_once(params, deadline)
-            except _RetryableLookupError as e:
-                url = e.url
-                self.log.warn("Lookup of node with addresses {addresses} at {url} failed "
-                              "(attempt {attempt}): {error}", url=url, status=e.status,
-                              error=e.error, addresses=params["addresses"], attempt=attempt)
-                now = self._clock.seconds()
-                if now >= deadline:
-                    break
-                cap = min(low * 2 ** min(attempt - 1, 32), max_interval)
-                wait = self._uniform(low, cap)
-                if e.status == 409:
-                    wait = max(wait, max_interval)
-                wait = min(wait, deadline - now)
-                self.log.debug("Retrying lookup in {wait:.1f} s", wait=wait)
-                await deferLater(self._clock, wait)
-                continue
-            self.log.info("Looked up node {node_uuid} at {url}",
-                          node_uuid=content["node"]["uuid"], url=self._url("v1/lookup"))
-            return content
-        raise LookupNodeError("Could not look up node info. Check logs for details.")
+
+        def busy_waits_longer(error: BaseException, wait: float) -> float:
+            conflict = isinstance(error, _RetryableLookupError) and error.status == 409
+            return max(wait, max_interval) if conflict else wait
+
+        try:
+            content = await retry(
+                lambda: self._lookup_once(params, deadline), self._clock,
+                "Lookup of node with addresses {addresses} at {url}",
+                backoff=Backoff(initial=low, factor=2.0, cap=max_interval,
+                                jitter=full_jitter(low, self._uniform)),
+                deadline=timeout, retry_on=_RetryableLookupError, log=self.log,
+                fields=lambda e: {"addresses": params["addresses"],
+                                  "url": getattr(e, "url", ""),
+                                  "status": getattr(e, "status", None)},
+                describe=lambda e: getattr(e, "error", str(e)),
+                wait_for=busy_waits_longer)
+        except GaveUp:
+            raise LookupNodeError("Could not look up node info. Check logs for details.") \
+                from None
+        self.log.info("Looked up node {node_uuid} at {url}",
+                      node_uuid=content["node"]["uuid"], url=self._url("v1/lookup"))
+        return content
 
     async def _lookup_once(self, params: Mapping[str, str],
                            deadline: float) -> dict[str, Any]:
