@@ -18,7 +18,7 @@ from ipa_twisted.config import AgentConfig, ConfigError
 if TYPE_CHECKING:
     from ipa_twisted.extensions.base import Extension
     from ipa_twisted.hardware.dispatch import HardwareManagers
-    from ipa_twisted.hardware.interface import HardwareContext
+    from ipa_twisted.context import HardwareContext
     from ipa_twisted.process import ProcessRunner
 
 MIN_TOKEN_LENGTH = 32
@@ -104,7 +104,7 @@ class Agent:
     def hardware_context(self) -> HardwareContext:
         """What hardware code needs: config, runner, clock, HTTP client, progress reports."""
         if self.context is None:
-            from ipa_twisted.hardware.interface import HardwareContext
+            from ipa_twisted.context import HardwareContext
             self.context = HardwareContext(self.config, self.runner, self.clock, self.reactor,
                                            report_progress=self.report_progress)
         return self.context

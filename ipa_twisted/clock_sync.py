@@ -10,7 +10,7 @@ from twisted.logger import Logger
 
 from ipa_twisted import errors
 from ipa_twisted.config import AgentConfig
-from ipa_twisted.hardware.interface import CommandRunner
+from ipa_twisted.context import CommandRunner
 from ipa_twisted.process import ProcessExecutionError
 
 log = Logger()

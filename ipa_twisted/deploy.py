@@ -32,7 +32,7 @@ from twisted.logger import Logger
 
 from ipa_twisted.errors import ImageWriteError, InstanceDeployFailure
 from ipa_twisted.hardware import disks
-from ipa_twisted.hardware.interface import HardwareContext
+from ipa_twisted.context import HardwareContext
 from ipa_twisted.images import configdrive as configdrives
 from ipa_twisted.images import partition
 from ipa_twisted.images.formats import gpt_sector_size

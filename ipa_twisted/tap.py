@@ -108,7 +108,7 @@ def makeService(options: Options) -> IService:
     from ipa_twisted.api.app import AgentAPI
     from ipa_twisted.api.site import make_site
     from ipa_twisted.hardware.dispatch import HardwareManagers
-    from ipa_twisted.hardware.interface import HardwareContext
+    from ipa_twisted.context import HardwareContext
     from ipa_twisted.process import ProcessRunner
     from ipa_twisted.service import AgentService
 

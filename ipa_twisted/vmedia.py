@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 from ipa_twisted.config import AgentConfig, parse_kernel_cmdline
 from ipa_twisted.errors import VirtualMediaBootError
-from ipa_twisted.hardware.interface import CommandRunner
+from ipa_twisted.context import CommandRunner
 from ipa_twisted.process import ProcessExecutionError
 
 log = Logger()

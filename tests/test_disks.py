@@ -23,7 +23,7 @@ from ipa_twisted.config import AgentConfig
 from ipa_twisted.errors import BlockDeviceEraseError, InstanceDeployFailure
 from ipa_twisted.hardware import disks
 from ipa_twisted.hardware.generic import GenericHardwareManager
-from ipa_twisted.hardware.interface import HardwareContext
+from ipa_twisted.context import HardwareContext
 from ipa_twisted.process import ProcessExecutionError, ProcessRunner
 from ipa_twisted.testing.fake_system import lsblk_row as _lsblk
 from ipa_twisted.testing.fake_process import Exit, FakeRunner

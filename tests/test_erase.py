@@ -26,7 +26,7 @@ from ipa_twisted.hardware.erase import (EraseMixin, EraseProgress, EraseSettings
                                         erase_clean_steps, parse_ata_security,
                                         parse_nvme_id_ctrl, shred_argv)
 from ipa_twisted.hardware.generic import GenericHardwareManager
-from ipa_twisted.hardware.interface import HardwareContext
+from ipa_twisted.context import HardwareContext
 from ipa_twisted.hardware.inventory import BlockDevice
 from ipa_twisted.hardware.raid import SoftwareRaidMixin
 from ipa_twisted.testing.fake_process import Exit, FakeRunner

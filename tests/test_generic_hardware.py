@@ -17,7 +17,8 @@ from ipa_twisted.config import AgentConfig
 from ipa_twisted.encoding import to_jsonable
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.hardware.generic import GenericHardwareManager
-from ipa_twisted.hardware.interface import HardwareContext, HardwareSupport
+from ipa_twisted.hardware.interface import HardwareSupport
+from ipa_twisted.context import HardwareContext
 from ipa_twisted.hardware.inventory import (CPU, BlockDevice, BootInfo, Memory,
                                             NetworkInterface, SystemFirmware,
                                             SystemVendorInfo)

@@ -17,8 +17,8 @@ from ipa_twisted.errors import (HardwareManagerMethodNotFound, HardwareManagerNo
                                 IncompatibleHardwareMethodError, VersionMismatch)
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.hardware.generic import GenericHardwareManager
-from ipa_twisted.hardware.interface import (HardwareContext, HardwareManager,
-                                            HardwareSupport, IHardwareManager)
+from ipa_twisted.hardware.interface import HardwareManager, HardwareSupport, IHardwareManager
+from ipa_twisted.context import HardwareContext
 from ipa_twisted.testing.fake_process import FakeRunner
 
 _T = TypeVar("_T")

@@ -26,7 +26,8 @@ from twisted.web.static import Data
 
 from ipa_twisted import errors
 from ipa_twisted.hardware.inject import INJECT_FILES_STEP, InjectFilesMixin, validate_files
-from ipa_twisted.hardware.interface import HardwareContext, HardwareManager
+from ipa_twisted.hardware.interface import HardwareManager
+from ipa_twisted.context import HardwareContext
 from ipa_twisted.process import ProcessRunner
 from ipa_twisted.testing.fake_process import Exit, FakeRunner
 from ipa_twisted.testing.fake_system import FakeSystem

@@ -24,8 +24,8 @@ from ipa_twisted.encoding import to_jsonable
 from ipa_twisted.errors import InspectionError
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.hardware.generic import GenericHardwareManager
-from ipa_twisted.hardware.interface import (HardwareContext, HardwareManager,
-                                            HardwareSupport)
+from ipa_twisted.hardware.interface import HardwareManager, HardwareSupport
+from ipa_twisted.context import HardwareContext
 from ipa_twisted.hardware.inventory import NetworkInterface
 from ipa_twisted.inspector import collectors
 from ipa_twisted.inspector.collectors import AccumulatedFailures

@@ -24,7 +24,7 @@ from ipa_twisted.deploy import partition_layout, write_image_to_disk
 from ipa_twisted.errors import InstanceDeployFailure
 from ipa_twisted.hardware import disks
 from ipa_twisted.hardware.generic import GenericHardwareManager
-from ipa_twisted.hardware.interface import HardwareContext
+from ipa_twisted.context import HardwareContext
 from ipa_twisted.images import configdrive as cd
 from ipa_twisted.images import configdrive_fs
 from ipa_twisted.images.partition import (PartitionLayout, get_node_boot_mode,

@@ -25,7 +25,7 @@ from ipa_twisted.errors import CommandExecutionError, DeviceNotFound, SoftwareRA
 from ipa_twisted.hardware import raid
 from ipa_twisted.hardware.erase import EraseMixin
 from ipa_twisted.hardware.generic import GenericHardwareManager
-from ipa_twisted.hardware.interface import HardwareContext
+from ipa_twisted.context import HardwareContext
 from ipa_twisted.hardware.raid import (SoftwareRaidMixin, parse_examine_scan,
                                        parse_mdadm_detail, parse_mdstat, raid_clean_steps,
                                        raid_deploy_steps)

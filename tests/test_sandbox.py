@@ -42,7 +42,7 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.hardware import disks
-from ipa_twisted.hardware.interface import HardwareContext
+from ipa_twisted.context import HardwareContext
 from ipa_twisted.process import ProcessRunner
 
 async def main(reactor, disk):

@@ -13,7 +13,8 @@ from zope.interface.verify import verifyObject
 
 from ipa_twisted.errors import IncompatibleHardwareMethodError
 from ipa_twisted.hardware.dispatch import HardwareManagers, discover_managers
-from ipa_twisted.hardware.interface import HardwareContext, HardwareSupport, IHardwareManager
+from ipa_twisted.hardware.interface import HardwareSupport, IHardwareManager
+from ipa_twisted.context import HardwareContext
 from ipa_twisted.hardware.vendors.intel_cna import IntelCnaHardwareManager
 from ipa_twisted.hardware.vendors.mellanox import (MellanoxDeviceHardwareManager,
                                                    generate_client_id,

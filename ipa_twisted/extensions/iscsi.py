@@ -25,7 +25,7 @@ from ipa_twisted import errors
 from ipa_twisted.commands import sync_command
 from ipa_twisted.extensions.base import Extension
 from ipa_twisted.hardware import disks
-from ipa_twisted.hardware.interface import HardwareContext
+from ipa_twisted.context import HardwareContext
 from ipa_twisted.process import ProcessExecutionError
 
 log = Logger()

@@ -30,7 +30,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from ipa_twisted.errors import CommandExecutionError, InstanceDeployFailure
-from ipa_twisted.hardware.interface import HardwareContext
+from ipa_twisted.context import HardwareContext
 from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError
 
 log = Logger()

@@ -17,7 +17,8 @@ from twisted.python.failure import Failure
 
 from ipa_twisted.errors import (HardwareManagerMethodNotFound, HardwareManagerNotFound,
                                 IncompatibleHardwareMethodError, VersionMismatch)
-from ipa_twisted.hardware.interface import HardwareContext, call_manager_method
+from ipa_twisted.hardware.interface import call_manager_method
+from ipa_twisted.context import HardwareContext
 
 log = Logger()
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from twisted.logger import Logger
 
-from ipa_twisted.hardware.interface import HardwareContext
+from ipa_twisted.context import HardwareContext
 
 log = Logger()
 

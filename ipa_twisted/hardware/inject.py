@@ -36,7 +36,7 @@ from ipa_twisted.process import ProcessExecutionError
 from ipa_twisted.hardware.interface import call_manager_method
 
 if TYPE_CHECKING:
-    from ipa_twisted.hardware.interface import HardwareContext
+    from ipa_twisted.context import HardwareContext
 
 log = Logger()
 

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import enum
 import socket
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, Union
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, Union
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import Attribute, Interface, implementer
 
-from ipa_twisted.config import AgentConfig
+from ipa_twisted.context import HardwareContext
 from ipa_twisted.errors import IncompatibleHardwareMethodError
 
 if TYPE_CHECKING:
@@ -55,54 +53,6 @@ class HardwareSupport(enum.IntEnum):
     GENERIC = 1
     MAINLINE = 2
     SERVICE_PROVIDER = 3
-
-
-class CommandRunner(Protocol):
-    """What managers use of ``ipa_twisted.process.ProcessRunner`` (tests pass a FakeRunner)."""
-
-    def execute(self, *argv: str, timeout: float | None = ...,
-                check_exit_code: bool | Iterable[int] = ...) -> Deferred[tuple[bytes, bytes]]:
-        ...
-
-    def which(self, name: str) -> str | None:
-        ...
-
-
-@dataclass
-class DeploymentState:
-    """What the last image write left: shared by the write_image step and ``standby.*``."""
-
-    image_id: str | None = None
-    device: str | None = None
-    partition_uuids: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class HardwareContext:
-    """What managers are given to do their work: configuration, processes and time.
-
-    ``config`` follows the agent's: when virtual media, mDNS or lookup change the
-    configuration, the agent updates it here too.
-    """
-
-    config: AgentConfig
-    runner: CommandRunner          # a ProcessRunner
-    clock: IReactorTime
-    reactor: Any
-    http_client: Callable[[], Any] | None = None
-    """Gives the agent's HTTP client (made on first use; image downloads need it)."""
-    report_progress: Callable[[Any], None] = lambda progress: None
-    """Shows a long step's progress object (``serialize()``) on the running command."""
-    deployment: DeploymentState = field(default_factory=DeploymentState)
-    dispatch: Callable[..., Awaitable[Any]] | None = None
-    """Calls a method on the best manager that has it (``dispatch_to_managers``); set once
-    the managers are loaded."""
-
-    def http(self) -> Any:
-        """The agent's HTTP client (treq HTTPClient)."""
-        if self.http_client is None:
-            raise RuntimeError("this HardwareContext has no HTTP client")
-        return self.http_client()
 
 
 def call_manager_method(method: Callable[..., Any], *args: Any,

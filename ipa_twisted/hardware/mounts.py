@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from ipa_twisted.hardware.interface import HardwareContext
+from ipa_twisted.context import HardwareContext
 from ipa_twisted.process import ProcessExecutionError
 
 log = Logger()

@@ -42,7 +42,7 @@ from ipa_twisted.hardware import disks, root_device
 from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError
 
 if TYPE_CHECKING:
-    from ipa_twisted.hardware.interface import HardwareContext
+    from ipa_twisted.context import HardwareContext
     from ipa_twisted.hardware.inventory import BlockDevice
 
 log = Logger()

@@ -34,7 +34,7 @@ from twisted.logger import Logger
 
 from ipa_twisted.errors import CommandExecutionError, InstanceDeployFailure
 from ipa_twisted.hardware import disks
-from ipa_twisted.hardware.interface import HardwareContext
+from ipa_twisted.context import HardwareContext
 from ipa_twisted.images import configdrive_fs
 from ipa_twisted.process import ProcessExecutionError
 

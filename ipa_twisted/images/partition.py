@@ -35,7 +35,7 @@ from twisted.logger import Logger
 
 from ipa_twisted.errors import InstanceDeployFailure
 from ipa_twisted.hardware import disks
-from ipa_twisted.hardware.interface import HardwareContext
+from ipa_twisted.context import HardwareContext
 from ipa_twisted.process import ProcessExecutionError
 
 log = Logger()

@@ -171,7 +171,7 @@ async def _main(reactor: Any, argv: Sequence[str]) -> None:
         log.warn("Configuration: {warning}", warning=warning)
 
     from ipa_twisted.hardware.dispatch import HardwareManagers
-    from ipa_twisted.hardware.interface import HardwareContext
+    from ipa_twisted.context import HardwareContext
     from ipa_twisted.http import make_http_client
     from ipa_twisted.inspector.inspect import inspect, resolve_mdns
     from ipa_twisted.process import ProcessRunner

@@ -45,7 +45,7 @@ from twisted.logger import Logger
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.errors import (HardwareManagerMethodNotFound, IncompatibleNumaFormatError,
                                 InspectionError)
-from ipa_twisted.hardware.interface import HardwareContext
+from ipa_twisted.context import HardwareContext
 from ipa_twisted.inspector import dmi, sysfs
 from ipa_twisted.inspector.dhcp import wait_for_dhcp
 from ipa_twisted.inspector.enrich import complete_inventory, field, guess_root_disk

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.errors import InspectionError
-from ipa_twisted.hardware.interface import HardwareContext
+from ipa_twisted.context import HardwareContext
 from ipa_twisted.inspector.collectors import (AccumulatedFailures, CollectorContext,
                                               LLDPReader, collector_names, find_collector,
                                               known_collectors, run_order)

@@ -15,7 +15,7 @@ import re
 
 from twisted.logger import Logger
 
-from ipa_twisted.hardware.interface import CommandRunner
+from ipa_twisted.context import CommandRunner
 from ipa_twisted.process import ProcessExecutionError
 
 log = Logger()

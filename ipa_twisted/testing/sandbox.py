@@ -30,7 +30,7 @@ from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
-from ipa_twisted.hardware.interface import CommandRunner
+from ipa_twisted.context import CommandRunner
 from ipa_twisted.process import ProcessExecutionError
 
 log = Logger()
