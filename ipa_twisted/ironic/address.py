@@ -20,11 +20,11 @@ from urllib.parse import urlsplit
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime, IResolverSimple
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from ipa_twisted.config import split_urls
 from ipa_twisted.errors import LookupAgentIPError
+from ipa_twisted.retry import GaveUp, fixed, retry
 
 log = Logger()
 
@@ -66,26 +66,29 @@ async def find_advertise_address(runner: CommandRunner, api_url: str | Sequence[
         hosts.append(host)
     if not hosts:
         raise LookupAgentIPError(f"No Ironic API URL in {api_url!r}")
-    attempts = max(attempts, 1)
-    for attempt in range(1, attempts + 1):
-        for host in hosts[:1] if network_interface else hosts:
+    candidates = hosts[:1] if network_interface else hosts
+
+    async def find() -> str:
+        for index, host in enumerate(candidates):
             try:
                 if network_interface:
-                    address = await _interface_address(runner, network_interface, sys_path)
-                else:
-                    address = await _route_source(runner,
-                                                  await _resolve(host, resolver, clock))
-            except CancelledError:
-                raise
+                    return await _interface_address(runner, network_interface, sys_path)
+                return await _route_source(runner, await _resolve(host, resolver, clock))
             except _NotFound as e:
-                log.warn("No advertise address yet (attempt {attempt} of {attempts}): "
-                         "{error}", attempt=attempt, attempts=attempts, error=str(e))
-            else:
-                log.info("Advertising address {address} to Ironic", address=address)
-                return address
-        if attempt < attempts:
-            await deferLater(clock, delay)
-    raise LookupAgentIPError("Agent could not find a valid IP address.")
+                if index == len(candidates) - 1:
+                    raise
+                log.warn("No advertise address towards {host}, trying the next API host: "
+                         "{error}", host=host, error=str(e))
+        raise AssertionError("unreachable: there is always a host")
+
+    try:
+        address = await retry(find, clock, "Finding an advertise address",
+                              backoff=fixed(delay), attempts=max(attempts, 1),
+                              retry_on=_NotFound, log=log)
+    except GaveUp:
+        raise LookupAgentIPError("Agent could not find a valid IP address.") from None
+    log.info("Advertising address {address} to Ironic", address=address)
+    return address
 
 
 async def _resolve(host: str, resolver: IResolverSimple | None, clock: IReactorTime) -> str:
