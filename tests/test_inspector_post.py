@@ -52,8 +52,8 @@ class FlakyHTTP:
 
 class BackoffTests(SynchronousTestCase):
     def test_delays(self) -> None:
-        delays = post.backoff_delays(fixed(1.0))
-        taken = [next(delays) for _ in range(10)]
+        backoff = post.backoff(fixed(1.0))
+        taken = [backoff.delay(n) for n in range(1, 11)]
         expected = [1.0, 2.7, 7.29, 19.683, 53.1441, 143.48907, 387.420489,
                     1046.0353203, 1200.0, 1200.0]
         for got, want in zip(taken, expected):
@@ -61,12 +61,11 @@ class BackoffTests(SynchronousTestCase):
 
     def test_jitter_bounds(self) -> None:
         uniform = fixed(0.7)
-        delays = post.backoff_delays(uniform)
-        self.assertAlmostEqual(next(delays), 0.7)
-        self.assertAlmostEqual(next(delays), 2.7 * 0.7)
+        backoff = post.backoff(uniform)
+        self.assertAlmostEqual(backoff.delay(1), 0.7)
+        self.assertAlmostEqual(backoff.delay(2), 2.7 * 0.7)
         self.assertEqual(uniform.bounds, [(0.7, 1.2), (0.7, 1.2)])
-        top = post.backoff_delays(fixed(1.2))
-        self.assertAlmostEqual([next(top) for _ in range(12)][-1], 1440.0)
+        self.assertAlmostEqual(post.backoff(fixed(1.2)).delay(12), 1440.0)
 
 
 class CallbackURLTests(SynchronousTestCase):

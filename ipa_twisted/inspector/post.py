@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,13 +30,13 @@ from urllib.parse import urlsplit
 import treq
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from ipa_twisted import __version__, encoding
 from ipa_twisted.config import AgentConfig, split_urls
 from ipa_twisted.errors import InspectionError
 from ipa_twisted.ironic.client import CONNECTION_ERRORS, HTTPClientLike, error_message
+from ipa_twisted.retry import Backoff, GaveUp, retry, spread
 
 log = Logger()
 
@@ -89,13 +89,10 @@ def is_ironic_receiver(url: str) -> bool:
     return urlsplit(url).path.rstrip("/").endswith(CONTINUE_INSPECTION_PATH)
 
 
-def backoff_delays(uniform: Callable[[float, float], float] = random.uniform,
-                   ) -> Iterator[float]:
+def backoff(uniform: Callable[[float, float], float] = random.uniform) -> Backoff:
     """The waits between attempts: 1, 2.7, 7.29 ... capped at 1200 s, each jittered."""
-    delay = INITIAL_DELAY
-    while True:
-        yield delay * uniform(MIN_JITTER_MULTIPLIER, MAX_JITTER_MULTIPLIER)
-        delay = min(delay * BACKOFF_FACTOR, MAX_DELAY)
+    return Backoff(initial=INITIAL_DELAY, factor=BACKOFF_FACTOR, cap=MAX_DELAY,
+                   jitter=spread(MIN_JITTER_MULTIPLIER, MAX_JITTER_MULTIPLIER, uniform))
 
 
 class _Retry(Exception):
@@ -121,21 +118,13 @@ async def post_inspection_data(http: HTTPClientLike, url: str, data: Mapping[str
     log.info("Posting inspection data ({size} bytes) to {url}", size=len(body), url=url)
     log.debug("Inspection data: {data}",
               data={k: v for k, v in data.items() if k not in _NOT_LOGGED})
-    delays = backoff_delays(uniform)
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return await _post_to_first(http, urls, body, clock, timeout)
-        except _Retry as e:
-            if attempts is not None and attempt >= attempts:
-                raise InspectionError(f"Posting inspection data to {url} failed "
-                                      f"{attempt} times; last: {e}") from None
-            delay = next(delays)
-            log.warn("Posting inspection data to {url} failed (attempt {attempt}): "
-                     "{error}; retrying in {delay:.1f} s", url=url, attempt=attempt,
-                     error=str(e), delay=delay)
-            await deferLater(clock, delay)
+    try:
+        return await retry(lambda: _post_to_first(http, urls, body, clock, timeout), clock,
+                           "Posting inspection data to {url}", backoff=backoff(uniform),
+                           attempts=attempts, retry_on=_Retry, log=log, fields={"url": url})
+    except GaveUp as e:
+        raise InspectionError(f"Posting inspection data to {url} failed "
+                              f"{e.attempts} times; last: {e.last}") from None
 
 
 async def _post_to_first(http: HTTPClientLike, urls: list[str], body: bytes,
