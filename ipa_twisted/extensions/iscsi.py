@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.task import deferLater
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from ipa_twisted import errors
 from ipa_twisted.commands import sync_command
 from ipa_twisted.extensions.base import Extension
-from ipa_twisted.hardware import disks
+from ipa_twisted.blockdev import disks
 from ipa_twisted.context import HardwareContext
-from ipa_twisted.process import ProcessExecutionError
+from ipa_twisted.process import ProcessExecutionError, failures_as
+from ipa_twisted.retry import GaveUp, fixed, retry
 
 log = Logger()
 
@@ -40,20 +41,19 @@ _TARGET = re.compile(r"^Target (\d+): (\S+)")
 _BACKING = re.compile(r"^\s*Backing store path: (.+)$")
 
 
-def _error(message: str, e: ProcessExecutionError) -> errors.ISCSICommandError:
-    log.error("{message}: {error}", message=message, error=str(e))
-    return errors.ISCSICommandError(message, e.exit_code,
-                                    e.stdout.decode("utf-8", "replace"),
-                                    e.stderr.decode("utf-8", "replace"))
+def _error(message: str) -> Callable[[ProcessExecutionError], errors.ISCSICommandError]:
+    """A failed tgt command as the ISCSICommandError saying ``message`` (logged)."""
+    def make(e: ProcessExecutionError) -> errors.ISCSICommandError:
+        log.error("{message}: {error}", message=message, error=str(e))
+        return errors.ISCSICommandError(message, e.exit_code, e.stdout_text, e.stderr_text)
+    return make
 
 
 async def _tgtadm(context: HardwareContext, message: str, *args: str) -> bytes:
-    try:
+    with failures_as(make=_error(message)):
         out, _ = await context.runner.execute(
             "tgtadm", "--lld", "iscsi", *args,
             timeout=min(context.config.command_timeout, TGT_TIMEOUT))
-    except ProcessExecutionError as e:
-        raise _error(message, e) from e
     return out
 
 
@@ -72,23 +72,17 @@ async def start_tgtd(context: HardwareContext) -> None:
     if await tgtd_running(context):
         log.info("tgtd is running already")
         return
+    timeout = min(context.config.command_timeout, TGT_TIMEOUT)
+    with failures_as(make=_error("Unable to start the ISCSI daemon")):
+        await context.runner.execute("tgtd", timeout=timeout)
     try:
-        await context.runner.execute("tgtd", timeout=min(context.config.command_timeout,
-                                                         TGT_TIMEOUT))
-    except ProcessExecutionError as e:
-        raise _error("Unable to start the ISCSI daemon", e) from e
-    last: ProcessExecutionError | None = None
-    for attempt in range(1, TGTD_WAIT_ATTEMPTS + 1):
-        try:
-            await context.runner.execute(*_SHOW, timeout=min(context.config.command_timeout,
-                                                             TGT_TIMEOUT))
-            return
-        except ProcessExecutionError as e:
-            last = e
-        if attempt < TGTD_WAIT_ATTEMPTS:
-            await deferLater(context.clock, TGTD_WAIT_DELAY)
-    assert last is not None
-    raise _error("ISCSI daemon didn't initialize", last)
+        await retry(lambda: context.runner.execute(*_SHOW, timeout=timeout), context.clock,
+                    "Waiting for tgtd to answer", backoff=fixed(TGTD_WAIT_DELAY),
+                    attempts=TGTD_WAIT_ATTEMPTS, retry_on=ProcessExecutionError, log=log,
+                    level=LogLevel.debug)
+    except GaveUp as e:
+        assert isinstance(e.last, ProcessExecutionError)
+        raise _error("ISCSI daemon didn't initialize")(e.last) from e.last
 
 
 def parse_targets(show: str) -> dict[int, tuple[str, list[str]]]:
