@@ -6,11 +6,11 @@ import re
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from ipa_twisted.config import AgentConfig, parse_kernel_cmdline
 from ipa_twisted.inspector.enrich import field, permanent_macs, use_permanent_macs
+from ipa_twisted.retry import GaveUp, fixed, retry
 
 log = Logger()
 
@@ -63,30 +63,34 @@ async def wait_for_dhcp(managers: InterfaceSource, config: AgentConfig, clock: I
         log.warn("No PXE boot interface known (no BOOTIF= parameter): not waiting for "
                  "DHCP")
         return False
-    deadline = clock.seconds() + timeout
-    missing: list[str] = []
-    while True:
+
+    async def look() -> None:
         try:
             interfaces = await managers.dispatch_to_managers("list_network_interfaces")
         except Exception as e:
             log.warn("Cannot list network interfaces while waiting for DHCP: {error}",
                      error=str(e))
-            missing = ["(interfaces unknown)"]
-        else:
-            # Bond members all show the bond's MAC; BOOTIF names the member's own.
-            interfaces = use_permanent_macs(list(interfaces),
-                                            permanent_macs(config.sys_path))
-            missing = [str(field(i, "name")) for i in interfaces
-                       if (every or (field(i, "mac_address") or "").lower() == wanted)
-                       and not field(i, "ipv4_address")]
-            if not missing:
-                return True
-            log.debug("Still waiting for interfaces {missing} to get IPv4 addresses",
-                      missing=missing)
-        remaining = deadline - clock.seconds()
-        if remaining <= 0:
-            break
-        await deferLater(clock, min(interval, remaining))
-    log.warn("Not all network interfaces received IPv4 addresses in {timeout} s: "
-             "{missing}", timeout=timeout, missing=", ".join(missing))
-    return False
+            raise _NoAddressYet(["(interfaces unknown)"]) from e
+        # Bond members all show the bond's MAC; BOOTIF names the member's own.
+        interfaces = use_permanent_macs(list(interfaces), permanent_macs(config.sys_path))
+        missing = [str(field(i, "name")) for i in interfaces
+                   if (every or (field(i, "mac_address") or "").lower() == wanted)
+                   and not field(i, "ipv4_address")]
+        if missing:
+            raise _NoAddressYet(missing)
+
+    try:
+        await retry(look, clock, "Waiting for IPv4 addresses", backoff=fixed(interval),
+                    deadline=timeout, retry_on=_NoAddressYet, log=log, level=LogLevel.debug)
+    except GaveUp as e:
+        log.warn("Not all network interfaces received IPv4 addresses in {timeout} s: "
+                 "{missing}", timeout=timeout, missing=str(e.last))
+        return False
+    return True
+
+
+class _NoAddressYet(Exception):
+    """These interfaces have no IPv4 address yet."""
+
+    def __init__(self, missing: list[str]) -> None:
+        super().__init__(", ".join(missing))
