@@ -1,20 +1,15 @@
 """Tests for ipa_twisted.hardware.raid on recorded mdadm, parted and /proc/mdstat outputs.
 
-``FakeMdMachine`` answers parted, mdadm, wipefs, sgdisk and lsblk like a machine whose
-kernel has md support would (the output formats recorded in the ramdisk booted by
-tests/test_qemu_ramdisk.py), keeping partition tables, superblocks and ``/proc/mdstat`` in
-a fake tree. Partition device nodes are real block nodes (made as the kernel would), so the
-tests creating partitions need root; the rest run anywhere. The real thing runs in QEMU.
+The machine is ``ipa_twisted.testing.fake_md.FakeMdMachine`` (the outputs recorded in the
+ramdisk booted by tests/test_qemu_ramdisk.py). Partition device nodes are real block nodes
+(made as the kernel would), so the tests creating partitions need root; the rest run
+anywhere. The real thing runs in QEMU.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import stat
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
@@ -30,48 +25,14 @@ from ipa_twisted.hardware.raid import (SoftwareRaidMixin, parse_examine_scan,
                                        parse_mdadm_detail, parse_mdstat, raid_clean_steps,
                                        raid_deploy_steps)
 from ipa_twisted.testing.fake_process import Exit, FakeRunner
+from ipa_twisted.testing.fake_md import FakeMdMachine, Part, parted_commands
 from ipa_twisted.testing.fake_system import FakeSystem
+from ipa_twisted.testing.ramdisk_recordings import EXAMINE_SCAN, MDADM_DETAIL, MDSTAT
 
 _T = TypeVar("_T")
 MiB, GiB = 1 << 20, 1 << 30
 
-# -- recorded outputs (the ramdisk in QEMU: RAID-1 over two virtio disks) ---------------------
-
-MDADM_DETAIL = """\
-/dev/md0:
-           Version : 1.2
-     Creation Time : Sat Nov 21 07:36:00 2026
-        Raid Level : raid1
-        Array Size : 56256 (54.94 MiB 57.61 MB)
-     Used Dev Size : 56256 (54.94 MiB 57.61 MB)
-      Raid Devices : 2
-     Total Devices : 2
-       Persistence : Superblock is persistent
-
-       Update Time : Sat Nov 21 07:36:00 2026
-             State : clean 
-    Active Devices : 2
-   Working Devices : 2
-    Failed Devices : 0
-     Spare Devices : 0
-
-Consistency Policy : resync
-
-              Name : ipa-ramdisk:root  (local to host ipa-ramdisk)
-              UUID : f2071a93:29233306:efd5edf0:0258fb51
-            Events : 18
-
-    Number   Major   Minor   RaidDevice State
-       0     253        2        0      active sync   /dev/vda2
-       1     253       18        1      active sync   /dev/vdb2
-"""
-MDSTAT = """\
-Personalities : [raid0] [raid1] [raid10] [raid6] [raid5] [raid4] [linear] 
-md0 : active raid1 vdb2[1] vda2[0]
-      56256 blocks super 1.2 [2/2] [UU]
-      
-unused devices: <none>
-"""
+# A made-up /proc/mdstat: an inactive array, spares, a failed member, read-only.
 MDSTAT_MIXED = """\
 Personalities : [raid1] [raid10]
 md127 : inactive sdc1[0](S)
@@ -82,232 +43,6 @@ md1 : active (auto-read-only) raid10 sdd1[3](S) sdb1[1] sda1[0] sdc2[2](F)
 
 unused devices: <none>
 """
-EXAMINE_SCAN = ("ARRAY /dev/md/root  metadata=1.2 UUID=f2071a93:29233306:efd5edf0:0258fb51 "
-                "name=ipa-ramdisk:root\n")
-NO_SUPERBLOCK = "mdadm: No md superblock detected on {device}.\n"
-
-
-def detail_output(device: str, level: str, name: str, members: list[str]) -> str:
-    """``mdadm --detail`` in the recorded format."""
-    head = MDADM_DETAIL.split("    Number")[0]
-    head = head.replace("/dev/md0:", f"{device}:").replace("raid1", f"raid{level}")
-    head = head.replace("ipa-ramdisk:root", f"ipa-ramdisk:{name}")
-    rows = "".join(f"       {i}     253       {i * 16 + 2:2d}        {i}      active sync   "
-                   f"{member}\n" for i, member in enumerate(members))
-    return head + "    Number   Major   Minor   RaidDevice State\n" + rows
-
-
-def parted_commands(argv: tuple[str, ...]) -> list[list[str]]:
-    """The commands of one parted run (after ``--``): [["mklabel", "gpt"], ["mkpart", ...]]."""
-    commands: list[list[str]] = []
-    for word in argv[argv.index("--") + 1:]:
-        if word in ("mklabel", "mkpart", "set") or not commands:
-            commands.append([word])
-        else:
-            commands[-1].append(word)
-    return commands
-
-
-@dataclass
-class Part:
-    number: int
-    start: int
-    end: int
-    name: str
-    flags: set[str] = field(default_factory=set)
-
-
-@dataclass
-class Array:
-    level: str
-    name: str
-    members: list[str]
-    active: bool = True
-
-
-class FakeMdMachine:
-    """Disks, partition tables and md arrays behind recorded tool outputs (see module doc)."""
-
-    def __init__(self, system: FakeSystem, disks: dict[str, tuple[int, str]]) -> None:
-        self.system = system
-        self.disks = {self.dev(name): (size, serial) for name, (size, serial) in disks.items()}
-        self.tables: dict[str, str | None] = {disk: None for disk in self.disks}
-        self.parts: dict[str, list[Part]] = {disk: [] for disk in self.disks}
-        self.arrays: dict[str, Array] = {}
-        self.superblocks: dict[str, str] = {}       # member → array name
-        self.refuse_to_join: set[str] = set()
-        self.refuse_to_stop: set[str] = set()
-        self.next_minor = 1
-        for name in disks:
-            system.add_block_device(name)
-        self.write_mdstat()
-
-    def dev(self, name: str) -> str:
-        return os.path.join(self.system.dev_path, name)
-
-    def part_path(self, disk: str, number: int) -> str:
-        return f"{disk}p{number}" if disk[-1].isdigit() else f"{disk}{number}"
-
-    # -- state → files ----------------------------------------------------------------------
-    def write_mdstat(self) -> None:
-        lines = ["Personalities : [raid0] [raid1] [raid10] [raid6] [raid5] [raid4] [linear] "]
-        for name, array in self.arrays.items():
-            members = " ".join(f"{os.path.basename(m)}[{i}]"
-                               for i, m in reversed(list(enumerate(array.members))))
-            if array.active:
-                lines += [f"{name} : active raid{array.level} {members}",
-                          f"      56256 blocks super 1.2 [{len(array.members)}/"
-                          f"{len(array.members)}] [{'U' * len(array.members)}]", "      "]
-            else:
-                lines += [f"{name} : inactive {members}", "      56256 blocks super 1.2", ""]
-        lines.append("unused devices: <none>")
-        self.system.write("proc/mdstat", "\n".join(lines) + "\n")
-
-    def make_node(self, path: str) -> None:
-        if not os.path.exists(path):
-            os.mknod(path, 0o600 | stat.S_IFBLK, os.makedev(259, self.next_minor))
-            self.next_minor += 1
-
-    # -- the tools ----------------------------------------------------------------------------
-    def answers(self) -> dict[tuple[str, ...], Any]:
-        return {("lsblk", "-bia", "--json"): self.lsblk,
-                ("lsblk", "--fs", "--noheadings"): self.lsblk_fs,
-                ("parted",): self.parted, ("mdadm",): self.mdadm, ("wipefs",): self.wipefs,
-                ("sgdisk", "-Z"): self.sgdisk_zap, ("partprobe",): b"", ("udevadm",): b"",
-                ("sync",): b"", ("mkfs.vfat",): b"mkfs.fat 4.2 (2021-01-31)\n",
-                ("blkid", "-p"): Exit(2)}
-
-    def lsblk(self, argv: tuple[str, ...]) -> bytes:
-        def row(name: str, size: int, kind: str, **extra: Any) -> dict[str, Any]:
-            return {"kname": name, "model": None, "size": size, "rota": False, "type": kind,
-                    "uuid": None, "partuuid": None, "serial": None, "wwn": None,
-                    "vendor": None, "log-sec": 512, "phy-sec": 512, "tran": None, **extra}
-        devices = []
-        for disk, (size, serial) in self.disks.items():
-            children = []
-            for part in self.parts[disk]:
-                path = self.part_path(disk, part.number)
-                md = [row(name, size // 2, f"raid{a.level}") for name, a in self.arrays.items()
-                      if path in a.members and a.active]
-                children.append(row(os.path.basename(path), part.end - part.start + 1, "part",
-                                    **({"children": md} if md else {})))
-            devices.append(row(os.path.basename(disk), size, "disk", serial=serial,
-                               **({"children": children} if children else {})))
-        return json.dumps({"blockdevices": devices}).encode()
-
-    def lsblk_fs(self, argv: tuple[str, ...]) -> bytes:
-        device = argv[-1]
-        lines = [os.path.basename(device)]
-        for member, array in self.superblocks.items():
-            if member == device or member.startswith(device):
-                name = self.arrays[array].name if array in self.arrays else array
-                lines.append(f"  {os.path.basename(member)} linux_raid_member 1.2 "
-                             f"ipa-ramdisk:{name}")
-        return ("\n".join(lines) + "\n").encode()
-
-    def _disk_of(self, argv: tuple[str, ...]) -> str:
-        return next(arg for arg in argv if arg in self.disks)
-
-    def parted(self, argv: tuple[str, ...]) -> Any:
-        disk = self._disk_of(argv)
-        size = self.disks[disk][0]
-        if "print" in argv:
-            table = self.tables[disk]
-            head = (f"BYT;\n{disk}:{size}B:virtblk:512:512:{table or 'unknown'}:"
-                    "Virtio Block Device:;\n")
-            if table is None:
-                return Exit(1, head.encode(), f"Error: {disk}: unrecognised disk label\n".encode())
-            rows = "".join(f"{p.number}:{p.start}B:{p.end}B:{p.end - p.start + 1}B::{p.name}:"
-                           f"{', '.join(sorted(p.flags))};\n" for p in self.parts[disk])
-            return head + rows
-        for command in parted_commands(argv):
-            if command[0] == "mklabel":
-                self.tables[disk], self.parts[disk] = command[1], []
-            elif command[0] == "mkpart":
-                start, end = (self._offset(text, size) for text in command[-2:])
-                if end > size or start >= end:
-                    return Exit(1, b"", b"Error: The location is outside of the device.\n")
-                number = len(self.parts[disk]) + 1
-                self.parts[disk].append(Part(number, start, end - 1, command[1]))
-                self.make_node(self.part_path(disk, number))
-            elif command[0] == "set":
-                self.parts[disk][int(command[1]) - 1].flags.add(command[2])
-            else:
-                raise AssertionError(argv)
-        return b""
-
-    @staticmethod
-    def _offset(text: str, size: int) -> int:
-        if text == "100%":
-            return size - 34 * 512
-        match = re.match(r"^(\d+)MiB$", text)
-        assert match is not None, text
-        return int(match.group(1)) * MiB
-
-    def mdadm(self, argv: tuple[str, ...]) -> Any:
-        action = argv[1]
-        if action == "--create":
-            device = argv[2]
-            level = argv[argv.index("--level") + 1]
-            name = argv[argv.index("--name") + 1]
-            count = int(argv[argv.index("--raid-devices") + 1])
-            members = list(argv[-count:])
-            array = os.path.basename(device)
-            self.arrays[array] = Array(level, name,
-                                       [m for m in members if m not in self.refuse_to_join])
-            for member in members:
-                self.superblocks[member] = array
-            self.make_node(device)
-            self.write_mdstat()
-            return (b"", f"mdadm: array {device} started.\n".encode())
-        if action == "--detail":
-            array = self.arrays.get(os.path.basename(argv[2]))
-            if array is None:
-                return Exit(1, b"", f"mdadm: cannot open {argv[2]}: No such file or "
-                                    "directory\n".encode())
-            return detail_output(argv[2], array.level, array.name, array.members)
-        if action == "--examine" and argv[2:] == ("--scan",):
-            return "".join(f"ARRAY /dev/md/{a.name}  metadata=1.2 name=ipa-ramdisk:{a.name}\n"
-                           for a in self.arrays.values())
-        if action == "--examine":
-            if argv[2] in self.superblocks:
-                return f"{argv[2]}:\n          Magic : a92b4efc\n        Version : 1.2\n"
-            return Exit(1, b"", NO_SUPERBLOCK.format(device=argv[2]).encode())
-        if action == "--stop":
-            name = os.path.basename(argv[2])
-            if name in self.refuse_to_stop or name not in self.arrays:
-                return Exit(1, b"", f"mdadm: Cannot get exclusive access to {argv[2]}\n"
-                            .encode())
-            del self.arrays[name]
-            self.write_mdstat()
-            return (b"", f"mdadm: stopped {argv[2]}\n".encode())
-        if action == "--zero-superblock":
-            self.superblocks.pop(argv[2], None)
-            return b""
-        if action == "--assemble":
-            found = False
-            for member, name in self.superblocks.items():
-                if name not in self.arrays:
-                    self.arrays[name] = Array("1", name, [])
-                    found = True
-                if member not in self.arrays[name].members:
-                    self.arrays[name].members.append(member)
-            self.write_mdstat()
-            return b"" if found else Exit(1, b"", b"mdadm: No arrays found in config file "
-                                          b"or automatically\n")
-        if action == "--add":
-            self.arrays[os.path.basename(argv[2])].members.append(argv[3])
-            return (b"", f"mdadm: added {argv[3]}\n".encode())
-        raise AssertionError(argv)
-
-    def wipefs(self, argv: tuple[str, ...]) -> bytes:
-        if argv[-1] in self.disks:
-            self.tables[argv[-1]] = None
-        return b""
-
-    def sgdisk_zap(self, argv: tuple[str, ...]) -> bytes:
-        self.tables[argv[-1]], self.parts[argv[-1]] = None, []
-        return b"GPT data structures destroyed!\n"
 
 
 class Manager(GenericHardwareManager, EraseMixin, SoftwareRaidMixin):
