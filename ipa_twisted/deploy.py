@@ -31,7 +31,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from ipa_twisted.errors import ImageWriteError, InstanceDeployFailure
-from ipa_twisted.hardware import disks
+from ipa_twisted.blockdev import disks
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.images import configdrive as configdrives
 from ipa_twisted.images import partition

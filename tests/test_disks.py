@@ -1,4 +1,4 @@
-"""Tests for ipa_twisted.hardware.disks and erase_devices_metadata.
+"""Tests for ipa_twisted.blockdev.disks and erase_devices_metadata.
 
 The tests touching block devices use loop devices on sparse files only, named by path; the
 agent sees nothing else (LoopOnlyRunner). They need root and the disk tools, and skip
@@ -21,7 +21,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.errors import BlockDeviceEraseError, InstanceDeployFailure
-from ipa_twisted.hardware import disks
+from ipa_twisted.blockdev import disks
 from ipa_twisted.hardware.generic import GenericHardwareManager
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.process import ProcessExecutionError, ProcessRunner

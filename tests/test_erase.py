@@ -21,7 +21,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.errors import BlockDeviceEraseError, ProtectedDeviceError
-from ipa_twisted.hardware import disks, erase
+from ipa_twisted.blockdev import disks
+from ipa_twisted.hardware import erase
 from ipa_twisted.hardware.erase import (EraseMixin, EraseProgress, EraseSettings,
                                         erase_clean_steps, parse_ata_security,
                                         parse_nvme_id_ctrl, shred_argv)

@@ -20,7 +20,7 @@ from ipa_twisted.images.checksum import (ExpectedChecksum, expected_checksum, ha
 from ipa_twisted.images.decompress import Decompressor
 from ipa_twisted.images.formats import (ImageFormatRefused, check_safe, detect_format,
                                         inspect_qcow2)
-from ipa_twisted.images.writer import DeviceWriter, SequentialSink
+from ipa_twisted.blockdev.writer import DeviceWriter, SequentialSink
 
 MiB = 1024 * 1024
 

@@ -22,7 +22,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.deploy import partition_layout, write_image_to_disk
 from ipa_twisted.errors import InstanceDeployFailure
-from ipa_twisted.hardware import disks
+from ipa_twisted.blockdev import disks
 from ipa_twisted.hardware.generic import GenericHardwareManager
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.images import configdrive as cd

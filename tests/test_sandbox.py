@@ -41,7 +41,7 @@ import os, sys
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from ipa_twisted.config import AgentConfig
-from ipa_twisted.hardware import disks
+from ipa_twisted.blockdev import disks
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.process import ProcessRunner
 

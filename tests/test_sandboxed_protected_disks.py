@@ -24,7 +24,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from ipa_twisted.hardware import disks
+from ipa_twisted.blockdev import disks
 from ipa_twisted.process import ProcessRunner
 from ipa_twisted.testing.sandbox import (LoopDevice, attach_loop_devices,
                                          loop_devices_unavailable, run_in_sandbox)

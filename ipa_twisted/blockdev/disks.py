@@ -29,8 +29,9 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from ipa_twisted.errors import CommandExecutionError, InstanceDeployFailure
+from ipa_twisted.blockdev.writer import wipe_partition_tables
 from ipa_twisted.context import HardwareContext
+from ipa_twisted.errors import CommandExecutionError, InstanceDeployFailure
 from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError
 
 log = Logger()
@@ -189,11 +190,6 @@ async def create_partition_table(context: HardwareContext, device: str,
 
 # -- erasing ------------------------------------------------------------------------------------
 
-def _default_wiper() -> Wiper:
-    from ipa_twisted.images.writer import wipe_partition_tables
-    return wipe_partition_tables
-
-
 async def destroy_disk_metadata(context: HardwareContext, device: str, *,
                                 whole_disk: bool = True, wipe: Wiper | None = None) -> None:
     """Erase the signatures and partition tables of ``device``, not its data.
@@ -217,7 +213,7 @@ async def destroy_disk_metadata(context: HardwareContext, device: str, *,
         else:
             log.info("sgdisk is not installed: zeroing the GPT areas of {device} only",
                      device=device)
-    await (wipe or _default_wiper())(device, context.reactor)
+    await (wipe or wipe_partition_tables)(device, context.reactor)
     log.info("Metadata of {device} destroyed", device=device)
 
 

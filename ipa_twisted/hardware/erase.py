@@ -36,7 +36,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ipa_twisted.errors import BlockDeviceEraseError, ProtectedDeviceError
-from ipa_twisted.hardware import disks, raid, root_device
+from ipa_twisted.blockdev import disks
+from ipa_twisted.hardware import raid, root_device
 from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError
 
 if TYPE_CHECKING:

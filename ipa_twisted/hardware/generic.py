@@ -663,7 +663,7 @@ class GenericHardwareManager(EraseMixin, SoftwareRaidMixin, InjectFilesMixin, Ha
     async def _erase_disk(self, disk: _Listed, partitions: list[_Listed]
                           ) -> dict[str, Exception]:
         """Erase ``partitions`` then ``disk``; {device: error} of what failed."""
-        from ipa_twisted.hardware.disks import destroy_disk_metadata
+        from ipa_twisted.blockdev.disks import destroy_disk_metadata
         failed: dict[str, Exception] = {}
         for item in [*partitions, disk]:
             try:

@@ -29,8 +29,8 @@ from twisted.logger import Logger
 
 from ipa_twisted.errors import (CommandExecutionError, DeviceNotFound,
                                 InvalidCommandParamsError)
-from ipa_twisted.hardware import disks
-from ipa_twisted.hardware.mounts import UnmountError, mounted
+from ipa_twisted.blockdev import disks
+from ipa_twisted.blockdev.mounts import UnmountError, mounted
 from ipa_twisted.process import ProcessExecutionError
 
 from ipa_twisted.hardware.interface import call_manager_method

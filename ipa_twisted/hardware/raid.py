@@ -38,7 +38,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from ipa_twisted.errors import CommandExecutionError, SoftwareRAIDError
-from ipa_twisted.hardware import disks, root_device
+from ipa_twisted.blockdev import disks
+from ipa_twisted.hardware import root_device
 from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError
 
 if TYPE_CHECKING:

@@ -33,7 +33,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from ipa_twisted.errors import CommandExecutionError, InstanceDeployFailure
-from ipa_twisted.hardware import disks
+from ipa_twisted.blockdev import disks
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.images import configdrive_fs
 from ipa_twisted.process import ProcessExecutionError

@@ -21,7 +21,7 @@ from typing import Any
 
 from ipa_twisted import errors
 from ipa_twisted.images.formats import BZIP2, GZIP, XZ
-from ipa_twisted.images.writer import SequentialSink
+from ipa_twisted.blockdev.writer import SequentialSink
 
 OUTPUT_STEP = 4 * 1024 * 1024
 

@@ -50,7 +50,7 @@ from ipa_twisted.images.decompress import DecompressingSink
 from ipa_twisted.images.download import (ImageDownload, ImageDownloadTimeout, Valve,
                                          fetch_small, proxy_for)
 from ipa_twisted.images.qcow2 import Qcow2Converter
-from ipa_twisted.images.writer import DeviceWriter, SequentialSink, wipe_partition_tables
+from ipa_twisted.blockdev.writer import DeviceWriter, SequentialSink, wipe_partition_tables
 from ipa_twisted.http import make_pool, make_proxy_http_client
 from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError
 

@@ -13,7 +13,7 @@ a /dev holding only the basic character devices and the given loop devices, ``re
 ``poweroff`` replaced by ``/bin/true``, and ``/proc/sysrq-trigger`` shadowed by /dev/null.
 The agent run there cannot reboot or power off the machine, nor see its disks' device
 nodes; udev does not run there, so the agent makes the partition nodes it needs from sysfs
-(``ipa_twisted.hardware.disks.wait_for_partition``).
+(``ipa_twisted.blockdev.disks.wait_for_partition``).
 """
 
 from __future__ import annotations
