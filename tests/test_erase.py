@@ -32,11 +32,13 @@ from ipa_twisted.hardware.inventory import BlockDevice
 from ipa_twisted.hardware.raid import SoftwareRaidMixin
 from ipa_twisted.testing.fake_process import Exit, FakeRunner
 from ipa_twisted.testing.fake_system import FakeSystem
+from ipa_twisted.testing.ramdisk_recordings import (HDPARM_QEMU_SATA, HDPARM_VIRTIO,
+                                                  LSBLK_FS_RAID_MEMBER, NVME_QEMU)
 
 _T = TypeVar("_T")
 MiB = 1 << 20
 
-# -- recorded outputs --------------------------------------------------------------------------
+# -- recorded outputs (of a real drive; QEMU's are in ramdisk_recordings) ---------------------
 
 HDPARM_HEAD = """\
 
@@ -64,49 +66,9 @@ Logical Unit WWN Device Identifier: 5002538e40a1b2c3
 Checksum: correct
 """
 
-# hdparm -I of QEMU's emulated SATA disk (recorded in the ramdisk): no security feature set.
-HDPARM_QEMU_SATA = """\
-
-/dev/sda:
-
-ATA device, with non-removable media
-\tModel Number:       QEMU HARDDISK                           
-\tSerial Number:      IPA-SATA-1          
-\tFirmware Revision:  2.5+    
-Standards:
-\tUsed: ATA/ATAPI-5 published, ANSI INCITS 340-2000 
-\tSupported: 7 6 5 4 & some of 6
-Commands/features:
-\tEnabled\tSupported:
-\t   *\tSMART feature set
-\t   *\tWrite cache
-\t   *\tNOP cmd
-\t   *\t48-bit Address feature set
-\t   *\tMandatory FLUSH_CACHE
-\t   *\tFLUSH_CACHE_EXT
-\t   *\tNative Command Queueing (NCQ)
-HW reset results:
-\tCBLID- above Vih
-\tDevice num = 0
-Integrity word not set (found 0x0000, expected 0x87a5)
-"""
-# hdparm -I of a virtio disk (recorded): exit 0, nothing but the name.
-HDPARM_VIRTIO = "\n/dev/vda:\n"
-
-# nvme id-ctrl -o json of QEMU's emulated NVMe (recorded; the erase-related fields).
-NVME_QEMU = json.dumps({"vid": 6966, "sn": "IPA-NVME-1          ",
-                        "mn": "QEMU NVMe Ctrl                          ", "oacs": 266,
-                        "fna": 0, "sanicap": 0, "nn": 256, "oncs": 349})
+# nvme id-ctrl -o json of drives that can (or cannot) format.
 NVME_CRYPTO = json.dumps({"oacs": 0x17, "fna": 0x7, "sanicap": 0x3})
 NVME_NO_FORMAT = json.dumps({"oacs": 0x4, "fna": 0, "sanicap": 0})
-
-# lsblk --fs --noheadings of a RAID holder (recorded).
-LSBLK_FS_RAID_MEMBER = """\
-vda
-\u251c\u2500vda1
-\u2514\u2500vda2 linux_raid_member 1.2 ipa-ramdisk:root f2071a93-2923-3306-efd5-edf00258fb51
-  \u2514\u2500md0
-"""
 
 
 def hdparm_output(name: str, security: str | None) -> str:
