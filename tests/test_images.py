@@ -198,7 +198,7 @@ class RawImageTests(ImageServerMixin, TestCase):
             await self.write({"urls": [url], "checksum": sha256(data)})
         self.assertEqual(self.device_bytes(), data)
         self.assertEqual(len(resource.requests), 2)
-        self.assertTrue(any("no data for" in str(e.get("reason")) for e in events))
+        self.assertTrue(any("no data for" in str(e.get("error")) for e in events))
 
     async def test_server_ignoring_range_restarts_from_zero(self) -> None:
         data = image_bytes(3 * MiB)

@@ -44,6 +44,7 @@ from twisted.web.http import PotentialDataLoss
 
 from ipa_twisted import errors
 from ipa_twisted.config import AgentConfig
+from ipa_twisted.retry import GaveUp, fixed, retry
 
 log = Logger()
 
@@ -156,6 +157,12 @@ class _Transient(Exception):
 
 class _NextURL(Exception):
     """A failure not worth retrying on this URL (404, 403, ...)."""
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, (_Transient, _NextURL)):
+        return str(error)
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def proxy_for(url: str, proxies: Mapping[str, Any] | None, no_proxy: str | None) -> str | None:
@@ -424,38 +431,44 @@ class ImageDownload:
                         valve: Valve) -> str:
         failures: list[str] = []
         for url in urls:
-            attempt = 0
-            while True:
+            moved = [False]
+
+            async def attempt(url: str = url) -> None:
                 self._check_fatal()
                 before = state["pos"]
                 try:
                     await self._attempt(url, state, end, deliver, restart, valve)
-                    return url
-                except (_Transient, _NextURL) as e:
-                    self._check_fatal()
-                    reason = str(e)
-                    next_url = isinstance(e, _NextURL)
                 except (CancelledError, errors.RESTError):
                     self._check_fatal()
                     raise
-                except Exception as e:
+                except Exception:
                     self._check_fatal()
-                    reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                    next_url = False
-                if state["pos"] > before:
-                    attempt = 0  # progress: a flaky link is not a dead one
-                attempt += 1
-                log.warn("Downloading image {image_id} from {url} failed at byte {pos} "
-                         "(attempt {attempt}): {reason}", image_id=self.image_id, url=url,
-                         pos=state["pos"], attempt=attempt, reason=reason)
-                if next_url or attempt > self.retries:
-                    failures.append(f"{url}: {reason}")
-                    break
+                    moved[0] = state["pos"] > before
+                    raise
+
+            async def wait(seconds: float) -> None:
                 try:
-                    await self._wait(deferLater(self._clock, self.retry_interval))
+                    await self._wait(deferLater(self._clock, seconds))
                 except CancelledError:
                     self._check_fatal()
                     raise
+
+            try:
+                await retry(attempt, self._clock, "Downloading image {image_id} from {url} "
+                            "at byte {pos}", backoff=fixed(self.retry_interval),
+                            attempts=self.retries + 1,
+                            retry_on=lambda e: not isinstance(e, (_NextURL, errors.RESTError)),
+                            log=log, fields=lambda e: {"image_id": self.image_id, "url": url,
+                                                       "pos": state["pos"]},
+                            describe=_reason, progressed=lambda e: moved[0], sleep=wait)
+                return url
+            except _NextURL as e:
+                log.warn("Downloading image {image_id} from {url} failed at byte {pos}: "
+                         "{error}; trying the next URL", image_id=self.image_id, url=url,
+                         pos=state["pos"], error=str(e))
+                failures.append(f"{url}: {e}")
+            except GaveUp as e:
+                failures.append(f"{url}: {_reason(e.last)}")
         raise errors.ImageDownloadError(
             self.image_id, "every URL failed: " + "; ".join(failures))
 
