@@ -50,8 +50,9 @@ class HardwareContext:
     runner: CommandRunner          # a ProcessRunner
     clock: IReactorTime
     reactor: Any
-    http_client: Callable[[], Any] | None = None
-    """Gives the agent's HTTP client (made on first use; image downloads need it)."""
+    http_client: Callable[..., Any] | None = None
+    """Gives the agent's HTTP client (made on first use; image downloads need it):
+    ``http.HTTPClients.client``, called with ``verify=False`` for the unverified twin."""
     report_progress: Callable[[Any], None] = lambda progress: None
     """Shows a long step's progress object (``serialize()``) on the running command."""
     deployment: DeploymentState = field(default_factory=DeploymentState)
@@ -59,8 +60,9 @@ class HardwareContext:
     """Calls a method on the best manager that has it (``dispatch_to_managers``); set once
     the managers are loaded."""
 
-    def http(self) -> Any:
-        """The agent's HTTP client (treq HTTPClient)."""
+    def http(self, *, verify: bool = True) -> Any:
+        """The agent's HTTP client (treq HTTPClient); ``verify=False``: its twin that
+        accepts any server certificate (``inject_files`` with ``verify_ca: false``)."""
         if self.http_client is None:
             raise RuntimeError("this HardwareContext has no HTTP client")
-        return self.http_client()
+        return self.http_client() if verify else self.http_client(verify=False)

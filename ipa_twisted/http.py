@@ -43,10 +43,12 @@ ConfigSource = AgentConfig | Callable[[], AgentConfig]
 """A configuration, or a function returning the one in force (``lambda: agent.config``)."""
 
 
-def _policy(config: ConfigSource) -> AgentTLSPolicy:
+def _policy(config: ConfigSource, verify: bool = True) -> AgentTLSPolicy:
     if isinstance(config, AgentConfig):
-        return tls_policy(config)
-    return tls_policy(config(), current=config)
+        return tls_policy(config if verify else config.override(insecure=True))
+    if verify:
+        return tls_policy(config(), current=config)
+    return tls_policy(config().override(insecure=True), current=config)
 
 
 class _TLSKeyedPool:
@@ -87,19 +89,47 @@ def make_pool(reactor: object) -> HTTPConnectionPool:
 
 def make_http_client(reactor: object, config: ConfigSource, *,
                      pool: HTTPConnectionPool | None = None,
-                     connect_timeout: float = CONNECT_TIMEOUT) -> HTTPClient:
+                     connect_timeout: float = CONNECT_TIMEOUT,
+                     verify: bool = True) -> HTTPClient:
     """The treq client every outgoing request of the agent goes through.
 
     ``config`` is the configuration, or a function returning the one in force (its TLS
     version and ciphers then apply from the next connection on). Pass a ``pool``
     (``make_pool``) to close its connections on shutdown; without one a new pool is made.
-    Request timeouts are the caller's (``Deferred.addTimeout``).
+    ``verify=False`` accepts any server certificate (whatever ``insecure`` says): give it
+    a pool of its own. Request timeouts are the caller's (``Deferred.addTimeout``).
     """
-    policy = _policy(config)
+    policy = _policy(config, verify)
     pool = pool if pool is not None else make_pool(reactor)
     agent = Agent(reactor, contextFactory=policy, connectTimeout=connect_timeout,
                   pool=_TLSKeyedPool(pool, policy))
     return HTTPClient(agent)
+
+
+class HTTPClients:
+    """The agent's HTTP clients, each made once on first use: the verifying one (the
+    configuration's TLS), its twin that accepts any server certificate (``inject_files``
+    with ``verify_ca: false``), each with its own connection pool (no connection made
+    without verification is ever reused by the verifying client)."""
+
+    def __init__(self, reactor: object, config: ConfigSource, *,
+                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+        self._reactor, self._config, self._timeout = reactor, config, connect_timeout
+        self._clients: dict[bool, tuple[HTTPClient, HTTPConnectionPool]] = {}
+
+    def client(self, *, verify: bool = True) -> HTTPClient:
+        """The client for every request (``verify=False``: the unverified twin)."""
+        if verify not in self._clients:
+            pool = make_pool(self._reactor)
+            self._clients[verify] = (make_http_client(
+                self._reactor, self._config, pool=pool, connect_timeout=self._timeout,
+                verify=verify), pool)
+        return self._clients[verify][0]
+
+    async def close(self) -> None:
+        """Close the clients' cached connections (the agent is stopping)."""
+        for _, pool in self._clients.values():
+            await pool.closeCachedConnections()
 
 
 # -- Proxies ---------------------------------------------------------------------------------

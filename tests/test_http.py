@@ -24,7 +24,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from ipa_twisted.config import AgentConfig
-from ipa_twisted.http import make_http_client, make_pool
+from ipa_twisted.http import HTTPClients, make_http_client, make_pool
 from ipa_twisted.tls import DEFAULT_TLS12_CIPHERS, AgentTLSPolicy, tls_policy
 
 _NOW = datetime.datetime.now(datetime.timezone.utc)
@@ -347,3 +347,34 @@ class RealConnectionTests(TestCase):
         self.assertEqual(await self.get(url, AgentConfig(insecure=True)), (200, b"hello"))
         with self.assertRaises(Exception):
             await self.get(url, AgentConfig())
+
+
+class HTTPClientsTests(TestCase):
+    """The agent's clients, made once: the verifying one and its unverified twin."""
+
+    def test_made_once_each(self) -> None:
+        clients = HTTPClients(MemoryReactorClock(), AgentConfig())
+        self.assertIs(clients.client(), clients.client())
+        self.assertIs(clients.client(verify=False), clients.client(verify=False))
+        self.assertIsNot(clients.client(), clients.client(verify=False))
+
+    async def test_unverified_twin_does_not_share_connections(self) -> None:
+        site = Site(_Hello())
+        connections = []
+        build = site.buildProtocol
+        site.buildProtocol = lambda addr: connections.append(addr) or build(addr)  # type: ignore
+        self_signed = server_options(Authority().issue("image-server", ips=("127.0.0.1",),
+                                                       self_signed=True))
+        port = await SSL4ServerEndpoint(reactor, 0, self_signed,
+                                        interface="127.0.0.1").listen(site)
+        self.addCleanup(port.stopListening)
+        clients = HTTPClients(reactor, lambda: AgentConfig())
+        self.addCleanup(clients.close)
+        url = f"https://127.0.0.1:{port.getHost().port}/"
+        for _ in range(2):
+            response = await clients.client(verify=False).get(url)
+            self.assertEqual(await response.content(), b"hello")
+        self.assertEqual(len(connections), 1)  # kept alive in the twin's pool
+        with self.assertRaises(Exception):
+            await clients.client().get(url)   # never the twin's verified-less connection
+        self.assertEqual(len(connections), 2)
