@@ -315,7 +315,7 @@ class OverrideTests(SynchronousTestCase):
         self.assertIs(config, base)
         warnings = [e for e in events if e["log_level"] == LogLevel.warn]
         self.assertEqual(len(warnings), 10)
-        self.assertEqual(mdns.ALLOWED_OVERRIDES - set(mdns._OPTIONS), set())
+        self.assertEqual(mdns.ALLOWED_OVERRIDES - set(mdns._OPTION_NAMES), set())
 
 
 class ResolveTests(SynchronousTestCase):
@@ -387,7 +387,7 @@ class ZeroconfTests(TestCase):
                             "--param", "ipa_collect_lldp=1")
         await self._publish(ironic, "--service", "baremetal-introspection", "--endpoint",
                             "http://192.0.2.1:5050", "--param", "ipa_inspection_collectors="
-                            "default,logs")
+                            "default,pci-devices")
         code, found = await self._agent(agent, "--resolve", "--inspection", "--timeout", "30",
                                         "--allowed-overrides",
                                         "collect_lldp,inspection_collectors")
@@ -395,7 +395,7 @@ class ZeroconfTests(TestCase):
         self.assertEqual(found["config"], {
             "api_url": "https://[2001:db8::1]:443", "collect_lldp": True,
             "inspection_callback_url": "http://192.0.2.1:5050/v1/continue",
-            "inspection_collectors": "default,logs"})
+            "inspection_collectors": "default,pci-devices"})
 
     async def test_nobody_answers(self) -> None:
         agent, _ = await self._network()

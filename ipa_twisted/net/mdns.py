@@ -40,7 +40,6 @@ import os
 import socket
 import struct
 import sys
-import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -50,7 +49,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.names import dns
 
-from ipa_twisted.config import OPTIONS, AgentConfig, parse_bool, validate_url
+from ipa_twisted.config import OPTIONS, AgentConfig, ConfigError
 from ipa_twisted.errors import RESTError
 
 log = Logger()
@@ -413,54 +412,22 @@ async def discover(service: str = IRONIC_SERVICE, *, reactor: Any,
     return endpoint
 
 
-_HINTS = typing.get_type_hints(AgentConfig)
-_OPTIONS = {option.name: option for option in OPTIONS}
-
-
-def _convert(name: str, raw: str) -> Any:
-    """``raw`` as option ``name``'s type, checked against its limits (ValueError)."""
-    option = _OPTIONS[name]
-    hint = _HINTS[name]
-    kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)] or [hint]
-    kind = kinds[0]
-    text = raw.strip()
-    if text == "" and type(None) in typing.get_args(hint):
-        return None
-    value: Any
-    if kind is bool:
-        value = parse_bool(text)
-    elif kind is int:
-        value = int(text)
-    elif kind is float:
-        value = float(text)
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError("not a finite number")
-    else:
-        value = raw
-    meta = option.metadata
-    if meta.get("minimum") is not None and value < meta["minimum"]:
-        raise ValueError(f"must be at least {meta['minimum']}")
-    if meta.get("maximum") is not None and value > meta["maximum"]:
-        raise ValueError(f"must be at most {meta['maximum']}")
-    if meta.get("choices") is not None and value not in meta["choices"]:
-        raise ValueError(f"not one of: {', '.join(meta['choices'])}")
-    if meta.get("url"):
-        validate_url(value)
-    return value
+_OPTION_NAMES = frozenset(option.name for option in OPTIONS)
 
 
 def apply_overrides(config: AgentConfig, params: Mapping[str, str]) -> AgentConfig:
-    """``config`` with the allowed ``ipa_<option>`` properties applied (``config.override``).
+    """``config`` with the allowed ``ipa_<option>`` properties applied (``config.merged``:
+    coerced and checked as the configuration files' values are).
 
     Allowed: the options of ``config.mdns_allowed_overrides`` that are also in
     ALLOWED_OVERRIDES. Other keys, other options and invalid values are logged as
     warnings and ignored.
     """
     allowed = ALLOWED_OVERRIDES & set(config.mdns_allowed_overrides)
-    changes: dict[str, Any] = {}
+    updated, changed = config, []
     for key, raw in params.items():
         name = key[4:] if key.startswith("ipa_") else None
-        if name is None or name not in _OPTIONS:
+        if name is None or name not in _OPTION_NAMES:
             log.warn("Ignoring mDNS property {key}: not an ipa_<option> property",
                      key=key)
             continue
@@ -473,14 +440,17 @@ def apply_overrides(config: AgentConfig, params: Mapping[str, str]) -> AgentConf
                      "allowed_overrides", key=key, name=name)
             continue
         try:
-            changes[name] = _convert(name, raw)
-        except ValueError as e:
+            updated = updated.merged({name: raw}, f"mDNS property {key}")
+        except ConfigError as e:
             log.warn("Ignoring mDNS property {key}={value!r}: {error}", key=key,
                      value=raw, error=str(e))
-    if not changes:
+            continue
+        changed.append(name)
+    if not changed:
         return config
-    log.info("Configuration from mDNS: {changes}", changes=changes)
-    return config.override(**changes)
+    log.info("Configuration from mDNS: {changes}",
+             changes={name: getattr(updated, name) for name in changed})
+    return updated
 
 
 async def resolve_mdns_urls(config: AgentConfig, reactor: Any, *,
