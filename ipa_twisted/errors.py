@@ -215,6 +215,12 @@ class DeploymentError(RESTError):
     message = "Deploy step failed"
 
 
+class ServicingError(RESTError):
+    """A service step failed."""
+
+    message = "Service step failed"
+
+
 class InvalidImage(DeploymentError):
     """The image (or what deploying it needs) fails validation or the agent's policy."""
 

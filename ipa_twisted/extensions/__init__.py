@@ -10,16 +10,14 @@ if TYPE_CHECKING:
 
 def default_extensions() -> list[type[Extension]]:
     """Every extension the agent serves."""
-    from ipa_twisted.extensions.clean import CleanExtension
-    from ipa_twisted.extensions.deploy import DeployExtension
     from ipa_twisted.extensions.flow import FlowExtension
     from ipa_twisted.extensions.image import ImageExtension
     from ipa_twisted.extensions.iscsi import ISCSIExtension
     from ipa_twisted.extensions.log import LogExtension
     from ipa_twisted.extensions.poll import PollExtension
     from ipa_twisted.extensions.rescue import RescueExtension
-    from ipa_twisted.extensions.service import ServiceExtension
     from ipa_twisted.extensions.standby import StandbyExtension
+    from ipa_twisted.extensions.steps import CleanExtension, DeployExtension, ServiceExtension
     from ipa_twisted.extensions.system import SystemExtension
     return [CleanExtension, DeployExtension, FlowExtension, ImageExtension, ISCSIExtension,
             LogExtension, PollExtension, RescueExtension, ServiceExtension, StandbyExtension,
