@@ -50,6 +50,7 @@ from twisted.logger import Logger
 from twisted.names import dns
 
 from ipa_twisted.config import OPTIONS, AgentConfig, ConfigError
+from ipa_twisted.retry import Backoff
 from ipa_twisted.errors import RESTError
 
 log = Logger()
@@ -372,12 +373,13 @@ async def discover(service: str = IRONIC_SERVICE, *, reactor: Any,
     if not links:
         raise ServiceLookupFailure(service, "cannot open a UDP socket for mDNS")
     deadline = reactor.seconds() + timeout
-    interval = FIRST_QUERY_INTERVAL
+    schedule = Backoff(initial=FIRST_QUERY_INTERVAL, factor=2.0, cap=MAX_QUERY_INTERVAL)
+    sent = 0
     queried: set[str] = set()
     next_query: Any = None
 
     def query() -> None:
-        nonlocal interval, next_query
+        nonlocal sent, next_query
         now = reactor.seconds()
         if now >= deadline:
             if not done.called:
@@ -388,8 +390,8 @@ async def discover(service: str = IRONIC_SERVICE, *, reactor: Any,
             queried.add(name)
             for link in links:
                 link.send(message, name, index)
-        next_query = reactor.callLater(min(interval, deadline - now), query)
-        interval = min(interval * 2, MAX_QUERY_INTERVAL)
+        sent += 1
+        next_query = reactor.callLater(min(schedule.delay(sent), deadline - now), query)
 
     log.info("Looking for {name} with mDNS for up to {timeout} s",
              name=resolver.instance, timeout=timeout)
