@@ -32,7 +32,8 @@ from ipa_twisted.config import AgentConfig
 from ipa_twisted.http import make_http_client, make_pool
 from ipa_twisted.images.download import (ImageDownload, Valve, fetch_small, proxy_for)
 from ipa_twisted.images.formats import ImageFormatRefused
-from ipa_twisted.images.pipeline import ImageProgress, WrittenImage, write_image
+from ipa_twisted.images.pipeline import WrittenImage, write_image
+from ipa_twisted.images.progress import ImageProgress
 from ipa_twisted.blockdev.writer import DeviceWriter, wipe_partition_tables
 from ipa_twisted.process import ProcessRunner
 from tests.image_server import ImageResource, RepeatedData

@@ -29,18 +29,15 @@ on the device (fsynced) and its checksum verified:
 
 from __future__ import annotations
 
-import collections
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.task import LoopingCall
-from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
+from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from ipa_twisted import errors
 from ipa_twisted.config import AgentConfig
@@ -49,124 +46,18 @@ from ipa_twisted.images.checksum import ExpectedChecksum, expected_checksum, new
 from ipa_twisted.images.decompress import DecompressingSink
 from ipa_twisted.images.download import (ImageDownload, ImageDownloadTimeout, Valve,
                                          fetch_small, proxy_for)
+from ipa_twisted.images.progress import ImageProgress
 from ipa_twisted.images.qcow2 import Qcow2Converter
+from ipa_twisted.images.stages import BATCH, Worker, ZstdSink, feed_all, hash_all
 from ipa_twisted.blockdev.writer import DeviceWriter, SequentialSink, wipe_partition_tables
 from ipa_twisted.http import make_pool, make_proxy_http_client
-from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError
 
 log = Logger()
-
-BATCH = 4 * 1024 * 1024
-"""Bytes gathered on the reactor before a batch goes to the worker threads."""
 
 
 Prepare = Callable[[], Awaitable[str | None]]
 """``prepare()``: make the device ready once the image is accepted (its checksum and format
 pass), before its first byte is written; it may return the device to write to instead."""
-
-
-class ImageProgress:
-    """Progress of one image: counters, rate over a sliding window, ETA; ``serialize``.
-
-    ``bytes_received`` counts HTTP body bytes (refetched qcow2 ranges too), ``total`` is the
-    image's size when the server gave it, ``bytes_written`` the bytes written to the device
-    and ``bytes_zeroed`` the ranges zeroed there. ``rate`` (bytes/s) is that of
-    ``bytes_received`` over the last ``window`` seconds.
-    """
-
-    log = Logger()
-    log_interval = 5.0
-
-    def __init__(self, clock: Any, window: float = 10.0) -> None:
-        self._clock = clock
-        self.window = window
-        self.phase = "pending"
-        self.url: str | None = None
-        self.total: int | None = None
-        self.bytes_received = 0
-        self.bytes_written = 0
-        self.bytes_zeroed = 0
-        self.started: float | None = None
-        self._samples: collections.deque[tuple[float, int]] = collections.deque()
-        self._loop: LoopingCall | None = None
-        self._last_log = 0.0
-        self.writer: DeviceWriter | None = None
-
-    def _refresh(self) -> None:
-        if self.writer is not None:  # counters owned by the writer thread; reads are safe
-            self.bytes_written = self.writer.bytes_written
-            self.bytes_zeroed = self.writer.bytes_zeroed
-
-    def sample(self) -> None:
-        """Record ``bytes_received`` now (called every second while running)."""
-        now = self._clock.seconds()
-        self._refresh()
-        self._samples.append((now, self.bytes_received))
-        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window:
-            self._samples.popleft()
-
-    @property
-    def rate(self) -> float | None:
-        if not self._samples:
-            return None
-        now = self._clock.seconds()
-        then, received = self._samples[0]
-        if now - then <= 0:
-            return None
-        rate: float = max(0.0, (self.bytes_received - received) / (now - then))
-        return rate
-
-    @property
-    def eta_seconds(self) -> float | None:
-        rate = self.rate
-        if self.total is None or not rate:
-            return None
-        return max(0.0, (self.total - self.bytes_received) / rate)
-
-    @property
-    def elapsed(self) -> float | None:
-        return None if self.started is None else self._clock.seconds() - self.started
-
-    def serialize(self) -> dict[str, Any]:
-        """The JSON-ready view the API exposes."""
-        self._refresh()
-        rate, eta = self.rate, self.eta_seconds
-        return {"phase": self.phase, "url": self.url, "total": self.total,
-                "bytes_received": self.bytes_received, "bytes_written": self.bytes_written,
-                "bytes_zeroed": self.bytes_zeroed,
-                "rate": None if rate is None else round(rate, 1),
-                "eta_seconds": None if eta is None else round(eta, 1),
-                "elapsed": None if self.elapsed is None else round(self.elapsed, 1)}
-
-    def start(self) -> None:
-        """Sample every second and log every ``log_interval`` seconds, on the clock."""
-        self.started = self._clock.seconds()
-        self._last_log = self.started
-        self._samples.clear()
-        self.sample()
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = self._clock
-        self._loop.start(1.0, now=False)
-
-    def _tick(self) -> None:
-        self.sample()
-        now = self._clock.seconds()
-        if now - self._last_log >= self.log_interval:
-            self._last_log = now
-            state = self.serialize()
-            rate = state["rate"] or 0.0
-            self.log.info("Image {phase}: {received} of {total} bytes received, {written} "
-                          "written, {mib_per_s:.1f} MiB/s, ETA {eta} s", phase=self.phase,
-                          received=self.bytes_received, total=self.total,
-                          written=self.bytes_written, mib_per_s=rate / 2**20,
-                          eta=state["eta_seconds"], rate=rate)
-
-    def stop(self, phase: str) -> None:
-        self.phase = phase
-        self._refresh()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
 
 
 @dataclass(frozen=True)
@@ -192,163 +83,8 @@ class DigestMismatch(errors.ImageChecksumError):
         self.type = "ImageChecksumError"   # what Ironic and the reference agent call it
 
 
-class _Worker:
-    """One dedicated thread; jobs run one at a time, in the order submitted."""
-
-    def __init__(self, reactor: Any, name: str) -> None:
-        self._reactor = reactor
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
-        self._pool.start()
-
-    def submit(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        done: Deferred[Any] = deferToThreadPool(self._reactor, self._pool, f, *args)
-        return done
-
-    def stop(self) -> None:
-        self._pool.stop()  # joins the idle thread: callers wait for their jobs first
-
-
-async def _awaited(awaitable: Awaitable[str | None]) -> str | None:
+async def awaited(awaitable: Awaitable[str | None]) -> str | None:
     return await awaitable
-
-
-def _feed_all(sink: Any, chunks: list[bytes]) -> None:
-    for chunk in chunks:
-        sink.feed(chunk)
-
-
-def _hash_all(hasher: Any, chunks: list[bytes]) -> None:
-    # hashlib releases the GIL during an update, and taking it back costs when the reactor
-    # and the writer are busy: many small chunks are joined into one update (a copy), large
-    # ones (the socket is read 1 MiB at a time) are hashed as they are.
-    if len(chunks) > 16:
-        hasher.update(b"".join(chunks))
-    else:
-        for chunk in chunks:
-            hasher.update(chunk)
-
-
-class _ChunkQueue:
-    """An async iterable of chunks for a child's stdin; ``put`` fires once they are taken."""
-
-    def __init__(self) -> None:
-        self._items: collections.deque[tuple[list[bytes], Deferred[None]]] = (
-            collections.deque())
-        self._index = 0
-        self._waiter: Deferred[None] | None = None
-        self._closed = False
-
-    def put(self, chunks: list[bytes]) -> Deferred[None]:
-        taken: Deferred[None] = Deferred()
-        if self._closed:
-            taken.callback(None)
-        else:
-            self._items.append((chunks, taken))
-            self._wake()
-        return taken
-
-    def close(self) -> None:
-        """No more chunks: iteration ends once the queued ones are taken."""
-        self._closed = True
-        self._wake()
-
-    def abort(self) -> None:
-        """The reader is gone: drop what is queued (its ``put`` Deferreds fire)."""
-        self._closed = True
-        items, self._items, self._index = self._items, collections.deque(), 0
-        for _, taken in items:
-            taken.callback(None)
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None:
-            waiter, self._waiter = self._waiter, None
-            waiter.callback(None)
-
-    def __aiter__(self) -> _ChunkQueue:
-        return self
-
-    async def __anext__(self) -> bytes:
-        while True:
-            if self._items:
-                chunks, taken = self._items[0]
-                if self._index < len(chunks):
-                    self._index += 1
-                    return chunks[self._index - 1]
-                self._items.popleft()
-                self._index = 0
-                taken.callback(None)
-                continue
-            if self._closed:
-                raise StopAsyncIteration
-            self._waiter = Deferred()
-            await self._waiter
-
-
-class _ZstdSink:
-    """zstd-compressed raw image: ``zstd -dc`` in a child, its output to the writer thread.
-
-    The compressed chunks queue up for the child's stdin (``put`` fires when the child took
-    them, which is what the Valve counts); its stdout is batched and written in the writer
-    thread, the child's pipe paused meanwhile.
-    """
-
-    def __init__(self, runner: Any, worker: _Worker, sink: SequentialSink, image_id: str,
-                 on_error: Callable[[BaseException], None]) -> None:
-        self._worker, self._sink, self._image_id = worker, sink, image_id
-        self._on_error = on_error
-        self._queue = _ChunkQueue()
-        self._out: list[bytes] = []
-        self._out_size = 0
-        self._killed = False
-        self.error: BaseException | None = None
-        self.ended: Deferred[None] = Deferred()
-        running: Deferred[bytes] = runner.stream("zstd", "-dcq", stdin=self._queue,
-                                                 on_stdout=self._stdout, timeout=None)
-        running.addBoth(self._end)
-
-    def _end(self, result: object) -> None:
-        self._queue.abort()
-        if isinstance(result, Failure) and not self._killed:
-            e: BaseException = result.value  # type: ignore[assignment]
-            if isinstance(e, CommandNotFoundError):
-                self.error = errors.ImageDownloadError(
-                    self._image_id, "zstd-compressed image but the zstd program is not "
-                    "installed")
-            elif isinstance(e, ProcessExecutionError):
-                self.error = errors.ImageDownloadError(
-                    self._image_id, f"zstd decompression failed: "
-                    f"{e.stderr.decode('utf-8', 'replace').strip() or e.reason}")
-            else:
-                self.error = e
-            self._on_error(self.error)
-        self.ended.callback(None)
-
-    def put(self, chunks: list[bytes]) -> Deferred[None]:
-        return self._queue.put(chunks)
-
-    def _stdout(self, data: bytes) -> Deferred[Any] | None:
-        self._out.append(data)
-        self._out_size += len(data)
-        if self._out_size < BATCH:
-            return None
-        batch, self._out, self._out_size = self._out, [], 0
-        return self._worker.submit(_feed_all, self._sink, batch)  # pauses zstd until written
-
-    async def finish(self) -> None:
-        self._queue.close()
-        await self.ended
-        if self.error is not None:
-            raise self.error
-        batch, self._out, self._out_size = self._out, [], 0
-        await self._worker.submit(_feed_all, self._sink, batch)
-        await self._worker.submit(self._sink.finish)
-
-    def kill(self) -> Deferred[None]:
-        """Stop the child (a restart or a failure); fires once it is gone."""
-        self._killed = True
-        self._queue.abort()
-        return self.ended
 
 
 class _ImageJob:
@@ -371,8 +107,8 @@ class _ImageJob:
         self.valve = Valve()
         self.writer = writer if writer is not None else DeviceWriter(device)
         progress.writer = self.writer
-        self.hasher_thread = _Worker(reactor, "ipa-image-hash")
-        self.writer_thread = _Worker(reactor, "ipa-image-write")
+        self.hasher_thread = Worker(reactor, "ipa-image-hash")
+        self.writer_thread = Worker(reactor, "ipa-image-write")
         self.failure: BaseException | None = None
         self.format = formats.RAW
         self.info: formats.Qcow2Info | None = None
@@ -388,7 +124,7 @@ class _ImageJob:
         self.head: list[bytes] = []
         self.head_size = 0
         self.sink: Any = None
-        self.zstd: _ZstdSink | None = None
+        self.zstd: ZstdSink | None = None
         self.batch: list[bytes] = []
         self.batch_size = 0
 
@@ -503,7 +239,7 @@ class _ImageJob:
         elif fmt in formats.COMPRESSED:
             inner_sink = SequentialSink(self.writer, check_inner)
             if fmt == formats.ZSTD:
-                self.zstd = _ZstdSink(self.runner, self.writer_thread, inner_sink,
+                self.zstd = ZstdSink(self.runner, self.writer_thread, inner_sink,
                                       self.image_id, self.fail)
                 self.sink = self.zstd
             else:
@@ -528,7 +264,7 @@ class _ImageJob:
         if self.prepare is not None:
             prepare, self.prepare = self.prepare, None
             def start() -> Deferred[str | None]:
-                return Deferred.fromCoroutine(_awaited(prepare()))
+                return Deferred.fromCoroutine(awaited(prepare()))
             runs: Any = start   # Twisted's stub cannot pick its Deferred-returning overload
             target: str | None = blockingCallFromThread(self.reactor, runs)
             if target:
@@ -546,11 +282,11 @@ class _ImageJob:
         if not batch or self.failure is not None:
             return
         if self.hash is not None:
-            self._track(self.hasher_thread.submit(_hash_all, self.hash, batch), size)
+            self._track(self.hasher_thread.submit(hash_all, self.hash, batch), size)
         if self.zstd is not None:
             self._track(self.zstd.put(batch), size)
         else:
-            self._track(self.writer_thread.submit(_feed_all, self.sink, batch), size)
+            self._track(self.writer_thread.submit(feed_all, self.sink, batch), size)
 
     # -- the whole job -----------------------------------------------------------------------
 
@@ -626,7 +362,7 @@ class _ImageJob:
         batch, size = self.batch, self.batch_size
         self.batch, self.batch_size = [], 0
         if batch and self.failure is None:
-            self._track(self.writer_thread.submit(_feed_all, self.sink, batch), size)
+            self._track(self.writer_thread.submit(feed_all, self.sink, batch), size)
 
     async def _clean_up_after(self, error: BaseException) -> None:
         self.fail(self.failure or error)
