@@ -8,7 +8,7 @@ stays in there. SPEC is JSON:
   boot mode is said to be (``bios`` or ``uefi``), both answered by ``LoopManager``;
 - ``command`` and ``params``: the agent command to run (``image.install_bootloader``); or
   ``step`` and ``params`` to run a deploy step through ``deploy.execute_deploy_step`` with
-  ``InjectFilesMixin`` mixed into the manager; or ``call: "vmedia"`` to read virtual media
+  ``deploy.inject.inject_files`` as the manager's step; or ``call: "vmedia"`` to read virtual media
   parameters (``get_vmedia_params``);
 - ``manager: "generic"`` with ``devices`` (loop device paths): the generic hardware manager
   instead, as the ramdisk runs it, through a LoopOnlyRunner (it lists and touches only
@@ -35,9 +35,10 @@ from twisted.logger import globalLogBeginner, textFileLogObserver
 
 from ipa_twisted.agent import Agent
 from ipa_twisted.config import AgentConfig
+from ipa_twisted.extensions import default_extensions
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.hardware.generic import GenericHardwareManager
-from ipa_twisted.hardware.inject import INJECT_FILES_STEP, InjectFilesMixin
+from ipa_twisted.deploy.inject import INJECT_FILES_STEP, inject_files
 from ipa_twisted.hardware.interface import HardwareManager
 from ipa_twisted.hardware.raid import is_md_name
 from ipa_twisted.process import ProcessRunner
@@ -59,9 +60,16 @@ class LoopAndMdRunner(LoopOnlyRunner):
         return super()._allowed(path) or is_md_name(path)
 
 
-class InjectingLoopManager(InjectFilesMixin, LoopManager):
+class InjectingLoopManager(LoopManager):
     def get_deploy_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
         return [dict(INJECT_FILES_STEP)]
+
+    async def inject_files(self, node: Any, ports: Any, files: Any = None,
+                           verify_ca: bool = True) -> None:
+        async def install_device() -> str:
+            return self.get_os_install_device(node=node)
+        await inject_files(self.context, node, ports, files, verify_ca,
+                           install_device=install_device)
 
 
 async def main(reactor: Any, spec: dict[str, Any]) -> None:
@@ -91,7 +99,7 @@ async def main(reactor: Any, spec: dict[str, Any]) -> None:
         manager_class = InjectingLoopManager if "step" in spec else LoopManager
         manager = manager_class(spec["device"], spec.get("boot_mode", "bios"))
     agent = Agent(config, reactor, runner, managers=HardwareManagers([(manager, 3)]),
-                  reactor=reactor)
+                  reactor=reactor, extensions=default_extensions())
     manager.bind(agent.hardware_context())
     params: dict[str, Any]
     if "clean_step" in spec:

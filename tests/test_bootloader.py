@@ -1,4 +1,4 @@
-"""Tests for image.install_bootloader (ipa_twisted.extensions.image, hardware.bootloader/efi).
+"""Tests for the bootloader installation (ipa_twisted.deploy.bootloader, deploy.efi) and image.install_bootloader.
 
 Unit tests run the command through the agent on a FakeRunner whose ``mount`` fills the
 mount point with the files of a fake file system and whose ``umount`` empties it again.
@@ -29,7 +29,8 @@ from ipa_twisted import errors
 from ipa_twisted.agent import Agent
 from ipa_twisted.commands import CommandResult
 from ipa_twisted.config import AgentConfig
-from ipa_twisted.hardware import bootloader, efi
+from ipa_twisted.extensions import default_extensions
+from ipa_twisted.deploy import bootloader, efi
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.testing.fake_managers import FixedDeviceManager
 from ipa_twisted.process import ProcessRunner
@@ -169,7 +170,7 @@ class BootloaderTestCase(SynchronousTestCase):
         config = config or self.fake.config(enable_bios_bootloader_install=True)
         return Agent(config, clock, self.runner,  # type: ignore[arg-type]
                      managers=HardwareManagers([(Disk(self.device, boot_mode), 3)]),
-                     reactor=clock)
+                     reactor=clock, extensions=default_extensions())
 
     def install(self, agent: Agent, **params: Any) -> CommandResult:
         running = Deferred.fromCoroutine(agent.execute_command("image.install_bootloader",
@@ -478,7 +479,7 @@ class PreserveTests(BootloaderTestCase, TestCase):
             "etc/fstab": b"UUID=x / xfs defaults 0 0\n"}
         agent = Agent(self.fake.config(), reactor, self.runner,  # type: ignore[arg-type]
                       managers=HardwareManagers([(Disk(self.device, "uefi"), 3)]),
-                      reactor=reactor)
+                      reactor=reactor, extensions=default_extensions())
         result = await agent.execute_command("image.install_bootloader", {
             "root_uuid": ROOT_UUID, "efi_system_part_uuid": ESP_UUID,
             "target_boot_mode": "uefi"})

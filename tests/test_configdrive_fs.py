@@ -17,8 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.errors import InstanceDeployFailure
 from ipa_twisted.context import HardwareContext
-from ipa_twisted.images import configdrive as cd
-from ipa_twisted.images import configdrive_fs as fs
+from ipa_twisted.deploy import configdrive as cd
+from ipa_twisted.deploy import configdrive_fs as fs
 from ipa_twisted.testing.fake_process import FakeRunner
 from tests.configdrive_iso import META_DATA, make_iso
 

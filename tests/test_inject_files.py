@@ -1,4 +1,4 @@
-"""Tests for the inject_files deploy step (ipa_twisted.hardware.inject).
+"""Tests for the inject_files deploy step (ipa_twisted.deploy.inject).
 
 Unit tests use a FakeRunner whose ``mount`` fills the mount point with a fake partition's
 files and whose ``umount`` keeps what was written (with modes) and empties it. The real
@@ -25,7 +25,7 @@ from twisted.web.resource import Resource
 from twisted.web.static import Data
 
 from ipa_twisted import errors
-from ipa_twisted.hardware.inject import INJECT_FILES_STEP, InjectFilesMixin, validate_files
+from ipa_twisted.deploy.inject import INJECT_FILES_STEP, inject_files, validate_files
 from ipa_twisted.hardware.interface import HardwareManager
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.process import ProcessRunner
@@ -41,16 +41,24 @@ def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-class Manager(InjectFilesMixin, HardwareManager):
+class Manager(HardwareManager):
+    """Installs on ``device``; its ``inject_files`` step is ``deploy.inject``'s."""
+
     def __init__(self, device: str) -> None:
         self.device = device
+        self.asked_for_device = 0
 
     def evaluate_hardware_support(self) -> int:
         return 1
 
-    async def get_os_install_device(self, permit_refresh: bool = False, *,
-                                    node: Any = None) -> str:
+    async def install_device(self) -> str:
+        self.asked_for_device += 1
         return self.device
+
+    async def inject_files(self, node: Any, ports: Any, files: Any = None,
+                           verify_ca: bool = True) -> None:
+        await inject_files(self.context, node, ports, files, verify_ca,
+                           install_device=self.install_device)
 
 
 class Partitions:
@@ -223,6 +231,7 @@ class InjectTests(SynchronousTestCase):
     def test_nothing_to_do(self) -> None:
         self.inject(None)
         self.assertEqual(self.runner.argvs, [])
+        self.assertEqual(self.manager.asked_for_device, 0)
 
     def test_validation(self) -> None:
         bad = [{"path": "/x", "content": "", "size": 1},

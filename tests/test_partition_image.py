@@ -20,14 +20,14 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipa_twisted.config import AgentConfig
-from ipa_twisted.deploy import partition_layout, write_image_to_disk
+from ipa_twisted.deploy.write import partition_layout, write_image_to_disk
 from ipa_twisted.errors import InstanceDeployFailure
 from ipa_twisted.blockdev import disks
 from ipa_twisted.hardware.generic import GenericHardwareManager
 from ipa_twisted.context import HardwareContext
-from ipa_twisted.images import configdrive as cd
-from ipa_twisted.images import configdrive_fs
-from ipa_twisted.images.partition import (PartitionLayout, get_node_boot_mode,
+from ipa_twisted.deploy import configdrive as cd
+from ipa_twisted.deploy import configdrive_fs
+from ipa_twisted.deploy.partition import (PartitionLayout, get_node_boot_mode,
                                           get_partition_table_type_from_specs,
                                           parse_capabilities, parted_argv, plan_partitions)
 from ipa_twisted.process import ProcessRunner

@@ -1,6 +1,6 @@
 """``image.install_bootloader``: make the deployed instance bootable.
 
-The work is in ``ipa_twisted.hardware.bootloader`` (see its docstring for the steps). This
+The work is in ``ipa_twisted.deploy.bootloader`` (see its docstring for the steps). This
 command picks the install device and the agent's own boot mode from the hardware managers,
 stops an iSCSI target exposing the disk (``iscsi.start_iscsi_target``) first, and applies
 ``ignore_bootloader_failure`` (the command's, else the ``ignore_bootloader_failure`` option
@@ -16,7 +16,7 @@ from typing import Any
 from ipa_twisted import errors
 from ipa_twisted.commands import async_command
 from ipa_twisted.extensions.base import Extension
-from ipa_twisted.hardware import bootloader
+from ipa_twisted.deploy import bootloader
 
 BOOT_MODES = ("bios", "uefi")
 

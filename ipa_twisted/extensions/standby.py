@@ -8,7 +8,7 @@ from typing import Any
 from ipa_twisted import errors
 from ipa_twisted.commands import async_command, sync_command
 from ipa_twisted.extensions.base import Extension
-from ipa_twisted.images.info import validate_image_info
+from ipa_twisted.deploy.image_info import validate_image_info
 from ipa_twisted.process import ProcessExecutionError
 
 

@@ -21,6 +21,9 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ipa_twisted.blockdev.disks import destroy_disk_metadata
+from ipa_twisted.deploy import inject
+from ipa_twisted.deploy.write import write_image_to_disk
 from ipa_twisted.errors import BlockDeviceEraseError, CommandExecutionError, DeviceNotFound
 from ipa_twisted.hardware import raid as _raid
 from ipa_twisted.hardware import root_device
@@ -29,7 +32,6 @@ from ipa_twisted.hardware.infiniband import infiniband_ids as _infiniband_ids
 from ipa_twisted.hardware.erase import (EraseMixin, erase_clean_steps,
                                         guard_special_filesystems, log_protected,
                                         protected_devices)
-from ipa_twisted.hardware.inject import INJECT_FILES_STEP, InjectFilesMixin
 from ipa_twisted.hardware.raid import SoftwareRaidMixin, raid_clean_steps, raid_deploy_steps
 from ipa_twisted.hardware.interface import HardwareManager, HardwareSupport
 from ipa_twisted.hardware.inventory import (CPU, BlockDevice, BootInfo, Memory,
@@ -65,7 +67,7 @@ UdevLookup = Callable[[str], Mapping[str, str]]
 log = Logger()
 
 
-class GenericHardwareManager(EraseMixin, SoftwareRaidMixin, InjectFilesMixin, HardwareManager):
+class GenericHardwareManager(EraseMixin, SoftwareRaidMixin, HardwareManager):
     """Inventory and (later) steps for any Linux machine; the fallback for every method."""
 
     HARDWARE_MANAGER_NAME = "generic_hardware_manager"
@@ -663,7 +665,6 @@ class GenericHardwareManager(EraseMixin, SoftwareRaidMixin, InjectFilesMixin, Ha
     async def _erase_disk(self, disk: _Listed, partitions: list[_Listed]
                           ) -> dict[str, Exception]:
         """Erase ``partitions`` then ``disk``; {device: error} of what failed."""
-        from ipa_twisted.blockdev.disks import destroy_disk_metadata
         failed: dict[str, Exception] = {}
         for item in [*partitions, disk]:
             try:
@@ -676,13 +677,19 @@ class GenericHardwareManager(EraseMixin, SoftwareRaidMixin, InjectFilesMixin, Ha
         return failed
 
     # -- deployment --------------------------------------------------------------------------
+    async def inject_files(self, node: Any, ports: Any, files: Any = None,
+                           verify_ca: bool = True) -> None:
+        """The ``inject_files`` deploy step (see ``ipa_twisted.deploy.inject``)."""
+        await inject.inject_files(
+            self.context, node, ports, files, verify_ca,
+            install_device=lambda: self.get_os_install_device(permit_refresh=True, node=node))
+
     async def write_image(self, node: Any, ports: Any, image_info: dict[str, Any],
                           configdrive: Any = None) -> None:
         """The ``deploy.write_image`` step: the image (and config drive) to the install disk.
 
         The partition UUIDs land in the context's ``deployment`` (``standby`` reads them).
         """
-        from ipa_twisted.deploy import write_image_to_disk
         node = node if node else self._node
         device = await self.get_os_install_device(permit_refresh=True, node=node)
         self.log.info("Writing image {image} to {device}", image=image_info.get("id"),
@@ -747,7 +754,7 @@ class GenericHardwareManager(EraseMixin, SoftwareRaidMixin, InjectFilesMixin, Ha
                                           "required": False}}},
             {"step": "erase_devices_metadata", "priority": 0, "interface": "deploy",
              "reboot_requested": False},
-            {**INJECT_FILES_STEP, "priority": self.context.config.inject_files_priority},
+            {**inject.INJECT_FILES_STEP, "priority": self.context.config.inject_files_priority},
             *raid_deploy_steps(),
         ]
 
@@ -763,7 +770,7 @@ class GenericHardwareManager(EraseMixin, SoftwareRaidMixin, InjectFilesMixin, Ha
         write_image = next(step for step in self.get_deploy_steps(node, ports)
                            if step["step"] == "write_image")
         steps = [raid["delete_configuration"], raid["apply_configuration"],
-                 raid["create_configuration"], write_image, dict(INJECT_FILES_STEP)]
+                 raid["create_configuration"], write_image, dict(inject.INJECT_FILES_STEP)]
         return [{**step, "priority": 0} for step in steps]
 
 

@@ -39,6 +39,7 @@ from twisted.logger import Logger
 
 from ipa_twisted.errors import CommandExecutionError, SoftwareRAIDError
 from ipa_twisted.blockdev import disks
+from ipa_twisted.deploy.partition import get_node_boot_mode, get_partition_table_type_from_specs
 from ipa_twisted.hardware import root_device
 from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError
 
@@ -755,8 +756,6 @@ class SoftwareRaidMixin:
         if with_partitions:
             raise SoftwareRAIDError("Partitions detected on devices "
                                     f"{', '.join(with_partitions)} during RAID config")
-        from ipa_twisted.images.partition import (get_node_boot_mode,
-                                                  get_partition_table_type_from_specs)
         boot_mode = get_node_boot_mode(node, sys_path=context.config.sys_path)
         table = get_partition_table_type_from_specs(node, sys_path=context.config.sys_path,
                                                     boot_mode=boot_mode)

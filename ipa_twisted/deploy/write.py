@@ -10,7 +10,7 @@
   partition at the end of the disk. The result is
   ``{"root uuid": <MBR disk identifier, 0x%08x>}``.
 - partition image (``image_type == "partition"``): once the image is accepted, lay the disk
-  out and write the image into the root partition (``ipa_twisted.images.partition``); the
+  out and write the image into the root partition (``ipa_twisted.deploy.partition``); the
   config drive gets a partition in the layout. The result is the
   ``partitions``/``root uuid``/... dictionary.
 
@@ -33,10 +33,10 @@ from twisted.logger import Logger
 from ipa_twisted.errors import ImageWriteError, InstanceDeployFailure
 from ipa_twisted.blockdev import disks
 from ipa_twisted.context import HardwareContext
-from ipa_twisted.images import configdrive as configdrives
-from ipa_twisted.images import partition
+from ipa_twisted.deploy import configdrive as configdrives
+from ipa_twisted.deploy import partition
 from ipa_twisted.images.formats import gpt_sector_size
-from ipa_twisted.images.info import is_partition_image
+from ipa_twisted.deploy.image_info import is_partition_image
 from ipa_twisted.process import ProcessExecutionError
 
 log = Logger()

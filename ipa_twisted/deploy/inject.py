@@ -13,8 +13,8 @@ skipped) that has the path's first directory (``etc`` for ``/etc/hostname``): a 
 directly in ``/`` needs an explicit ``partition``.
 
 Every partition is mounted on a private temporary directory and unmounted right after.
-``InjectFilesMixin`` is mixed into a hardware manager that has ``context`` and
-``get_os_install_device`` (the generic one); ``INJECT_FILES_STEP`` is its step.
+``inject_files`` does the work for a manager's step of that name (the generic manager's),
+given the install device; ``INJECT_FILES_STEP`` is the step.
 """
 
 from __future__ import annotations
@@ -22,21 +22,19 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 from twisted.logger import Logger
 
-from ipa_twisted.errors import (CommandExecutionError, DeviceNotFound,
-                                InvalidCommandParamsError)
 from ipa_twisted.blockdev import disks
 from ipa_twisted.blockdev.mounts import UnmountError, mounted
+from ipa_twisted.context import HardwareContext
+from ipa_twisted.errors import (CommandExecutionError, DeviceNotFound,
+                                InvalidCommandParamsError)
+from ipa_twisted.http import make_http_client
+from ipa_twisted.images.download import fetch_small
 from ipa_twisted.process import ProcessExecutionError
-
-from ipa_twisted.hardware.interface import call_manager_method
-
-if TYPE_CHECKING:
-    from ipa_twisted.context import HardwareContext
 
 log = Logger()
 
@@ -147,120 +145,115 @@ def _write(target: str, item: Mapping[str, Any], content: bytes | None) -> None:
         os.chown(target, -1 if owner is None else owner, -1 if group is None else group)
 
 
-class InjectFilesMixin:
-    """``inject_files``, for a hardware manager with ``context`` and
-    ``get_os_install_device``."""
+async def inject_files(context: HardwareContext, node: Any, ports: Any, files: Any,
+                       verify_ca: bool, install_device: Callable[[], Awaitable[str]]) -> None:
+    """The ``inject_files`` deploy step (see the module docstring).
 
-    if TYPE_CHECKING:
-        @property
-        def context(self) -> HardwareContext: ...
-
-    async def inject_files(self, node: Any, ports: Any, files: Any = None,
-                           verify_ca: bool = True) -> None:
-        """The ``inject_files`` deploy step (see the module docstring)."""
-        properties = (node or {}).get("properties") or {}
-        items = validate_files(properties.get("inject_files") or [], files or [])
-        if not items:
-            log.info("No files to inject")
-            return
-        find_device: Any = getattr(self, "get_os_install_device")   # the host manager's
-        device = str(await call_manager_method(find_device, permit_refresh=True, node=node))
-        for item in items:
-            content = await self._content(item, node, ports, verify_ca)
-            partition = await self._partition_for(device, item)
-            path = item["path"]
-            try:
-                async with mounted(self.context, partition, prefix="ipa-inject-") as root:
-                    target = _inside(root, path)
-                    _write(target, item, content)
-            except (ProcessExecutionError, OSError, UnmountError) as e:
-                raise CommandExecutionError(
-                    f"Failed to process file {path} on {partition}. "
-                    f"{type(e).__name__}: {e}") from e
-            log.info("{action} {path} on {partition}",
-                     action="Deleted" if item.get("deleted") else "Injected", path=path,
-                     partition=partition)
-
-    async def _content(self, item: Mapping[str, Any], node: Any, ports: Any,
-                       verify_ca: bool) -> bytes | None:
-        if item.get("deleted"):
-            return None
-        content = str(item["content"])
-        if "://" not in content:
-            try:
-                return base64.b64decode(content, validate=True)
-            except (binascii.Error, ValueError) as e:
-                raise InvalidCommandParamsError(
-                    f"Content of {item['path']} is not base64: {e}") from e
-        url = content.format(node=node, ports=ports)
-        from ipa_twisted.images.download import fetch_small
-        context = self.context
-        if verify_ca:
-            http = context.http()
-        else:
-            from ipa_twisted.http import make_http_client
-            http = make_http_client(context.reactor, context.config.override(insecure=True))
-        try:
-            body: bytes = await fetch_small(
-                url, http, MAX_DOWNLOAD_SIZE, clock=context.reactor,
-                timeout=context.config.image_download_connection_timeout)
-        except Exception as e:
-            raise CommandExecutionError(f"Failed to download {url} for {item['path']}: "
-                                        f"{e}") from e
-        return body
-
-    async def _partitions(self, device: str) -> list[disks.Partition]:
-        partitions = await disks.list_partitions(self.context, device)
-        for partition in partitions:
-            if not os.path.exists(partition.path):
-                await disks.wait_for_partition(self.context, device, partition.path)
-        return partitions
-
-    async def _partition_for(self, device: str, item: Mapping[str, Any]) -> str:
-        """The partition (device path) ``item`` goes to."""
-        spec = item.get("partition")
+    ``install_device`` gives the install device; it is asked only when there are files.
+    """
+    properties = (node or {}).get("properties") or {}
+    items = validate_files(properties.get("inject_files") or [], files or [])
+    if not items:
+        log.info("No files to inject")
+        return
+    device = str(await install_device())
+    for item in items:
+        content = await _content(context, item, node, ports, verify_ca)
+        partition = await _partition_for(context, device, item)
         path = item["path"]
-        if spec is None or spec == "":
-            return await self._partition_with(device, path.strip("/").split("/", 1)[0])
-        if isinstance(spec, int) or (isinstance(spec, str) and spec.isdigit()):
-            number = int(spec)
-            for partition in await self._partitions(device):
-                if partition.number == number:
-                    return partition.path
-            raise DeviceNotFound(f"No partition {number} on {device}")
-        assert isinstance(spec, str)
-        if spec.startswith("/"):
-            return spec
-        tag, equals, value = spec.partition("=")
-        tags: Sequence[str] = (tag.upper(),) if equals and tag.upper() in _TAGS else _TAGS
-        value = value if equals and tag.upper() in _TAGS else spec
-        for partition in await self._partitions(device):
-            probed = await disks.probe(self.context, partition.path)
-            names = {"UUID": probed.get("UUID", "").lower(),
-                     "PARTUUID": probed.get("PART_ENTRY_UUID", "").lower(),
-                     "LABEL": probed.get("LABEL", "")}
-            for name in tags:
-                wanted = value if name == "LABEL" else value.lower()
-                if names[name] and names[name] == wanted:
-                    return partition.path
-        raise DeviceNotFound(f"No partition {spec} on {device}")
+        try:
+            async with mounted(context, partition, prefix="ipa-inject-") as root:
+                target = _inside(root, path)
+                _write(target, item, content)
+        except (ProcessExecutionError, OSError, UnmountError) as e:
+            raise CommandExecutionError(
+                f"Failed to process file {path} on {partition}. "
+                f"{type(e).__name__}: {e}") from e
+        log.info("{action} {path} on {partition}",
+                 action="Deleted" if item.get("deleted") else "Injected", path=path,
+                 partition=partition)
 
-    async def _partition_with(self, device: str, directory: str) -> str:
-        """The first partition of ``device`` holding ``/directory``."""
-        partitions = await self._partitions(device)
-        for partition in partitions:
-            if "lvm" in partition.flags:
-                log.debug("Skipping LVM partition {path}", path=partition.path)
-                continue
-            try:
-                async with mounted(self.context, partition.path,
-                                   prefix="ipa-inject-") as root:
-                    if os.path.isdir(os.path.join(root, directory)):
-                        log.info("Path /{directory} has been found on partition {path}",
-                                 directory=directory, path=partition.path)
-                        return partition.path
-            except ProcessExecutionError as e:
-                log.warn("Failure when inspecting partition {path}: {error}",
-                         path=partition.path, error=str(e))
-        raise DeviceNotFound(f"No partition found with path /{directory}, scanned: "
-                             + ", ".join(p.path for p in partitions))
+
+async def _content(context: HardwareContext, item: Mapping[str, Any], node: Any, ports: Any,
+                   verify_ca: bool) -> bytes | None:
+    if item.get("deleted"):
+        return None
+    content = str(item["content"])
+    if "://" not in content:
+        try:
+            return base64.b64decode(content, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise InvalidCommandParamsError(
+                f"Content of {item['path']} is not base64: {e}") from e
+    url = content.format(node=node, ports=ports)
+    if verify_ca:
+        http = context.http()
+    else:
+        http = make_http_client(context.reactor, context.config.override(insecure=True))
+    try:
+        body: bytes = await fetch_small(
+            url, http, MAX_DOWNLOAD_SIZE, clock=context.reactor,
+            timeout=context.config.image_download_connection_timeout)
+    except Exception as e:
+        raise CommandExecutionError(f"Failed to download {url} for {item['path']}: "
+                                    f"{e}") from e
+    return body
+
+
+async def _partitions(context: HardwareContext, device: str) -> list[disks.Partition]:
+    partitions = await disks.list_partitions(context, device)
+    for partition in partitions:
+        if not os.path.exists(partition.path):
+            await disks.wait_for_partition(context, device, partition.path)
+    return partitions
+
+
+async def _partition_for(context: HardwareContext, device: str,
+                         item: Mapping[str, Any]) -> str:
+    """The partition (device path) ``item`` goes to."""
+    spec = item.get("partition")
+    path = item["path"]
+    if spec is None or spec == "":
+        return await _partition_with(context, device, path.strip("/").split("/", 1)[0])
+    if isinstance(spec, int) or (isinstance(spec, str) and spec.isdigit()):
+        number = int(spec)
+        for partition in await _partitions(context, device):
+            if partition.number == number:
+                return partition.path
+        raise DeviceNotFound(f"No partition {number} on {device}")
+    assert isinstance(spec, str)
+    if spec.startswith("/"):
+        return spec
+    tag, equals, value = spec.partition("=")
+    tags: Sequence[str] = (tag.upper(),) if equals and tag.upper() in _TAGS else _TAGS
+    value = value if equals and tag.upper() in _TAGS else spec
+    for partition in await _partitions(context, device):
+        probed = await disks.probe(context, partition.path)
+        names = {"UUID": probed.get("UUID", "").lower(),
+                 "PARTUUID": probed.get("PART_ENTRY_UUID", "").lower(),
+                 "LABEL": probed.get("LABEL", "")}
+        for name in tags:
+            wanted = value if name == "LABEL" else value.lower()
+            if names[name] and names[name] == wanted:
+                return partition.path
+    raise DeviceNotFound(f"No partition {spec} on {device}")
+
+
+async def _partition_with(context: HardwareContext, device: str, directory: str) -> str:
+    """The first partition of ``device`` holding ``/directory``."""
+    partitions = await _partitions(context, device)
+    for partition in partitions:
+        if "lvm" in partition.flags:
+            log.debug("Skipping LVM partition {path}", path=partition.path)
+            continue
+        try:
+            async with mounted(context, partition.path, prefix="ipa-inject-") as root:
+                if os.path.isdir(os.path.join(root, directory)):
+                    log.info("Path /{directory} has been found on partition {path}",
+                             directory=directory, path=partition.path)
+                    return partition.path
+        except ProcessExecutionError as e:
+            log.warn("Failure when inspecting partition {path}: {error}",
+                     path=partition.path, error=str(e))
+    raise DeviceNotFound(f"No partition found with path /{directory}, scanned: "
+                         + ", ".join(p.path for p in partitions))

@@ -11,7 +11,7 @@ For whole-disk images the config drive gets a partition of its own at the end of
 file system is labelled ``config-2`` is reused; otherwise a new 64 MiB partition is made in
 the free space at the end of the disk (GPT: ``sgdisk``, named ``config-2``; msdos: a primary
 partition with ``parted``, below the 2 TiB msdos limit). For partition images the config
-drive partition is part of the layout (``ipa_twisted.images.partition``).
+drive partition is part of the layout (``ipa_twisted.deploy.partition``).
 
 On a disk with 4096-byte logical sectors the guest cannot read an ISO 9660 config drive (nor
 a FAT made for 512-byte sectors): ``fit_sector_size`` rebuilds it as a FAT for the disk's
@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from ipa_twisted.errors import CommandExecutionError, InstanceDeployFailure
 from ipa_twisted.blockdev import disks
 from ipa_twisted.context import HardwareContext
-from ipa_twisted.images import configdrive_fs
+from ipa_twisted.deploy import configdrive_fs
 from ipa_twisted.process import ProcessExecutionError
 
 log = Logger()

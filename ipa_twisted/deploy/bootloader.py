@@ -51,7 +51,7 @@ from twisted.logger import Logger
 from ipa_twisted.errors import (CommandExecutionError, DeviceNotFound,
                                 InstanceDeployFailure, InvalidImage)
 from ipa_twisted.blockdev import disks
-from ipa_twisted.hardware import efi
+from ipa_twisted.deploy import efi
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.blockdev.mounts import MountStack, mounted, remove_mount_point
 from ipa_twisted.process import ProcessExecutionError
