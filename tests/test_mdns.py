@@ -17,8 +17,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.net import mdns
-from ipa_twisted.net.mdns import (ServiceLookupFailure, ServiceResolver, apply_overrides,
-                                  build_query, discover, resolve_mdns_urls)
+from ipa_twisted.net.dnssd import ServiceResolver, build_query, parse_txt
+from ipa_twisted.net.mdns import (ServiceLookupFailure, apply_overrides, discover,
+                                  resolve_mdns_urls)
 from tests import netns
 
 IRONIC = "baremetal._openstack._tcp.local"
@@ -60,7 +61,7 @@ class MessageTests(SynchronousTestCase):
                                                                 dns.IN)])
 
     def test_txt_properties(self) -> None:
-        self.assertEqual(mdns.parse_txt([b"a=1", b"b", b"a=2", b"c==x", b"\xff=1", b"=v"]),
+        self.assertEqual(parse_txt([b"a=1", b"b", b"a=2", b"c==x", b"\xff=1", b"=v"]),
                          {"a": "1", "b": "", "c": "=x"})
 
 
