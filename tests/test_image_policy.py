@@ -25,7 +25,8 @@ from ipa_twisted import errors
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.images import formats
 from ipa_twisted.images.checksum import ExpectedChecksum, Md5Refused, expected_checksum
-from ipa_twisted.images.download import ImageDownloadTimeout, authorization_header
+from ipa_twisted.images.access import authorization_header
+from ipa_twisted.images.download import ImageDownloadTimeout
 from ipa_twisted.images.formats import ImageFormatRefused
 from tests.image_server import ImageResource
 from tests.test_images import ImageServerMixin, MiB, image_bytes, sha256

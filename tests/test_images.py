@@ -30,7 +30,8 @@ from twisted.web.server import Site
 from ipa_twisted import errors
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.http import make_http_client, make_pool
-from ipa_twisted.images.download import (ImageDownload, Valve, fetch_small, proxy_for)
+from ipa_twisted.images.access import proxy_for
+from ipa_twisted.images.download import ImageDownload, Valve, fetch_small
 from ipa_twisted.images.formats import ImageFormatRefused
 from ipa_twisted.images.pipeline import WrittenImage, write_image
 from ipa_twisted.images.progress import ImageProgress

@@ -14,11 +14,11 @@ seconds apart (a retry that made progress does not count); a 4xx other than 408/
 the next URL at once, which is also asked for the bytes still missing. When every URL failed,
 ImageDownloadError lists each URL with its last error.
 
-The ``Authorization`` header (``authorization_header``) is, as in the reference agent:
+The ``Authorization`` header (``access.authorization_header``) is, as in the reference agent:
 ``image_request_authorization`` (Ironic base64-encodes the header value, e.g. an OCI
 registry's bearer token), else HTTP basic auth with ``image_server_user``/``_password`` when
 image_info's ``image_server_auth_strategy`` is ``http_basic``, else the same from the
-agent's own options. ``proxies`` and ``no_proxy`` pick a proxy per URL (``proxy_for``); the
+agent's own options. ``proxies`` and ``no_proxy`` pick a proxy per URL (``access.proxy_for``); the
 client for a proxy comes from ``ipa_twisted.http.make_proxy_http_client``. ``abort`` stops a
 transfer at once, also while it waits for an answer or for its next retry
 (``image_download_max_duration`` uses it).
@@ -26,12 +26,9 @@ transfer at once, also while it waits for an answer or for its next retry
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol as TypingProtocol
-from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -44,6 +41,7 @@ from twisted.web.http import PotentialDataLoss
 
 from ipa_twisted import errors
 from ipa_twisted.config import AgentConfig
+from ipa_twisted.images.access import authorization_header
 from ipa_twisted.retry import GaveUp, fixed, retry
 
 log = Logger()
@@ -60,45 +58,6 @@ class ImageDownloadTimeout(errors.ImageDownloadError):
     def __init__(self, image_id: str, msg: str) -> None:
         super().__init__(image_id, msg)
         self.type = "ImageDownloadTimeoutError"   # the reference agent's name
-
-
-def _basic(user: Any, password: Any, image_id: str, where: str) -> str:
-    missing = [name for name, value in (("user", user), ("password", password)) if not value]
-    if missing:
-        raise errors.ImageDownloadError(
-            image_id, f"image_server_auth_strategy is http_basic but {where} has no "
-            f"{' or '.join('image_server_' + m for m in missing)}")
-    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-    return f"Basic {token}"
-
-
-def authorization_header(image_info: Mapping[str, Any], config: AgentConfig) -> str | None:
-    """The ``Authorization`` value for the image's URLs (and its checksums file), or None.
-
-    ImageDownloadError when ``image_request_authorization`` is not base64 or http_basic
-    lacks a user or password.
-    """
-    image_id = str(image_info.get("id", ""))
-    supplied = image_info.get("image_request_authorization")
-    if supplied:
-        raw = supplied.encode("ascii", "replace") if isinstance(supplied, str) else supplied
-        try:
-            value = base64.b64decode(raw, validate=True).decode("utf-8")
-        except (binascii.Error, ValueError, TypeError):
-            raise errors.ImageDownloadError(
-                image_id, "image_request_authorization is not base64 (Ironic encodes the "
-                "Authorization header value it sends)") from None
-        if not value or "\n" in value or "\r" in value:
-            raise errors.ImageDownloadError(
-                image_id, "image_request_authorization does not decode to a header value")
-        return value
-    if image_info.get("image_server_auth_strategy") == "http_basic":
-        return _basic(image_info.get("image_server_user"),
-                      image_info.get("image_server_password"), image_id, "image_info")
-    if config.image_server_auth_strategy == "http_basic":
-        return _basic(config.image_server_user, config.image_server_password, image_id,
-                      "the agent's configuration")
-    return None
 
 
 class Valve:
@@ -163,33 +122,6 @@ def _reason(error: BaseException) -> str:
     if isinstance(error, (_Transient, _NextURL)):
         return str(error)
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-
-
-def proxy_for(url: str, proxies: Mapping[str, Any] | None, no_proxy: str | None) -> str | None:
-    """The proxy URL to reach ``url`` through (``proxies`` is keyed by scheme), or None.
-
-    ``no_proxy`` is a comma-separated list of host names, domain suffixes (``.example.com``
-    or ``example.com`` both match sub-domains), ``host:port`` or ``*``.
-    """
-    if not proxies:
-        return None
-    parts = urlsplit(url)
-    proxy = proxies.get(parts.scheme) or proxies.get("all")
-    if not proxy:
-        return None
-    host = (parts.hostname or "").lower()
-    for entry in (no_proxy or "").replace(" ", "").lower().split(","):
-        if not entry:
-            continue
-        if entry == "*":
-            return None
-        name, _, port = entry.partition(":") if not entry.startswith("[") else (entry, "", "")
-        if port and str(parts.port or "") != port:
-            continue
-        name = name.lstrip(".")
-        if host == name or host.endswith("." + name):
-            return None
-    return str(proxy)
 
 
 class _Collect(Protocol):

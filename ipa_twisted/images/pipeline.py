@@ -44,8 +44,8 @@ from ipa_twisted.config import AgentConfig
 from ipa_twisted.images import formats
 from ipa_twisted.images.checksum import ExpectedChecksum, expected_checksum, new_hash
 from ipa_twisted.images.decompress import DecompressingSink
-from ipa_twisted.images.download import (ImageDownload, ImageDownloadTimeout, Valve,
-                                         fetch_small, proxy_for)
+from ipa_twisted.images.access import proxy_for
+from ipa_twisted.images.download import ImageDownload, ImageDownloadTimeout, Valve, fetch_small
 from ipa_twisted.images.progress import ImageProgress
 from ipa_twisted.images.qcow2 import Qcow2Converter
 from ipa_twisted.images.stages import BATCH, Worker, ZstdSink, feed_all, hash_all
