@@ -1,10 +1,16 @@
-"""The agent's state: node, token, command results, extensions; and command execution."""
+"""The agent's state: node, token, command results, extensions; and command execution.
+
+The agent calls nothing above it: what it asks of the service tree (stop, lockdown, a
+heartbeat after an async command) it announces as events the services subscribe to
+(``stop_wanted``, ``lockdown_wanted``, ``async_finished``), and its extensions are given
+to it (``ipa_twisted.tap`` passes ``default_extensions()``).
+"""
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -14,11 +20,11 @@ from ipa_twisted import __version__, errors
 from ipa_twisted.commands import (CommandResult, CommandResults, CommandStatus, run_command,
                                   split_command, validate_params)
 from ipa_twisted.config import AgentConfig, ConfigError
+from ipa_twisted.context import HardwareContext
+from ipa_twisted.when import Observers, When
 
-if TYPE_CHECKING:
-    from ipa_twisted.extensions.base import Extension
+if TYPE_CHECKING:  # types only: the managers are loaded (and typed) a floor below
     from ipa_twisted.hardware.dispatch import HardwareManagers
-    from ipa_twisted.context import HardwareContext
     from ipa_twisted.process import ProcessRunner
 
 MIN_TOKEN_LENGTH = 32
@@ -49,6 +55,15 @@ STOP_DELAY = 0.5
 """Seconds between answering a command that stops the agent and stopping it."""
 
 
+class CommandGroup(Protocol):
+    """What the agent needs of an extension (``ipa_twisted.extensions.base.Extension``)."""
+
+    name: str
+
+    def command(self, name: str) -> tuple[Any, Any]:
+        """The spec and bound method of command ``name``."""
+
+
 class Agent:
     """Everything the API and the extensions share about this agent's run."""
 
@@ -56,16 +71,18 @@ class Agent:
 
     def __init__(self, config: AgentConfig, clock: IReactorTime, runner: ProcessRunner,
                  managers: HardwareManagers | None = None,
-                 extensions: Iterable[type[Extension]] | None = None,
-                 reactor: Any = None) -> None:
-        self.config = config
+                 extensions: Iterable[Callable[[Agent], CommandGroup]] = (),
+                 reactor: Any = None, http_client: Callable[[], Any] | None = None) -> None:
         self.clock = clock
         self.reactor = reactor if reactor is not None else clock
-        self.runner = runner
+        self.context = HardwareContext(config, runner, clock, self.reactor,
+                                       http_client=http_client,
+                                       report_progress=self.report_progress)
+        """What hardware code is given; it holds the configuration in force and the
+        runner."""
         self.version = __version__
         self.started_at = clock.seconds()
         self.node: dict[str, Any] | None = None
-        self.context: HardwareContext | None = None
         self.managers: HardwareManagers | None = None
         self._managers_waiting: list[Deferred[HardwareManagers]] = []
         if managers is not None:
@@ -78,40 +95,44 @@ class Agent:
         self.metrics = Metrics(self.reactor)
         self._running_async: CommandResult | None = None
         self._sync_in_flight: list[CommandResult] = []
-        self.heartbeat_requested: Callable[[], None] = lambda: None
-        self.stop_requested: Callable[[], None] = lambda: None
-        """Called to stop the whole agent once the current answer is sent (rescue)."""
-        self.lockdown_requested: Callable[[], None] = lambda: None
-        """Called to close the API and stop heartbeats, keeping the process (lockdown)."""
+        self.async_finished: Observers[CommandResult] = Observers()
+        """Notified when an async command has ended (Ironic is told at once)."""
+        self.stop_wanted: When[None] = When()
+        """Fires when the whole agent should stop, the current answer sent (rescue)."""
+        self.lockdown_wanted: When[None] = When()
+        """Fires when the API should close and heartbeats stop, the process kept
+        (lockdown), the current answer sent."""
         self.locked_down = False
-        if extensions is None:
-            from ipa_twisted.extensions import default_extensions
-            extensions = default_extensions()
-        self.extensions: dict[str, Extension] = {e.name: e(self) for e in extensions}
+        made = [make(self) for make in extensions]
+        self.extensions: dict[str, Any] = {extension.name: extension for extension in made}
 
     @property
     def config(self) -> AgentConfig:
-        """The configuration in force (virtual media, mDNS and lookup may change it)."""
-        return self._config
+        """The configuration in force (virtual media, mDNS and lookup may change it); held
+        by the hardware context, so that managers see what the agent sees."""
+        return self.context.config
 
     @config.setter
     def config(self, config: AgentConfig) -> None:
-        self._config = config
-        context = getattr(self, "context", None)
-        if context is not None:
-            context.config = config     # managers see what the agent sees
+        self.context.config = config
+
+    @property
+    def runner(self) -> ProcessRunner:
+        """What runs programs for the agent (the hardware context's)."""
+        return self.context.runner  # type: ignore[return-value]
+
+    @runner.setter
+    def runner(self, runner: ProcessRunner) -> None:
+        self.context.runner = runner
 
     def hardware_context(self) -> HardwareContext:
         """What hardware code needs: config, runner, clock, HTTP client, progress reports."""
-        if self.context is None:
-            from ipa_twisted.context import HardwareContext
-            self.context = HardwareContext(self.config, self.runner, self.clock, self.reactor,
-                                           report_progress=self.report_progress)
         return self.context
 
     def set_managers(self, managers: HardwareManagers) -> None:
         """Adopt the loaded hardware managers and release whoever waits for them."""
         self.managers = managers
+        self.context.dispatch = managers.dispatch_to_managers
         if self.node is not None:
             managers.cache_node(self.node)
         waiting, self._managers_waiting = self._managers_waiting, []
@@ -266,7 +287,7 @@ class Agent:
         if spec.is_async:
             self._running_async = result
             finished = Deferred.fromCoroutine(self._run_measured(method, params, result))
-            finished.addBoth(self._async_finished)
+            finished.addBoth(lambda _: self.async_finished.notify(result))
             return result
         self._sync_in_flight.append(result)
         sync_run = Deferred.fromCoroutine(self._run_measured(method, params, result))
@@ -303,12 +324,12 @@ class Agent:
 
     def request_stop(self) -> None:
         """Stop the agent soon, after the answer in progress has been sent."""
-        self.clock.callLater(STOP_DELAY, self.stop_requested)
+        self.clock.callLater(STOP_DELAY, self.stop_wanted.fire, None)
 
     def request_lockdown(self) -> None:
         """Refuse commands from now on; close the API after this answer is sent."""
         self.locked_down = True
-        self.clock.callLater(STOP_DELAY, self.lockdown_requested)
+        self.clock.callLater(STOP_DELAY, self.lockdown_wanted.fire, None)
 
     def report_progress(self, progress: Any) -> None:
         """Show ``progress`` (with ``serialize()``) on the command running now."""
@@ -317,7 +338,3 @@ class Agent:
             running.progress = progress
         elif self._sync_in_flight:
             self._sync_in_flight[-1].progress = progress
-
-    def _async_finished(self, result: object) -> object:
-        self.heartbeat_requested()
-        return None

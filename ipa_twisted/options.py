@@ -36,7 +36,7 @@ def parse_host_port(text: str) -> tuple[str, int]:
 class Options(usage.Options):
     """Flags of ``twistd ipa``; each overrides the option of the same name."""
 
-    synopsis = "Usage: twistd [twistd options] ipa [options]"
+    synopsis = "[options]"
     longdesc = ("Run the Ironic bare-metal agent. Options come from built-in defaults, "
                 "then config files, then kernel ipa-* parameters, then virtual media "
                 "parameters, then these flags; later sources win. See "
@@ -68,6 +68,13 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["config-files"] = []
+
+    def getSynopsis(self) -> str:
+        """Under twistd, twistd's synopsis followed by ours (``Usage: twistd [options] ipa
+        [options]``, once); alone, the same line spelled out."""
+        if self.parent is None:
+            return "Usage: twistd [twistd options] ipa [options]"
+        return super().getSynopsis()
 
     def opt_config_file(self, path: str) -> None:
         """INI config file read after the default ones; repeatable, later files win."""

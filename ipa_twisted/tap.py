@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import socket
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
@@ -14,7 +14,23 @@ from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel,
                             LogLevelFilterPredicate, Logger)
 
 from ipa_twisted import options as _options
+from ipa_twisted.agent import Agent
+from ipa_twisted.api.app import AgentAPI
+from ipa_twisted.api.site import AgentSite, make_site
 from ipa_twisted.config import AgentConfig, ConfigError
+from ipa_twisted.context import HardwareContext
+from ipa_twisted.extensions import default_extensions
+from ipa_twisted.hardware.dispatch import HardwareManagers
+from ipa_twisted.process import ProcessRunner
+from ipa_twisted.startup.config import ConfigResolution
+from ipa_twisted.startup.hardware import ClockSync, HardwareLoading
+from ipa_twisted.startup.inspection import InspectionService
+from ipa_twisted.startup.lockdown import LockdownService
+from ipa_twisted.startup.tree import AgentTree, ProgramsService
+
+if TYPE_CHECKING:  # imported where used: a standalone agent never loads them (idle RSS)
+    from ipa_twisted.ironic.client import IronicClient
+    from ipa_twisted.net.autotls import SwitchableTLSFactory
 
 log = Logger()
 
@@ -101,31 +117,76 @@ def make_log_observer(options: Options, debug: bool) -> ILogObserver | None:
 
 
 def makeService(options: Options) -> IService:
-    """The agent's service tree for the merged configuration."""
+    """The agent's service tree for the merged configuration, on twistd's reactor."""
     from twisted.internet import reactor
+    return make_tree(options, reactor)
 
-    from ipa_twisted.agent import Agent
-    from ipa_twisted.api.app import AgentAPI
-    from ipa_twisted.api.site import make_site
-    from ipa_twisted.hardware.dispatch import HardwareManagers
-    from ipa_twisted.context import HardwareContext
-    from ipa_twisted.process import ProcessRunner
-    from ipa_twisted.service import AgentService
 
+def make_tree(options: Options, reactor: Any, *, runner: ProcessRunner | None = None,
+              http_client: Callable[[], Any] | None = None,
+              load_managers: Callable[[HardwareContext], Awaitable[HardwareManagers]]
+              | None = None,
+              resolve_mdns: Callable[[AgentConfig], Awaitable[AgentConfig]] | None = None
+              ) -> IService:
+    """The service tree: the API listens at once; each start-up stage is a child service
+    handed the event it waits for, so the order below is the order of start-up (see
+    ``ipa_twisted.startup``). ``runner``, ``http_client``, ``load_managers`` and
+    ``resolve_mdns`` are where the tree meets the machine and the network (tests replace
+    them)."""
     config = options.config
     for warning in options.config_warnings:
         log.warn("Configuration: {warning}", warning=warning)
-    runner = ProcessRunner(reactor, reactor)
-    agent = Agent(config, reactor, runner, reactor=reactor)
+    runner = runner or ProcessRunner(reactor, reactor)
+    http_client = http_client or functools.cache(lambda: _http_client(reactor, agent))
+    agent = Agent(config, reactor, runner, reactor=reactor, http_client=http_client,
+                  extensions=default_extensions())
+    load = load_managers or HardwareManagers.load
 
-    @functools.cache
-    def http_client() -> Any:
-        from ipa_twisted.http import make_http_client
-        return make_http_client(reactor, lambda: agent.config)   # lookup may change TLS
+    def fatal(failure: object) -> None:      # a half-started agent serves no one
+        reactor.stop()
+    agent.stop_wanted.wait().addCallback(lambda _: reactor.stop())
 
-    context = HardwareContext(config, runner, reactor, reactor, http_client=http_client,
-                              report_progress=agent.report_progress)
-    agent.context = context
+    site, api_tls, api = api_service(config, agent, reactor)
+    tree = AgentTree(agent, site, make_log_observer(options, config.debug))
+    ProgramsService(runner).setServiceParent(tree)
+    resolved = ConfigResolution(agent, runner, reactor, functools.partial(
+        _options.config_from_options, options), fatal, resolve_mdns=resolve_mdns)
+    managers = HardwareLoading(agent, lambda: load(agent.context), resolved.done, reactor,
+                               fatal)
+    clock = ClockSync(agent, managers.done, fatal)
+    reachable: list[IService] = [api, resolved, managers, clock]
+    ready = clock.done
+    if config.inspection_callback_url:
+        inspection = InspectionService(agent, http_client, clock.done)
+        reachable.append(inspection)
+        ready = inspection.done
+    if config.standalone:
+        log.info("Standalone mode: no lookup, no heartbeats")
+    else:
+        from ipa_twisted.startup.heartbeat import AdvertiseService, heartbeats
+        from ipa_twisted.startup.lookup import LookupService
+        ironic, find_address = connect(agent, runner, reactor, http_client)
+        lookup = LookupService(agent, ironic, ready, reactor)
+        advertise = AdvertiseService(agent, ironic, find_address, api_tls, lookup.done,
+                                     reactor, fatal)
+        reachable += [lookup, advertise, heartbeats(agent, ironic, advertise.done, reactor)]
+    for service in reachable:
+        service.setServiceParent(tree)
+    LockdownService(agent, site, reachable).setServiceParent(tree)
+    return tree
+
+
+def _http_client(reactor: Any, agent: Agent) -> Any:
+    """The agent's HTTP client, whose TLS follows the configuration in force (lookup may
+    change it); imported on first use, so that a standalone agent never loads it."""
+    from ipa_twisted.http import make_http_client
+    return make_http_client(reactor, lambda: agent.config)
+
+
+def api_service(config: AgentConfig, agent: Agent, reactor: Any
+                ) -> tuple[AgentSite, SwitchableTLSFactory | None, IService]:
+    """The API's site, the factory that switches it to TLS (None when it never will) and
+    the service listening with them; twistd exits at once if it cannot listen."""
     site = make_site(AgentAPI(agent))
     api_tls = None
     if config.listen_tls:
@@ -137,57 +198,32 @@ def makeService(options: Options) -> IService:
         # Plain HTTP until automatic TLS (or mDNS enabling it) switches new connections.
         from ipa_twisted.net.autotls import SwitchableTLSFactory
         api_tls = SwitchableTLSFactory(site)
-    api_service = StreamServerEndpointService(make_endpoint(reactor, config),
-                                              api_tls or site)
-    api_service._raiseSynchronously = True  # twistd exits at once if it cannot listen
+    api = StreamServerEndpointService(make_endpoint(reactor, config), api_tls or site)
+    api._raiseSynchronously = True
+    return site, api_tls, api
 
-    async def load_managers() -> HardwareManagers:
-        managers = await HardwareManagers.load(context)
-        context.dispatch = managers.dispatch_to_managers
-        return managers
 
-    def connect(config: AgentConfig) -> tuple[Any, Any]:
-        """The Ironic client and advertise-address finder for the (resolved) config."""
-        from ipa_twisted.ironic.address import find_advertise_address
-        from ipa_twisted.ironic.client import IronicClient
+def connect(agent: Agent, runner: ProcessRunner, reactor: Any, http_client: Callable[[], Any]
+            ) -> tuple[Callable[[], IronicClient], Callable[[], Awaitable[str]]]:
+    """The Ironic client (made on first use, from the configuration then in force: mDNS
+    may have found the URL) and the advertise-address finder."""
+    from ipa_twisted.ironic.address import find_advertise_address
+    from ipa_twisted.ironic.client import IronicClient
+
+    @functools.cache
+    def ironic() -> IronicClient:
+        config = agent.config
         assert config.api_url is not None
-        ironic = IronicClient(config.api_url, http_client(), reactor, agent.version,
-                              config.global_request_id,
-                              request_timeout=config.http_request_timeout,
-                              api_version=config.ironic_api_version)
+        return IronicClient(config.api_url, http_client(), reactor, agent.version,
+                            config.global_request_id,
+                            request_timeout=config.http_request_timeout,
+                            api_version=config.ironic_api_version)
 
-        async def find_address() -> str:
-            return await find_advertise_address(   # the URL that answered first
-                runner, ironic.api_urls, attempts=config.ip_lookup_attempts,
-                delay=config.ip_lookup_sleep, clock=reactor,
-                network_interface=config.network_interface, sys_path=config.sys_path,
-                resolver=getattr(reactor, "resolver", None))
-        return ironic, find_address
-
-    resolve_config = None
-    if "mdns" in (config.api_url, config.inspection_callback_url):
-        async def resolve_config(config: AgentConfig) -> AgentConfig:
-            from ipa_twisted.net.mdns import resolve_mdns_urls
-            return await resolve_mdns_urls(config, reactor)
-
-    inspect = None
-    if config.inspection_callback_url:
-        async def inspect(managers: HardwareManagers) -> tuple[str | None, Any]:
-            from ipa_twisted.inspector.inspect import inspect as run_inspection
-            return await run_inspection(context, managers, agent.config, http_client())
-
-    async def vmedia_config(config: AgentConfig) -> AgentConfig:
-        from ipa_twisted.vmedia import get_vmedia_params
-        params = await get_vmedia_params(runner, config)
-        if not params:
-            return config
-        log.info("Virtual media parameters: {names}", names=sorted(params))
-        merged, warnings = _options.config_from_options(options, vmedia_params=params)
-        for warning in warnings:
-            log.warn("Configuration: {warning}", warning=warning)
-        return merged
-
-    return AgentService(agent, api_service, load_managers, None, None,
-                        make_log_observer(options, config.debug), stop_process=reactor.stop,
-                        inspect=inspect, resolve_config=resolve_config, connect=connect,
-                        api_tls=api_tls, vmedia_config=vmedia_config, api_site=site)
+    async def find_address() -> str:
+        config = agent.config
+        return await find_advertise_address(   # the URL that answered first
+            runner, ironic().api_urls, attempts=config.ip_lookup_attempts,
+            delay=config.ip_lookup_sleep, clock=reactor,
+            network_interface=config.network_interface, sys_path=config.sys_path,
+            resolver=getattr(reactor, "resolver", None))
+    return ironic, find_address

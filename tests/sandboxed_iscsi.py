@@ -31,6 +31,7 @@ from twisted.internet.defer import Deferred
 
 from ipa_twisted.agent import Agent
 from ipa_twisted.config import AgentConfig
+from ipa_twisted.extensions import default_extensions
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.process import ProcessExecutionError, ProcessRunner
 from tests.processes import poll
@@ -79,7 +80,8 @@ async def main(reactor: Any, spec: dict[str, Any]) -> None:
                              "/run")
         manager = LoopManager(spec["device"], "bios")
         agent = Agent(AgentConfig(), reactor, runner,
-                      managers=HardwareManagers([(manager, 3)]), reactor=reactor)
+                      managers=HardwareManagers([(manager, 3)]), reactor=reactor,
+                      extensions=default_extensions())
         result = await agent.execute_command("iscsi.start_iscsi_target", spec["params"])
         await result.wait()
         serialized = result.serialize()

@@ -65,7 +65,7 @@ class APITestCase(SynchronousTestCase):
         self.agent = Agent(config, self.clock, runner=None,  # type: ignore[arg-type]
                            extensions=[ProbeExtension, FlowExtension])
         self.forced: list[float] = []
-        self.agent.heartbeat_requested = lambda: self.forced.append(self.clock.seconds())
+        self.agent.async_finished.subscribe(lambda _: self.forced.append(self.clock.seconds()))
         self.treq = StubTreq(AgentAPI(self.agent).app.resource())
 
     def request(self, method: str, path: str, body: Any = None, raw: bytes | None = None,

@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipa_twisted.agent import Agent
 from ipa_twisted.config import AgentConfig
+from ipa_twisted.extensions import default_extensions
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.hardware.inventory import BlockDevice
 from ipa_twisted.testing.fake_process import Exit, FakeRunner
@@ -125,7 +126,8 @@ class BusinessLogicTests(SynchronousTestCase):
         os.makedirs(os.path.join(self.root, "etc"))
         config = AgentConfig(sys_path=os.path.join(self.root, "sys"),
                              etc_path=os.path.join(self.root, "etc"))
-        self.agent = Agent(config, Clock(), FakeRunner())  # type: ignore[arg-type]
+        self.agent = Agent(config, Clock(), FakeRunner(),  # type: ignore[arg-type]
+                           extensions=default_extensions())
         manager = BusinessLogicHardwareManager()
         manager.bind(self.agent.hardware_context())
         self.agent.set_managers(HardwareManagers([(manager, 3)]))
@@ -162,7 +164,8 @@ class BusinessLogicTests(SynchronousTestCase):
 class DiskEraseTests(SynchronousTestCase):
     def test_only_its_vendor(self) -> None:
         runner = FakeRunner({("acme-erase",): Exit(0, stdout=b"erased")})
-        agent = Agent(AgentConfig(), Clock(), runner)  # type: ignore[arg-type]
+        agent = Agent(AgentConfig(), Clock(), runner,  # type: ignore[arg-type]
+                      extensions=default_extensions())
         manager = ExampleDiskEraseHardwareManager()
         manager.bind(agent.hardware_context())
         self.assertEqual(manager.evaluate_hardware_support(), 2)

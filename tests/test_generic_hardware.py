@@ -14,6 +14,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipa_twisted.config import AgentConfig
+from ipa_twisted.extensions import default_extensions
 from ipa_twisted.encoding import to_jsonable
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.hardware.generic import GenericHardwareManager
@@ -319,7 +320,8 @@ class ManagerBasicsTests(GenericTestCase):
         from ipa_twisted.agent import Agent
         manager = self.manager()
         managers = HardwareManagers([(manager, HardwareSupport.GENERIC)])
-        agent = Agent(self.system.config(), self.clock, self.runner, managers=managers)
+        agent = Agent(self.system.config(), self.clock, self.runner, managers=managers,
+                      extensions=default_extensions())
         node = {"uuid": "n-1", "properties": {}}
 
         def run(name: str, **params: Any) -> Any:
@@ -707,7 +709,8 @@ class FullSyncTests(GenericTestCase):
         from ipa_twisted.agent import Agent
         manager = self.manager(self.sync_answers())
         agent = Agent(self.system.config(), self.clock, self.runner,
-                      managers=HardwareManagers([(manager, HardwareSupport.GENERIC)]))
+                      managers=HardwareManagers([(manager, HardwareSupport.GENERIC)]),
+                      extensions=default_extensions())
         result = self.result(agent.execute_command("standby.sync", {}))
         self.assertEqual(result.command_status.value, "SUCCEEDED", result.command_error)
         self.assertEqual(len([a for a in self.runner.argvs if a[0] == "blockdev"]), 2)

@@ -27,6 +27,7 @@ from ipa_twisted import errors
 from ipa_twisted.agent import Agent
 from ipa_twisted.commands import CommandResult
 from ipa_twisted.config import AgentConfig
+from ipa_twisted.extensions import default_extensions
 from ipa_twisted.extensions import iscsi
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.process import ProcessRunner
@@ -87,7 +88,8 @@ class ISCSITestCase(SynchronousTestCase):
                                   ("tgtadm",): b""})
         self.clock = Clock()
         self.agent = Agent(AgentConfig(), self.clock, self.runner,  # type: ignore[arg-type]
-                           managers=HardwareManagers([(Disk("/dev/sda"), 3)]))
+                           managers=HardwareManagers([(Disk("/dev/sda"), 3)]),
+                           extensions=default_extensions())
 
     def start(self, **params: Any) -> CommandResult:
         result: CommandResult = self.successResultOf(Deferred.fromCoroutine(
@@ -235,7 +237,8 @@ class WipeTests(TestCase):
         runner = FakeRunner({("tgtd",): tgtd.start, SHOW: tgtd.show, ("tgtadm",): b"",
                              ("wipefs",): b"", ("sgdisk",): b""})
         agent = Agent(AgentConfig(), reactor, runner,  # type: ignore[arg-type]
-                      managers=HardwareManagers([(Disk(disk), 3)]), reactor=reactor)
+                      managers=HardwareManagers([(Disk(disk), 3)]), reactor=reactor,
+                      extensions=default_extensions())
         result = await agent.execute_command("iscsi.start_iscsi_target",
                                              {"iqn": IQN, "wipe_disk_metadata": True})
         self.assertEqual(result.command_status.value, "SUCCEEDED", result.command_error)

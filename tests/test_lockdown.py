@@ -14,14 +14,14 @@ import os
 
 from treq.testing import StubTreq
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import Service
+from twisted.application.service import MultiService
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -30,11 +30,13 @@ from ipa_twisted.agent import STOP_DELAY, Agent
 from ipa_twisted.api.app import AgentAPI
 from ipa_twisted.api.site import AgentSite, make_site
 from ipa_twisted.config import AgentConfig
+from ipa_twisted.extensions import default_extensions
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.hardware.inventory import NetworkInterface
-from ipa_twisted.ironic.client import IronicClient
 from ipa_twisted.net.lockdown import lockdown_interfaces, take_interfaces_down
-from ipa_twisted.service import LOCKDOWN_MARKER, AgentService
+from ipa_twisted.ironic.heartbeat import Heartbeater
+from ipa_twisted.startup.lockdown import LOCKDOWN_MARKER, LockdownService
+from ipa_twisted.tap import Options, make_tree
 from ipa_twisted.testing.fake_ironic import FakeIronic
 from ipa_twisted.testing.fake_process import Exit, FakeRunner
 from ipa_twisted.testing.fake_system import FakeSystem
@@ -163,36 +165,33 @@ class SiteTests(SynchronousTestCase):
         self.assertTrue(self.site.closed)
 
 
-class Stoppable(Service):
-    pass
-
-
 class ServiceLockdownTests(SynchronousTestCase):
-    """The whole lockdown, from the command, on a Clock with a fake Ironic."""
+    """The whole lockdown, from the command, in the agent's service tree on a
+    MemoryReactorClock with a fake Ironic."""
 
     def setUp(self) -> None:
-        self.clock = Clock()
+        self.clock = MemoryReactorClock()
         self.system = fake_machine(self.mktemp())
         self.runner = FakeRunner({("ip", "link", "set"): Exit(0)})
         self.ironic = FakeIronic(heartbeat_timeout=100, agent_token=TOKEN, clock=self.clock)
         self.ironic.add_node("node-1", [MAC])
         self.treq = StubTreq(self.ironic.app.resource())
-        config = self.system.config(api_url="http://ironic:6385", lookup_interval=1,
-                                    lookup_timeout=30, advertise_host="192.0.2.10")
-        self.agent = Agent(config, self.clock, self.runner)  # type: ignore[arg-type]
-        self.site = make_site(AgentAPI(self.agent))
-        self.site.reactor = self.clock
-        self.api = Stoppable()
-        client = IronicClient("http://ironic:6385", self.treq, self.clock, "1.0",
-                              uniform=lambda a, b: a)
+        options = Options()
+        options.config = self.system.config(
+            api_url="http://ironic:6385", lookup_interval=1, lookup_timeout=30,
+            advertise_host="192.0.2.10", listen_host="127.0.0.1", enable_auto_tls=False)
+        options.config_warnings = []
 
-        async def load() -> HardwareManagers:
+        async def load(context: object) -> HardwareManagers:
             return HardwareManagers([(Interfaces(), 1)])
-        self.stopped: list[bool] = []
-        self.service = AgentService(self.agent, self.api, load, client,
-                                    stop_process=lambda: self.stopped.append(True),
-                                    api_site=self.site)
-        self.service.startService()
+        tree = make_tree(options, self.clock, runner=self.runner,  # type: ignore[arg-type]
+                         http_client=lambda: self.treq, load_managers=load)
+        self.agent, self.site = tree.agent, tree.site  # type: ignore[attr-defined]
+        self.site.reactor = self.clock
+        self.api = next(s for s in tree if isinstance(s, StreamServerEndpointService))
+        self.service = next(s for s in tree if isinstance(s, LockdownService))
+        self.heartbeater = next(s for s in tree if isinstance(s, Heartbeater))
+        tree.startService()
         self.pump(5)
         self.assertTrue(self.ironic.heartbeats, "heartbeating before the lockdown")
 
@@ -226,11 +225,10 @@ class ServiceLockdownTests(SynchronousTestCase):
         self.successResultOf(self.service.lockdown)
         self.assertEqual(self.runner.argvs, [("ip", "link", "set", name, "down") for name in
                                              ("bond0", "eth0", "eth0.100", "eth1")])
-        assert self.service.heartbeater is not None
-        self.assertFalse(self.service.heartbeater.running)
+        self.assertFalse(self.heartbeater.running)
         self.pump(600)
         self.assertEqual(len(self.ironic.heartbeats), beats, "no heartbeat after lockdown")
-        self.assertEqual(self.stopped, [], "the process keeps running")
+        self.assertFalse(self.clock.hasStopped, "the process keeps running")
         with open(os.path.join(self.system.etc_path, LOCKDOWN_MARKER)) as f:
             self.assertTrue(f.read().strip())
         # Commands are refused even if a request could still arrive.
@@ -239,15 +237,15 @@ class ServiceLockdownTests(SynchronousTestCase):
         self.assertIn("locked down", str(failure.value))
 
     def test_lockdown_twice_runs_once(self) -> None:
-        self.service._lock_down()
-        self.service._lock_down()
+        self.service.lock_down_once()
+        self.service.lock_down_once()
         self.successResultOf(self.service.lockdown)
         self.assertEqual(len(self.runner.argvs), 4)
 
     def test_marker_that_cannot_be_written_is_logged(self) -> None:
         os.rmdir(self.system.etc_path)
         with capturedLogs() as events:
-            self.service._lock_down()
+            self.service.lock_down_once()
             self.successResultOf(self.service.lockdown)
         self.assertTrue([e for e in events if "marker" in e.get("log_format", "")])
         self.assertEqual(len(self.runner.argvs), 4, "the rest of the lockdown still runs")
@@ -288,16 +286,17 @@ class LoopbackLockdownTests(TestCase):
         system = fake_machine(self.mktemp())
         runner = FakeRunner({("ip", "link", "set"): Exit(0)})
         agent = Agent(system.config(standalone=True), reactor, runner,  # type: ignore
-                      reactor=reactor)
+                      reactor=reactor, extensions=default_extensions())
         site = make_site(AgentAPI(agent))
         api = StreamServerEndpointService(TCP4ServerEndpoint(reactor, 0,
                                                              interface="127.0.0.1"), site)
 
-        async def load() -> HardwareManagers:
-            return HardwareManagers([(Interfaces(), 1)])
-        service = AgentService(agent, api, load, None, api_site=site)
-        service.startService()
-        self.addCleanup(service.stopService)
+        tree = MultiService()
+        api.setServiceParent(tree)
+        service = LockdownService(agent, site, [api])
+        service.setServiceParent(tree)
+        tree.startService()
+        self.addCleanup(tree.stopService)
         port = (await api._waitingForPort).getHost().port
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
 
@@ -315,4 +314,5 @@ class LoopbackLockdownTests(TestCase):
             await connect()
         self.assertEqual(runner.argvs, [("ip", "link", "set", name, "down") for name in
                                         ("bond0", "eth0", "eth0.100", "eth1")])
-        self.assertTrue(service.running, "the agent's service tree keeps running")
+        self.assertTrue(service.running and tree.running,
+                        "the agent's service tree keeps running")

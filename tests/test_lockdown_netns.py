@@ -27,7 +27,7 @@ from twisted.internet.protocol import Factory
 from twisted.trial.unittest import TestCase
 
 from ipa_twisted.process import ProcessRunner
-from ipa_twisted.service import LOCKDOWN_MARKER
+from ipa_twisted.startup.lockdown import LOCKDOWN_MARKER
 from ipa_twisted.testing.fake_system import FakeSystem
 from ipa_twisted.testing.sandbox import sandbox_argv
 from tests import netns

@@ -6,7 +6,7 @@ import os
 import subprocess  # test-only: cross-check our crypt against openssl
 from typing import Any
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -14,9 +14,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from ipa_twisted.agent import Agent
 from ipa_twisted.commands import CommandResult
 from ipa_twisted.config import AgentConfig
-from ipa_twisted.hardware.dispatch import HardwareManagers
+from ipa_twisted.extensions import default_extensions
 from ipa_twisted.passwords import sha512_crypt
-from ipa_twisted.service import AgentService
+from ipa_twisted.startup.lockdown import LockdownService
 
 
 class CryptTests(SynchronousTestCase):
@@ -52,9 +52,10 @@ class RescueTests(SynchronousTestCase):
         os.makedirs(self.etc)
         self.clock = Clock()
         self.agent = Agent(AgentConfig(etc_path=self.etc), self.clock,
-                           runner=None)  # type: ignore[arg-type]
+                           runner=None, extensions=default_extensions())  # type: ignore
         self.stopped: list[float] = []
-        self.agent.stop_requested = lambda: self.stopped.append(self.clock.seconds())
+        self.agent.stop_wanted.wait().addCallback(
+            lambda _: self.stopped.append(self.clock.seconds()))
 
     def run_cmd(self, name: str, **params: Any) -> CommandResult:
         return self.successResultOf(Deferred.fromCoroutine(
@@ -97,14 +98,12 @@ class LockdownTests(SynchronousTestCase):
         system = FakeSystem(self.mktemp())
         system.add_interface("eth0", "52:54:00:12:34:56")
         runner = FakeRunner({("ip", "link", "set", "eth0", "down"): Exit(0)})
-        agent = Agent(system.config(standalone=True), clock, runner)  # type: ignore[arg-type]
-        api = Stoppable()
-
-        async def load() -> HardwareManagers:
-            return HardwareManagers([])
-
-        service = AgentService(agent, api, load, None)
-        service.startService()
+        agent = Agent(system.config(standalone=True), clock, runner,  # type: ignore[arg-type]
+                      extensions=default_extensions())
+        api, tree = Stoppable(), MultiService()
+        api.setServiceParent(tree)
+        LockdownService(agent, None, [api]).setServiceParent(tree)
+        tree.startService()
         result = self.successResultOf(Deferred.fromCoroutine(
             agent.execute_command("system.lockdown", {})))
         self.assertEqual(result.command_status.value, "SUCCEEDED")

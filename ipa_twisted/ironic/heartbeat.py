@@ -2,7 +2,8 @@
 
 Scheduling rules (the reference agent's, on a clock instead of a thread):
 
-- the first beat goes out as soon as the service starts;
+- the first beat goes out as soon as the service starts (given ``after``, as soon as that
+  has happened: the node is known and its API advertised);
 - after a beat that succeeded, the next is due ``timeout() * jitter()`` seconds after it
   *ended*; ``timeout`` is read and ``jitter`` drawn anew each time, so a heartbeat timeout
   learnt later (lookup) is picked up at the next scheduling;
@@ -24,10 +25,12 @@ import random
 from collections.abc import Awaitable, Callable
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from ipa_twisted.when import When
 
 
 def _describe(error: BaseException) -> str:
@@ -48,7 +51,8 @@ class Heartbeater(Service):
                  clock: IReactorTime,
                  jitter: Callable[[], float] = lambda: random.uniform(0.3, 0.6),
                  retry_delay: Callable[[], float] = lambda: random.uniform(5, 10),
-                 min_forced_interval: float = 5.0, stop_timeout: float = 30.0) -> None:
+                 min_forced_interval: float = 5.0, stop_timeout: float = 30.0,
+                 after: When[object] | None = None) -> None:
         self._beat, self._timeout, self._clock = beat, timeout, clock
         self._jitter, self._retry_delay = jitter, retry_delay
         self._min_forced_interval, self._stop_timeout = min_forced_interval, stop_timeout
@@ -56,6 +60,9 @@ class Heartbeater(Service):
         self._in_flight: Deferred[None] | None = None
         self._forced_during_beat = False
         self._last_end: float | None = None
+        self._after = after
+        self._waiting: Deferred[object] | None = None
+        self._beating = False
         self.beats = 0
         """Beats started so far (for status and tests)."""
 
@@ -66,11 +73,24 @@ class Heartbeater(Service):
 
     def startService(self) -> None:
         super().startService()
+        if self._after is None:
+            self._begin()
+            return
+        waiting = self._waiting = self._after.wait()
+        waiting.addCallback(lambda _: self._begin())
+        waiting.addErrback(lambda failure: failure.trap(CancelledError) and None)
+
+    def _begin(self) -> None:
+        self._waiting = None
+        self._beating = True
         self.log.info("Starting heartbeats")
         self._fire()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        self._beating = False
+        if self._waiting is not None:
+            self._waiting.cancel()
         self._cancel_pending()
         beat = self._in_flight
         if beat is None:
@@ -89,7 +109,7 @@ class Heartbeater(Service):
 
     def force(self) -> None:
         """Beat as soon as allowed: at least ``min_forced_interval`` after the last beat."""
-        if not self.running:
+        if not self._beating:
             return
         if self._in_flight is not None:
             self._forced_during_beat = True

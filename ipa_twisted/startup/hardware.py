@@ -1,0 +1,57 @@
+"""Stages that ready the machine: the hardware managers, then the clock."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+
+from ipa_twisted.agent import Agent
+from ipa_twisted.clock_sync import sync_clock
+from ipa_twisted.hardware.dispatch import HardwareManagers
+from ipa_twisted.startup.tree import Stage
+from ipa_twisted.when import When
+
+
+class HardwareLoading(Stage[HardwareManagers]):
+    """Once the configuration is resolved: waits ``hardware_initialization_delay``, then
+    discovers and ranks the hardware managers (``load()``) and gives them to the agent
+    (commands that need them were waiting)."""
+
+    def __init__(self, agent: Agent, load: Callable[[], Awaitable[HardwareManagers]],
+                 after: When[Any], clock: IReactorTime,
+                 fatal: Callable[[Failure], object] | None = None) -> None:
+        super().__init__(fatal)
+        self._agent, self._load, self._after, self._clock = agent, load, after, clock
+
+    async def run(self) -> HardwareManagers:
+        await self._after.wait()
+        delay = self._agent.config.hardware_initialization_delay
+        if delay > 0:
+            self.log.info("Waiting {delay}s for hardware to initialise", delay=delay)
+            await deferLater(self._clock, delay)
+        managers = await self._load()
+        self._agent.set_managers(managers)
+        self.log.info("Hardware managers: {managers}",
+                      managers=managers.get_current_versions())
+        return managers
+
+
+class ClockSync(Stage[None]):
+    """Once the managers are loaded: sets the clock from ``ntp_server`` when there is one
+    (a failure stops start-up only with ``fail_if_clock_not_set``)."""
+
+    def __init__(self, agent: Agent, after: When[Any],
+                 fatal: Callable[[Failure], object] | None = None) -> None:
+        super().__init__(fatal)
+        self._agent, self._after = agent, after
+
+    async def run(self) -> None:
+        await self._after.wait()
+        config = self._agent.config
+        if config.ntp_server:
+            await sync_clock(self._agent.runner, config,
+                             ignore_errors=not config.fail_if_clock_not_set)
