@@ -90,6 +90,17 @@ class OptionsTests(SynchronousTestCase):
             line = text[text.index(flag):].splitlines()[0]
             self.assertGreater(len(line.split(None, 1)), 1, f"{flag} has no help")
 
+    def test_help_under_twistd_states_the_synopsis_once(self) -> None:
+        from twisted.scripts._twistd_unix import ServerOptions
+        twistd = ServerOptions()
+        twistd.subCommand = "ipa"
+        options = Options()
+        options.parent = twistd
+        first = str(options).splitlines()[0]
+        self.assertEqual(first, "Usage: twistd [options] ipa [options]")
+        self.assertEqual(str(Options()).splitlines()[0],
+                         "Usage: twistd [twistd options] ipa [options]")
+
     def test_docs_mention_every_flag(self) -> None:
         docs = render_docs()
         for name in ["standalone", "debug", "no-default-config-files", "api-url", "listen",
