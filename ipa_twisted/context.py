@@ -2,7 +2,7 @@
 
 ``HardwareContext`` is handed to hardware managers (``bind``), to the deploy code and to the
 block-device helpers; ``CommandRunner`` is the seam tests replace with a fake runner;
-``Deployment`` is what one ``write_image`` put on a disk.
+``Deployment`` is what one ``write_image`` put on a disk (the step's result).
 """
 
 from __future__ import annotations
@@ -29,13 +29,23 @@ class CommandRunner(Protocol):
         ...
 
 
-@dataclass
-class DeploymentState:
-    """What the last image write left: shared by the write_image step and ``standby.*``."""
+@dataclass(frozen=True)
+class Deployment:
+    """What one ``write_image`` step put on a disk: the step's result.
+
+    ``standby.*`` keeps the last one (``cache_image``, ``get_partition_uuids``). Ironic does
+    not see it: as a deploy step's result it is written as null (``serialize``), as the
+    step's result always was; it reads the partition UUIDs through
+    ``standby.get_partition_uuids``.
+    """
 
     image_id: str | None = None
     device: str | None = None
     partition_uuids: dict[str, Any] = field(default_factory=dict)
+
+    def serialize(self) -> None:
+        """Nothing: what a deploy step's result shows of it (see the class docstring)."""
+        return None
 
 
 @dataclass
@@ -55,7 +65,6 @@ class HardwareContext:
     ``http.HTTPClients.client``, called with ``verify=False`` for the unverified twin."""
     report_progress: Callable[[Any], None] = lambda progress: None
     """Shows a long step's progress object (``serialize()``) on the running command."""
-    deployment: DeploymentState = field(default_factory=DeploymentState)
     dispatch: Callable[..., Awaitable[Any]] | None = None
     """Calls a method on the best manager that has it (``dispatch_to_managers``); set once
     the managers are loaded."""

@@ -18,7 +18,6 @@ from ipa_twisted.agent import Agent
 from ipa_twisted.commands import CommandResult
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.context import Deployment
-from ipa_twisted.extensions import default_extensions
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.hardware.inventory import NetworkInterface
 from ipa_twisted.testing.fake_process import Exit, FakeRunner
@@ -87,8 +86,7 @@ class ExtensionTestCase(SynchronousTestCase):
         self.managers = HardwareManagers([(self.vendor, 3), (self.generic, 1)])
         self.runner = FakeRunner()
         self.agent = Agent(AgentConfig(standalone=self.standalone), Clock(),
-                           self.runner, managers=self.managers,  # type: ignore[arg-type]
-                           extensions=default_extensions())
+                           self.runner, managers=self.managers)  # type: ignore[arg-type]
 
     def run_command(self, name: str, **params: Any) -> CommandResult:
         result: CommandResult = self.successResultOf(
@@ -231,8 +229,7 @@ class StandbyTests(ExtensionTestCase):
 
 class ManagersLoadingTests(SynchronousTestCase):
     def test_commands_wait_for_managers(self) -> None:
-        agent = Agent(AgentConfig(), Clock(), FakeRunner(),  # type: ignore[arg-type]
-                      extensions=default_extensions())
+        agent = Agent(AgentConfig(), Clock(), FakeRunner())  # type: ignore[arg-type]
         pending = Deferred.fromCoroutine(agent.execute_command("poll.get_hardware_info", {}))
         self.assertNoResult(pending)
         agent.set_managers(HardwareManagers([(Generic(), 1)]))
@@ -244,8 +241,7 @@ class LogTests(TestCase):
     async def test_collect_system_logs(self) -> None:
         runner = FakeRunner({("dmesg",): Exit(0, stdout=b"kernel says hi\n")},
                             unknown_missing=True)
-        agent = Agent(AgentConfig(), reactor, runner, reactor=reactor,  # type: ignore[arg-type]
-                      extensions=default_extensions())
+        agent = Agent(AgentConfig(), reactor, runner, reactor=reactor)  # type: ignore[arg-type]
         result = await agent.execute_command("log.collect_system_logs", {})
         self.assertEqual(result.command_status.value, "SUCCEEDED", result.serialize())
         archive = base64.b64decode(result.command_result["system_logs"])
@@ -296,7 +292,7 @@ class StandbyImageTests(SynchronousTestCase):
         self.runner = FakeRunner({("sync",): Exit(0), ("reboot", "-f"): Exit(0),
                                   ("poweroff", "-f"): Exit(1, stderr=b"nope")})
         self.agent = Agent(AgentConfig(proc_path=self.proc), Clock(),
-                           self.runner, extensions=default_extensions())  # type: ignore
+                           self.runner)  # type: ignore[arg-type]
         self.writer = ImageWriter(self.agent.hardware_context())
         self.agent.set_managers(HardwareManagers([(self.writer, 2)]))
 

@@ -20,6 +20,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipa_twisted.config import AgentConfig
+from ipa_twisted.encoding import to_jsonable
 from ipa_twisted.deploy.write import partition_layout, write_image_to_disk
 from ipa_twisted.errors import InstanceDeployFailure
 from ipa_twisted.blockdev import disks
@@ -661,8 +662,8 @@ class WholeDiskConfigdriveTests(LoopTestCase):
         manager = GenericHardwareManager(writer=self.writer(image))
         manager.bind(context)
         node = {"uuid": "n1", "properties": {"root_device": {"name": loop.path}}}
-        await manager.write_image(node, [], {"id": "whole-1"}, None)
+        deployed = await manager.write_image(node, [], {"id": "whole-1"}, None)
         self.assertEqual(self.written, [loop.path])
-        self.assertEqual((context.deployment.image_id, context.deployment.device),
-                         ("whole-1", loop.path))
-        self.assertEqual(set(context.deployment.partition_uuids), {"root uuid"})
+        self.assertEqual((deployed.image_id, deployed.device), ("whole-1", loop.path))
+        self.assertEqual(set(deployed.partition_uuids), {"root uuid"})
+        self.assertIsNone(to_jsonable(deployed))      # a deploy step's result: null, as ever

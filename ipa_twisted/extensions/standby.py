@@ -7,6 +7,7 @@ from typing import Any
 
 from ipa_twisted import errors
 from ipa_twisted.commands import async_command, sync_command
+from ipa_twisted.context import Deployment
 from ipa_twisted.extensions.base import Extension
 from ipa_twisted.deploy.image_info import validate_image_info
 from ipa_twisted.process import ProcessExecutionError
@@ -21,14 +22,19 @@ class StandbyExtension(Extension):
 
     name = "standby"
 
+    deployed = Deployment()
+    """What the last ``write_image`` deployed (nothing before the first)."""
+
     async def _write(self, image_info: dict[str, Any], configdrive: str | None) -> str:
         """Write through the managers' ``write_image`` (the deploy step), so a vendor
-        manager that overrides the step also serves the standby commands."""
+        manager that overrides the step also serves the standby commands; keep what the
+        step returns (a step that returns no ``Deployment`` leaves nothing known)."""
         managers = await self.agent.get_managers()
         node = managers.cached_node or {}
-        await managers.dispatch_to_managers("write_image", node, [], image_info, configdrive)
-        deployment = self.agent.hardware_context().deployment
-        return str(deployment.device)
+        result = await managers.dispatch_to_managers("write_image", node, [], image_info,
+                                                     configdrive)
+        self.deployed = result if isinstance(result, Deployment) else Deployment()
+        return str(self.deployed.device)
 
     @async_command("prepare_image", validator=_validate_image)
     async def prepare_image(self, image_info: dict[str, Any] | None = None,
@@ -46,16 +52,16 @@ class StandbyExtension(Extension):
                           force: bool = False, configdrive: str | None = None) -> str:
         """Write the image unless it is already on the install device (or ``force``)."""
         assert image_info is not None
-        deployment = self.agent.hardware_context().deployment
-        if deployment.image_id == image_info["id"] and not force:
-            return f"image ({image_info['id']}) already present on device {deployment.device} "
+        deployed = self.deployed
+        if deployed.image_id == image_info["id"] and not force:
+            return f"image ({image_info['id']}) already present on device {deployed.device} "
         device = await self._write(image_info, configdrive)
         return f"image ({image_info['id']}) cached to device {device} "
 
     @sync_command("get_partition_uuids")
     def get_partition_uuids(self) -> dict[str, Any]:
         """Partition UUIDs of the last partition image written (empty before)."""
-        return dict(self.agent.hardware_context().deployment.partition_uuids)
+        return dict(self.deployed.partition_uuids)
 
     # -- buffers and power ----------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ipa_twisted.blockdev.disks import destroy_disk_metadata
+from ipa_twisted.context import Deployment
 from ipa_twisted.deploy import inject
 from ipa_twisted.deploy.write import write_image_to_disk
 from ipa_twisted.errors import BlockDeviceEraseError, CommandExecutionError, DeviceNotFound
@@ -685,10 +686,10 @@ class GenericHardwareManager(EraseMixin, SoftwareRaidMixin, HardwareManager):
             install_device=lambda: self.get_os_install_device(permit_refresh=True, node=node))
 
     async def write_image(self, node: Any, ports: Any, image_info: dict[str, Any],
-                          configdrive: Any = None) -> None:
+                          configdrive: Any = None) -> Deployment:
         """The ``deploy.write_image`` step: the image (and config drive) to the install disk.
 
-        The partition UUIDs land in the context's ``deployment`` (``standby`` reads them).
+        Returns what it deployed (``standby`` keeps it for ``get_partition_uuids``).
         """
         node = node if node else self._node
         device = await self.get_os_install_device(permit_refresh=True, node=node)
@@ -696,10 +697,7 @@ class GenericHardwareManager(EraseMixin, SoftwareRaidMixin, HardwareManager):
                       device=device)
         uuids = await write_image_to_disk(self.context, device, image_info, configdrive,
                                           node=node, write=self._writer, wipe=self._wipe)
-        deployment = self.context.deployment
-        deployment.image_id = image_info.get("id")
-        deployment.device = device
-        deployment.partition_uuids = uuids
+        return Deployment(image_id=image_info.get("id"), device=device, partition_uuids=uuids)
 
     # -- buffers ---------------------------------------------------------------------------
     async def full_sync(self) -> None:
