@@ -68,7 +68,7 @@ def scripted(lookups: list[tuple[int, bytes]], version: str = "1.89") -> StubTre
 class ClientTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.fake = FakeIronic(clock=self.clock, heartbeat_timeout=60)
+        self.fake = FakeIronic(clock=self.clock, heartbeat_timeout=60, version="1.89")
         self.node = self.fake.add_node(DEFAULT_NODE_UUID, [MAC1])
 
     def client(self, http: Any = None, **kwargs: Any) -> IronicClient:
@@ -211,7 +211,7 @@ class LookupTests(ClientTestCase):
         self.assertEqual(error.details, "Could not look up node info. Check logs for details.")
         self.assertEqual([r.time for r in self.fake.lookups], [0, 1, 3, 7, 10])
         self.assertEqual({e["status"] for e in events if "status" in e}, {404})
-        self.assertEqual(warnings(events)[0]["error"], "Node not found")
+        self.assertEqual(warnings(events)[0]["error"], "Resource could not be found.")
 
     def test_connection_errors_and_hangs_are_retried(self) -> None:
         http = FailingHTTP(StubTreq(self.fake.app.resource()), failures=2, match="lookup")
@@ -287,8 +287,10 @@ class HeartbeatTests(ClientTestCase):
                 self.assertEqual(beat.body["agent_verify_ca"], "CA PEM")
 
     def test_no_verify_ca_field_when_none_given(self) -> None:
-        self.successResultOf(self.heartbeat(self.client()))
-        self.assertEqual(set(self.fake.heartbeats[0].body), {"callback_url", "agent_version"})
+        self.node.token_issued = True
+        self.successResultOf(self.heartbeat(self.client(), self.node.token))
+        self.assertEqual(set(self.fake.heartbeats[0].body),
+                         {"callback_url", "agent_version", "agent_token"})
 
     def test_conflict_carries_ironics_faultstring(self) -> None:
         self.fake.fail_heartbeats(1, 409)

@@ -277,8 +277,9 @@ class AutoTLSTests(HandshakeTestCase):
         self.assertEqual(tls.protocol, "https")
         api.start_tls(tls.context)
         await lingering.closed                      # plain connections end at the switch
+        node.token_issued = True                    # as lookup would have
         await ironic.heartbeat(node.uuid, callback_url("127.0.0.1", port, tls.protocol),
-                               None, agent_verify_ca=tls.agent_verify_ca)
+                               node.token, agent_verify_ca=tls.agent_verify_ca)
         body = fake.heartbeats[-1].body
         self.assertEqual(body["callback_url"], f"https://127.0.0.1:{port}")
         sent = body["agent_verify_ca"]

@@ -9,21 +9,27 @@ tests, which can kill and restart it to simulate an outage)::
 prints ``listening on <port>`` once listening on 127.0.0.1 and appends each request it
 records to the ``--record`` file as one JSON line.
 
-What it emulates of Ironic:
+What it emulates of Ironic (Ironic 39 with its default configuration; the contract suite
+of ``tests/ironic/contract.py`` runs the same assertions against it and the real one):
 
 - ``GET /``: the version document (``default_version.version`` is ``version``);
 - ``X-OpenStack-Ironic-API-Version``: missing means 1.1, "latest" the fake's version; above
-  the fake's version is a 406; the ramdisk endpoints need 1.22 (else 404);
+  the fake's version, or not a version, is a 406 (whose body is ``{"code", "title",
+  "description"}`` inside ``error_message``, not a fault); the ramdisk endpoints need 1.22
+  (else 404);
 - ``GET /v1/lookup?addresses=..&node_uuid=..``: by node UUID if given, else by any
-  registered port MAC; 404 with Ironic's error shape when nothing matches. With API >= 1.62
-  the first lookup issues the node's agent token; later lookups get ``"******"`` as Ironic
-  does (unless ``reissue_tokens``); ``lookup_config`` (``--lookup-config JSON``) adds keys
-  to the answer's ``config``, such as the policy Ironic 39 sends (``IRONIC_39_POLICY``);
-- ``POST /v1/heartbeat/<uuid>``: 202; 404 for an unknown node; 400 for fields the
-  requested version does not know (``agent_version`` < 1.36, ``agent_verify_ca`` < 1.68);
-  once a token was issued, 400 "Agent token is required for heartbeat processing." without
-  one and 400 "Invalid or missing agent token received." with a wrong one (Ironic's
-  InvalidParameterValue is a 400, not a 409);
+  registered port MAC; 404 "Resource could not be found." when nothing matches. The
+  answer's ``config`` holds every key Ironic 39 sends, its policy keys with their defaults
+  (``IRONIC_39_POLICY``); ``lookup_config`` (``--lookup-config JSON``) overrides keys. With
+  API >= 1.62 the first lookup issues the node's agent token; later lookups get
+  ``"******"`` as Ironic does (unless ``reissue_tokens``);
+- ``POST /v1/heartbeat/<uuid>``: 202; 400 "Missing mandatory parameter: callback_url"; 400
+  for fields the requested version does not know (``agent_version`` < 1.36,
+  ``agent_verify_ca`` < 1.68); 404 for an unknown node; 400 "Agent token is required for
+  heartbeat processing." without a token, 400 for no ``agent_version``, 400 "Invalid or
+  missing agent token received." for a token lookup has not issued (Ironic's
+  InvalidParameterValue is a 400, not a 409); a fake whose ``version`` is below 1.62 stands
+  for an Ironic from before tokens and checks neither token nor agent version;
 - failures on demand: ``fail_lookups(n, code)`` / ``fail_heartbeats(n, code)`` answer the
   next n requests with ``code`` (409: Ironic's NodeLocked; else a server error).
 """
@@ -44,7 +50,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 
-DEFAULT_VERSION = "1.89"
+DEFAULT_VERSION = "1.115"
+"""Ironic 39's newest API version."""
 IRONIC_39_POLICY: dict[str, Any] = {
     "agent_md5_checksum_enable": True, "disable_deep_image_inspection": False,
     "permitted_image_formats": ["raw", "gpt", "qcow2", "iso"],
@@ -52,9 +59,18 @@ IRONIC_39_POLICY: dict[str, Any] = {
     "tls_min_version": "1.3", "tls_cipher_suites": None,
 }
 """The policy keys of Ironic 39's lookup answer with its default configuration."""
+IRONIC_39_CONTAINERS: dict[str, Any] = {
+    "allow_arbitrary_containers": False, "allowed_containers": [],
+    "container_steps_file": "/etc/ironic-python-agent.d/mysteps.yaml", "runner": "podman",
+    "pull_options": [], "run_options": ["--rm", "--network=host"],
+}
+"""``agent_containers`` of Ironic 39's lookup answer with its default configuration."""
+NOT_FOUND = "Resource could not be found."
 DEFAULT_NODE_UUID = "1be26c0b-03f2-4d2e-ae87-c02d7f33c123"
 MASKED_TOKEN = "******"
 RAMDISK_ENDPOINTS_VERSION = (1, 22)
+TOKENS_VERSION = (1, 62)
+"""A fake of an older ``version`` stands for an Ironic that knew no agent tokens."""
 
 
 def _parse_version(text: str) -> tuple[int, int]:
@@ -66,6 +82,12 @@ def error_body(message: str, faultcode: str = "Client") -> bytes:
     """Ironic's error answer: a JSON string holding the fault, inside JSON."""
     fault = json.dumps({"faultstring": message, "faultcode": faultcode, "debuginfo": None})
     return json.dumps({"error_message": fault}).encode()
+
+
+def not_acceptable_body(message: str) -> bytes:
+    """Ironic's 406 for an API version it does not serve (another shape than faults)."""
+    inner = json.dumps({"code": 406, "title": "Not Acceptable", "description": message})
+    return json.dumps({"error_message": inner}).encode()
 
 
 @dataclass
@@ -101,6 +123,12 @@ class _Answer(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status, self.message = status, message
+
+    def body(self) -> bytes:
+        """The answer's body, in the shape Ironic gives this status."""
+        if self.status == 406:
+            return not_acceptable_body(self.message)
+        return error_body(self.message, "Client" if self.status < 500 else "Server")
 
 
 class FakeIronic:
@@ -182,7 +210,7 @@ class FakeIronic:
         try:
             wanted = _parse_version(text)
         except ValueError:
-            raise _Answer(406, f"Invalid value for X-OpenStack-Ironic-API-Version: {text}")
+            raise _Answer(406, "Invalid value for X-OpenStack-Ironic-API-Version header")
         if wanted > ours or wanted < (1, 1):
             raise _Answer(406, f"Version {text} was requested but the minor version is not "
                                f"supported by this service. The supported version range "
@@ -200,8 +228,8 @@ class FakeIronic:
     def root(self, request: IRequest) -> bytes:
         self._keep(Record("version", self._now(), 200, self._headers(request)))
         doc = {"name": "OpenStack Ironic API",
-               "description": "Ironic is an OpenStack project which aims to provision "
-                              "baremetal machines.",
+               "description": "Ironic is an OpenStack project which enables the provision and "
+                              "management of baremetal machines.",
                "default_version": {"id": "v1", "version": self.version, "min_version": "1.1",
                                    "status": "CURRENT", "links": []},
                "versions": [{"id": "v1", "version": self.version, "min_version": "1.1",
@@ -221,7 +249,7 @@ class FakeIronic:
             body = self._lookup(request, addresses, node_uuid)
         except _Answer as e:
             record.status = e.status
-            body = error_body(e.message, "Client" if e.status < 500 else "Server")
+            body = e.body()
         self._keep(record)
         self.lookups.append(record)
         return self._json(request, record.status, body)
@@ -229,21 +257,21 @@ class FakeIronic:
     def _lookup(self, request: IRequest, addresses: list[str], node_uuid: str | None) -> bytes:
         version = self._requested_version(request)
         if version < RAMDISK_ENDPOINTS_VERSION:
-            raise _Answer(404, "The resource could not be found.")
+            raise _Answer(404, NOT_FOUND)
         if self._lookup_failures:
             self._fail(self._lookup_failures.pop(0), node_uuid or DEFAULT_NODE_UUID)
         if not addresses and not node_uuid:
-            raise _Answer(400, "Incomplete lookup request: node UUID or MAC addresses "
-                               "required.")
+            raise _Answer(400, "At least one of 'addresses' and 'node_uuid' parameters is "
+                               "required")
         if node_uuid:
             node = self.nodes.get(node_uuid)
         else:
             node = next((n for n in self.nodes.values() if set(n.macs) & set(addresses)),
                         None)
         if node is None:
-            raise _Answer(404, "Node not found")
+            raise _Answer(404, NOT_FOUND)
         token: str | None = None
-        if version >= (1, 62):
+        if version >= TOKENS_VERSION:
             token = MASKED_TOKEN if node.token_issued and not self.reissue_tokens \
                 else node.token
             node.token_issued = True
@@ -257,6 +285,7 @@ class FakeIronic:
                                    "prepend_uuid": False, "prepend_host_reverse": True,
                                    "global_prefix": None},
                        "metrics_statsd": {"statsd_host": "localhost", "statsd_port": 8125},
+                       "agent_containers": IRONIC_39_CONTAINERS, **IRONIC_39_POLICY,
                        **self.lookup_config},
         }
         return json.dumps(content).encode()
@@ -276,7 +305,7 @@ class FakeIronic:
             self._heartbeat(request, record, node_ident)
         except _Answer as e:
             record.status = e.status
-            body = error_body(e.message, "Client" if e.status < 500 else "Server")
+            body = e.body()
         else:
             body = b""
         self._keep(record)
@@ -294,16 +323,16 @@ class FakeIronic:
     def _heartbeat(self, request: IRequest, record: Record, node_ident: str) -> None:
         try:
             record.body = json.loads(request.content.read() if request.content else b"")
-        except ValueError as e:
-            raise _Answer(400, f"Invalid JSON body: {e}")
+        except ValueError:
+            record.body = None      # Ironic reads no field from it
         version = self._requested_version(request)
         if version < RAMDISK_ENDPOINTS_VERSION:
-            raise _Answer(404, "The resource could not be found.")
+            raise _Answer(404, NOT_FOUND)
         body = record.body if isinstance(record.body, dict) else {}
         if self._heartbeat_failures:
             self._fail(self._heartbeat_failures.pop(0), node_ident)
         if not isinstance(body.get("callback_url"), str):
-            raise _Answer(400, "Missing argument: \"callback_url\"")
+            raise _Answer(400, "Missing mandatory parameter: callback_url")
         if body.get("agent_version") is not None and version < (1, 36):
             raise _Answer(400, 'Field "agent_version" not recognised')
         if body.get("agent_verify_ca") is not None and version < (1, 68):
@@ -311,12 +340,16 @@ class FakeIronic:
         node = self.nodes.get(node_ident)
         if node is None:
             raise _Answer(404, f"Node {node_ident} could not be found.")
-        if node.token_issued:
-            token = body.get("agent_token")
-            if token is None:
-                raise _Answer(400, "Agent token is required for heartbeat processing.")
-            if not secrets.compare_digest(str(token), node.token):
-                raise _Answer(400, "Invalid or missing agent token received.")
+        if _parse_version(self.version) < TOKENS_VERSION:
+            return                    # an Ironic from before agent tokens checks none
+        token = body.get("agent_token")
+        if token is None:
+            raise _Answer(400, "Agent token is required for heartbeat processing.")
+        if body.get("agent_version") is None:
+            raise _Answer(400, "Agent did not transmit a version, and a version is required. "
+                               "Please update the agent being used.")
+        if not node.token_issued or not secrets.compare_digest(str(token), node.token):
+            raise _Answer(400, "Invalid or missing agent token received.")
 
 
 def _json_lines(path: str) -> Callable[[Record], None]:
