@@ -34,7 +34,7 @@ from ipa_twisted.process import ProcessRunner
 from ipa_twisted.testing.fake_process import Exit, FakeRunner
 from ipa_twisted.testing.sandbox import (attach_loop_devices, loop_devices_unavailable,
                                          sandbox_argv, sandbox_env)
-from tests.test_image_ext import Disk
+from tests.test_bootloader import Disk
 
 MiB = 1 << 20
 IQN = "iqn.2008-10.org.openstack:node-1"
