@@ -58,7 +58,9 @@ STOP_DELAY = 0.5
 class CommandGroup(Protocol):
     """What the agent needs of an extension (``ipa_twisted.extensions.base.Extension``)."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The extension's name, the part of a command's name before the dot."""
 
     def command(self, name: str) -> tuple[Any, Any]:
         """The spec and bound method of command ``name``."""

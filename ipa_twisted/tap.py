@@ -27,6 +27,7 @@ from ipa_twisted.startup.hardware import ClockSync, HardwareLoading
 from ipa_twisted.startup.inspection import InspectionService
 from ipa_twisted.startup.lockdown import LockdownService
 from ipa_twisted.startup.tree import AgentTree, ProgramsService
+from ipa_twisted.when import When
 
 if TYPE_CHECKING:  # imported where used: a standalone agent never loads them (idle RSS)
     from ipa_twisted.ironic.client import IronicClient
@@ -155,7 +156,7 @@ def make_tree(options: Options, reactor: Any, *, runner: ProcessRunner | None = 
                                fatal)
     clock = ClockSync(agent, managers.done, fatal)
     reachable: list[IService] = [api, resolved, managers, clock]
-    ready = clock.done
+    ready: When[Any] = clock.done
     if config.inspection_callback_url:
         inspection = InspectionService(agent, http_client, clock.done)
         reachable.append(inspection)

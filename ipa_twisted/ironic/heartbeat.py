@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -52,7 +53,7 @@ class Heartbeater(Service):
                  jitter: Callable[[], float] = lambda: random.uniform(0.3, 0.6),
                  retry_delay: Callable[[], float] = lambda: random.uniform(5, 10),
                  min_forced_interval: float = 5.0, stop_timeout: float = 30.0,
-                 after: When[object] | None = None) -> None:
+                 after: When[Any] | None = None) -> None:
         self._beat, self._timeout, self._clock = beat, timeout, clock
         self._jitter, self._retry_delay = jitter, retry_delay
         self._min_forced_interval, self._stop_timeout = min_forced_interval, stop_timeout
@@ -61,7 +62,7 @@ class Heartbeater(Service):
         self._forced_during_beat = False
         self._last_end: float | None = None
         self._after = after
-        self._waiting: Deferred[object] | None = None
+        self._waiting: Deferred[Any] | None = None
         self._beating = False
         self.beats = 0
         """Beats started so far (for status and tests)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -31,6 +31,7 @@ class LookupService(Stage[str]):
 
     async def run(self) -> str:
         inspected = await self._after.wait()
+        content: Mapping[str, Any] | None
         node_uuid, content = inspected if inspected is not None else (None, None)
         if content is None:
             content = await retry(lambda: self._look_up(node_uuid), self._clock,
