@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ipa_twisted.errors import HeartbeatConnectionError
 from ipa_twisted.ironic.heartbeat import Heartbeater
+from ipa_twisted.when import When
 
 
 def sequence(*values: float) -> Callable[[], float]:
@@ -186,3 +187,32 @@ class HeartbeaterTests(SynchronousTestCase):
         self.run_for(10)
         self.assertEqual(self.beats.times, [0, 5, 10])
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 3)
+
+
+class AfterTests(SynchronousTestCase):
+    """A heartbeater handed ``after`` beats only once that has happened."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.beats = Beats(self.clock)
+        self.ready: When[str] = When()
+        self.heartbeater = Heartbeater(self.beats, lambda: 100.0, self.clock,
+                                       jitter=lambda: 0.5, after=self.ready)
+        self.heartbeater.startService()
+
+    def test_first_beat_once_ready_and_force_ignored_before(self) -> None:
+        self.heartbeater.force()
+        self.clock.advance(60)
+        self.assertEqual(self.beats.times, [])
+        self.ready.fire("advertised")
+        self.assertEqual(self.beats.times, [60])
+        self.clock.advance(50)
+        self.assertEqual(self.beats.times, [60, 110])
+        self.successResultOf(self.heartbeater.stopService())
+
+    def test_stop_before_ready_never_beats(self) -> None:
+        self.successResultOf(self.heartbeater.stopService())
+        self.ready.fire("advertised")
+        self.clock.advance(600)
+        self.assertEqual(self.beats.times, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
