@@ -33,7 +33,7 @@ class _Fake:
         return await _answer(await self.http.request(method, "http://ironic.test" + path,
                                                      headers=headers, data=body))
 
-    async def add_node(self, macs: Sequence[str]) -> str:
+    async def add_node(self, macs: Sequence[str], inspecting: bool = False) -> str:
         return self.fake.add_node(macs=macs).uuid
 
 
@@ -53,8 +53,13 @@ class _Real:
                                                 headers=headers, data=body, timeout=30,
                                                 persistent=False))
 
-    async def add_node(self, macs: Sequence[str]) -> str:
-        return await self.ironic.enroll_node(macs, state="manageable")
+    async def add_node(self, macs: Sequence[str], inspecting: bool = False) -> str:
+        if not inspecting:
+            return await self.ironic.enroll_node(macs, state="manageable")
+        uuid = await self.ironic.enroll_node(macs, state="manageable", inspect_interface="agent")
+        await self.ironic.set_provision_state(uuid, "inspect")
+        await self.ironic.wait_for_state(uuid, "inspect wait", timeout=60)
+        return uuid
 
 
 async def fake_ironic(test: TestCase) -> _Fake:
@@ -65,7 +70,9 @@ async def real_ironic(test: TestCase) -> _Real:
     reason = skip_reason()
     if reason:
         raise test.skipTest(reason)
-    ironic = RealIronic(os.path.abspath(test.mktemp()), fast_track=True, require_tls=False)
+    # Unmanaged inspection: the fake boot interface boots nothing, an agent would post.
+    ironic = RealIronic(os.path.abspath(test.mktemp()), fast_track=True, require_tls=False,
+                        options={"inspector": {"require_managed_boot": False}})
     await ironic.start()
     test.addCleanup(ironic.stop)
     return _Real(ironic)

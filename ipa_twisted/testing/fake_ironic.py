@@ -30,6 +30,11 @@ of ``tests/ironic/contract.py`` runs the same assertions against it and the real
   missing agent token received." for a token lookup has not issued (Ironic's
   InvalidParameterValue is a 400, not a 409); a fake whose ``version`` is below 1.62 stands
   for an Ironic from before tokens and checks neither token nor agent version;
+- ``POST /v1/continue_inspection``: 202 with lookup's answer (token included) for API 1.84
+  and later, ``{"uuid": ...}`` without a version header (ironic-inspector's answer), 404
+  for versions between, 400 for data without an inventory of interfaces with MACs, 404
+  "Resource could not be found." when no node has one of its MACs (any node is taken to
+  wait for inspection: the fake has no provision states);
 - failures on demand: ``fail_lookups(n, code)`` / ``fail_heartbeats(n, code)`` answer the
   next n requests with ``code`` (409: Ironic's NodeLocked; else a server error).
 """
@@ -70,6 +75,7 @@ DEFAULT_NODE_UUID = "1be26c0b-03f2-4d2e-ae87-c02d7f33c123"
 MASKED_TOKEN = "******"
 RAMDISK_ENDPOINTS_VERSION = (1, 22)
 TOKENS_VERSION = (1, 62)
+CONTINUE_INSPECTION_VERSION = (1, 84)
 """A fake of an older ``version`` stands for an Ironic that knew no agent tokens."""
 
 
@@ -105,7 +111,7 @@ class FakeNode:
 class Record:
     """One request the fake answered."""
 
-    kind: str  # "version", "lookup" or "heartbeat"
+    kind: str  # "version", "lookup", "heartbeat" or "inspection"
     time: float
     status: int
     headers: dict[str, str]
@@ -270,12 +276,16 @@ class FakeIronic:
                         None)
         if node is None:
             raise _Answer(404, NOT_FOUND)
+        return json.dumps(self._node_content(node, version)).encode()
+
+    def _node_content(self, node: FakeNode, version: tuple[int, int]) -> dict[str, Any]:
+        """Lookup's answer for ``node`` (continue_inspection's too), issuing its token."""
         token: str | None = None
         if version >= TOKENS_VERSION:
             token = MASKED_TOKEN if node.token_issued and not self.reissue_tokens \
                 else node.token
             node.token_issued = True
-        content = {
+        return {
             "node": {"uuid": node.uuid, "properties": node.properties,
                      "instance_info": node.instance_info,
                      "driver_internal_info": node.driver_internal_info},
@@ -288,7 +298,42 @@ class FakeIronic:
                        "agent_containers": IRONIC_39_CONTAINERS, **IRONIC_39_POLICY,
                        **self.lookup_config},
         }
-        return json.dumps(content).encode()
+
+    @app.route("/v1/continue_inspection", methods=["POST"])
+    def continue_inspection(self, request: IRequest) -> bytes:
+        record = Record("inspection", self._now(), 202, self._headers(request))
+        try:
+            body = self._continue_inspection(request, record)
+        except _Answer as e:
+            record.status = e.status
+            body = e.body()
+        self._keep(record)
+        return self._json(request, record.status, body)
+
+    def _continue_inspection(self, request: IRequest, record: Record) -> bytes:
+        try:
+            record.body = json.loads(request.content.read() if request.content else b"")
+        except ValueError:
+            raise _Answer(400, "Invalid data: the body is not JSON")
+        version = self._requested_version(request)
+        if version != (1, 1) and version < CONTINUE_INSPECTION_VERSION:
+            raise _Answer(404, "API version 1.84 or newer is required")
+        inventory = record.body.get("inventory") if isinstance(record.body, dict) else None
+        interfaces = inventory.get("interfaces") if isinstance(inventory, dict) else None
+        if not isinstance(interfaces, list) or not interfaces or not all(
+                isinstance(i, dict) and isinstance(i.get("mac_address"), str)
+                for i in interfaces):
+            raise _Answer(400, "Invalid data: an inventory with interfaces, each with a "
+                               "mac_address, is required")
+        macs = {str(i["mac_address"]).lower() for i in interfaces}
+        record.addresses = sorted(macs)
+        node = next((n for n in self.nodes.values() if set(n.macs) & macs), None)
+        if node is None:
+            raise _Answer(404, NOT_FOUND)
+        record.node_uuid = node.uuid
+        if version == (1, 1):
+            return json.dumps({"uuid": node.uuid}).encode()   # ironic-inspector's answer
+        return json.dumps(self._node_content(node, version)).encode()
 
     @staticmethod
     def _fail(code: int, uuid: str) -> None:

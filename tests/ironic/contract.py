@@ -9,7 +9,8 @@ fake cannot drift from what it stands for. The shape follows txkube's
 
 Covered: the version document, version negotiation, lookup (answer shape, the policy keys
 Ironic 39 sends, tokens given once then masked), heartbeat (accepted and refused, token
-rules, fields per version) and the error shape for unknown nodes and bad requests.
+rules, fields per version), continue_inspection (lookup's answer, refusals) and the error
+shape for unknown nodes and bad requests.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ class IronicUnderTest(Protocol):
                       body: bytes | None = None) -> tuple[int, Any]:
         """``(status, decoded JSON body or None)``; ``version`` None sends no header."""
 
-    async def add_node(self, macs: Sequence[str]) -> str:
-        """A node with ports for ``macs`` that lookup may find; its UUID."""
+    async def add_node(self, macs: Sequence[str], inspecting: bool = False) -> str:
+        """A node with ports for ``macs`` that lookup may find (``inspecting``: waiting for
+        inspection data); its UUID."""
 
 
 def fault(body: Any) -> dict[str, Any]:
@@ -202,5 +204,32 @@ def ironic_contract_tests(
                 "callback_url": "http://127.0.0.1:9999", "agent_token": token,
                 "agent_version": "10.0.0"})
             self.assertEqual((code, body), (202, None))
+
+        # -- continue_inspection --------------------------------------------------------
+        async def test_continue_inspection(self) -> None:
+            ironic = await make_ironic(self)
+            uuid = await ironic.add_node(self.macs, inspecting=True)
+
+            async def post(data: Any, version: str | None = "1.84") -> tuple[int, Any]:
+                return await ironic.request("POST", "/v1/continue_inspection",
+                                            version=version, body=json.dumps(data).encode())
+
+            def inventory(*macs: str) -> dict[str, Any]:
+                return {"inventory": {"interfaces": [{"mac_address": mac, "name": f"eth{i}"}
+                                                     for i, mac in enumerate(macs)],
+                                      "bmc_address": None}}
+
+            self.assert_fault(await post({"inventory": {}}), 400)
+            self.assert_fault(await post(inventory("52:54:00:00:00:99")), 404,
+                              "Resource could not be found.")
+            self.assert_fault(await post(inventory(self.macs[0]), version="1.83"), 404)
+            code, doc = await post(inventory("52:54:00:00:00:98", self.macs[1]))
+            self.assertEqual(code, 202, doc)
+            self.assertEqual(set(doc), {"node", "config"})
+            self.assertEqual(set(doc["node"]) - {"links"}, LOOKUP_NODE_FIELDS)
+            self.assertEqual(doc["node"]["uuid"], uuid)
+            self.assertEqual(set(doc["config"]), LOOKUP_CONFIG_KEYS)
+            self.assertIsInstance(doc["config"]["agent_token"], str)
+            self.assertGreaterEqual(len(doc["config"]["agent_token"]), 32)
 
     return IronicContractTests
