@@ -8,9 +8,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import CannotListenError
-from twisted.internet.protocol import DatagramProtocol
-from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.names import dns
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -20,6 +17,7 @@ from ipa_twisted.net import mdns
 from ipa_twisted.net.dnssd import ServiceResolver, build_query, parse_txt
 from ipa_twisted.net.mdns import (ServiceLookupFailure, apply_overrides, discover,
                                   resolve_mdns_urls)
+from ipa_twisted.testing.fake_multicast_reactor import FakeMulticastReactor
 from tests import netns
 
 IRONIC = "baremetal._openstack._tcp.local"
@@ -133,66 +131,6 @@ class ResolverTests(SynchronousTestCase):
             self.assertIsNone(self.resolve(query.toStr(), b"\x00\x01garbage"))
             self.assertIsNone(self.resolve(announcement(name=INSPECTOR)))
         self.assertEqual([e["log_level"] for e in events], [LogLevel.debug])
-
-
-class FakeHandle:
-    def __init__(self) -> None:
-        self.options: list[tuple[int, int, bytes]] = []
-
-    def setsockopt(self, level: int, name: int, value: bytes) -> None:
-        self.options.append((level, name, value))
-
-
-class FakePort:
-    def __init__(self, reactor: FakeMulticastReactor, number: int,
-                 protocol: DatagramProtocol, interface: str, shared: bool) -> None:
-        self.reactor, self.number, self.protocol = reactor, number, protocol
-        self.interface, self.shared = interface, shared
-        self.handle = FakeHandle()
-        self.sent: list[tuple[float, bytes, tuple[str, int]]] = []
-        self.stopped = False
-
-    def getHandle(self) -> FakeHandle:
-        return self.handle
-
-    def write(self, data: bytes, addr: tuple[str, int]) -> None:
-        assert not self.stopped
-        self.sent.append((self.reactor.seconds(), data, addr))
-        self.reactor.sent(self, data)
-
-    def stopListening(self) -> None:
-        self.stopped = True
-
-    def queried(self) -> list[tuple[str, int]]:
-        message = dns.Message()
-        message.fromStr(self.sent[-1][1])
-        return [(q.name.name.decode(), q.type) for q in message.queries]
-
-
-class FakeMulticastReactor(Clock):
-    """A Clock with multicast UDP ports that record what is sent; ``answers`` maps an
-    instance name to the datagram delivered (after 50 ms) when it is asked for."""
-
-    def __init__(self, refuse: Sequence[tuple[str, int]] = (),
-                 answers: dict[str, bytes] | None = None) -> None:
-        super().__init__()
-        self.refuse, self.answers = set(refuse), answers or {}
-        self.ports: list[FakePort] = []
-
-    def listenMulticast(self, port: int, protocol: DatagramProtocol, interface: str = "",
-                        maxPacketSize: int = 8192, listenMultiple: bool = False) -> FakePort:
-        if (interface, port) in self.refuse:
-            raise CannotListenError(interface, port, OSError(98, "Address in use"))
-        made = FakePort(self, port, protocol, interface, listenMultiple)
-        self.ports.append(made)
-        return made
-
-    def sent(self, port: FakePort, data: bytes) -> None:
-        for name, _ in port.queried():
-            answer = self.answers.get(name)
-            if answer is not None:
-                self.callLater(0.05, port.protocol.datagramReceived, answer,
-                               ("192.0.2.1", 5353))
 
 
 def interfaces(*names: str) -> Callable[[], list[tuple[str, int]]]:
