@@ -37,10 +37,10 @@ from ipa_twisted.agent import Agent
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.extensions import default_extensions
 from ipa_twisted.hardware.dispatch import HardwareManagers
-from ipa_twisted.hardware.generic import GenericHardwareManager
+from ipa_twisted.hardware.generic.manager import GenericHardwareManager
 from ipa_twisted.deploy.inject import INJECT_FILES_STEP, inject_files
 from ipa_twisted.hardware.interface import HardwareManager
-from ipa_twisted.hardware.raid import is_md_name
+from ipa_twisted.hardware.generic.raid import is_md_name
 from ipa_twisted.process import ProcessRunner
 from ipa_twisted.testing.fake_managers import FixedDeviceManager
 from ipa_twisted.testing.sandbox import LoopOnlyRunner

@@ -22,7 +22,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.errors import BlockDeviceEraseError, InstanceDeployFailure
 from ipa_twisted.blockdev import disks
-from ipa_twisted.hardware.generic import GenericHardwareManager
+from ipa_twisted.hardware.generic.manager import GenericHardwareManager
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.process import ProcessExecutionError, ProcessRunner
 from ipa_twisted.testing.fake_system import lsblk_row as _lsblk

@@ -1,4 +1,4 @@
-"""Tests for ipa_twisted.hardware.erase on recorded hdparm, nvme-cli and lsblk outputs.
+"""Tests for ipa_twisted.hardware.generic.erase on recorded hdparm, nvme-cli and lsblk outputs.
 
 The ATA drive is played by ``AtaDrive``: it answers ``hdparm`` as a drive in a given
 security state does (``hdparm -I`` output in the format recorded from real drives) and moves
@@ -22,14 +22,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.errors import BlockDeviceEraseError, ProtectedDeviceError
 from ipa_twisted.blockdev import disks
-from ipa_twisted.hardware import erase
-from ipa_twisted.hardware.erase import (EraseMixin, EraseProgress, EraseSettings,
-                                        erase_clean_steps, parse_ata_security,
-                                        parse_nvme_id_ctrl, shred_argv)
-from ipa_twisted.hardware.generic import GenericHardwareManager
+from ipa_twisted.hardware.generic import erase
+from ipa_twisted.hardware.generic.erase import (EraseProgress, EraseSettings,
+                                                erase_clean_steps, parse_ata_security,
+                                                parse_nvme_id_ctrl, shred_argv)
+from ipa_twisted.hardware.generic.manager import GenericHardwareManager
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.hardware.inventory import BlockDevice
-from ipa_twisted.hardware.raid import SoftwareRaidMixin
 from ipa_twisted.testing.fake_process import Exit, FakeRunner
 from ipa_twisted.testing.fake_system import FakeSystem
 from ipa_twisted.testing.ramdisk_recordings import (HDPARM_QEMU_SATA, HDPARM_VIRTIO,
@@ -70,12 +69,10 @@ Checksum: correct
 NVME_CRYPTO = json.dumps({"oacs": 0x17, "fna": 0x7, "sanicap": 0x3})
 NVME_NO_FORMAT = json.dumps({"oacs": 0x4, "fna": 0, "sanicap": 0})
 
-
 def hdparm_output(name: str, security: str | None) -> str:
     if security is None:
         return HDPARM_HEAD.format(name=name) + HDPARM_TAIL
     return HDPARM_HEAD.format(name=name) + "Security: \n" + security + HDPARM_TAIL
-
 
 def security_section(*, enabled: bool = False, locked: bool = False, frozen: bool = False,
                      enhanced: bool = True, minutes: tuple[int, int] | None = (2, 2)) -> str:
@@ -92,7 +89,6 @@ def security_section(*, enabled: bool = False, locked: bool = False, frozen: boo
         lines += (f"\t{minutes[0]}min for SECURITY ERASE UNIT. {minutes[1]}min for ENHANCED "
                   "SECURITY ERASE UNIT.\n")
     return lines
-
 
 @dataclass
 class AtaDrive:
@@ -144,7 +140,6 @@ class AtaDrive:
             return b""
         raise AssertionError(argv)
 
-
 # -- helpers ----------------------------------------------------------------------------------
 
 class GatedRunner(FakeRunner):
@@ -179,17 +174,11 @@ class GatedRunner(FakeRunner):
         _, gate = self.waiting.pop(index)
         self._answers_later.pop(id(gate)).chainDeferred(gate)
 
-
 @dataclass(frozen=HardwareContext.__dataclass_params__.frozen)  # type: ignore[attr-defined]
 class DispatchingContext(HardwareContext):
     """A context with a ``dispatch`` (what the agent's managers provide)."""
 
     dispatch: Any = None
-
-
-class Manager(GenericHardwareManager, EraseMixin, SoftwareRaidMixin):
-    """The generic manager with the mixins (as GenericHardwareManager will be)."""
-
 
 def lsblk_json(*disks: dict[str, Any]) -> bytes:
     devices = []
@@ -203,7 +192,6 @@ def lsblk_json(*disks: dict[str, Any]) -> bytes:
                                   "rota": False} for child in disk["children"]]
         devices.append(entry)
     return json.dumps({"blockdevices": devices}).encode()
-
 
 class EraseTestCase(SynchronousTestCase):
     """A machine with an NVMe drive, a SATA SSD and a virtio disk."""
@@ -246,12 +234,12 @@ class EraseTestCase(SynchronousTestCase):
         return answers
 
     def manager(self, runner: FakeRunner | None = None, dispatch: Any = None,
-                **config: Any) -> Manager:
+                **config: Any) -> GenericHardwareManager:
         self.runner = runner or FakeRunner(self.answers(), missing=["smartctl"])
 
         async def wipe(device: str, reactor: Any) -> None:
             self.wiped.append(device)
-        manager = Manager(udev=lambda name: {}, wipe=wipe)
+        manager = GenericHardwareManager(udev=lambda name: {}, wipe=wipe)
         manager.bind(DispatchingContext(self.system.config(**config), self.runner, self.clock,
                                         None, report_progress=self.progress.append,
                                         dispatch=dispatch))
@@ -268,7 +256,6 @@ class EraseTestCase(SynchronousTestCase):
 
     def ran(self, program: str) -> list[tuple[str, ...]]:
         return [argv for argv in self.runner.argvs if argv[0] == program]
-
 
 # -- parsing ----------------------------------------------------------------------------------
 
@@ -345,7 +332,6 @@ class ParsingTests(SynchronousTestCase):
              "reboot_requested": False, "abortable": True},
             {"step": "erase_devices_express", "priority": 0, "interface": "deploy",
              "reboot_requested": False, "abortable": True}])
-
 
 # -- one disk ---------------------------------------------------------------------------------
 
@@ -504,7 +490,6 @@ class EraseBlockDeviceTests(EraseTestCase):
                              BlockDeviceEraseError)
         self.assertIn("error writing at offset", str(error))
 
-
 # -- every disk ---------------------------------------------------------------------------------
 
 class EraseDevicesTests(EraseTestCase):
@@ -618,7 +603,6 @@ class EraseDevicesTests(EraseTestCase):
             self.clock.advance(erase.PROGRESS_LOG_INTERVAL)
         self.assertEqual([e for e in events if "percent" in e], [])
 
-
 class ExpressTests(EraseTestCase):
     DISKS = EraseTestCase.DISKS + [
         {"name": "sdb", "size": 64 * MiB, "serial": "S2", "rota": True, "tran": "sata",
@@ -653,7 +637,6 @@ class ExpressTests(EraseTestCase):
         self.assertEqual(set(result.values()), {"metadata erased"})
         self.assertIn(self.dev("sda"), [argv[-1] for argv in self.ran("wipefs")])
 
-
 class ProgressTests(SynchronousTestCase):
     def test_serialize(self) -> None:
         clock = Clock()
@@ -673,11 +656,9 @@ class ProgressTests(SynchronousTestCase):
                          ("done", 100.0, 3.0))
         self.assertEqual(progress.serialize()["elapsed"], 8.0)
 
-
 # -- protected disks: skip_block_devices and shared cluster filesystems -----------------------
 
 VMFS_GPT = "AA31E02A-400F-11DB-9590-000C2911D1B8"
-
 
 class ProtectedDiskTests(EraseTestCase):
     """Every erase step leaves what ``skip_block_devices`` names, and stops before a shared

@@ -17,7 +17,7 @@ from ipa_twisted.config import AgentConfig
 from ipa_twisted.extensions import default_extensions
 from ipa_twisted.encoding import to_jsonable
 from ipa_twisted.hardware.dispatch import HardwareManagers
-from ipa_twisted.hardware.generic import GenericHardwareManager
+from ipa_twisted.hardware.generic.manager import GenericHardwareManager
 from ipa_twisted.hardware.interface import HardwareSupport
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.hardware.inventory import (CPU, BlockDevice, BootInfo, Memory,

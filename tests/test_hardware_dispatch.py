@@ -16,7 +16,7 @@ from ipa_twisted.config import AgentConfig
 from ipa_twisted.errors import (HardwareManagerMethodNotFound, HardwareManagerNotFound,
                                 IncompatibleHardwareMethodError, VersionMismatch)
 from ipa_twisted.hardware.dispatch import HardwareManagers
-from ipa_twisted.hardware.generic import GenericHardwareManager
+from ipa_twisted.hardware.generic.manager import GenericHardwareManager
 from ipa_twisted.hardware.interface import HardwareManager, HardwareSupport, IHardwareManager
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.testing.fake_process import FakeRunner

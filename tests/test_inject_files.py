@@ -147,7 +147,7 @@ class InjectTests(SynchronousTestCase):
         self.assertEqual(set(INJECT_FILES_STEP["argsinfo"]), {"files", "verify_ca"})
 
     def test_deploy_step_priority_is_the_option(self) -> None:
-        from ipa_twisted.hardware.generic import GenericHardwareManager
+        from ipa_twisted.hardware.generic.manager import GenericHardwareManager
         generic = GenericHardwareManager(udev=lambda name: {})
         context = HardwareContext(self.fake.config(), self.runner, self.clock, self.clock)
         generic.bind(context)

@@ -23,7 +23,7 @@ from ipa_twisted.config import AgentConfig
 from ipa_twisted.encoding import to_jsonable
 from ipa_twisted.errors import InspectionError
 from ipa_twisted.hardware.dispatch import HardwareManagers
-from ipa_twisted.hardware.generic import GenericHardwareManager
+from ipa_twisted.hardware.generic.manager import GenericHardwareManager
 from ipa_twisted.hardware.interface import HardwareManager, HardwareSupport
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.hardware.inventory import NetworkInterface

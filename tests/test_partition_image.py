@@ -24,7 +24,7 @@ from ipa_twisted.encoding import to_jsonable
 from ipa_twisted.deploy.write import partition_layout, write_image_to_disk
 from ipa_twisted.errors import InstanceDeployFailure
 from ipa_twisted.blockdev import disks
-from ipa_twisted.hardware.generic import GenericHardwareManager
+from ipa_twisted.hardware.generic.manager import GenericHardwareManager
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.deploy import configdrive as cd
 from ipa_twisted.deploy import configdrive_fs

@@ -1,4 +1,4 @@
-"""Tests for ipa_twisted.hardware.raid on recorded mdadm, parted and /proc/mdstat outputs.
+"""Tests for ipa_twisted.hardware.generic.raid on recorded mdadm, parted and /proc/mdstat outputs.
 
 The machine is ``ipa_twisted.testing.fake_md.FakeMdMachine`` (the outputs recorded in the
 ramdisk booted by tests/test_qemu_ramdisk.py). Partition device nodes are real block nodes
@@ -17,13 +17,12 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipa_twisted.errors import CommandExecutionError, DeviceNotFound, SoftwareRAIDError
-from ipa_twisted.hardware import raid
-from ipa_twisted.hardware.erase import EraseMixin
-from ipa_twisted.hardware.generic import GenericHardwareManager
+from ipa_twisted.hardware.generic import raid
+from ipa_twisted.hardware.generic.manager import GenericHardwareManager
 from ipa_twisted.context import HardwareContext
-from ipa_twisted.hardware.raid import (SoftwareRaidMixin, parse_examine_scan,
-                                       parse_mdadm_detail, parse_mdstat, raid_clean_steps,
-                                       raid_deploy_steps)
+from ipa_twisted.hardware.generic.raid import (parse_examine_scan, parse_mdadm_detail,
+                                               parse_mdstat, raid_clean_steps,
+                                               raid_deploy_steps)
 from ipa_twisted.testing.fake_process import Exit, FakeRunner
 from ipa_twisted.testing.fake_md import FakeMdMachine, Part, parted_commands
 from ipa_twisted.testing.fake_system import FakeSystem
@@ -44,11 +43,6 @@ md1 : active (auto-read-only) raid10 sdd1[3](S) sdb1[1] sda1[0] sdc2[2](F)
 unused devices: <none>
 """
 
-
-class Manager(GenericHardwareManager, EraseMixin, SoftwareRaidMixin):
-    """The generic manager with the mixins (as GenericHardwareManager will be)."""
-
-
 class RaidTestCase(SynchronousTestCase):
     DISKS = {"vda": (100 * GiB, "V1"), "vdb": (100 * GiB, "V2"), "vdc": (100 * GiB, "V3")}
 
@@ -61,12 +55,12 @@ class RaidTestCase(SynchronousTestCase):
         if os.geteuid() != 0:
             raise self.skipTest("partition device nodes are block nodes: needs root")
 
-    def manager(self, runner: FakeRunner | None = None) -> Manager:
+    def manager(self, runner: FakeRunner | None = None) -> GenericHardwareManager:
         self.runner = runner or FakeRunner(self.machine.answers())
 
         async def wipe(device: str, reactor: Any) -> None:
             self.wiped.append(device)
-        manager = Manager(udev=lambda name: {}, wipe=wipe)
+        manager = GenericHardwareManager(udev=lambda name: {}, wipe=wipe)
         manager.bind(HardwareContext(self.system.config(), self.runner, Clock(), None))
         return manager
 
@@ -90,14 +84,11 @@ class RaidTestCase(SynchronousTestCase):
     def creates(self) -> list[tuple[str, ...]]:
         return [argv for argv in self.runner.argvs if argv[:2] == ("mdadm", "--create")]
 
-
 def node(*logical_disks: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {"uuid": "1be26c0b-03f2-4d2e-ae87-c02d7f33c123",
             "target_raid_config": {"logical_disks": list(logical_disks)}, **extra}
 
-
 RAID1_MAX = {"size_gb": "MAX", "raid_level": "1", "controller": "software"}
-
 
 # -- parsing ---------------------------------------------------------------------------------
 
@@ -165,7 +156,6 @@ class ParsingTests(SynchronousTestCase):
         self.assertEqual(apply["argsinfo"]["raid_config"]["required"], True)
         self.assertEqual(apply["argsinfo"]["delete_existing"]["required"], False)
 
-
 # -- validation --------------------------------------------------------------------------------
 
 class ValidateTests(RaidTestCase):
@@ -223,7 +213,6 @@ class ValidateTests(RaidTestCase):
         skip = node(RAID1_MAX, properties={"skip_block_devices": [{"serial": "V2"}]})
         self.assertIn("only 1 block devices", self.failure(
             self.manager().validate_configuration(config, skip)))
-
 
 # -- creation ----------------------------------------------------------------------------------
 
@@ -302,7 +291,6 @@ class CreateTests(RaidTestCase):
             node({**RAID1_MAX, "size_gb": 1}), []))
         self.assertIn("Failed to create partitions", error)
 
-
 class CreateUefiTests(RaidTestCase):
     def test_two_logical_disks_with_hints_and_esps(self) -> None:
         self.needs_root()
@@ -358,7 +346,6 @@ class CreateUefiTests(RaidTestCase):
         self.assertEqual(self.parted("vda")[1:], [
             ["mkpart", "primary", "1MiB", "1025MiB"], ["set", "1", "raid", "on"],
             ["mkpart", "primary", "1025MiB", "3073MiB"], ["set", "2", "raid", "on"]])
-
 
 # -- deletion and apply ------------------------------------------------------------------------
 
@@ -436,7 +423,6 @@ class DeleteTests(RaidTestCase):
             node(), [], {"logical_disks": [RAID1_MAX]}, delete_existing=False))
         self.assertIn("Partitions detected", error)
 
-
 class HelperTests(RaidTestCase):
     def test_md_helpers(self) -> None:
         self.needs_root()
@@ -468,7 +454,6 @@ class HelperTests(RaidTestCase):
         self.result(raid.md_scan_and_assemble(context))        # logged, not raised
         self.assertEqual(raid.list_md_devices(context), [])
 
-
 # -- skip_block_devices: protected disks and volumes ------------------------------------------
 
 DATA_ON_V1_V2 = {"size_gb": 1, "raid_level": "1", "controller": "software",
@@ -477,10 +462,8 @@ SCRATCH_ON_V1_V2 = {"size_gb": "MAX", "raid_level": "1", "controller": "software
                     "volume_name": "scratch",
                     "physical_disks": [{"serial": "V1"}, {"serial": "V2"}]}
 
-
 def protect(*entries: dict[str, Any], raid: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
     return node(*raid, properties={"skip_block_devices": list(entries)})
-
 
 class ProtectedRaidTests(RaidTestCase):
     """Which arrays and disks ``skip_block_devices`` protects, and what each step does."""

@@ -11,7 +11,7 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipa_twisted.errors import DeviceNotFound
-from ipa_twisted.hardware.generic import GenericHardwareManager
+from ipa_twisted.hardware.generic.manager import GenericHardwareManager
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.hardware.inventory import BlockDevice
 from ipa_twisted.hardware.root_device import (GiB, RootDeviceHintError, find_devices_by_hints,

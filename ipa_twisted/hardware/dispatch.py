@@ -40,7 +40,7 @@ def discover_managers() -> list[object]:
     from twisted.plugin import getPlugins
 
     import twisted.plugins
-    from ipa_twisted.hardware.generic import GenericHardwareManager
+    from ipa_twisted.hardware.generic.manager import GenericHardwareManager
     from ipa_twisted.hardware.interface import IHardwareManager
 
     # A fresh generic manager first: deduplication by class then drops the dropin's shared

@@ -19,7 +19,7 @@ themselves. Keep the dropin's imports light: twistd imports dropins when it rebu
 plugin cache.
 """
 
-from ipa_twisted.hardware.generic import GenericHardwareManager
+from ipa_twisted.hardware.generic.manager import GenericHardwareManager
 from ipa_twisted.hardware.vendors.intel_cna import IntelCnaHardwareManager
 from ipa_twisted.hardware.vendors.mellanox import MellanoxDeviceHardwareManager
 

@@ -22,18 +22,18 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ipa_twisted.blockdev.disks import destroy_disk_metadata
-from ipa_twisted.context import Deployment
+from ipa_twisted.context import Deployment, HardwareContext
 from ipa_twisted.deploy import inject
 from ipa_twisted.deploy.write import write_image_to_disk
 from ipa_twisted.errors import BlockDeviceEraseError, CommandExecutionError, DeviceNotFound
-from ipa_twisted.hardware import raid as _raid
+from ipa_twisted.hardware.generic import raid as _raid
 from ipa_twisted.hardware import root_device
 from ipa_twisted.fileutils import read_text as _read
 from ipa_twisted.hardware.infiniband import infiniband_ids as _infiniband_ids
-from ipa_twisted.hardware.erase import (EraseMixin, erase_clean_steps,
-                                        guard_special_filesystems, log_protected,
-                                        protected_devices)
-from ipa_twisted.hardware.raid import SoftwareRaidMixin, raid_clean_steps, raid_deploy_steps
+from ipa_twisted.hardware.generic.erase import (DiskEraser, erase_clean_steps,
+                                                guard_special_filesystems, log_protected,
+                                                protected_devices)
+from ipa_twisted.hardware.generic.raid import SoftwareRaid, raid_clean_steps, raid_deploy_steps
 from ipa_twisted.hardware.interface import HardwareManager, HardwareSupport
 from ipa_twisted.hardware.inventory import (CPU, BlockDevice, BootInfo, Memory,
                                             NetworkInterface, SystemFirmware,
@@ -68,7 +68,7 @@ UdevLookup = Callable[[str], Mapping[str, str]]
 log = Logger()
 
 
-class GenericHardwareManager(EraseMixin, SoftwareRaidMixin, HardwareManager):
+class GenericHardwareManager(HardwareManager):
     """Inventory and (later) steps for any Linux machine; the fallback for every method."""
 
     HARDWARE_MANAGER_NAME = "generic_hardware_manager"
@@ -93,6 +93,52 @@ class GenericHardwareManager(EraseMixin, SoftwareRaidMixin, HardwareManager):
 
     def evaluate_hardware_support(self) -> int:
         return HardwareSupport.GENERIC
+
+    def bind(self, context: HardwareContext) -> None:
+        """Bind the manager and its collaborators (erase, software RAID) to ``context``."""
+        super().bind(context)
+        self._eraser = DiskEraser(context, self, erase_metadata=self.erase_devices_metadata)
+        self._software_raid = SoftwareRaid(context, self, wipe=self._wipe)
+
+    # -- erasing (ipa_twisted.hardware.generic.erase) ----------------------------------------
+    async def erase_devices(self, node: Any, ports: Any) -> dict[str, Any]:
+        """The ``erase_devices`` clean step (``DiskEraser.erase_devices``)."""
+        return await self._eraser.erase_devices(node, ports)
+
+    async def erase_block_device(self, node: Any, block_device: BlockDevice) -> str:
+        """Erase one disk (``DiskEraser.erase_block_device``)."""
+        return await self._eraser.erase_block_device(node, block_device)
+
+    async def erase_devices_express(self, node: Any, ports: Any) -> dict[str, str]:
+        """The ``erase_devices_express`` clean step (``DiskEraser.erase_devices_express``)."""
+        return await self._eraser.erase_devices_express(node, ports)
+
+    # -- software RAID (ipa_twisted.hardware.generic.raid) -----------------------------------
+    async def validate_configuration(self, raid_config: Any, node: Any) -> None:
+        """Check a RAID configuration (``SoftwareRaid.validate_configuration``)."""
+        await self._software_raid.validate_configuration(raid_config, node)
+
+    async def create_configuration(self, node: Any, ports: Any) -> dict[str, Any]:
+        """The ``raid.create_configuration`` clean step."""
+        return await self._software_raid.create_configuration(node, ports)
+
+    async def apply_configuration(self, node: Any, ports: Any, raid_config: Any,
+                                  delete_existing: bool = True) -> dict[str, Any]:
+        """The ``raid.apply_configuration`` deploy step."""
+        return await self._software_raid.apply_configuration(node, ports, raid_config,
+                                                             delete_existing)
+
+    async def delete_configuration(self, node: Any, ports: Any) -> None:
+        """The ``raid.delete_configuration`` clean step."""
+        await self._software_raid.delete_configuration(node, ports)
+
+    async def get_holder_disks(self, raid_device: str) -> list[str]:
+        """The disks holding the md device ``raid_device``."""
+        return await self._software_raid.get_holder_disks(raid_device)
+
+    async def software_raid_install_device(self, node: Any) -> str | None:
+        """The md device to install on, when the node's RAID config asks for one."""
+        return await self._software_raid.software_raid_install_device(node)
 
     # -- helpers ---------------------------------------------------------------------------
     def _sys(self, *parts: str) -> str:
@@ -240,13 +286,14 @@ class GenericHardwareManager(EraseMixin, SoftwareRaidMixin, HardwareManager):
             return None
         return os.path.basename(os.path.dirname(os.path.realpath(link))) or None
 
-    def _is_read_only(self, name: str) -> bool:
+    def is_read_only(self, name: str) -> bool:
+        """Whether the kernel flags ``name`` read-only (sysfs ``ro``)."""
         return self._sysfs_flag(name, "ro")
 
     def _is_removable(self, name: str) -> bool:
         return self._sysfs_flag(name, "removable")
 
-    def _is_virtual_media(self, device: BlockDevice) -> bool:
+    def is_virtual_media(self, device: BlockDevice) -> bool:
         """Whether ``device`` is the BMC's virtual media (``by-label/ir-vfd-dev``)."""
         label = self._dev("disk", "by-label", "ir-vfd-dev")
         return (os.path.lexists(label)
@@ -582,7 +629,7 @@ class GenericHardwareManager(EraseMixin, SoftwareRaidMixin, HardwareManager):
             if protected is not None:
                 self.log.info("Not installing on {device}, protected by skip_block_devices: "
                               "{reason}", device=device.name, reason=protected)
-            elif not self._is_read_only(os.path.basename(device.name)):
+            elif not self.is_read_only(os.path.basename(device.name)):
                 candidates.append(device)
         hints = root_device.root_device_hints_from_node(node)
         try:
@@ -655,11 +702,11 @@ class GenericHardwareManager(EraseMixin, SoftwareRaidMixin, HardwareManager):
                     f'"{name}": {error}' for name, error in sorted(failed.items())))
 
     def _skip_erasing(self, disk: _Listed) -> str | None:
-        if self._is_read_only(disk.kname):
+        if self.is_read_only(disk.kname):
             return "it is read-only"
         if self._is_removable(disk.kname):
             return "it is removable"
-        if self._is_virtual_media(disk.device):
+        if self.is_virtual_media(disk.device):
             return "it is the virtual media device"
         return None
 

@@ -1,6 +1,6 @@
 """Software RAID with mdadm: the ``raid`` interface's steps, from Ironic's RAID configuration.
 
-``SoftwareRaidMixin`` gives the generic hardware manager ``validate_configuration``,
+``SoftwareRaid`` gives the generic hardware manager ``validate_configuration``,
 ``create_configuration`` and ``delete_configuration`` (clean steps, priority 0) and
 ``apply_configuration`` (a deploy step taking the configuration as an argument). The
 configuration is Ironic's ``target_raid_config``::
@@ -32,20 +32,20 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from ipa_twisted.errors import CommandExecutionError, SoftwareRAIDError
 from ipa_twisted.blockdev import disks
+from ipa_twisted.blockdev.disks import Wiper
+from ipa_twisted.context import HardwareContext
 from ipa_twisted.deploy.partition import get_node_boot_mode, get_partition_table_type_from_specs
+from ipa_twisted.errors import CommandExecutionError, SoftwareRAIDError
 from ipa_twisted.hardware import root_device
+from ipa_twisted.hardware.generic.disk_source import DiskSource
+from ipa_twisted.hardware.inventory import BlockDevice
 from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError
-
-if TYPE_CHECKING:
-    from ipa_twisted.context import HardwareContext
-    from ipa_twisted.hardware.inventory import BlockDevice
 
 log = Logger()
 
@@ -539,27 +539,20 @@ def _free_md_numbers(context: HardwareContext, count: int,
     return free
 
 
-# -- the mixin -----------------------------------------------------------------------------
+# -- the steps ------------------------------------------------------------------------------
 
-class SoftwareRaidMixin:
-    """The software RAID steps of the generic hardware manager.
-
-    Mixed into ``GenericHardwareManager``; uses its ``context``, ``list_block_devices``
-    and read-only check, and its ``_wipe`` (tests replace the zeroing of disk ends).
-    """
+class SoftwareRaid:
+    """The software RAID steps of the generic hardware manager, given its context and its
+    disk listing; ``wipe`` replaces the zeroing of disk ends (tests)."""
 
     log = Logger()
 
-    if TYPE_CHECKING:
-        @property
-        def context(self) -> HardwareContext: ...
+    def __init__(self, context: HardwareContext, source: DiskSource,
+                 wipe: Wiper | None = None) -> None:
+        self.context = context
+        self.source = source
+        self._wipe = wipe
 
-        async def list_block_devices(self, include_partitions: bool = False
-                                     ) -> list[BlockDevice]: ...
-
-        def _is_read_only(self, name: str) -> bool: ...
-
-    # -- the steps -------------------------------------------------------------------------
     async def validate_configuration(self, raid_config: Any, node: Any) -> None:
         """SoftwareRAIDError unless ``raid_config`` is a software RAID this agent can build.
 
@@ -864,7 +857,7 @@ class SoftwareRaidMixin:
         others, what ``skip_block_devices`` protects). md devices are never candidates;
         read-only and protected disks are the excluded ones. SoftwareRAIDError if the
         node's ``skip_block_devices`` is invalid."""
-        devices = await self.list_block_devices()
+        devices = await self.source.list_block_devices()
         try:
             protection = await protected_devices(self.context, node, devices)
         except root_device.RootDeviceHintError as e:
@@ -882,7 +875,7 @@ class SoftwareRaidMixin:
                     self.log.info("Software RAID: not using {device}, protected by "
                                   "skip_block_devices: {reason}", device=device.name,
                                   reason=reason)
-            elif self._is_read_only(os.path.basename(device.name)):
+            elif self.source.is_read_only(os.path.basename(device.name)):
                 excluded[device.name] = (device, "it is read-only")
             else:
                 candidates.append(device)
@@ -945,7 +938,7 @@ class SoftwareRaidMixin:
         kept = set(protection.devices)
         for array in [*protection.kept_arrays, *protection.neighbours]:
             kept.update(await get_component_devices(context, array))
-        devices = [d.name for d in await self.list_block_devices(include_partitions=True)
+        devices = [d.name for d in await self.source.list_block_devices(include_partitions=True)
                    if not is_md_name(d.name) and d.name not in kept
                    and parent_disk(context, d.name) not in protection.devices]
         examined = [Deferred.fromCoroutine(has_md_superblock(context, name))
@@ -962,7 +955,7 @@ class SoftwareRaidMixin:
         self.log.info("Removing partitions on holder disk {device}", device=holder)
         try:
             await disks.destroy_disk_metadata(self.context, holder,
-                                              wipe=getattr(self, "_wipe", None))
+                                              wipe=self._wipe)
         except (ProcessExecutionError, OSError) as e:
             self.log.warn("Failed to remove partitions on {device}: {error}", device=holder,
                           error=str(e))

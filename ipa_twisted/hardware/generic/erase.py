@@ -1,6 +1,6 @@
 """Erasing disks: ATA secure erase, NVMe format, shred; every disk at once.
 
-``EraseMixin`` gives the generic hardware manager the ``erase_devices`` clean step (priority
+``DiskEraser`` gives the generic hardware manager the ``erase_devices`` clean step (priority
 10), ``erase_block_device`` (the per-disk method other managers may take over) and
 ``erase_devices_express`` (priority 0: a hardware erase where it is quick, else the metadata
 erase). How to erase follows the node, as Ironic sends it in ``driver_internal_info`` (a value
@@ -28,21 +28,21 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet.defer import DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from ipa_twisted.errors import BlockDeviceEraseError, ProtectedDeviceError
 from ipa_twisted.blockdev import disks
-from ipa_twisted.hardware import raid, root_device
+from ipa_twisted.context import HardwareContext
+from ipa_twisted.errors import BlockDeviceEraseError, ProtectedDeviceError
+from ipa_twisted.hardware import root_device
+from ipa_twisted.hardware.generic import raid
+from ipa_twisted.hardware.generic.disk_source import DiskSource
+from ipa_twisted.hardware.inventory import BlockDevice
 from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError
-
-if TYPE_CHECKING:
-    from ipa_twisted.context import HardwareContext
-    from ipa_twisted.hardware.inventory import BlockDevice
 
 log = Logger()
 
@@ -410,36 +410,30 @@ def log_protected(step: str, device: str, reason: str) -> None:
              step=step, device=device, reason=reason)
 
 
-# -- the mixin -----------------------------------------------------------------------------
+# -- the steps -----------------------------------------------------------------------------
 
 Dispatcher = Callable[..., Awaitable[Any]]
 """``dispatch(method, *args)``: call a hardware-manager method on the best manager."""
 
 
-class EraseMixin:
-    """The disk erase steps of the generic hardware manager.
+class DiskEraser:
+    """The disk erase steps of the generic hardware manager, given its context and its
+    disk listing.
 
-    Mixed into ``GenericHardwareManager``; uses its ``context``, ``list_block_devices``,
-    read-only and virtual-media checks and ``erase_devices_metadata``. ``erase_devices`` asks
-    every disk's erase through ``context.dispatch`` when the context has one (so another
-    manager's ``erase_block_device`` may take a disk over), else through its own.
+    ``erase_devices`` asks every disk's erase through ``context.dispatch`` when the
+    context has one (so another manager's ``erase_block_device`` may take a disk over),
+    else through its own; ``erase_devices_express`` ends with ``erase_metadata`` (the
+    manager's ``erase_devices_metadata``).
     """
 
     log = Logger()
     _erase_progress: EraseProgress | None = None
 
-    if TYPE_CHECKING:
-        @property
-        def context(self) -> HardwareContext: ...
-
-        async def list_block_devices(self, include_partitions: bool = False
-                                     ) -> list[BlockDevice]: ...
-
-        async def erase_devices_metadata(self, node: Any, ports: Any) -> None: ...
-
-        def _is_read_only(self, name: str) -> bool: ...
-
-        def _is_virtual_media(self, device: BlockDevice) -> bool: ...
+    def __init__(self, context: HardwareContext, source: DiskSource,
+                 erase_metadata: Callable[[Any, Any], Awaitable[None]]) -> None:
+        self.context = context
+        self.source = source
+        self._erase_metadata = erase_metadata
 
     # -- the steps -------------------------------------------------------------------------
     async def erase_devices(self, node: Any, ports: Any) -> dict[str, Any]:
@@ -453,7 +447,7 @@ class EraseMixin:
         BlockDeviceEraseError naming them all when several did.
         """
         settings = self._erase_settings(node)
-        listed = await self.list_block_devices()
+        listed = await self.source.list_block_devices()
         protection = await protected_devices(self.context, node, listed)
         devices = [d for d in listed if protection.reason(d.name) is None]
         for name, why in protection.devices.items():
@@ -476,7 +470,7 @@ class EraseMixin:
                       count=len(devices), limit=limit,
                       devices=", ".join(d.name for d in devices))
         semaphore = DeferredSemaphore(limit)
-        dispatch: Dispatcher | None = getattr(self.context, "dispatch", None)
+        dispatch: Dispatcher | None = self.context.dispatch
 
         async def erase(device: BlockDevice) -> Any:
             disk = progress.disks[device.name]
@@ -566,7 +560,7 @@ class EraseMixin:
         ``erase_devices_metadata`` runs on every disk. ``{device: what was done}``.
         """
         settings = self._erase_settings(node)
-        listed = await self.list_block_devices()
+        listed = await self.source.list_block_devices()
         protection = await protected_devices(self.context, node, listed)
         devices = [d for d in listed if protection.reason(d.name) is None]
         for name, why in protection.devices.items():
@@ -611,7 +605,7 @@ class EraseMixin:
         results.update(skipped)
         progress.phase = "erasing metadata"
         try:
-            await self.erase_devices_metadata(node, ports)
+            await self._erase_metadata(node, ports)
         finally:
             progress.stop("done")
             self._erase_progress = None
@@ -783,11 +777,11 @@ class EraseMixin:
         """Why ``device`` is left alone (None: erase it); BlockDeviceEraseError if it
         is read-only and the node does not allow skipping it."""
         name = os.path.basename(device.name)
-        if self._is_virtual_media(device):
+        if self.source.is_virtual_media(device):
             return "it is the virtual media device"
         if await self._is_raid_member(device.name):
             return "it is a software RAID member (its RAID device is erased instead)"
-        if self._is_read_only(name):
+        if self.source.is_read_only(name):
             if settings.skip_read_only:
                 return "it is read-only"
             raise BlockDeviceEraseError(
