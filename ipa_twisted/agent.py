@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -21,11 +21,9 @@ from ipa_twisted.commands import (CommandResult, CommandResults, CommandStatus, 
                                   split_command, validate_params)
 from ipa_twisted.config import AgentConfig, ConfigError
 from ipa_twisted.context import HardwareContext
+from ipa_twisted.hardware.dispatch import HardwareManagers
+from ipa_twisted.process import ProcessRunner
 from ipa_twisted.when import Observers, When
-
-if TYPE_CHECKING:  # types only: the managers are loaded (and typed) a floor below
-    from ipa_twisted.hardware.dispatch import HardwareManagers
-    from ipa_twisted.process import ProcessRunner
 
 MIN_TOKEN_LENGTH = 32
 
