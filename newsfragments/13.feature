@@ -2,3 +2,4 @@ One retry helper (ipa_twisted/retry.py, on Twisted's backoffPolicy) behind looku
 mDNS ipa_* overrides are coerced and checked like every other configuration value (AgentConfig.merged).
 The set-up installs qemu-block-extra, so the iSCSI test reads the exported LUN back instead of skipping.
 Start-up is a tree of services (ipa_twisted/startup/: configuration, hardware managers, clock, inspection, lookup, advertise, heartbeats, lockdown) composed in makeService; twistd ipa --help states its synopsis once.
+Fakes of real peers live in ipa_twisted/testing/ (the process reactor, FakeMdMachine, the multicast reactor) and are checked against the real thing: one contract suite runs against FakeIronic and the real Ironic 39 (FakeIronic now answers as Ironic 39 does: every lookup config key, its messages and refusals, continue_inspection), and the QEMU test re-checks the recorded mdadm/hdparm/nvme/lsblk outputs on the real tools in the ramdisk.
