@@ -138,7 +138,7 @@ def make_tree(options: Options, reactor: Any, *, runner: ProcessRunner | None = 
     for warning in options.config_warnings:
         log.warn("Configuration: {warning}", warning=warning)
     runner = runner or ProcessRunner(reactor, reactor)
-    http_client = http_client or functools.cache(lambda: _http_client(reactor, agent))
+    http_client = http_client or _http_clients(reactor, lambda: agent.config)
     agent = Agent(config, reactor, runner, reactor=reactor, http_client=http_client,
                   extensions=default_extensions())
     load = load_managers or HardwareManagers.load
@@ -177,11 +177,18 @@ def make_tree(options: Options, reactor: Any, *, runner: ProcessRunner | None = 
     return tree
 
 
-def _http_client(reactor: Any, agent: Agent) -> Any:
-    """The agent's HTTP client, whose TLS follows the configuration in force (lookup may
-    change it); imported on first use, so that a standalone agent never loads it."""
-    from ipa_twisted.http import make_http_client
-    return make_http_client(reactor, lambda: agent.config)
+def _http_clients(reactor: Any, config: Callable[[], AgentConfig]) -> Callable[..., Any]:
+    """The agent's HTTP clients (``http.HTTPClients.client``: ``verify=False`` gives the
+    unverified twin), whose TLS follows the configuration in force (lookup may change it);
+    made on first use, so that a standalone agent never loads them."""
+    made: list[Any] = []
+
+    def client(*, verify: bool = True) -> Any:
+        if not made:
+            from ipa_twisted.http import HTTPClients
+            made.append(HTTPClients(reactor, config))
+        return made[0].client(verify=verify)
+    return client
 
 
 def api_service(config: AgentConfig, agent: Agent, reactor: Any

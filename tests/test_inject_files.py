@@ -259,6 +259,14 @@ class InjectTests(SynchronousTestCase):
 
 class UrlContentTests(TestCase):
     async def test_content_from_a_url_formatted_with_the_node(self) -> None:
+        self.assertEqual(await self.inject_from_url(verify_ca=True), [True])
+
+    async def test_unverified_download_uses_the_agents_unverified_client(self) -> None:
+        """verify_ca false: the agent's one unverified client, not one built per file."""
+        self.assertEqual(await self.inject_from_url(verify_ca=False), [False])
+
+    async def inject_from_url(self, verify_ca: bool) -> list[bool]:
+        """Inject /motd from a URL; which clients were asked for (their ``verify``)."""
         fake = FakeSystem(self.mktemp())
         for name in ("sda", "sda1"):
             fake.write(f"dev/{name}", "")
@@ -273,14 +281,21 @@ class UrlContentTests(TestCase):
         site.putChild(b"n-1", node_dir)
         node_dir.putChild(b"motd", Data(b"hello from the server\n", "text/plain"))
         treq = StubTreq(site)
+        asked: list[bool] = []
+
+        def http_client(*, verify: bool = True) -> StubTreq:
+            asked.append(verify)
+            return treq
+
         manager = Manager(f"{fake.dev_path}/sda")
         manager.bind(HardwareContext(fake.config(), runner, reactor, reactor,
-                                     http_client=lambda: treq))
+                                     http_client=http_client))
         await manager.inject_files({"uuid": "n-1", "properties": {}}, [], [
             {"path": "/motd", "partition": 1,
-             "content": "http://files.example/{node[uuid]}/motd"}])
+             "content": "http://files.example/{node[uuid]}/motd"}], verify_ca=verify_ca)
         self.assertEqual(partitions.contents[f"{fake.dev_path}/sda1"]["motd"],
                          b"hello from the server\n")
+        return asked
 
 
 class RealInjectTests(TestCase):

@@ -32,7 +32,6 @@ from ipa_twisted.blockdev.mounts import UnmountError, mounted
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.errors import (CommandExecutionError, DeviceNotFound,
                                 InvalidCommandParamsError)
-from ipa_twisted.http import make_http_client
 from ipa_twisted.images.download import fetch_small
 from ipa_twisted.process import ProcessExecutionError
 
@@ -186,10 +185,7 @@ async def _content(context: HardwareContext, item: Mapping[str, Any], node: Any,
             raise InvalidCommandParamsError(
                 f"Content of {item['path']} is not base64: {e}") from e
     url = content.format(node=node, ports=ports)
-    if verify_ca:
-        http = context.http()
-    else:
-        http = make_http_client(context.reactor, context.config.override(insecure=True))
+    http = context.http(verify=verify_ca)
     try:
         body: bytes = await fetch_small(
             url, http, MAX_DOWNLOAD_SIZE, clock=context.reactor,
