@@ -258,11 +258,11 @@ class GenericTestCase(SynchronousTestCase):
 
     def manager(self, answers: Mapping[tuple[str, ...], Answer] | None = None,
                 udev: Mapping[str, Mapping[str, str]] | None = None,
-                **runner_options: Any) -> GenericHardwareManager:
+                lldp: Any = None, **runner_options: Any) -> GenericHardwareManager:
         self.runner = FakeRunner(BASE_ANSWERS if answers is None else answers,
                                  **runner_options)
         udev_db = UDEV if udev is None else udev
-        manager = GenericHardwareManager(udev=lambda name: udev_db.get(name, {}))
+        manager = GenericHardwareManager(udev=lambda name: udev_db.get(name, {}), lldp=lldp)
         manager.bind(HardwareContext(self.system.config(), self.runner, self.clock, None))
         return manager
 
@@ -841,16 +841,15 @@ class LLDPAndVLANInventoryTests(GenericTestCase):
             self.system.add_interface("eth0.100", "52:54:00:12:34:56", physical=False)
             return b""
 
-        manager = self.manager(self.answers(**{
-            "ip_link_add_link_eth0_name_eth0.100_type_vlan_id_100": add_vlan,
-            "ip_link_set_dev_eth0.100_up": b""}))
         lldp = self.LLDP
 
         async def fake_lldp(names: list[str]) -> dict[str, Any]:
             self.asked = names
             return dict(lldp)
 
-        manager._lldp = fake_lldp  # type: ignore[method-assign]
+        manager = self.manager(self.answers(**{
+            "ip_link_add_link_eth0_name_eth0.100_type_vlan_id_100": add_vlan,
+            "ip_link_set_dev_eth0.100_up": b""}), lldp=fake_lldp)
         manager.bind(HardwareContext(self.system.config(**config), self.runner, self.clock,
                                      None))
         return manager

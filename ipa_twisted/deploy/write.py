@@ -54,7 +54,8 @@ def pipeline_writer(context: HardwareContext,
     Each write's ImageProgress is handed to ``report_progress`` (default: the context's,
     which shows it on the running command).
     """
-    from ipa_twisted.images.pipeline import ImageProgress, write_image
+    from ipa_twisted.images.pipeline import write_image
+    from ipa_twisted.images.progress import ImageProgress
 
     async def write(image_info: Mapping[str, Any], device: str,
                     prepare: Callable[[], Awaitable[str | None]] | None = None) -> object:
