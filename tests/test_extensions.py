@@ -18,6 +18,7 @@ from ipa_twisted.agent import Agent
 from ipa_twisted.commands import CommandResult
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.context import Deployment
+from ipa_twisted.encoding import to_jsonable
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.hardware.inventory import NetworkInterface
 from ipa_twisted.testing.fake_process import Exit, FakeRunner
@@ -268,6 +269,9 @@ class ImageWriter:
     def evaluate_hardware_support(self) -> int:
         return 2
 
+    def get_deploy_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
+        return [{"step": "write_image", "priority": 80, "interface": "deploy"}]
+
     class Progress:
         def serialize(self) -> dict[str, Any]:
             return {"bytes_written": 1024, "eta_seconds": 3}
@@ -311,6 +315,21 @@ class StandbyImageTests(SynchronousTestCase):
                          "and configdrive written ")
         self.assertEqual(self.start("standby.get_partition_uuids").command_result,
                          {"root uuid": "abcd"})
+
+    def test_standby_knows_what_the_write_image_deploy_step_wrote(self) -> None:
+        """Ironic writes through ``deploy.execute_deploy_step``, then asks standby for the
+        partition UUIDs: standby reads them from that command's result, which the wire
+        still shows as null."""
+        self.writer.gate.callback(None)
+        step = self.start("deploy.execute_deploy_step", node={}, ports=[],
+                          step={"step": "write_image", "args": {"image_info": IMAGE}})
+        self.assertEqual(step.command_status.value, "SUCCEEDED")
+        self.assertIsNone(to_jsonable(step.serialize())["command_result"]["deploy_result"])
+        self.assertEqual(self.start("standby.get_partition_uuids").command_result,
+                         {"root uuid": "abcd"})
+        again = self.start("standby.cache_image", image_info=IMAGE)
+        self.assertIn("already present on device /dev/sdz", again.command_result["result"])
+        self.assertEqual(len(self.writer.writes), 1)
 
     def test_cache_image_skips_when_present_unless_forced(self) -> None:
         self.writer.gate.callback(None)

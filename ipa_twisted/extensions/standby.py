@@ -6,11 +6,15 @@ import os
 from typing import Any
 
 from ipa_twisted import errors
-from ipa_twisted.commands import async_command, sync_command
+from ipa_twisted.commands import CommandStatus, async_command, sync_command
 from ipa_twisted.context import Deployment
 from ipa_twisted.extensions.base import Extension
 from ipa_twisted.deploy.image_info import validate_image_info
 from ipa_twisted.process import ProcessExecutionError
+
+
+_WRITING_COMMANDS = frozenset({"prepare_image", "cache_image"})
+"""This extension's commands that write an image (``cache_image`` may find it there)."""
 
 
 def _validate_image(extension: Extension, image_info: Any = None, **_: Any) -> None:
@@ -22,8 +26,8 @@ class StandbyExtension(Extension):
 
     name = "standby"
 
-    deployed = Deployment()
-    """What the last ``write_image`` deployed (nothing before the first)."""
+    _written = Deployment()
+    """What this extension's own last write deployed (nothing before the first)."""
 
     async def _write(self, image_info: dict[str, Any], configdrive: str | None) -> str:
         """Write through the managers' ``write_image`` (the deploy step), so a vendor
@@ -33,8 +37,23 @@ class StandbyExtension(Extension):
         node = managers.cached_node or {}
         result = await managers.dispatch_to_managers("write_image", node, [], image_info,
                                                      configdrive)
-        self.deployed = result if isinstance(result, Deployment) else Deployment()
-        return str(self.deployed.device)
+        self._written = result if isinstance(result, Deployment) else Deployment()
+        return str(self._written.device)
+
+    def _last_deployment(self) -> Deployment:
+        """What the newest successful image write deployed, from the agent's command
+        results: a ``deploy.execute_deploy_step`` of ``write_image`` (its result) or one of
+        this extension's writes; nothing before the first."""
+        for result in reversed(self.agent.list_command_results()):
+            if result.command_status is not CommandStatus.SUCCEEDED:
+                continue
+            if result.command_name in _WRITING_COMMANDS:
+                return self._written
+            outcome = result.command_result
+            if (result.command_name == "execute_deploy_step" and isinstance(outcome, dict)
+                    and isinstance(outcome.get("deploy_result"), Deployment)):
+                return outcome["deploy_result"]
+        return Deployment()
 
     @async_command("prepare_image", validator=_validate_image)
     async def prepare_image(self, image_info: dict[str, Any] | None = None,
@@ -52,7 +71,7 @@ class StandbyExtension(Extension):
                           force: bool = False, configdrive: str | None = None) -> str:
         """Write the image unless it is already on the install device (or ``force``)."""
         assert image_info is not None
-        deployed = self.deployed
+        deployed = self._last_deployment()
         if deployed.image_id == image_info["id"] and not force:
             return f"image ({image_info['id']}) already present on device {deployed.device} "
         device = await self._write(image_info, configdrive)
@@ -61,7 +80,7 @@ class StandbyExtension(Extension):
     @sync_command("get_partition_uuids")
     def get_partition_uuids(self) -> dict[str, Any]:
         """Partition UUIDs of the last partition image written (empty before)."""
-        return dict(self.deployed.partition_uuids)
+        return dict(self._last_deployment().partition_uuids)
 
     # -- buffers and power ----------------------------------------------------------------------
 
