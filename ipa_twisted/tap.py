@@ -197,15 +197,13 @@ def api_service(config: AgentConfig, agent: Agent, reactor: Any
     the service listening with them; twistd exits at once if it cannot listen."""
     site = make_site(AgentAPI(agent))
     api_tls = None
-    if config.listen_tls:
-        # Manual TLS from the start; its version and ciphers follow the config in force.
+    if config.listen_tls or not config.standalone:
+        # Manual TLS from the start, its version and ciphers following the config in force;
+        # else plain HTTP until automatic TLS (or mDNS enabling it) switches new connections.
         from ipa_twisted.net.autotls import SwitchableTLSFactory
         api_tls = SwitchableTLSFactory(site)
-        api_tls.start_tls(server_tls_options(config, lambda: agent.config))
-    elif not config.standalone:
-        # Plain HTTP until automatic TLS (or mDNS enabling it) switches new connections.
-        from ipa_twisted.net.autotls import SwitchableTLSFactory
-        api_tls = SwitchableTLSFactory(site)
+        if config.listen_tls:
+            api_tls.start_tls(server_tls_options(config, lambda: agent.config))
     api = StreamServerEndpointService(make_endpoint(reactor, config), api_tls or site)
     api._raiseSynchronously = True
     return site, api_tls, api
