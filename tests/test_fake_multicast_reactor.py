@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
-
 from twisted.internet import reactor
 from twisted.internet.interfaces import IReactorMulticast
 from twisted.internet.protocol import DatagramProtocol
 from twisted.trial.unittest import TestCase
 
 from ipa_twisted.testing.fake_multicast_reactor import FakeMulticastReactor
-
-
-def parameters(method: object) -> list[str]:
-    return [name for name in inspect.signature(method).parameters  # type: ignore[arg-type]
-            if name != "self"]
+from tests.test_fake_process_reactor import parameters
 
 
 class FakeMulticastReactorContractTests(TestCase):

@@ -27,6 +27,7 @@ class _Ended(ProcessProtocol):
 
 
 def parameters(method: object) -> list[str]:
+    """A method's parameter names (a fake's must be the real one's)."""
     return [name for name in inspect.signature(method).parameters  # type: ignore[arg-type]
             if name != "self"]
 
