@@ -25,14 +25,14 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from ipa_twisted.blockdev.writer import wipe_partition_tables
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.errors import CommandExecutionError, InstanceDeployFailure
 from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError
+from ipa_twisted.retry import GaveUp, fixed, retry
 
 log = Logger()
 
@@ -372,22 +372,20 @@ async def partprobe(context: HardwareContext, device: str) -> bool:
     partprobe is tried ``partprobe_attempts`` times, ``PARTPROBE_RETRY_DELAY`` apart (a
     disk just written may still be busy).
     """
-    attempts = max(context.config.partprobe_attempts, 1)
-    for attempt in range(1, attempts + 1):
-        try:
-            await context.runner.execute("partprobe", device, timeout=_timeout(context))
-        except ProcessExecutionError as e:
-            if attempt < attempts and not isinstance(e, CommandNotFoundError):
-                log.debug("partprobe {device} failed (attempt {attempt} of {attempts}): "
-                          "{error}", device=device, attempt=attempt, attempts=attempts,
-                          error=str(e))
-                await deferLater(context.clock, PARTPROBE_RETRY_DELAY)
-                continue
-            log.warn("Unable to probe for partitions on {device}; the partition table may "
-                     "be broken: {error}", device=device, error=str(e))
-            return False
-        return True
-    return False
+    try:
+        await retry(lambda: context.runner.execute("partprobe", device,
+                                                   timeout=_timeout(context)),
+                    context.clock, "partprobe {device}", backoff=fixed(PARTPROBE_RETRY_DELAY),
+                    attempts=max(context.config.partprobe_attempts, 1),
+                    retry_on=lambda e: (isinstance(e, ProcessExecutionError)
+                                        and not isinstance(e, CommandNotFoundError)),
+                    log=log, level=LogLevel.debug, fields={"device": device})
+    except (ProcessExecutionError, GaveUp) as e:
+        error = e.last if isinstance(e, GaveUp) else e
+        log.warn("Unable to probe for partitions on {device}; the partition table may "
+                 "be broken: {error}", device=device, error=str(error))
+        return False
+    return True
 
 
 async def rescan_device(context: HardwareContext, device: str) -> bool:
@@ -463,7 +461,8 @@ async def wait_for_partition(context: HardwareContext, disk: str, path: str, *,
     kernel_knows_disk = _sysfs_dev(context, os.path.basename(os.path.realpath(disk))) \
         is not None
     name = os.path.basename(path)
-    for attempt in range(1, attempts + 1):
+
+    async def present() -> None:
         number = _sysfs_dev(context, name)
         current = _node_state(path)
         if number is None:
@@ -478,9 +477,18 @@ async def wait_for_partition(context: HardwareContext, disk: str, path: str, *,
             except OSError as e:
                 log.warn("Cannot create the device node {path}: {error}", path=path,
                          error=str(e))
-        if attempt < attempts:
-            await deferLater(context.clock, delay)
-    raise InstanceDeployFailure(f"Partition device {path} did not appear")
+        raise _NotYet(f"{path} is not the partition's block device yet")
+
+    try:
+        await retry(present, context.clock, "Waiting for partition {path}",
+                    backoff=fixed(delay), attempts=attempts, retry_on=_NotYet, log=log,
+                    level=LogLevel.debug, fields={"path": path})
+    except GaveUp:
+        raise InstanceDeployFailure(f"Partition device {path} did not appear") from None
+
+
+class _NotYet(Exception):
+    """What is waited for is not there yet."""
 
 
 # -- identifiers --------------------------------------------------------------------------------

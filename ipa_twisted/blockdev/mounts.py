@@ -17,11 +17,11 @@ import tempfile
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from twisted.internet.task import deferLater
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.process import ProcessExecutionError
+from ipa_twisted.retry import GaveUp, fixed, retry
 
 log = Logger()
 
@@ -73,17 +73,15 @@ class MountStack:
 
     async def unmount(self, target: str) -> None:
         """Unmount ``target``, retrying; the last ProcessExecutionError if it stays mounted."""
-        for attempt in range(1, UMOUNT_ATTEMPTS + 1):
-            try:
-                await self._context.runner.execute("umount", target,
-                                                   timeout=_timeout(self._context))
-                break
-            except ProcessExecutionError as e:
-                if attempt == UMOUNT_ATTEMPTS:
-                    raise
-                log.debug("Unmounting {target} failed (attempt {attempt}): {error}",
-                          target=target, attempt=attempt, error=str(e))
-                await deferLater(self._context.clock, UMOUNT_DELAY)
+        context = self._context
+        try:
+            await retry(lambda: context.runner.execute("umount", target,
+                                                       timeout=_timeout(context)),
+                        context.clock, "Unmounting {target}", backoff=fixed(UMOUNT_DELAY),
+                        attempts=UMOUNT_ATTEMPTS, retry_on=ProcessExecutionError, log=log,
+                        level=LogLevel.debug, fields={"target": target})
+        except GaveUp as e:
+            raise e.last from None
         if target in self.mounted:
             self.mounted.remove(target)
 

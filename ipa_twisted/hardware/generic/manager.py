@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from ipa_twisted.blockdev.disks import destroy_disk_metadata
 from ipa_twisted.context import Deployment, HardwareContext
@@ -43,6 +42,7 @@ from ipa_twisted.hardware.inventory import (CPU, BlockDevice, BootInfo, Memory,
                                             NetworkInterface, SystemVendorInfo)
 from ipa_twisted.process import (CommandNotFoundError, ProcessExecutionError,
                                  ProcessTimeoutError)
+from ipa_twisted.retry import GaveUp, fixed, retry
 
 LSBLK_COLUMNS = "KNAME,MODEL,SIZE,ROTA,TYPE,UUID,PARTUUID,SERIAL,WWN,VENDOR,LOG-SEC,PHY-SEC,TRAN"
 
@@ -313,18 +313,17 @@ class GenericHardwareManager(HardwareManager):
         """
         config = self.context.config
         attempts = max(1, config.disk_wait_attempts)
-        for attempt in range(1, attempts + 1):
-            try:
-                if await self.list_block_devices():
-                    return
-            except Exception as e:
-                self.log.warn("Listing disks failed: {error}", error=str(e))
-            if attempt < attempts:
-                self.log.info("No disk yet (attempt {attempt} of {attempts}); checking again "
-                              "in {delay} s", attempt=attempt, attempts=attempts,
-                              delay=config.disk_wait_delay)
-                await deferLater(self.context.clock, config.disk_wait_delay)
-        self.log.warn("No disk appeared after {attempts} attempts", attempts=attempts)
+
+        async def listed() -> None:
+            if not await self.list_block_devices():
+                raise _NoDiskYet("no disk listed yet")
+
+        try:
+            await retry(listed, self.context.clock, "Waiting for a disk",
+                        backoff=fixed(config.disk_wait_delay), attempts=attempts,
+                        log=self.log, level=LogLevel.info)
+        except GaveUp:
+            self.log.warn("No disk appeared after {attempts} attempts", attempts=attempts)
 
     # -- the install device ----------------------------------------------------------------
     def cache_node(self, node: Any) -> None:
@@ -558,6 +557,10 @@ class GenericHardwareManager(HardwareManager):
         steps = [raid["delete_configuration"], raid["apply_configuration"],
                  raid["create_configuration"], write_image, dict(inject.INJECT_FILES_STEP)]
         return [{**step, "priority": 0} for step in steps]
+
+
+class _NoDiskYet(Exception):
+    """``wait_for_disks``: the listing is still empty."""
 
 
 @dataclass(frozen=True)
