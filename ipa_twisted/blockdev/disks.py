@@ -31,7 +31,7 @@ from twisted.logger import Logger, LogLevel
 from ipa_twisted.blockdev.writer import wipe_partition_tables
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.errors import CommandExecutionError, InstanceDeployFailure
-from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError
+from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError, failures_as
 from ipa_twisted.retry import GaveUp, fixed, retry
 
 log = Logger()
@@ -180,12 +180,9 @@ async def create_partition_table(context: HardwareContext, device: str,
     """Write an empty ``table_type`` (gpt, msdos) table; CommandExecutionError on failure."""
     log.info("Creating a {table} partition table on {device}", table=table_type,
              device=device)
-    try:
+    with failures_as(CommandExecutionError, f"Failed to create partition table on {device}"):
         await context.runner.execute("parted", device, "-s", "--", "mklabel", table_type,
                                      timeout=_timeout(context))
-    except ProcessExecutionError as e:
-        raise CommandExecutionError(
-            f"Failed to create partition table on {device}: {e}") from e
 
 
 # -- erasing ------------------------------------------------------------------------------------

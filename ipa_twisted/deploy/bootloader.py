@@ -54,7 +54,7 @@ from ipa_twisted.blockdev import disks
 from ipa_twisted.deploy import efi
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.blockdev.mounts import MountStack, mounted, remove_mount_point
-from ipa_twisted.process import ProcessExecutionError
+from ipa_twisted.process import ProcessExecutionError, failures_as
 
 log = Logger()
 
@@ -169,7 +169,8 @@ async def find_partition(context: HardwareContext, device: str, uuid: str) -> st
     ``uuid``; DeviceNotFound if there is none, CommandExecutionError if looking fails."""
     log.debug("Looking for partition {uuid} on {device}", uuid=uuid, device=device)
     wanted = uuid.lower()
-    try:
+    with failures_as(CommandExecutionError, f"Finding the partition with UUID {uuid} on "
+                     f"device {device} failed with {{error}}"):
         await disks.rescan_device(context, device)
         for path in await _candidates(context, device):
             if not os.path.exists(path):
@@ -190,9 +191,6 @@ async def find_partition(context: HardwareContext, device: str, uuid: str) -> st
             lines = out.decode("utf-8", "replace").split()
             if lines:
                 return lines[0]
-    except ProcessExecutionError as e:
-        raise CommandExecutionError(f"Finding the partition with UUID {uuid} on device "
-                                    f"{device} failed with {e}") from e
     if is_md_device(context, device):
         md_partition = disks.partition_index_to_path(device, 1)
         try:
@@ -267,7 +265,7 @@ async def manage_uefi(context: HardwareContext, device: str,
             f"No EFI partition could be detected on device {device} and EFI partition "
             "UUID has not been recorded during deployment (which is often the case for "
             "whole disk images). Are you using a UEFI-compatible image?")
-    try:
+    with failures_as(CommandExecutionError, f"Could not configure UEFI boot on device {device}"):
         async with mounted(context, esp, prefix="ipa-esp-") as where:
             loaders = efi.find_efi_loaders(where)
             if not loaders:
@@ -275,9 +273,6 @@ async def manage_uefi(context: HardwareContext, device: str,
                 return False
             await efi.register(context, device, number, efi.boot_entries(where, loaders))
             return True
-    except ProcessExecutionError as e:
-        raise CommandExecutionError(
-            f"Could not configure UEFI boot on device {device}: {e}") from e
 
 
 async def efi_boot_setup(context: HardwareContext, device: str,

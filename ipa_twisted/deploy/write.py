@@ -37,7 +37,7 @@ from ipa_twisted.deploy import configdrive as configdrives
 from ipa_twisted.deploy import partition
 from ipa_twisted.images.formats import gpt_sector_size
 from ipa_twisted.deploy.image_info import is_partition_image
-from ipa_twisted.process import ProcessExecutionError
+from ipa_twisted.process import failures_as
 
 log = Logger()
 
@@ -118,7 +118,9 @@ async def write_image_to_disk(context: HardwareContext, device: str,
         log.info("Fetching the config drive ({what})",
                  what=configdrives.describe(configdrive))
         data = await configdrives.get_configdrive(context, configdrive, fetch=fetch)
-    try:
+    with failures_as(make=lambda e: ImageWriteError(
+            device, e.exit_code, e.stdout.decode("utf-8", "replace"),
+            e.stderr.decode("utf-8", "replace"))):
         if is_partition_image(image_info):
             if data is not None:
                 data = await configdrives.fit_sector_size(context, device, data)
@@ -131,9 +133,6 @@ async def write_image_to_disk(context: HardwareContext, device: str,
             return await _write_partition_image(context, device, image_info, layout, writer,
                                                 data, wipe)
         return await _write_whole_disk(context, device, image_info, writer, data, wipe)
-    except ProcessExecutionError as e:
-        raise ImageWriteError(device, e.exit_code, e.stdout.decode("utf-8", "replace"),
-                              e.stderr.decode("utf-8", "replace")) from e
 
 
 async def _write_partition_image(context: HardwareContext, device: str,

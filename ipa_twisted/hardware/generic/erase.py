@@ -42,7 +42,7 @@ from ipa_twisted.hardware import root_device
 from ipa_twisted.hardware.generic import raid
 from ipa_twisted.hardware.generic.disk_source import DiskSource
 from ipa_twisted.hardware.inventory import BlockDevice
-from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError
+from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError, failures_as
 
 log = Logger()
 
@@ -636,11 +636,9 @@ class DiskEraser:
                 raise BlockDeviceEraseError(
                     f"Block device {name} already has a security password set")
         if not security.enabled:
-            try:
+            with failures_as(BlockDeviceEraseError,
+                             f"Security password set failed for device {name}"):
                 await self._hdparm("--user-master", "u", "--security-set-pass", "NULL", name)
-            except ProcessExecutionError as e:
-                raise BlockDeviceEraseError(
-                    f"Security password set failed for device {name}: {e}") from e
         enhanced = security.enhanced_erase_supported
         option = "--security-erase-enhanced" if enhanced else "--security-erase"
         minutes = security.enhanced_erase_minutes if enhanced else security.erase_minutes
@@ -734,11 +732,9 @@ class DiskEraser:
         disk.use("nvme_format_crypto_erase" if mode == 2 else "nvme_format_user_data_erase")
         self.log.info("Formatting {device} with NVMe secure erase (ses={mode}, {kind})",
                       device=name, mode=mode, kind=kind)
-        try:
+        with failures_as(BlockDeviceEraseError, f"Failed to nvme format device {name}"):
             await self.context.runner.execute("nvme", "format", name, "--ses", str(mode),
                                               "--force", timeout=NVME_FORMAT_TIMEOUT)
-        except ProcessExecutionError as e:
-            raise BlockDeviceEraseError(f"Failed to nvme format device {name}: {e}") from e
         return f"nvme format --ses {mode} ({kind})"
 
     async def _shred(self, device: BlockDevice, settings: EraseSettings,
@@ -749,11 +745,9 @@ class DiskEraser:
         self.log.info("Shredding {device}: {iterations} random pass(es){zeros}",
                       device=device.name, iterations=settings.iterations,
                       zeros=" and zeros" if settings.zeroize else "")
-        try:
+        with failures_as(BlockDeviceEraseError,
+                         f"Erasing block device {device.name} with shred failed"):
             await self.context.runner.execute(*argv, timeout=None)
-        except ProcessExecutionError as e:
-            raise BlockDeviceEraseError(
-                f"Erasing block device {device.name} with shred failed: {e}") from e
         return (f"shred: {settings.iterations} random pass(es)"
                 + (" and a pass of zeros" if settings.zeroize else ""))
 

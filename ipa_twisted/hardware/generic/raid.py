@@ -45,7 +45,7 @@ from ipa_twisted.errors import CommandExecutionError, SoftwareRAIDError
 from ipa_twisted.hardware import root_device
 from ipa_twisted.hardware.generic.disk_source import DiskSource
 from ipa_twisted.hardware.inventory import BlockDevice
-from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError
+from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError, failures_as
 
 log = Logger()
 
@@ -438,11 +438,9 @@ async def protected_devices(context: HardwareContext, node: Any,
 async def md_restart(context: HardwareContext, raid_device: str) -> None:
     """Stop and re-assemble ``raid_device``; CommandExecutionError on failure."""
     components = await get_component_devices(context, raid_device)
-    try:
+    with failures_as(CommandExecutionError, f"Could not restart md device {raid_device}"):
         await _mdadm(context, "--stop", raid_device)
         await _mdadm(context, "--assemble", raid_device, *components)
-    except ProcessExecutionError as e:
-        raise CommandExecutionError(f"Could not restart md device {raid_device}: {e}") from e
 
 
 async def md_get_raid_devices(context: HardwareContext) -> dict[str, dict[str, str]]:
@@ -514,15 +512,12 @@ async def prepare_boot_partitions_for_softraid(context: HardwareContext, raid_de
     device = md_path(context, f"md{_free_md_numbers(context, 1)[0]}")
     log.info("Mirroring the EFI system partitions {partitions} as {device}",
              partitions=", ".join(partitions), device=device)
-    try:
+    with failures_as(SoftwareRAIDError, f"Could not create the RAIDed ESP on {partitions}"):
         await _mdadm(context, "--create", device, "--force", "--run", "--metadata=1.0",
                      "--level", "1", "--name", ESP_VOLUME_NAME, "--raid-devices",
                      str(len(partitions)), *partitions)
         await context.runner.execute("mkfs.vfat", "-F", "32", "-n", "EFI-SYSTEM", device,
                                      timeout=_timeout(context))
-    except ProcessExecutionError as e:
-        raise SoftwareRAIDError(f"Could not create the RAIDed ESP on {partitions}: {e}") \
-            from e
     return device
 
 
@@ -760,7 +755,7 @@ class SoftwareRaid:
         ordered = sorted(plans, key=lambda p: p.size_gb is None)
         self.log.info("Software RAID on {holders}: {table} tables, boot mode {mode}",
                       holders=", ".join(holders), table=table, mode=boot_mode)
-        try:
+        with failures_as(SoftwareRAIDError, "Failed to create the software RAID"):
             layouts = [self._holder_layout(holder, number, table, boot_mode, ordered)
                        for number, holder in enumerate(holders)]
             # Each holder is its own disk: partition them all at once.
@@ -769,8 +764,6 @@ class SoftwareRaid:
             names = _free_md_numbers(context, len(ordered))
             for plan, md_number in zip(ordered, names):
                 await self._create_md_device(plan, md_path(context, f"md{md_number}"))
-        except ProcessExecutionError as e:
-            raise SoftwareRAIDError(f"Failed to create the software RAID: {e}") from e
         self.log.info("Successfully created Software RAID: {devices}", devices=", ".join(
             f"{p.device} (RAID-{p.raid_level} on {', '.join(p.components)})" for p in ordered))
         return dict(raid_config)
@@ -818,11 +811,9 @@ class SoftwareRaid:
         context = self.context
         self.log.info("Partitioning {device}: {commands}", device=holder,
                       commands=" ".join(commands))
-        try:
+        with failures_as(SoftwareRAIDError, f"Failed to create partitions on {holder}"):
             await context.runner.execute("parted", "-s", "-a", "optimal", holder, "--",
                                          *commands, timeout=_timeout(context))
-        except ProcessExecutionError as e:
-            raise SoftwareRAIDError(f"Failed to create partitions on {holder}: {e}") from e
         await disks.rescan_device(context, holder)
         for component in created:
             await disks.wait_for_partition(context, holder, component)
@@ -833,22 +824,18 @@ class SoftwareRaid:
         self.log.info("Creating md device {device} ({name}): RAID-{raid_level} on {components}",
                       device=device, name=name, raid_level=plan.raid_level,
                       components=", ".join(components))
-        try:
+        with failures_as(SoftwareRAIDError,
+                         f"Failed to create md device {device} on {' '.join(components)}"):
             await _mdadm(self.context, "--create", device, "--force", "--run", "--metadata=1",
                          "--level", mdadm_level(plan.raid_level), "--name", name,
                          "--raid-devices", str(len(components)), *components)
-        except ProcessExecutionError as e:
-            raise SoftwareRAIDError(f"Failed to create md device {device} on "
-                                    f"{' '.join(components)}: {e}") from e
         plan.device = device
         actual = await get_component_devices(self.context, device)
         for missing in [c for c in components if c not in actual]:
             self.log.warn("Found {component} to be missing from {device}; re-adding it",
                           component=missing, device=device)
-            try:
+            with failures_as(SoftwareRAIDError, f"Failed re-add {missing} to {device}"):
                 await _mdadm(self.context, "--add", device, missing)
-            except ProcessExecutionError as e:
-                raise SoftwareRAIDError(f"Failed re-add {missing} to {device}: {e}") from e
 
     async def _raid_candidates(self, node: Any, *, log_excluded: bool = False
                                ) -> tuple[list[BlockDevice], dict[str, tuple[BlockDevice, str]],
