@@ -40,7 +40,7 @@ from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.hardware.generic.manager import GenericHardwareManager
 from ipa_twisted.deploy.inject import INJECT_FILES_STEP, inject_files
 from ipa_twisted.hardware.interface import HardwareManager
-from ipa_twisted.hardware.generic.raid import is_md_name
+from ipa_twisted.blockdev.md import is_md_name
 from ipa_twisted.process import ProcessRunner
 from ipa_twisted.testing.fake_managers import FixedDeviceManager
 from ipa_twisted.testing.sandbox import LoopOnlyRunner

@@ -16,13 +16,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from ipa_twisted.blockdev import md
+from ipa_twisted.blockdev.md import parse_examine_scan, parse_mdadm_detail, parse_mdstat
+from ipa_twisted.context import HardwareContext
 from ipa_twisted.errors import CommandExecutionError, DeviceNotFound, SoftwareRAIDError
 from ipa_twisted.hardware.generic import raid
 from ipa_twisted.hardware.generic.manager import GenericHardwareManager
-from ipa_twisted.context import HardwareContext
-from ipa_twisted.hardware.generic.raid import (parse_examine_scan, parse_mdadm_detail,
-                                               parse_mdstat, raid_clean_steps,
-                                               raid_deploy_steps)
+from ipa_twisted.hardware.generic.raid import raid_clean_steps, raid_deploy_steps
 from ipa_twisted.testing.fake_process import Exit, FakeRunner
 from ipa_twisted.testing.fake_md import FakeMdMachine, Part, parted_commands
 from ipa_twisted.testing.fake_system import FakeSystem
@@ -121,29 +121,29 @@ class ParsingTests(SynchronousTestCase):
         self.assertEqual(raid.mdadm_level("1+0"), "10")
         self.assertEqual(raid.mdadm_level("5"), "5")
         for name in ("/dev/md0", "md127", "/dev/md/root", "/dev/md0p1"):
-            self.assertTrue(raid.is_md_name(name), name)
+            self.assertTrue(md.is_md_name(name), name)
         for name in ("/dev/sda", "/dev/mdx", "/dev/nvme0n1"):
-            self.assertFalse(raid.is_md_name(name), name)
+            self.assertFalse(md.is_md_name(name), name)
 
     def test_parent_disk(self) -> None:
         system = FakeSystem(self.mktemp())
         context = HardwareContext(system.config(), FakeRunner(), Clock(), None)
-        self.assertEqual(raid.parent_disk(context, "/dev/sda1"), "/dev/sda")
-        self.assertEqual(raid.parent_disk(context, "/dev/nvme0n1p3"), "/dev/nvme0n1")
-        self.assertEqual(raid.parent_disk(context, "/dev/md0p1"), "/dev/md0")
-        self.assertEqual(raid.parent_disk(context, "/dev/sda"), "/dev/sda")
-        self.assertEqual(raid.parent_disk(context, "/dev/nvme0n1"), "/dev/nvme0n1")
-        self.assertEqual(raid.parent_disk(context, "/dev/mmcblk0p1"), "/dev/mmcblk0")
+        self.assertEqual(md.parent_disk(context, "/dev/sda1"), "/dev/sda")
+        self.assertEqual(md.parent_disk(context, "/dev/nvme0n1p3"), "/dev/nvme0n1")
+        self.assertEqual(md.parent_disk(context, "/dev/md0p1"), "/dev/md0")
+        self.assertEqual(md.parent_disk(context, "/dev/sda"), "/dev/sda")
+        self.assertEqual(md.parent_disk(context, "/dev/nvme0n1"), "/dev/nvme0n1")
+        self.assertEqual(md.parent_disk(context, "/dev/mmcblk0p1"), "/dev/mmcblk0")
         # sysfs knows better than names: a whole disk named like a partition
         system.write("sys/devices/virtual/block/loop1/size", "0")
         os.makedirs(system.path("sys/class/block"), exist_ok=True)
         os.symlink(system.path("sys/devices/virtual/block/loop1"),
                    system.path("sys/class/block/loop1"))
-        self.assertEqual(raid.parent_disk(context, "/dev/loop1"), "/dev/loop1")
+        self.assertEqual(md.parent_disk(context, "/dev/loop1"), "/dev/loop1")
         system.write("sys/devices/virtual/block/loop1/loop1p2/partition", "2")
         os.symlink(system.path("sys/devices/virtual/block/loop1/loop1p2"),
                    system.path("sys/class/block/loop1p2"))
-        self.assertEqual(raid.parent_disk(context, "/dev/loop1p2"), "/dev/loop1")
+        self.assertEqual(md.parent_disk(context, "/dev/loop1p2"), "/dev/loop1")
 
     def test_steps(self) -> None:
         self.assertEqual([(s["step"], s["priority"], s["interface"], s["abortable"])
@@ -243,7 +243,7 @@ class CreateTests(RaidTestCase):
             "mdadm", "--create", self.dev("md0"), "--force", "--run", "--metadata=1",
             "--level", "1", "--name", "root", "--raid-devices", "2", self.dev("vda2"),
             self.dev("vdb2"))])
-        [md0] = raid.list_md_devices(manager.context)
+        [md0] = md.list_md_devices(manager.context)
         self.assertEqual((md0.name, md0.active, md0.level), ("md0", True, "raid1"))
         self.assertEqual(self.result(manager.get_holder_disks(self.dev("md0"))),
                          [self.dev("vda"), self.dev("vdb")])
@@ -373,7 +373,7 @@ class DeleteTests(RaidTestCase):
             self.assertIn(("mdadm", "--zero-superblock", self.dev(member)), argvs)
         self.assertEqual(self.machine.arrays, {})
         self.assertEqual(self.machine.superblocks, {})
-        self.assertEqual(raid.list_md_devices(manager.context), [])
+        self.assertEqual(md.list_md_devices(manager.context), [])
         # the holders' partition tables are gone (wipefs, sgdisk -Z, both ends zeroed)
         self.assertEqual(self.wiped, [self.dev("vda"), self.dev("vdb"), self.dev("vdc")])
         self.assertEqual(self.machine.parts[self.dev("vda")], [])
@@ -430,13 +430,13 @@ class HelperTests(RaidTestCase):
         context = manager.context
         self.result(manager.create_configuration(node(RAID1_MAX), []))
         md0 = self.dev("md0")
-        self.assertTrue(self.result(raid.is_md_device(context, md0)))
-        self.assertFalse(self.result(raid.is_md_device(context, self.dev("vda"))))
-        self.assertEqual(self.result(raid.get_component_devices(context, md0)),
+        self.assertTrue(self.result(md.is_md_device(context, md0)))
+        self.assertFalse(self.result(md.is_md_device(context, self.dev("vda"))))
+        self.assertEqual(self.result(md.get_component_devices(context, md0)),
                          [self.dev("vda1"), self.dev("vdb1"), self.dev("vdc1")])
-        self.assertEqual(list(self.result(raid.md_get_raid_devices(context))),
+        self.assertEqual(list(self.result(md.md_get_raid_devices(context))),
                          ["/dev/md/md0"])
-        self.result(raid.md_restart(context, md0))
+        self.result(md.md_restart(context, md0))
         self.assertIn(("mdadm", "--assemble", md0, self.dev("vda1"), self.dev("vdb1"),
                        self.dev("vdc1")), self.runner.argvs)
 
@@ -444,15 +444,15 @@ class HelperTests(RaidTestCase):
         answers = self.machine.answers()
         answers[("mdadm", "--stop")] = Exit(1, b"", b"mdadm: Cannot get exclusive access")
         context = self.manager(FakeRunner(answers)).context
-        failed = Deferred.fromCoroutine(raid.md_restart(context, self.dev("md0")))
+        failed = Deferred.fromCoroutine(md.md_restart(context, self.dev("md0")))
         self.assertIn("Cannot get exclusive access",
                       str(self.failureResultOf(failed, CommandExecutionError).value))
 
     def test_without_mdadm(self) -> None:
         context = self.manager(FakeRunner({}, missing=["mdadm"])).context
-        self.assertFalse(self.result(raid.is_md_device(context, self.dev("md0"))))
-        self.result(raid.md_scan_and_assemble(context))        # logged, not raised
-        self.assertEqual(raid.list_md_devices(context), [])
+        self.assertFalse(self.result(md.is_md_device(context, self.dev("md0"))))
+        self.result(md.md_scan_and_assemble(context))        # logged, not raised
+        self.assertEqual(md.list_md_devices(context), [])
 
 # -- skip_block_devices: protected disks and volumes ------------------------------------------
 
@@ -528,8 +528,8 @@ class ProtectedRaidTests(RaidTestCase):
         argvs = self.runner.argvs
         self.assertIn(("wipefs", "-af", self.md["scratch"]), argvs)    # contents wiped
         self.assertNotIn(("wipefs", "-af", self.md["data"]), argvs)
-        for md in self.md.values():
-            self.assertNotIn(("mdadm", "--stop", md), argvs)
+        for array in self.md.values():
+            self.assertNotIn(("mdadm", "--stop", array), argvs)
         touched = [argv for argv in argvs if argv[0] in ("mdadm", "wipefs", "sgdisk", "parted")
                    and any(a.startswith((self.dev("vda"), self.dev("vdb"))) for a in argv)]
         self.assertEqual(touched, [])
