@@ -14,17 +14,26 @@ project's machines): QEMU emulates the CPU (TCG), a boot to the agent's API take
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import platform
+import re
+import shlex
 import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.processes import ROOT, Child, free_port, poll, sleep
@@ -126,17 +135,50 @@ class Disk:
         return data.find(needle)
 
 
+class _ProbeShell(Protocol):
+    """The guest's probe shell (``ipa-ramdisk-probe``): one command at a time, its output
+    base64-encoded between markers (the serial line is not 8-bit clean for us)."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.waiting: tuple[bytes, Deferred[tuple[int, bytes]]] | None = None
+        self.closed: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        if self.waiting is None:
+            return
+        marker, answered = self.waiting
+        found = re.search(rb"@@BEGIN " + marker + rb"@@(.*?)@@END " + marker + rb" (\d+)@@",
+                          self.buffer, re.DOTALL)
+        if found:
+            self.waiting, self.buffer = None, self.buffer[found.end():]
+            answered.callback((int(found.group(2)),
+                               base64.b64decode(b"".join(found.group(1).split()))))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.closed.callback(None)
+
+
 class VirtualMachine:
-    """The ramdisk in QEMU with ``disks``; ``http_port`` is forwarded as ``GUEST_HTTP``."""
+    """The ramdisk in QEMU with ``disks``; ``http_port`` is forwarded as ``GUEST_HTTP``.
+
+    With ``probe``, the guest also runs a root shell on its second serial port
+    (``ipa-ramdisk-probe=ttyS1``, a UNIX socket on the host) for ``run_in_guest``.
+    """
 
     def __init__(self, ramdisk: Ramdisk, disks: list[Disk], *, memory_mb: int = 1024,
                  cpus: int = 2, http_port: int | None = None,
-                 kernel_args: str = "ipa-standalone=1") -> None:
+                 kernel_args: str = "ipa-standalone=1", probe: bool = False) -> None:
         self.ramdisk, self.disks = ramdisk, disks
         self.memory_mb, self.cpus = memory_mb, cpus
         self.http_port, self.kernel_args = http_port, kernel_args
         self.port = free_port()
         self.child: Child | None = None
+        self.probe_path = (os.path.join(tempfile.mkdtemp(prefix="ipa-probe-"), "ttyS1")
+                           if probe else None)
+        self._probe: _ProbeShell | None = None
+        self._probes = 0
         self.boot_seconds: float | None = None
         # No connection kept alive between requests: nothing is left for the reactor.
         self.http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor,
@@ -159,9 +201,13 @@ class VirtualMachine:
         argv = [QEMU, "-machine", "q35", "-accel", accel, "-cpu", "max",
                 "-m", str(self.memory_mb), "-smp", str(self.cpus),
                 "-kernel", self.ramdisk.kernel, "-initrd", self.ramdisk.initrd,
-                "-append", f"console=ttyS0 panic=-1 {self.kernel_args}",
+                "-append", f"console=ttyS0 panic=-1 {self.kernel_args}"
+                + (" ipa-ramdisk-probe=ttyS1" if self.probe_path else ""),
                 "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
                 "-nic", nic]
+        if self.probe_path:
+            argv += ["-chardev", f"socket,id=probe,path={self.probe_path},server=on,wait=off",
+                     "-serial", "chardev:probe"]
         sata = 0
         for number, disk in enumerate(self.disks):
             drive = f"disk{number}"
@@ -203,8 +249,40 @@ class VirtualMachine:
         return self.child.output.decode("utf-8", "replace") if self.child else ""
 
     async def stop(self) -> None:
+        if self._probe is not None:
+            probe, self._probe = self._probe, None
+            if probe.transport is not None:
+                probe.transport.loseConnection()
+            await probe.closed
         if self.child is not None:
             await self.child.stop("KILL")
+        if self.probe_path:
+            shutil.rmtree(os.path.dirname(self.probe_path), ignore_errors=True)
+
+    async def run_in_guest(self, argv: Sequence[str], timeout: float = 60) -> tuple[int, bytes]:
+        """(exit code, standard output) of ``argv`` run by the guest's probe shell."""
+        if self.probe_path is None:
+            raise ValueError("run_in_guest needs VirtualMachine(probe=True)")
+        if self._probe is None:
+            self._probe = await connectProtocol(UNIXClientEndpoint(reactor, self.probe_path),
+                                                _ProbeShell())
+        self._probes += 1
+        marker = str(self._probes).encode()
+        answered: Deferred[tuple[int, bytes]] = Deferred()
+        self._probe.waiting = (marker, answered)
+        command = " ".join(shlex.quote(word) for word in argv)
+        assert self._probe.transport is not None
+        self._probe.transport.write(
+            f"{command} >/tmp/probe.out 2>/dev/null; code=$?; "
+            f"echo '@@BEGIN {self._probes}@@'; base64 /tmp/probe.out; "
+            f"echo \"@@END {self._probes} $code@@\"\n".encode())
+        answered.addTimeout(timeout, reactor)
+        try:
+            return await answered
+        except Exception as e:
+            raise AssertionError(f"{command}: no answer from the guest's probe shell in "
+                                 f"{timeout} s ({e!r}); it printed "
+                                 f"{self._probe.buffer[-2000:]!r}") from None
 
     # -- the API ---------------------------------------------------------------------------
     async def post(self, name: str, params: dict[str, Any], wait: bool = True,

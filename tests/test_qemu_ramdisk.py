@@ -1,5 +1,10 @@
 """Cleaning, secure erase and software RAID in the real ramdisk, booted in QEMU.
 
+The recorded tool outputs the unit tests answer from (``ipa_twisted/testing/
+ramdisk_recordings.py``) are re-checked on the way: their commands run in the guest (a shell
+on its second serial port) once it holds the RAID-1, and each fresh output must have its
+recording's shape and be read alike by the parsers.
+
 One boot serves the whole sequence (the reactor must be clean between tests, so a VM
 cannot outlive a test): the ramdisk of ramdisk/build.sh boots with two virtio disks, an NVMe
 and a SATA disk (file-backed, 64 MiB), and the test drives the agent inside over its API
@@ -25,7 +30,9 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.server import Site
 
+from ipa_twisted.blockdev.md import parse_mdstat
 from ipa_twisted.process import ProcessRunner
+from ipa_twisted.testing.ramdisk_recordings import RECORDINGS
 from tests import qemu
 from tests.image_server import ImageResource
 
@@ -111,6 +118,31 @@ class RamdiskInQemuTests(TestCase):
         with open(os.path.join(self.work, "console.log"), "w") as f:
             f.write(vm.console)
 
+    async def rerecord(self, vm: qemu.VirtualMachine, **devices: str) -> None:
+        """Every recorded output the unit tests use (``ramdisk_recordings``), its command
+        run again in the guest: the fresh output has the recording's shape and the parsers
+        read it as they read the recording. Fresh outputs go to .cache/ramdisk-recordings/."""
+        names = {kind: os.path.basename(path) for kind, path in devices.items()}
+        _, mdstat = await vm.run_in_guest(["cat", "/proc/mdstat"])
+        arrays = parse_mdstat(mdstat.decode())
+        self.assertTrue(arrays, mdstat)
+        names["md"] = arrays[0].name
+        # The recordings were made once the mirror was in sync (exit 1: nothing to wait for).
+        await vm.run_in_guest(["mdadm", "--wait", f"/dev/{names['md']}"], timeout=300)
+        kept = os.path.join(qemu.ROOT, ".cache", "ramdisk-recordings")
+        os.makedirs(kept, exist_ok=True)
+        for recording in RECORDINGS:
+            argv = [word.format(**names) for word in recording.command]
+            code, output = await vm.run_in_guest(argv)
+            text = output.decode("utf-8", "replace")
+            with open(os.path.join(kept, f"{recording.name}.txt"), "w") as f:
+                f.write(text)
+            self.assertEqual(code, 0, f"{' '.join(argv)} exited {code}:\n{text}")
+            self.assertEqual(recording.shape(text), recording.shape(recording.output),
+                             f"{recording.name} ({' '.join(argv)}) has drifted:\n{text}")
+            self.assertEqual(recording.parsed(text), recording.parsed(recording.output),
+                             f"{recording.name}: the parser reads it differently:\n{text}")
+
     def succeeded(self, result: dict[str, Any], vm: qemu.VirtualMachine) -> Any:
         self.assertEqual(result["command_status"], "SUCCEEDED",
                          f"{result}\nconsole:\n{vm.console[-3000:]}")
@@ -125,7 +157,7 @@ class RamdiskInQemuTests(TestCase):
         server = reactor.listenTCP(0, Site(ImageResource(image)), interface="127.0.0.1")
         self.addCleanup(server.stopListening)
         vm = qemu.VirtualMachine(ramdisk, list(self.disks.values()),
-                                 http_port=server.getHost().port)
+                                 http_port=server.getHost().port, probe=True)
         self.addCleanup(vm.stop)
         self.addCleanup(self.keep_console, vm)
         self.timings["boot to API"] = round(await vm.start(), 1)
@@ -212,6 +244,10 @@ class RamdiskInQemuTests(TestCase):
             # partition 2 (after the BIOS boot partition) holds the md superblock at 4 KiB
             self.assertEqual(disk.read(8 * MiB + 4096, 4), MD_MAGIC, serial)
         self.assertNotEqual(self.disks["IPA-NVME-1"].read(512, 8), b"EFI PART")
+
+        # -- the recorded mdadm/hdparm/nvme/lsblk outputs, re-checked on the real tools ----
+        await self.rerecord(vm, virtio=devices["IPA-VIRTIO-1"], sata=sata, nvme=nvme)
+
         result, _ = await self.clean_step(vm, "delete_configuration", raid_node, versions)
         self.succeeded(result, vm)
         for serial in ("IPA-VIRTIO-1", "IPA-VIRTIO-2"):

@@ -73,6 +73,29 @@ ATA device, with non-removable media
 Standards:
 \tUsed: ATA/ATAPI-5 published, ANSI INCITS 340-2000 
 \tSupported: 7 6 5 4 & some of 6
+Configuration:
+\tLogical\t\tmax\tcurrent
+\tcylinders\t130\t130
+\theads\t\t16\t16
+\tsectors/track\t63\t63
+\t--
+\tCHS current addressable sectors:      131040
+\tLBA    user addressable sectors:      131072
+\tLBA48  user addressable sectors:      131072
+\tLogical  Sector size:                   512 bytes
+\tPhysical Sector size:                   512 bytes
+\tdevice size with M = 1024*1024:          64 MBytes
+\tdevice size with M = 1000*1000:          67 MBytes (0 GB)
+\tcache/buffer size  = 256 KBytes (type=DualPortCache)
+Capabilities:
+\tLBA, IORDY(cannot be disabled)
+\tQueue depth: 32
+\tStandby timer values: spec'd by Vendor
+\tR/W multiple sector transfer: Max = 16\tCurrent = 16
+\tDMA: sdma0 sdma1 sdma2 mdma0 mdma1 mdma2 udma0 udma1 udma2 udma3 udma4 *udma5 
+\t     Cycle time: min=120ns recommended=120ns
+\tPIO: pio0 pio1 pio2 pio3 pio4 
+\t     Cycle time: no flow control=120ns  IORDY flow control=120ns
 Commands/features:
 \tEnabled\tSupported:
 \t   *\tSMART feature set
