@@ -22,10 +22,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.errors import BlockDeviceEraseError, ProtectedDeviceError
 from ipa_twisted.blockdev import disks
-from ipa_twisted.hardware.generic import erase
-from ipa_twisted.hardware.generic.erase import (EraseProgress, EraseSettings,
-                                                erase_clean_steps, parse_ata_security,
-                                                parse_nvme_id_ctrl, shred_argv)
+from ipa_twisted.blockdev.drives import parse_ata_security, parse_nvme_id_ctrl
+from ipa_twisted.hardware.generic.erase import EraseSettings, erase_clean_steps, shred_argv
+from ipa_twisted.hardware.generic.erase_progress import PROGRESS_LOG_INTERVAL, EraseProgress
 from ipa_twisted.hardware.generic.manager import GenericHardwareManager
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.hardware.inventory import BlockDevice
@@ -593,14 +592,14 @@ class EraseDevicesTests(EraseTestCase):
         manager = self.manager(runner)
         erasing = Deferred.fromCoroutine(manager.erase_devices({}, []))
         with capturedLogs() as events:
-            self.clock.advance(erase.PROGRESS_LOG_INTERVAL)
+            self.clock.advance(PROGRESS_LOG_INTERVAL)
         logged = {e.get("device") for e in events if "percent" in e}
         self.assertEqual(logged, {self.dev(d["name"]) for d in self.DISKS})
         while runner.waiting:
             runner.finish()
         self.successResultOf(erasing)
         with capturedLogs() as events:
-            self.clock.advance(erase.PROGRESS_LOG_INTERVAL)
+            self.clock.advance(PROGRESS_LOG_INTERVAL)
         self.assertEqual([e for e in events if "percent" in e], [])
 
 class ExpressTests(EraseTestCase):

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ipa_twisted.hardware.generic.erase import parse_ata_security, parse_nvme_id_ctrl
+from ipa_twisted.blockdev.drives import parse_ata_security, parse_nvme_id_ctrl
 from ipa_twisted.blockdev.md import parse_examine_scan, parse_mdadm_detail, parse_mdstat
 
 # -- the recordings (RAID-1 over two virtio disks, an NVMe and a SATA disk) --------------------

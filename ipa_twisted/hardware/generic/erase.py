@@ -17,41 +17,32 @@ in ``driver_info`` is used when Ironic sends none):
 
 A disk that supports neither hardware erase is shredded; one whose supported erase fails stops
 the step unless shredding instead is allowed. Erasure is slow: ``EraseProgress`` shows on the
-running command what each disk is doing and how far it got (the bytes the kernel has written
-to it, from sysfs), and is logged every ``PROGRESS_LOG_INTERVAL`` seconds.
+running command what each disk is doing and how far it got (``erase_progress``); what a drive
+supports comes from ``ipa_twisted.blockdev.drives``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import DeferredSemaphore
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ipa_twisted.blockdev import disks
+from ipa_twisted.blockdev.drives import AtaSecurity, parse_ata_security, parse_nvme_id_ctrl
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.errors import BlockDeviceEraseError, ProtectedDeviceError
 from ipa_twisted.hardware import root_device
 from ipa_twisted.hardware.generic import raid
 from ipa_twisted.hardware.generic.disk_source import DiskSource
+from ipa_twisted.hardware.generic.erase_progress import DiskErase, EraseProgress
 from ipa_twisted.hardware.inventory import BlockDevice
 from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError, failures_as
 
 log = Logger()
-
-NVME_FORMAT_SUPPORTED = 0b10
-"""OACS bit 1: the controller supports the Format NVM command."""
-NVME_CRYPTO_ERASE_SUPPORTED = 0b100
-"""FNA bit 2: Format NVM can do a cryptographic erase."""
-NVME_SANITIZE_CRYPTO, NVME_SANITIZE_BLOCK, NVME_SANITIZE_OVERWRITE = 0b1, 0b10, 0b100
-"""SANICAP bits 0-2: the sanitize actions the controller supports."""
 
 PROBE_TIMEOUT = 60.0
 """Longest wait for hdparm -I, smartctl, nvme id-ctrl and lsblk."""
@@ -59,11 +50,6 @@ SECURITY_COMMAND_TIMEOUT = 60.0
 """Longest wait for an ATA password command (set, unlock, disable)."""
 NVME_FORMAT_TIMEOUT = 6 * 3600.0
 """Longest wait for ``nvme format`` (a user-data erase may overwrite the whole drive)."""
-PROGRESS_LOG_INTERVAL = 60.0
-SECTOR = 512
-"""Unit of the sector counts in ``/sys/class/block/<dev>/stat``, whatever the disk's."""
-
-
 # -- what the node asks for ----------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -118,110 +104,6 @@ def _bool(value: Any) -> bool:
     return bool(value)
 
 
-# -- hdparm ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class AtaSecurity:
-    """The ATA security state of a drive, as ``hdparm -I`` shows it."""
-
-    supported: bool
-    enabled: bool
-    locked: bool
-    frozen: bool
-    count_expired: bool
-    enhanced_erase_supported: bool
-    erase_minutes: int | None
-    enhanced_erase_minutes: int | None
-
-    @property
-    def state(self) -> str:
-        """The ATA security state: SEC1 (no password) ... SEC6 (password set, frozen)."""
-        if not self.enabled:
-            return "SEC2" if self.frozen else "SEC1"
-        if self.locked:
-            return "SEC4"
-        return "SEC6" if self.frozen else "SEC5"
-
-
-_ERASE_TIME = re.compile(r"(\d+)\s*min\s+for\s+SECURITY ERASE UNIT", re.IGNORECASE)
-_ENHANCED_ERASE_TIME = re.compile(r"(\d+)\s*min\s+for\s+ENHANCED SECURITY ERASE UNIT",
-                                  re.IGNORECASE)
-
-
-def security_lines(hdparm_output: str) -> list[str] | None:
-    """The lines of the ``Security:`` section of ``hdparm -I``, whitespace collapsed.
-
-    None when there is no such section (not an ATA drive, or no security feature set).
-    """
-    lines = hdparm_output.splitlines()
-    for index, line in enumerate(lines):
-        if line.strip() == "Security:":
-            section = []
-            for entry in lines[index + 1:]:
-                if not entry.startswith(("\t", " ")) or not entry.strip():
-                    break
-                section.append(" ".join(entry.split()))
-            return section
-    return None
-
-
-def parse_ata_security(hdparm_output: str) -> AtaSecurity | None:
-    """The security state in ``hdparm -I`` output; None without a Security section."""
-    lines = security_lines(hdparm_output)
-    if lines is None:
-        return None
-    present = set(lines)
-    text = " ".join(lines)
-    erase = _ERASE_TIME.search(text.replace("ENHANCED SECURITY", "ENHANCED-SECURITY"))
-    enhanced = _ENHANCED_ERASE_TIME.search(text)
-    return AtaSecurity(
-        supported="supported" in present,
-        enabled="enabled" in present,
-        locked="locked" in present,
-        frozen="frozen" in present,
-        count_expired="expired: security count" in present,
-        enhanced_erase_supported="supported: enhanced erase" in present,
-        erase_minutes=int(erase.group(1)) if erase else None,
-        enhanced_erase_minutes=int(enhanced.group(1)) if enhanced else None,
-    )
-
-
-# -- nvme-cli --------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class NvmeCapabilities:
-    """What ``nvme id-ctrl -o json`` says about erasing."""
-
-    format_supported: bool
-    crypto_erase_supported: bool
-    sanitize_crypto: bool
-    sanitize_block: bool
-    sanitize_overwrite: bool
-
-    @property
-    def format_mode(self) -> int | None:
-        """``--ses`` for ``nvme format``: 2 (crypto erase), 1 (user data erase) or None."""
-        if not self.format_supported:
-            return None
-        return 2 if self.crypto_erase_supported else 1
-
-
-def parse_nvme_id_ctrl(output: bytes | str) -> NvmeCapabilities:
-    """NvmeCapabilities from ``nvme id-ctrl DEVICE -o json``; ValueError if unreadable."""
-    try:
-        document = json.loads(output)
-        oacs, fna = int(document["oacs"]), int(document.get("fna", 0))
-        sanicap = int(document.get("sanicap", 0))
-    except (TypeError, KeyError, ValueError) as e:
-        raise ValueError(f"unexpected nvme id-ctrl output: {e}") from None
-    return NvmeCapabilities(
-        format_supported=bool(oacs & NVME_FORMAT_SUPPORTED),
-        crypto_erase_supported=bool(fna & NVME_CRYPTO_ERASE_SUPPORTED),
-        sanitize_crypto=bool(sanicap & NVME_SANITIZE_CRYPTO),
-        sanitize_block=bool(sanicap & NVME_SANITIZE_BLOCK),
-        sanitize_overwrite=bool(sanicap & NVME_SANITIZE_OVERWRITE))
-
-
 # -- shred -----------------------------------------------------------------------------------
 
 def shred_argv(device: str, iterations: int, zeroize: bool) -> list[str]:
@@ -230,140 +112,6 @@ def shred_argv(device: str, iterations: int, zeroize: bool) -> list[str]:
     if zeroize:
         argv.append("--zero")
     return [*argv, "--verbose", "--iterations", str(iterations), device]
-
-
-# -- progress ---------------------------------------------------------------------------------
-
-def sectors_written(sys_path: str, name: str) -> int | None:
-    """Sectors (512 bytes) the kernel has written to block device ``name`` since boot."""
-    try:
-        with open(os.path.join(sys_path, "class", "block", name, "stat"),
-                  encoding="ascii") as f:
-            fields = f.read().split()
-        return int(fields[6])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-class DiskErase:
-    """One disk's part of an erase: method, state, and what the kernel wrote to it."""
-
-    def __init__(self, device: str, size: int, clock: IReactorTime, sys_path: str) -> None:
-        self.device, self.size = device, size
-        self._clock, self._sys_path = clock, sys_path
-        self._kname = os.path.basename(device)
-        self.state = "waiting"
-        self.method: str | None = None
-        self.bytes_to_write: int | None = None
-        self.expected_seconds: float | None = None
-        self.started: float | None = None
-        self.finished: float | None = None
-        self.error: str | None = None
-        self._start_sectors: int | None = None
-        self._end_sectors: int | None = None
-
-    def start(self) -> None:
-        self.state, self.started = "running", self._clock.seconds()
-        self._start_sectors = sectors_written(self._sys_path, self._kname)
-
-    def use(self, method: str, *, bytes_to_write: int | None = None,
-            expected_seconds: float | None = None) -> None:
-        """Record how the disk is erased (and how much there is to do)."""
-        self.method, self.bytes_to_write = method, bytes_to_write
-        self.expected_seconds = expected_seconds
-
-    def finish(self, state: str, error: str | None = None) -> None:
-        self._end_sectors = self._sectors_now()
-        self.state, self.finished, self.error = state, self._clock.seconds(), error
-
-    def _sectors_now(self) -> int | None:
-        if self._end_sectors is not None:
-            return self._end_sectors
-        return sectors_written(self._sys_path, self._kname)
-
-    @property
-    def bytes_written(self) -> int | None:
-        now = self._sectors_now()
-        if now is None or self._start_sectors is None:
-            return None
-        return max(0, now - self._start_sectors) * SECTOR
-
-    @property
-    def elapsed(self) -> float | None:
-        if self.started is None:
-            return None
-        return (self.finished if self.finished is not None else self._clock.seconds()) \
-            - self.started
-
-    @property
-    def fraction(self) -> float | None:
-        """How far along, 0 to 1, when it can be told."""
-        if self.state == "done":
-            return 1.0
-        if self.state != "running":
-            return None
-        written, elapsed = self.bytes_written, self.elapsed
-        if self.bytes_to_write and written is not None:
-            return min(1.0, written / self.bytes_to_write)
-        if self.expected_seconds and elapsed is not None:
-            return min(0.99, elapsed / self.expected_seconds)
-        return None
-
-    def serialize(self) -> dict[str, Any]:
-        fraction, elapsed = self.fraction, self.elapsed
-        eta = None
-        if fraction and elapsed and self.state == "running" and fraction < 1:
-            eta = round(elapsed * (1 - fraction) / fraction, 1)
-        return {"state": self.state, "method": self.method, "size": self.size,
-                "bytes_written": self.bytes_written, "bytes_to_write": self.bytes_to_write,
-                "percent": None if fraction is None else round(100 * fraction, 1),
-                "elapsed": None if elapsed is None else round(elapsed, 1),
-                "eta_seconds": eta, "error": self.error}
-
-
-class EraseProgress:
-    """The progress of an ``erase_devices`` run, shown on the running command."""
-
-    log = Logger()
-
-    def __init__(self, clock: IReactorTime, sys_path: str,
-                 log_interval: float = PROGRESS_LOG_INTERVAL) -> None:
-        self._clock, self._sys_path, self.log_interval = clock, sys_path, log_interval
-        self.phase = "erasing"
-        self.disks: dict[str, DiskErase] = {}
-        self.started = clock.seconds()
-        self._loop: LoopingCall | None = None
-
-    def add(self, device: str, size: int) -> DiskErase:
-        disk = self.disks[device] = DiskErase(device, size, self._clock, self._sys_path)
-        return disk
-
-    def serialize(self) -> dict[str, Any]:
-        """The JSON-ready view the API exposes."""
-        return {"phase": self.phase, "elapsed": round(self._clock.seconds() - self.started, 1),
-                "devices": {name: disk.serialize() for name, disk in self.disks.items()}}
-
-    def start(self) -> None:
-        self._loop = LoopingCall(self._report)
-        self._loop.clock = self._clock
-        self._loop.start(self.log_interval, now=False)
-
-    def _report(self) -> None:
-        for disk in self.disks.values():
-            if disk.state != "running":
-                continue
-            state = disk.serialize()
-            self.log.info("Erasing {device} ({method}): {percent}% done, {written} bytes "
-                          "written in {elapsed} s, ETA {eta} s", device=disk.device,
-                          method=disk.method, percent=state["percent"],
-                          written=state["bytes_written"], elapsed=state["elapsed"],
-                          eta=state["eta_seconds"])
-
-    def stop(self, phase: str) -> None:
-        self.phase = phase
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
 
 
 # -- what must not be erased ----------------------------------------------------------------
