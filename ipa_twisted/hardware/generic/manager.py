@@ -1,7 +1,8 @@
-"""The generic hardware manager: its step lists, the disk listing (lsblk, udev, sysfs) that
-the install device, erasing and software RAID share, and delegation of the rest to its
-collaborators: ``inventory`` (CPU, memory, network, BMC, system), ``erase`` (disk erase
-steps), ``raid`` (software RAID), ``ipa_twisted.deploy`` (write_image, inject_files).
+"""The generic hardware manager: its step lists, the install device, the metadata erase
+and full sync, and delegation of the rest to its collaborators, each given the context:
+``inventory`` (CPU, memory, network, BMC, system), ``disk_listing`` (lsblk, udev, sysfs:
+what the install device, erasing and software RAID share), ``erase`` (disk erase steps),
+``raid`` (software RAID), ``ipa_twisted.deploy`` (write_image, inject_files).
 
 Every path is under the configured roots (``sys_path``, ``proc_path``, ``dev_path``) and
 every program runs through the context's runner, so tests use fake trees and recorded
@@ -12,11 +13,8 @@ plugin dropin, so heavy imports (pyudev) wait until they are needed.
 
 from __future__ import annotations
 
-import json
 import os
-import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -29,27 +27,17 @@ from ipa_twisted.deploy.write import write_image_to_disk
 from ipa_twisted.errors import BlockDeviceEraseError, CommandExecutionError, DeviceNotFound
 from ipa_twisted.hardware.generic import raid as _raid
 from ipa_twisted.hardware import root_device
-from ipa_twisted.fileutils import read_text as _read
+from ipa_twisted.hardware.generic.disk_listing import DiskListing, Listed, UdevLookup
 from ipa_twisted.hardware.generic.erase import (DiskEraser, erase_clean_steps,
                                                 guard_special_filesystems, log_protected,
                                                 protected_devices)
-from ipa_twisted.hardware.generic.inventory import (INVENTORY_COMMAND_TIMEOUT, LldpReader,
-                                                    MachineInventory, clean_text,
-                                                    int_or_none)
+from ipa_twisted.hardware.generic.inventory import LldpReader, MachineInventory
 from ipa_twisted.hardware.generic.raid import SoftwareRaid, raid_clean_steps, raid_deploy_steps
 from ipa_twisted.hardware.interface import HardwareManager, HardwareSupport
 from ipa_twisted.hardware.inventory import (CPU, BlockDevice, BootInfo, Memory,
                                             NetworkInterface, SystemVendorInfo)
-from ipa_twisted.process import (CommandNotFoundError, ProcessExecutionError,
-                                 ProcessTimeoutError)
+from ipa_twisted.process import ProcessExecutionError
 from ipa_twisted.retry import GaveUp, fixed, retry
-
-LSBLK_COLUMNS = "KNAME,MODEL,SIZE,ROTA,TYPE,UUID,PARTUUID,SERIAL,WWN,VENDOR,LOG-SEC,PHY-SEC,TRAN"
-
-_SKIPPED_DISK_PREFIXES = ("fd", "ram", "zram")
-
-UdevLookup = Callable[[str], Mapping[str, str]]
-"""Block device name (``sda``) → its udev properties (``ID_WWN``, ``ID_SERIAL_SHORT`` ...)."""
 
 log = Logger()
 
@@ -74,16 +62,16 @@ class GenericHardwareManager(HardwareManager):
         self._writer = writer
         self._lldp = lldp
         self._node: Any = None
-        self._udev_context: Any = None
 
     def evaluate_hardware_support(self) -> int:
         return HardwareSupport.GENERIC
 
     def bind(self, context: HardwareContext) -> None:
-        """Bind the manager and its collaborators (inventory, erase, software RAID) to
-        ``context``."""
+        """Bind the manager and its collaborators (inventory, disk listing, erase, software
+        RAID) to ``context``."""
         super().bind(context)
         self._inventory = MachineInventory(context, lldp=self._lldp)
+        self._disks = DiskListing(context, udev=self._udev)
         self._eraser = DiskEraser(context, self, erase_metadata=self.erase_devices_metadata)
         self._software_raid = SoftwareRaid(context, self, wipe=self._wipe)
 
@@ -160,151 +148,22 @@ class GenericHardwareManager(HardwareManager):
         """The md device to install on, when the node's RAID config asks for one."""
         return await self._software_raid.software_raid_install_device(node)
 
-    # -- helpers ---------------------------------------------------------------------------
-    def _sys(self, *parts: str) -> str:
-        return os.path.join(self.context.config.sys_path, *parts)
-
     def _proc(self, *parts: str) -> str:
         return os.path.join(self.context.config.proc_path, *parts)
-
-    def _dev(self, *parts: str) -> str:
-        return os.path.join(self.context.config.dev_path, *parts)
-
-    @property
-    def _timeout(self) -> float:
-        return min(self.context.config.command_timeout, INVENTORY_COMMAND_TIMEOUT)
 
     # -- disks -----------------------------------------------------------------------------
     async def list_block_devices(self, include_partitions: bool = False
                                  ) -> list[BlockDevice]:
-        """Disks (and partitions if asked) from ``lsblk``, enriched from udev and sysfs.
-
-        Empty devices, floppies, RAM disks, ROMs and LVM volumes are left out; md RAID
-        devices count as disks (their partitions are not listed); loop devices are left
-        out unless ``include_loop_devices`` is set (tests on loop devices).
-        """
-        return [listed.device for listed in await self._list_devices(include_partitions)]
-
-    async def _list_devices(self, include_partitions: bool) -> list[_Listed]:
-        rows = await self._lsblk()
-        include_loop = self.context.config.include_loop_devices
-        by_path = self._by_path_links()
-        listed = []
-        for row in rows:
-            name = row.get("KNAME")
-            size = int_or_none(row.get("SIZE"))
-            kind = _device_kind(row.get("TYPE"), include_loop)
-            if (not name or kind is None or (kind == "part" and not include_partitions)
-                    or not size or name.startswith(_SKIPPED_DISK_PREFIXES)):
-                continue
-            parent = (row.get("PKNAME") or self._parent_disk(name)) if kind == "part" \
-                else None
-            if parent is not None and parent.startswith("md"):
-                continue                    # partitions of RAID devices: the RAID's business
-            udev = self._udev_properties(name)
-            path = self._dev(name)
-            listed.append(_Listed(BlockDevice(
-                name=path,
-                model=row.get("MODEL") or clean_text(udev.get("ID_MODEL")),
-                size=size,
-                rotational=(row.get("ROTA") or "").lower() in ("1", "true"),
-                wwn=row.get("WWN") or clean_text(udev.get("ID_WWN")),
-                serial=row.get("SERIAL") or clean_text(udev.get("ID_SERIAL_SHORT")),
-                vendor=row.get("VENDOR") or clean_text(udev.get("ID_VENDOR")),
-                wwn_with_extension=clean_text(udev.get("ID_WWN_WITH_EXTENSION")),
-                wwn_vendor_extension=clean_text(udev.get("ID_WWN_VENDOR_EXTENSION")),
-                hctl=self._hctl(name),
-                by_path=by_path.get(os.path.realpath(path)),
-                uuid=row.get("UUID"),
-                partuuid=row.get("PARTUUID"),
-                logical_sectors=int_or_none(row.get("LOG-SEC")),
-                physical_sectors=int_or_none(row.get("PHY-SEC")),
-                tran=row.get("TRAN"),
-            ), name, kind, parent))
-        return listed
-
-    def _sysfs_flag(self, name: str, flag: str) -> bool:
-        """Whether ``{sys}/class/block/<name>/<flag>`` (ro, removable) reads 1.
-
-        A partition without the file takes its disk's.
-        """
-        value = _read(self._sys("class", "block", name, flag))
-        if value is None:
-            parent = self._parent_disk(name)
-            if parent is not None and parent != name:
-                value = _read(self._sys("class", "block", parent, flag))
-        return value == "1"
-
-    def _parent_disk(self, name: str) -> str | None:
-        """The disk a partition belongs to, from sysfs (None if sysfs does not say)."""
-        link = self._sys("class", "block", name)
-        if not os.path.exists(os.path.join(link, "partition")):
-            return None
-        return os.path.basename(os.path.dirname(os.path.realpath(link))) or None
+        """Disks (and partitions if asked): ``DiskListing.list_block_devices``."""
+        return await self._disks.list_block_devices(include_partitions)
 
     def is_read_only(self, name: str) -> bool:
-        """Whether the kernel flags ``name`` read-only (sysfs ``ro``)."""
-        return self._sysfs_flag(name, "ro")
-
-    def _is_removable(self, name: str) -> bool:
-        return self._sysfs_flag(name, "removable")
+        """Whether the kernel flags ``name`` read-only (``DiskListing.is_read_only``)."""
+        return self._disks.is_read_only(name)
 
     def is_virtual_media(self, device: BlockDevice) -> bool:
-        """Whether ``device`` is the BMC's virtual media (``by-label/ir-vfd-dev``)."""
-        label = self._dev("disk", "by-label", "ir-vfd-dev")
-        return (os.path.lexists(label)
-                and os.path.realpath(label) == os.path.realpath(device.name))
-
-    async def _lsblk(self) -> list[dict[str, str | None]]:
-        """lsblk's rows, flat: JSON output, else the older KEY="value" output."""
-        runner = self.context.runner
-        try:
-            out, _ = await runner.execute("lsblk", "-bia", "--json", "-o", LSBLK_COLUMNS,
-                                          timeout=self._timeout)
-            return _lsblk_json_rows(out)
-        except (CommandNotFoundError, ProcessTimeoutError):
-            raise
-        except (ProcessExecutionError, ValueError) as e:
-            self.log.info("lsblk --json failed, trying KEY=value output: {error}",
-                          error=str(e))
-        out, _ = await runner.execute("lsblk", "-Pbia", "-o", LSBLK_COLUMNS,
-                                      timeout=self._timeout)
-        return _lsblk_pair_rows(out)
-
-    def _hctl(self, name: str) -> str | None:
-        try:
-            entries = sorted(os.listdir(self._sys("block", name, "device", "scsi_device")))
-        except OSError:
-            return None
-        return entries[0] if entries else None
-
-    def _by_path_links(self) -> dict[str, str]:
-        """Resolved device path → its first ``/dev/disk/by-path`` link."""
-        directory = self._dev("disk", "by-path")
-        try:
-            entries = sorted(os.listdir(directory))
-        except OSError:
-            return {}
-        links: dict[str, str] = {}
-        for entry in entries:
-            link = os.path.join(directory, entry)
-            links.setdefault(os.path.realpath(link), link)
-        return links
-
-    def _udev_properties(self, name: str) -> Mapping[str, str]:
-        if self._udev is not None:
-            return self._udev(name)
-        if os.path.realpath(self.context.config.sys_path) != "/sys":
-            return {}                      # a fake tree: the real udev database is unrelated
-        try:
-            import pyudev
-            if self._udev_context is None:
-                self._udev_context = pyudev.Context()
-            device = pyudev.Devices.from_name(self._udev_context, "block", name)
-            return dict(device.properties)
-        except Exception as e:
-            self.log.debug("No udev properties for {name}: {error}", name=name, error=str(e))
-            return {}
+        """Whether ``device`` is the BMC's virtual media (``DiskListing``)."""
+        return self._disks.is_virtual_media(device)
 
     async def wait_for_disks(self) -> None:
         """Wait until at least one disk is listed, ``disk_wait_attempts`` times at most.
@@ -346,7 +205,7 @@ class GenericHardwareManager(HardwareManager):
         """
         node = node if node is not None else self._node
         dev_path = self.context.config.dev_path
-        listed = [listed.device for listed in await self._list_devices(False)]
+        listed = [listed.device for listed in await self._disks.list_devices(False)]
         try:
             protection = await _raid.protected_devices(self.context, node, listed)
         except root_device.RootDeviceHintError as e:
@@ -409,7 +268,7 @@ class GenericHardwareManager(HardwareManager):
         ProtectedDeviceError (``guard_special_filesystems``). BlockDeviceEraseError
         naming every device that failed, after all were tried.
         """
-        listed = await self._list_devices(include_partitions=True)
+        listed = await self._disks.list_devices(include_partitions=True)
         all_disks = [item for item in listed if item.kind != "part"]
         protection = await protected_devices(self.context, node,
                                              [item.device for item in all_disks])
@@ -441,16 +300,16 @@ class GenericHardwareManager(HardwareManager):
                 "Failed to erase the metadata on the device(s): " + "; ".join(
                     f'"{name}": {error}' for name, error in sorted(failed.items())))
 
-    def _skip_erasing(self, disk: _Listed) -> str | None:
+    def _skip_erasing(self, disk: Listed) -> str | None:
         if self.is_read_only(disk.kname):
             return "it is read-only"
-        if self._is_removable(disk.kname):
+        if self._disks.is_removable(disk.kname):
             return "it is removable"
         if self.is_virtual_media(disk.device):
             return "it is the virtual media device"
         return None
 
-    async def _erase_disk(self, disk: _Listed, partitions: list[_Listed]
+    async def _erase_disk(self, disk: Listed, partitions: list[Listed]
                           ) -> dict[str, Exception]:
         """Erase ``partitions`` then ``disk``; {device: error} of what failed."""
         failed: dict[str, Exception] = {}
@@ -561,65 +420,3 @@ class GenericHardwareManager(HardwareManager):
 
 class _NoDiskYet(Exception):
     """``wait_for_disks``: the listing is still empty."""
-
-
-@dataclass(frozen=True)
-class _Listed:
-    """A listed device with what the inventory does not show: kernel name, kind, parent."""
-
-    device: BlockDevice
-    kname: str
-    kind: str
-    """``disk`` (disks, md RAID devices, loop devices when included) or ``part``."""
-    parent: str | None
-
-
-def _device_kind(lsblk_type: str | None, include_loop: bool) -> str | None:
-    """``disk``, ``part`` or None (not listed) for an lsblk TYPE."""
-    if lsblk_type in ("disk", "part"):
-        return lsblk_type
-    if lsblk_type is not None and (lsblk_type.startswith("raid") or lsblk_type == "md"):
-        return "disk"
-    if lsblk_type == "loop" and include_loop:
-        return "disk"
-    return None
-
-
-def _lsblk_json_rows(output: bytes) -> list[dict[str, str | None]]:
-    """Flat rows from ``lsblk --json`` (children flattened, each device once)."""
-    document = json.loads(output)
-    rows: list[dict[str, str | None]] = []
-    seen: set[str] = set()
-
-    def walk(devices: Iterable[Mapping[str, Any]], parent: str | None) -> None:
-        for device in devices:
-            row = {key.upper().replace("_", "-"): clean_text(value)
-                   for key, value in device.items() if key != "children"}
-            if parent is not None:
-                row.setdefault("PKNAME", parent)
-            if row.get("KNAME") not in seen:
-                seen.add(str(row.get("KNAME")))
-                rows.append(row)
-            walk(device.get("children") or (), row.get("KNAME"))
-
-    walk(document["blockdevices"], None)
-    return rows
-
-
-_LSBLK_PAIR = re.compile(r'([A-Z0-9_:-]+)="((?:[^"\\]|\\.)*)"')
-
-
-def _lsblk_pair_rows(output: bytes) -> list[dict[str, str | None]]:
-    """Rows from ``lsblk -P`` (KEY="value" ..., with \\xNN escapes)."""
-    rows = []
-    for line in output.decode("utf-8", "replace").splitlines():
-        row = {key.replace("_", "-"): clean_text(_unescape(value))
-               for key, value in _LSBLK_PAIR.findall(line)}
-        if row:
-            rows.append(row)
-    return rows
-
-
-def _unescape(value: str) -> str:
-    return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
-
