@@ -22,6 +22,7 @@ from ipa_twisted.context import HardwareContext
 from ipa_twisted.errors import CommandExecutionError, DeviceNotFound, SoftwareRAIDError
 from ipa_twisted.hardware.generic import raid
 from ipa_twisted.hardware.generic.manager import GenericHardwareManager
+from ipa_twisted.hardware.generic.protection import Protection, protected_devices
 from ipa_twisted.hardware.generic.raid import raid_clean_steps, raid_deploy_steps
 from ipa_twisted.testing.fake_process import Exit, FakeRunner
 from ipa_twisted.testing.fake_md import FakeMdMachine, Part, parted_commands
@@ -479,11 +480,10 @@ class ProtectedRaidTests(RaidTestCase):
         self.assertEqual({a.name for a in self.machine.arrays.values()}, {"data", "scratch"})
         self.md = {a.name: self.dev(n) for n, a in self.machine.arrays.items()}
 
-    def protection(self, *entries: dict[str, Any]) -> raid.Protection:
+    def protection(self, *entries: dict[str, Any]) -> Protection:
         manager = self.manager()
         devices = self.result(manager.list_block_devices())
-        return self.result(raid.protected_devices(manager.context, protect(*entries),
-                                                  devices))
+        return self.result(protected_devices(manager.context, protect(*entries), devices))
 
     def test_volume_name_protects_the_array_and_its_holders(self) -> None:
         protection = self.protection({"volume_name": "data"})

@@ -20,7 +20,7 @@ An invalid hint raises RootDeviceHintError (a ValueError) saying what is wrong.
 The same hints protect disks: ``properties.skip_block_devices`` is a list of such hint
 objects (or ``{"volume_name": ...}`` for software RAID volumes); ``skip_list_from_node``
 checks it and ``SkipList.match`` tells which disks each entry protects (see
-``raid.protected_devices`` for RAID volumes and their holder disks).
+``hardware.generic.protection.protected_devices`` for RAID volumes and their holder disks).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class SkipList:
     Each entry is either device hints (any root device hint: ``{"name": "/dev/sdb"}``,
     ``{"serial": "S1"}``, ``{"size": ">= 1000", "rotational": true}``) naming the disks it
     matches, or ``{"volume_name": NAME}`` naming a software RAID volume (the md device and
-    its holder disks are then protected; see ``raid.protected_devices``).
+    its holder disks are then protected; see ``hardware.generic.protection.protected_devices``).
     """
 
     device_hints: tuple[Mapping[str, Any], ...] = ()

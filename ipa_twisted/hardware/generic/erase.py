@@ -24,21 +24,20 @@ supports comes from ``ipa_twisted.blockdev.drives``.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import DeferredSemaphore
 from twisted.logger import Logger
 
-from ipa_twisted.blockdev import disks
 from ipa_twisted.blockdev.drives import AtaSecurity, parse_ata_security, parse_nvme_id_ctrl
 from ipa_twisted.context import HardwareContext
-from ipa_twisted.errors import BlockDeviceEraseError, ProtectedDeviceError
-from ipa_twisted.hardware import root_device
-from ipa_twisted.hardware.generic import raid
+from ipa_twisted.errors import BlockDeviceEraseError
 from ipa_twisted.hardware.generic.disk_source import DiskSource
 from ipa_twisted.hardware.generic.erase_progress import DiskErase, EraseProgress
+from ipa_twisted.hardware.generic.protection import (guard_special_filesystems, log_protected,
+                                                     protected_from_erasing)
 from ipa_twisted.hardware.inventory import BlockDevice
 from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError, failures_as
 
@@ -114,50 +113,6 @@ def shred_argv(device: str, iterations: int, zeroize: bool) -> list[str]:
     return [*argv, "--verbose", "--iterations", str(iterations), device]
 
 
-# -- what must not be erased ----------------------------------------------------------------
-
-async def protected_devices(context: HardwareContext, node: Any,
-                            devices: Sequence[BlockDevice]) -> raid.Protection:
-    """What the node's ``skip_block_devices`` protects among ``devices`` (see
-    ``raid.protected_devices``); BlockDeviceEraseError, naming the problem, if the
-    property is invalid."""
-    try:
-        return await raid.protected_devices(context, node, devices)
-    except root_device.RootDeviceHintError as e:
-        raise BlockDeviceEraseError(
-            f"Invalid skip_block_devices in the node's properties, nothing was erased: {e}"
-        ) from e
-
-
-async def guard_special_filesystems(context: HardwareContext, devices: Sequence[str]) -> None:
-    """ProtectedDeviceError if one of ``devices`` (or its partitions) holds a shared cluster
-    filesystem (VMFS, GFS2, OCFS2, GPFS), unless ``guard_special_filesystems`` is off.
-
-    Called before anything is erased, for every device the step would erase.
-    BlockDeviceEraseError if the devices cannot be checked.
-    """
-    if not context.config.guard_special_filesystems or not devices:
-        return
-    try:
-        found = await disks.find_shared_filesystems(context, devices)
-    except (ProcessExecutionError, OSError) as e:
-        raise BlockDeviceEraseError(
-            f"Cannot check {', '.join(devices)} for shared cluster filesystems before "
-            f"erasing (guard_special_filesystems): {e}") from e
-    for device, what in found:
-        log.error("Not erasing {device}: it holds a {what}, a shared cluster filesystem "
-                  "(guard_special_filesystems)", device=device, what=what)
-    if found:
-        device, what = found[0]
-        raise ProtectedDeviceError(device, what)
-
-
-def log_protected(step: str, device: str, reason: str) -> None:
-    """The one log line for a device a step leaves alone because the node protects it."""
-    log.info("{step}: not erasing {device}, protected by skip_block_devices: {reason}",
-             step=step, device=device, reason=reason)
-
-
 # -- the steps -----------------------------------------------------------------------------
 
 Dispatcher = Callable[..., Awaitable[Any]]
@@ -196,7 +151,7 @@ class DiskEraser:
         """
         settings = self._erase_settings(node)
         listed = await self.source.list_block_devices()
-        protection = await protected_devices(self.context, node, listed)
+        protection = await protected_from_erasing(self.context, node, listed)
         devices = [d for d in listed if protection.reason(d.name) is None]
         for name, why in protection.devices.items():
             log_protected("erase_devices", name, why)
@@ -269,7 +224,7 @@ class DiskEraser:
         settings = self._erase_settings(node)
         name = block_device.name
         disk = self._progress_for(block_device)
-        protected = (await protected_devices(self.context, node, [block_device])).reason(name)
+        protected = (await protected_from_erasing(self.context, node, [block_device])).reason(name)
         if protected is not None:
             log_protected("erase_block_device", name, protected)
             disk.use("skipped")
@@ -309,7 +264,7 @@ class DiskEraser:
         """
         settings = self._erase_settings(node)
         listed = await self.source.list_block_devices()
-        protection = await protected_devices(self.context, node, listed)
+        protection = await protected_from_erasing(self.context, node, listed)
         devices = [d for d in listed if protection.reason(d.name) is None]
         for name, why in protection.devices.items():
             log_protected("erase_devices_express", name, why)

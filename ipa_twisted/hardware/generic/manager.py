@@ -25,12 +25,11 @@ from ipa_twisted.context import Deployment, HardwareContext
 from ipa_twisted.deploy import inject
 from ipa_twisted.deploy.write import write_image_to_disk
 from ipa_twisted.errors import BlockDeviceEraseError, CommandExecutionError, DeviceNotFound
-from ipa_twisted.hardware.generic import raid as _raid
 from ipa_twisted.hardware import root_device
 from ipa_twisted.hardware.generic.disk_listing import DiskListing, Listed, UdevLookup
-from ipa_twisted.hardware.generic.erase import (DiskEraser, erase_clean_steps,
-                                                guard_special_filesystems, log_protected,
-                                                protected_devices)
+from ipa_twisted.hardware.generic.erase import DiskEraser, erase_clean_steps
+from ipa_twisted.hardware.generic.protection import (guard_special_filesystems, log_protected,
+                                                     protected_devices, protected_from_erasing)
 from ipa_twisted.hardware.generic.inventory import LldpReader, MachineInventory
 from ipa_twisted.hardware.generic.raid import SoftwareRaid, raid_clean_steps, raid_deploy_steps
 from ipa_twisted.hardware.interface import HardwareManager, HardwareSupport
@@ -207,7 +206,7 @@ class GenericHardwareManager(HardwareManager):
         dev_path = self.context.config.dev_path
         listed = [listed.device for listed in await self._disks.list_devices(False)]
         try:
-            protection = await _raid.protected_devices(self.context, node, listed)
+            protection = await protected_devices(self.context, node, listed)
         except root_device.RootDeviceHintError as e:
             raise DeviceNotFound(f"No install device was chosen: the node's "
                                  f"skip_block_devices is invalid: {e}") from e
@@ -270,8 +269,8 @@ class GenericHardwareManager(HardwareManager):
         """
         listed = await self._disks.list_devices(include_partitions=True)
         all_disks = [item for item in listed if item.kind != "part"]
-        protection = await protected_devices(self.context, node,
-                                             [item.device for item in all_disks])
+        protection = await protected_from_erasing(self.context, node,
+                                                  [item.device for item in all_disks])
         disks_ = []
         for disk in all_disks:
             protected = protection.reason(disk.device.name)
