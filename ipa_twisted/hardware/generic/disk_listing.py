@@ -15,8 +15,7 @@ from twisted.logger import Logger
 
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.fileutils import read_text as _read
-from ipa_twisted.hardware.generic.inventory import (INVENTORY_COMMAND_TIMEOUT, clean_text,
-                                                    int_or_none)
+from ipa_twisted.hardware.generic.inventory import MachineReader, clean_text, int_or_none
 from ipa_twisted.hardware.inventory import BlockDevice
 from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError, ProcessTimeoutError
 
@@ -28,26 +27,16 @@ UdevLookup = Callable[[str], Mapping[str, str]]
 """Block device name (``sda``) → its udev properties (``ID_WWN``, ``ID_SERIAL_SHORT`` ...)."""
 
 
-class DiskListing:
+class DiskListing(MachineReader):
     """The machine's block devices, given the context (``udev`` replaces the pyudev lookup
     of block device properties: tests)."""
 
     log = Logger()
 
     def __init__(self, context: HardwareContext, udev: UdevLookup | None = None) -> None:
-        self.context = context
+        super().__init__(context)
         self._udev = udev
         self._udev_context: Any = None
-
-    def _sys(self, *parts: str) -> str:
-        return os.path.join(self.context.config.sys_path, *parts)
-
-    def _dev(self, *parts: str) -> str:
-        return os.path.join(self.context.config.dev_path, *parts)
-
-    @property
-    def _timeout(self) -> float:
-        return min(self.context.config.command_timeout, INVENTORY_COMMAND_TIMEOUT)
 
     async def list_block_devices(self, include_partitions: bool = False
                                  ) -> list[BlockDevice]:

@@ -36,8 +36,8 @@ from ipa_twisted.context import HardwareContext
 from ipa_twisted.errors import BlockDeviceEraseError
 from ipa_twisted.hardware.generic.disk_source import DiskSource
 from ipa_twisted.hardware.generic.erase_progress import DiskErase, EraseProgress
-from ipa_twisted.hardware.generic.protection import (guard_special_filesystems, log_protected,
-                                                     protected_from_erasing)
+from ipa_twisted.hardware.generic.protection import (Protection, guard_special_filesystems,
+                                                     log_protected, protected_from_erasing)
 from ipa_twisted.hardware.inventory import BlockDevice
 from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError, failures_as
 
@@ -150,12 +150,7 @@ class DiskEraser:
         BlockDeviceEraseError naming them all when several did.
         """
         settings = self._erase_settings(node)
-        listed = await self.source.list_block_devices()
-        protection = await protected_from_erasing(self.context, node, listed)
-        devices = [d for d in listed if protection.reason(d.name) is None]
-        for name, why in protection.devices.items():
-            log_protected("erase_devices", name, why)
-        await guard_special_filesystems(self.context, [d.name for d in devices])
+        listed, protection, devices = await self._disks_to_erase(node, "erase_devices")
         progress = EraseProgress(self.context.clock, self.context.config.sys_path)
         results: dict[str, Any] = {}
         for device in listed:
@@ -263,12 +258,8 @@ class DiskEraser:
         ``erase_devices_metadata`` runs on every disk. ``{device: what was done}``.
         """
         settings = self._erase_settings(node)
-        listed = await self.source.list_block_devices()
-        protection = await protected_from_erasing(self.context, node, listed)
-        devices = [d for d in listed if protection.reason(d.name) is None]
-        for name, why in protection.devices.items():
-            log_protected("erase_devices_express", name, why)
-        await guard_special_filesystems(self.context, [d.name for d in devices])
+        listed, protection, devices = await self._disks_to_erase(node,
+                                                                 "erase_devices_express")
         progress = EraseProgress(self.context.clock, self.context.config.sys_path)
         self._erase_progress = progress
         self.context.report_progress(progress)
@@ -455,6 +446,18 @@ class DiskEraser:
                 + (" and a pass of zeros" if settings.zeroize else ""))
 
     # -- helpers ---------------------------------------------------------------------------
+    async def _disks_to_erase(self, node: Any, step: str
+                              ) -> tuple[list[BlockDevice], Protection, list[BlockDevice]]:
+        """Every disk, what the node protects, and the disks ``step`` may erase (logged);
+        ProtectedDeviceError if one of those holds a shared cluster filesystem."""
+        listed = await self.source.list_block_devices()
+        protection = await protected_from_erasing(self.context, node, listed)
+        devices = [d for d in listed if protection.reason(d.name) is None]
+        for name, why in protection.devices.items():
+            log_protected(step, name, why)
+        await guard_special_filesystems(self.context, [d.name for d in devices])
+        return listed, protection, devices
+
     def _erase_settings(self, node: Any) -> EraseSettings:
         default = getattr(self.context.config, "disk_erasure_concurrency", 0)
         return EraseSettings.from_node(node if isinstance(node, Mapping) else None,

@@ -49,19 +49,12 @@ _DMI_SIZE_MB = {"bytes": 1 / 1024 / 1024, "kB": 1 / 1024, "KB": 1 / 1024, "MB": 
                 "TB": 1024 * 1024}
 
 
-class MachineInventory:
-    """The inventory getters of the generic manager (``get_cpus``, ``get_memory``,
-    ``list_network_interfaces``, the BMC getters, ``get_system_vendor_info``,
-    ``get_boot_info``), given the context."""
+class MachineReader:
+    """Reads this machine through the context: paths under the configured roots, inventory
+    commands with their timeout."""
 
-    log = Logger()
-
-    def __init__(self, context: HardwareContext, lldp: LldpReader | None = None) -> None:
-        """``lldp`` replaces the capture of LLDP frames (tests)."""
+    def __init__(self, context: HardwareContext) -> None:
         self.context = context
-        self._lldp_reader = lldp
-        self._biosdevname_missing = False
-        self._in_flight: dict[str, list[Deferred[Any]]] = {}
 
     def _sys(self, *parts: str) -> str:
         return os.path.join(self.context.config.sys_path, *parts)
@@ -75,6 +68,21 @@ class MachineInventory:
     @property
     def _timeout(self) -> float:
         return min(self.context.config.command_timeout, INVENTORY_COMMAND_TIMEOUT)
+
+
+class MachineInventory(MachineReader):
+    """The inventory getters of the generic manager (``get_cpus``, ``get_memory``,
+    ``list_network_interfaces``, the BMC getters, ``get_system_vendor_info``,
+    ``get_boot_info``), given the context."""
+
+    log = Logger()
+
+    def __init__(self, context: HardwareContext, lldp: LldpReader | None = None) -> None:
+        """``lldp`` replaces the capture of LLDP frames (tests)."""
+        super().__init__(context)
+        self._lldp_reader = lldp
+        self._biosdevname_missing = False
+        self._in_flight: dict[str, list[Deferred[Any]]] = {}
 
     async def _output(self, *argv: str) -> str | None:
         """A program's stdout, or None (logged) if it is missing or fails."""
