@@ -1,3 +1,4 @@
+# Over 500 lines: the partition-table plumbing every disk step shares, grouped by concern.
 """Disk plumbing shared by erasure, partitioning and image writing.
 
 Every program runs through the context's runner (``parted``, ``sgdisk``, ``wipefs``,

@@ -1,3 +1,4 @@
+# Over 500 lines: the reference's boot loader steps (UEFI, then GRUB2 in a chroot) read in order.
 """Installing the instance's boot loader (``image.install_bootloader``), as the reference does.
 
 1. UEFI, when the agent itself booted in UEFI mode (and ``efibootmgr`` is installed): if the

@@ -1,3 +1,4 @@
+# Over 500 lines: two file system formats (ISO 9660, FAT) read and written without a library.
 """Config drive file systems: read ISO 9660 and FAT, build FAT for a given sector size.
 
 A config drive is an ISO 9660 (2048-byte blocks) or a FAT file system labelled ``config-2``.

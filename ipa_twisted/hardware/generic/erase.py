@@ -1,3 +1,4 @@
+# Over 500 lines: one class, DiskEraser, whose three steps share its ATA, NVMe and shred paths.
 """Erasing disks: ATA secure erase, NVMe format, shred; every disk at once.
 
 ``DiskEraser`` gives the generic hardware manager the ``erase_devices`` clean step (priority

@@ -1,3 +1,4 @@
+# Over 500 lines: one story, Ironic's RAID configuration from validation to built arrays and back.
 """Software RAID with mdadm: the ``raid`` interface's steps, from Ironic's RAID configuration.
 
 ``SoftwareRaid`` gives the generic hardware manager ``validate_configuration``,
