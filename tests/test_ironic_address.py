@@ -6,8 +6,7 @@ import json
 import os
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import DNSLookupError
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
@@ -15,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from ipa_twisted.errors import LookupAgentIPError
 from ipa_twisted.ironic.address import find_advertise_address
 from ipa_twisted.testing.fake_process import Exit, FakeRunner
+from ipa_twisted.testing.fake_resolver import FakeResolver
 
 
 def route(dst: str, src: str, dev: str = "eth0") -> bytes:
@@ -26,17 +26,6 @@ def addresses(*infos: tuple[str, str, str]) -> bytes:
     return json.dumps([{"ifindex": 2, "ifname": "eth0", "addr_info": [
         {"family": family, "local": local, "prefixlen": 24, "scope": scope}
         for family, local, scope in infos]}]).encode()
-
-
-class FakeResolver:
-    def __init__(self, answers: dict[str, str]) -> None:
-        self.answers, self.asked = answers, []  # type: dict[str, str], list[str]
-
-    def getHostByName(self, name: str, timeout: Any = ()) -> Deferred[str]:
-        self.asked.append(name)
-        if name in self.answers:
-            return succeed(self.answers[name])
-        return fail(DNSLookupError(name))
 
 
 class _Base(SynchronousTestCase):
