@@ -14,51 +14,24 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from ipa_twisted.errors import CommandExecutionError
-from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError, ProcessRunner
+from ipa_twisted.process import ProcessExecutionError, ProcessRunner
 from ipa_twisted.system_logs import (
     COMMAND_TIMEOUT, COMMANDS, ERRORS, JOURNAL, MANIFEST, collect_system_logs,
     gzip_and_base64encode)
+from ipa_twisted.testing.fake_process import FakeRunner
 
 Output = bytes | Exception
 
 
-class FakeRunner:
-    """``execute`` answers from ``outputs`` by whole command line, else by program name;
-    unknown programs are not installed.
+def fake_runner(outputs: Mapping[str, Any], hold: bool = False) -> FakeRunner:
+    """The shared FakeRunner answering ``outputs``, keyed by whole command line or by
+    program name; programs named nowhere are not installed."""
+    return FakeRunner({tuple(line.split()): output for line, output in outputs.items()},
+                      unknown_missing=True, hold=hold)
 
-    With ``hold``, every answer waits for ``release()``, so a test sees what was started.
-    """
 
-    def __init__(self, outputs: Mapping[str, Output], hold: bool = False) -> None:
-        self.outputs, self.hold = dict(outputs), hold
-        self.calls: list[tuple[tuple[str, ...], dict[str, Any]]] = []
-        self._held: list[tuple[Deferred[tuple[bytes, bytes]], tuple[str, ...]]] = []
-
-    def execute(self, *argv: str, **kw: Any) -> Deferred[tuple[bytes, bytes]]:
-        self.calls.append((argv, kw))
-        answer: Deferred[tuple[bytes, bytes]] = Deferred()
-        if self.hold:
-            self._held.append((answer, argv))
-        else:
-            self._answer(answer, argv)
-        return answer
-
-    def release(self) -> None:
-        held, self._held = self._held, []
-        for answer, argv in held:
-            self._answer(answer, argv)
-
-    def _answer(self, answer: Deferred[tuple[bytes, bytes]], argv: tuple[str, ...]) -> None:
-        output = self.outputs.get(" ".join(argv), self.outputs.get(argv[0]))
-        if output is None:
-            answer.errback(CommandNotFoundError(argv))
-        elif isinstance(output, Exception):
-            answer.errback(output)
-        else:
-            answer.callback((output, b""))
-
-    def programs(self) -> list[str]:
-        return [argv[0] for argv, _ in self.calls]
+def calls(runner: FakeRunner) -> dict[tuple[str, ...], dict[str, Any]]:
+    return {call.argv: call.kwargs for call in runner.calls}
 
 
 def all_tools(journal: bytes = b"-- journal --\nboot ok\n") -> dict[str, Output]:
@@ -95,7 +68,7 @@ class SystemLogsTests(TestCase):
         return unpack(await collect_system_logs(runner, reactor, **kw))  # type: ignore[arg-type]
 
     async def test_archive_holds_journal_and_command_outputs(self) -> None:
-        runner = FakeRunner(all_tools())
+        runner = fake_runner(all_tools())
         members = await self.collect(runner, journald_max_lines=500)
         expected = {MANIFEST, JOURNAL, "mdstat"} | {name for name, _, _ in COMMANDS}
         self.assertEqual(set(members), expected)
@@ -105,19 +78,19 @@ class SystemLogsTests(TestCase):
         self.assertEqual(members["ip_route_v6"], b"output of ip -6 route\n")
         self.assertEqual(members["lsblk"], b"output of lsblk -a\n")
         self.assertEqual(members["udevadm"], b"output of udevadm info --export-db\n")
-        calls = dict(runner.calls)
-        self.assertIn(("journalctl", "--full", "--no-pager", "-b", "-n", "500"), calls)
-        self.assertIn(("ps", "aux"), calls)
-        self.assertEqual(calls[("dmesg",)]["timeout"], COMMAND_TIMEOUT)
+        called = calls(runner)
+        self.assertIn(("journalctl", "--full", "--no-pager", "-b", "-n", "500"), called)
+        self.assertIn(("ps", "aux"), called)
+        self.assertEqual(called[("dmesg",)]["timeout"], COMMAND_TIMEOUT)
         manifest = members[MANIFEST].decode()
         for name in expected - {MANIFEST}:
             self.assertIn(f"\n{name}\t", manifest)
         self.assertNotIn("truncated", manifest)
 
     async def test_whole_journal_without_max_lines(self) -> None:
-        runner = FakeRunner(all_tools())
+        runner = fake_runner(all_tools())
         await self.collect(runner)
-        self.assertIn(("journalctl", "--full", "--no-pager", "-b"), dict(runner.calls))
+        self.assertIn(("journalctl", "--full", "--no-pager", "-b"), calls(runner))
 
     async def test_var_log_without_journalctl(self) -> None:
         outputs = all_tools()
@@ -128,7 +101,7 @@ class SystemLogsTests(TestCase):
                                   "wtmp": b"\x00\x01binary\x00",
                                   "old.log.gz": b"\x1f\x8b compressed"})
         os.symlink(os.path.join(var_log, "syslog"), os.path.join(var_log, "link.log"))
-        members = await self.collect(FakeRunner(outputs), var_log=var_log)
+        members = await self.collect(fake_runner(outputs), var_log=var_log)
         self.assertNotIn(JOURNAL, members)
         logs = {name: data for name, data in members.items() if name.startswith("var_log/")}
         self.assertEqual(logs, {"var_log/syslog": b"Jan 1 kernel: hello\n",
@@ -140,7 +113,7 @@ class SystemLogsTests(TestCase):
         outputs = all_tools()
         outputs["journalctl"] = ProcessExecutionError(("journalctl",), 1, b"", b"no journal")
         var_log = self.make_tree({"messages": b"a message\n"})
-        members = await self.collect(FakeRunner(outputs), var_log=var_log)
+        members = await self.collect(fake_runner(outputs), var_log=var_log)
         self.assertEqual(members["var_log/messages"], b"a message\n")
         self.assertIn(b"journal: 'journalctl --full --no-pager -b' failed", members[ERRORS])
 
@@ -150,7 +123,7 @@ class SystemLogsTests(TestCase):
             "dmesg": ProcessExecutionError(("dmesg",), 1, b"", b"dmesg: Operation not permitted"),
             "df": ProcessExecutionError(("df", "-a"), 1, b"/dev/sda1 10 5\n", b"df: /x: gone")}
         empty_proc = self.make_tree({})
-        members = await self.collect(FakeRunner(outputs), proc_path=empty_proc,
+        members = await self.collect(fake_runner(outputs), proc_path=empty_proc,
                                      extra_files=["/nonexistent/file.log"])
         errors = members[ERRORS].decode()
         for name, argv, _ in COMMANDS:
@@ -167,14 +140,14 @@ class SystemLogsTests(TestCase):
 
     async def test_extra_files(self) -> None:
         extra = os.path.join(self.make_tree({"agent.conf": b"[DEFAULT]\n"}), "agent.conf")
-        members = await self.collect(FakeRunner(all_tools()), extra_files=[extra])
+        members = await self.collect(fake_runner(all_tools()), extra_files=[extra])
         self.assertEqual(members[extra.lstrip("/")], b"[DEFAULT]\n")
 
     async def test_huge_journal_is_cut_to_max_bytes(self) -> None:
         line = b"x" * 99 + b"\n"
         journal = line * 500_000 + b"the last line\n"  # 50 MB
         max_bytes = 1024 * 1024
-        members = await self.collect(FakeRunner(all_tools(journal)), max_bytes=max_bytes)
+        members = await self.collect(fake_runner(all_tools(journal)), max_bytes=max_bytes)
         self.assertLessEqual(sum(map(len, members.values())), max_bytes)
         self.assertGreater(len(members[JOURNAL]), max_bytes * 0.9)
         self.assertTrue(members[JOURNAL].startswith(b"[ipa-twisted: truncated: the first "))
@@ -184,7 +157,7 @@ class SystemLogsTests(TestCase):
                       f" of {len(journal)} bytes", members[MANIFEST].decode())
 
     async def test_tiny_cap_still_builds_an_archive(self) -> None:
-        members = await self.collect(FakeRunner(all_tools()), max_bytes=10)
+        members = await self.collect(fake_runner(all_tools()), max_bytes=10)
         self.assertIn(MANIFEST, members)
         self.assertEqual(sum(len(v) for k, v in members.items() if k != MANIFEST), 0)
 
@@ -194,7 +167,7 @@ class SystemLogsTests(TestCase):
         var_log = self.make_tree({"big.log": b"old\n" * 1_000_000 + b"newest\n",
                                   "small.log": b"small\n"})
         max_bytes = 64 * 1024
-        members = await self.collect(FakeRunner(outputs), var_log=var_log,
+        members = await self.collect(fake_runner(outputs), var_log=var_log,
                                      max_bytes=max_bytes)
         self.assertLessEqual(sum(map(len, members.values())), max_bytes)
         self.assertEqual(members["var_log/small.log"], b"small\n")
@@ -202,13 +175,13 @@ class SystemLogsTests(TestCase):
         self.assertIn(b"truncated", members["var_log/big.log"])
 
     async def test_commands_start_together(self) -> None:
-        runner = FakeRunner(all_tools(), hold=True)
+        runner = fake_runner(all_tools(), hold=True)
         proc = self.make_tree({"mdstat": b""})
         collecting = Deferred.fromCoroutine(
             collect_system_logs(runner, reactor, proc_path=proc))  # type: ignore[arg-type]
-        self.assertEqual(sorted(runner.programs()),
+        self.assertEqual(sorted(argv[0] for argv in runner.argvs),
                          sorted(["journalctl"] + [argv[0] for _, argv, _ in COMMANDS]))
-        self.assertFalse(any(answer.called for answer, _ in runner._held))
+        self.assertEqual(runner.pending, len(COMMANDS) + 1)
         self.assertNoResult(collecting)
         runner.release()
         members = unpack(await collecting)
@@ -216,9 +189,9 @@ class SystemLogsTests(TestCase):
 
     async def test_archive_failure_is_a_command_execution_error(self) -> None:
         outputs: dict[str, Any] = all_tools()
-        outputs["ps aux"] = "text, not bytes"  # breaks the tar writer
+        outputs["ps aux"] = lambda argv: ("text, not bytes", b"")  # breaks the tar writer
         with self.assertRaises(CommandExecutionError):
-            await self.collect(FakeRunner(outputs))
+            await self.collect(fake_runner(outputs))
         self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
 
     async def test_on_this_machine(self) -> None:
