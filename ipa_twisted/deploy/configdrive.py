@@ -32,10 +32,11 @@ from typing import Any
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from ipa_twisted.errors import CommandExecutionError, InstanceDeployFailure
 from ipa_twisted.blockdev import disks
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.deploy import configdrive_fs
+from ipa_twisted.errors import CommandExecutionError, InstanceDeployFailure
+from ipa_twisted.images.download import fetch_small
 from ipa_twisted.process import ProcessExecutionError
 
 log = Logger()
@@ -121,8 +122,6 @@ async def get_configdrive(context: HardwareContext, configdrive: str | bytes, *,
     if downloaded:
         url = str(configdrive).strip()
         if fetch is None:
-            from ipa_twisted.images.download import fetch_small
-
             async def fetch(address: str) -> bytes:
                 # base64 of gzip may be a little larger than the image it holds
                 body: bytes = await fetch_small(

@@ -30,13 +30,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from ipa_twisted.errors import ImageWriteError, InstanceDeployFailure
 from ipa_twisted.blockdev import disks
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.deploy import configdrive as configdrives
 from ipa_twisted.deploy import partition
-from ipa_twisted.images.formats import gpt_sector_size
 from ipa_twisted.deploy.image_info import is_partition_image
+from ipa_twisted.errors import ImageWriteError, InstanceDeployFailure
+from ipa_twisted.images.formats import gpt_sector_size
+from ipa_twisted.images.pipeline import write_image
+from ipa_twisted.images.progress import ImageProgress
 from ipa_twisted.process import failures_as
 
 log = Logger()
@@ -54,9 +56,6 @@ def pipeline_writer(context: HardwareContext,
     Each write's ImageProgress is handed to ``report_progress`` (default: the context's,
     which shows it on the running command).
     """
-    from ipa_twisted.images.pipeline import write_image
-    from ipa_twisted.images.progress import ImageProgress
-
     async def write(image_info: Mapping[str, Any], device: str,
                     prepare: Callable[[], Awaitable[str | None]] | None = None) -> object:
         progress = ImageProgress(context.reactor)

@@ -17,8 +17,9 @@ from twisted.python.failure import Failure
 
 from ipa_twisted.errors import (HardwareManagerMethodNotFound, HardwareManagerNotFound,
                                 IncompatibleHardwareMethodError, VersionMismatch)
-from ipa_twisted.hardware.interface import call_manager_method
 from ipa_twisted.context import HardwareContext
+from ipa_twisted.hardware.generic.manager import GenericHardwareManager
+from ipa_twisted.hardware.interface import IHardwareManager, call_manager_method
 
 log = Logger()
 
@@ -40,8 +41,6 @@ def discover_managers() -> list[object]:
     from twisted.plugin import getPlugins
 
     import twisted.plugins
-    from ipa_twisted.hardware.generic.manager import GenericHardwareManager
-    from ipa_twisted.hardware.interface import IHardwareManager
 
     # A fresh generic manager first: deduplication by class then drops the dropin's shared
     # module-level instance of it.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import socket
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, Union
+from typing import Any, ClassVar, TypeVar, Union
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
@@ -21,10 +21,8 @@ from zope.interface import Attribute, Interface, implementer
 
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.errors import IncompatibleHardwareMethodError
-
-if TYPE_CHECKING:
-    from ipa_twisted.hardware.inventory import (
-        CPU, BlockDevice, BootInfo, Memory, NetworkInterface, SystemVendorInfo)
+from ipa_twisted.hardware.inventory import (CPU, BlockDevice, BootInfo, Memory,
+                                            NetworkInterface, SystemVendorInfo)
 
 _T = TypeVar("_T")
 MaybeAsync = Union[_T, Awaitable[_T]]

@@ -24,6 +24,8 @@ from ipa_twisted.fileutils import read_text as _read
 from ipa_twisted.hardware.infiniband import infiniband_ids as _infiniband_ids
 from ipa_twisted.hardware.inventory import (CPU, BootInfo, Memory, NetworkInterface,
                                             SystemFirmware, SystemVendorInfo)
+from ipa_twisted.net.lldp import get_lldp_info
+from ipa_twisted.net.vlan import bring_up_vlan_interfaces
 from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError, ProcessTimeoutError
 
 _T = TypeVar("_T")
@@ -161,7 +163,6 @@ class MachineInventory(MachineReader):
             lldp = await self._lldp(names)
         vlans: list[str] = []
         if config.enable_vlan_interfaces:
-            from ipa_twisted.net.vlan import bring_up_vlan_interfaces
             try:
                 vlans = await bring_up_vlan_interfaces(
                     self.context.runner, names, lldp, config.enable_vlan_interfaces,
@@ -183,7 +184,6 @@ class MachineInventory(MachineReader):
         """LLDP TLVs per interface, or None (logged) when they cannot be read."""
         if self._lldp_reader is not None:
             return await self._lldp_reader(names)
-        from ipa_twisted.net.lldp import get_lldp_info
         config = self.context.config
         try:
             return dict(await get_lldp_info(names, config.lldp_timeout, self.context.reactor,
