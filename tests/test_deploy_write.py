@@ -1,4 +1,4 @@
-"""Tests for partition images, config drives and write_image_to_disk.
+"""Tests for ipa_twisted.deploy.write (write_image_to_disk), partition images and config drives.
 
 Layouts are checked on loop devices on sparse files (root only; skipped otherwise); the
 image pipeline is replaced by a writer that copies a small prepared image.
