@@ -32,58 +32,16 @@ from ipa_twisted.extensions import iscsi
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.process import ProcessRunner
 from ipa_twisted.testing.fake_process import Exit, FakeRunner
+from ipa_twisted.testing.fake_tgtd import SHOW, TARGETS, FakeTgtd, show_shape
 from ipa_twisted.testing.sandbox import (attach_loop_devices, loop_devices_unavailable,
                                          sandbox_argv, sandbox_env)
 from tests.test_bootloader import Disk
 
 MiB = 1 << 20
 IQN = "iqn.2008-10.org.openstack:node-1"
-SHOW = ("tgtadm", "--lld", "iscsi", "--mode", "target", "--op", "show")
-TARGETS = """Target 1: iqn.2008-10.org.openstack:node-1
-    System information:
-        Driver: iscsi
-        State: ready
-    LUN information:
-        LUN: 0
-            Type: controller
-            Backing store type: null
-            Backing store path: None
-        LUN: 1
-            Type: disk
-            Backing store type: rdwr
-            Backing store path: /dev/sda
-    ACL information:
-        ALL
-Target 2: iqn.2008-10.org.openstack:other
-    LUN information:
-        LUN: 1
-            Backing store path: /dev/sdb
-"""
-
-
-class Tgtd:
-    """tgtadm show fails until tgtd has been started (and ``ready_after`` more shows)."""
-
-    def __init__(self, running: bool = False, ready_after: int = 0,
-                 targets: str = "") -> None:
-        self.running, self.ready_after, self.targets = running, ready_after, targets
-
-    def start(self, argv: tuple[str, ...]) -> bytes:
-        self.running = True
-        return b""
-
-    def show(self, argv: tuple[str, ...]) -> bytes | Exit:
-        if not self.running:
-            return Exit(107, b"", b"tgtadm: failed to send request hdr to tgt daemon")
-        if self.ready_after:
-            self.ready_after -= 1
-            return Exit(107)
-        return self.targets.encode()
-
-
 class ISCSITestCase(SynchronousTestCase):
     def setUp(self) -> None:
-        self.tgtd = Tgtd()
+        self.tgtd = FakeTgtd()
         self.runner = FakeRunner({("tgtd",): self.tgtd.start, SHOW: self.tgtd.show,
                                   ("tgtadm",): b""})
         self.clock = Clock()
@@ -233,7 +191,7 @@ class WipeTests(TestCase):
         disk = os.path.abspath(self.mktemp())
         with open(disk, "wb") as f:
             f.write(b"\xff" * (4 * MiB))
-        tgtd = Tgtd()
+        tgtd = FakeTgtd()
         runner = FakeRunner({("tgtd",): tgtd.start, SHOW: tgtd.show, ("tgtadm",): b"",
                              ("wipefs",): b"", ("sgdisk",): b""})
         agent = Agent(AgentConfig(), reactor, runner,  # type: ignore[arg-type]
@@ -287,6 +245,9 @@ class RealTgtdTests(TestCase):
         self.assertEqual(report.get("status"), "SUCCEEDED",
                          f"{report}\n{err.decode(errors='replace')[-3000:]}")
         self.assertEqual(report["result"], {"iscsi_target_iqn": IQN})
+        # The listing the fake answers from has the real tgtadm's shape (target 1 of it).
+        self.assertEqual(show_shape(report["show"]),
+                         show_shape(TARGETS.split("Target 2")[0]), report["show"])
         targets = iscsi.parse_targets(report["show"])
         self.assertEqual(targets, {1: (IQN, [loop.path])})
         self.assertIn("Type: disk", report["show"])
