@@ -19,7 +19,7 @@ from ipa_twisted.testing.fake_process import Exit
 SHOW = ("tgtadm", "--lld", "iscsi", "--mode", "target", "--op", "show")
 """The argv of the listing."""
 
-TARGETS = """Target 1: iqn.2008-10.org.openstack:node-1
+_TARGET_1 = """Target 1: iqn.2008-10.org.openstack:node-1
     System information:
         Driver: iscsi
         State: ready
@@ -56,44 +56,12 @@ TARGETS = """Target 1: iqn.2008-10.org.openstack:node-1
     Account information:
     ACL information:
         ALL
-Target 2: iqn.2008-10.org.openstack:other
-    System information:
-        Driver: iscsi
-        State: ready
-    I_T nexus information:
-    LUN information:
-        LUN: 0
-            Type: controller
-            SCSI ID: IET     00020000
-            SCSI SN: beaf20
-            Size: 0 MB, Block size: 1
-            Online: Yes
-            Removable media: No
-            Prevent removal: No
-            Readonly: No
-            SWP: No
-            Thin-provisioning: No
-            Backing store type: null
-            Backing store path: None
-            Backing store flags: 
-        LUN: 1
-            Type: disk
-            SCSI ID: IET     00020001
-            SCSI SN: beaf21
-            Size: 8 MB, Block size: 512
-            Online: Yes
-            Removable media: No
-            Prevent removal: No
-            Readonly: No
-            SWP: No
-            Thin-provisioning: No
-            Backing store type: rdwr
-            Backing store path: /dev/sdb
-            Backing store flags: 
-    Account information:
-    ACL information:
-        ALL
 """
+TARGETS = _TARGET_1 + (_TARGET_1.replace("1: iqn.2008-10.org.openstack:node-1",
+                                         "2: iqn.2008-10.org.openstack:other")
+                       .replace("/dev/sda", "/dev/sdb").replace("IET     0001", "IET     0002")
+                       .replace("beaf1", "beaf2"))
+"""Two targets: node-1 exporting /dev/sda, other exporting /dev/sdb."""
 
 
 def show_shape(text: str) -> Any:
