@@ -19,6 +19,7 @@ from ipa_twisted.commands import CommandResult
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.context import Deployment
 from ipa_twisted.encoding import to_jsonable
+from ipa_twisted.extensions import default_extensions
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.hardware.inventory import NetworkInterface
 from ipa_twisted.testing.fake_process import Exit, FakeRunner
@@ -87,7 +88,8 @@ class ExtensionTestCase(SynchronousTestCase):
         self.managers = HardwareManagers([(self.vendor, 3), (self.generic, 1)])
         self.runner = FakeRunner()
         self.agent = Agent(AgentConfig(standalone=self.standalone), Clock(),
-                           self.runner, managers=self.managers)  # type: ignore[arg-type]
+                           self.runner, managers=self.managers,  # type: ignore[arg-type]
+                           extensions=default_extensions())
 
     def run_command(self, name: str, **params: Any) -> CommandResult:
         result: CommandResult = self.successResultOf(
@@ -230,7 +232,8 @@ class StandbyTests(ExtensionTestCase):
 
 class ManagersLoadingTests(SynchronousTestCase):
     def test_commands_wait_for_managers(self) -> None:
-        agent = Agent(AgentConfig(), Clock(), FakeRunner())  # type: ignore[arg-type]
+        agent = Agent(AgentConfig(), Clock(), FakeRunner(),  # type: ignore[arg-type]
+                      extensions=default_extensions())
         pending = Deferred.fromCoroutine(agent.execute_command("poll.get_hardware_info", {}))
         self.assertNoResult(pending)
         agent.set_managers(HardwareManagers([(Generic(), 1)]))
@@ -242,7 +245,8 @@ class LogTests(TestCase):
     async def test_collect_system_logs(self) -> None:
         runner = FakeRunner({("dmesg",): Exit(0, stdout=b"kernel says hi\n")},
                             unknown_missing=True)
-        agent = Agent(AgentConfig(), reactor, runner, reactor=reactor)  # type: ignore[arg-type]
+        agent = Agent(AgentConfig(), reactor, runner, reactor=reactor,  # type: ignore[arg-type]
+                      extensions=default_extensions())
         result = await agent.execute_command("log.collect_system_logs", {})
         self.assertEqual(result.command_status.value, "SUCCEEDED", result.serialize())
         archive = base64.b64decode(result.command_result["system_logs"])
@@ -296,7 +300,7 @@ class StandbyImageTests(SynchronousTestCase):
         self.runner = FakeRunner({("sync",): Exit(0), ("reboot", "-f"): Exit(0),
                                   ("poweroff", "-f"): Exit(1, stderr=b"nope")})
         self.agent = Agent(AgentConfig(proc_path=self.proc), Clock(),
-                           self.runner)  # type: ignore[arg-type]
+                           self.runner, extensions=default_extensions())  # type: ignore
         self.writer = ImageWriter(self.agent.hardware_context())
         self.agent.set_managers(HardwareManagers([(self.writer, 2)]))
 
