@@ -1,3 +1,4 @@
+# Over 500 lines: the one table of every option (the reference's 84 and ours) and its one loader.
 """The agent's configuration: one immutable AgentConfig, merged from every source.
 
 Sources, later wins: built-in defaults < config files (``[DEFAULT]`` and the reference agent's

@@ -1,3 +1,4 @@
+# Over 500 lines: one inventory (the reference's list_hardware_info fields) read from one set of roots.
 """The generic manager's inventory of the machine: CPU, memory, network interfaces, BMC,
 system vendor and boot mode, from sysfs, procfs and common tools.
 
