@@ -194,9 +194,18 @@ class Agent:
         if isinstance(token, str) and token:
             if len(token) >= MIN_TOKEN_LENGTH:
                 self.agent_token = token
+            elif token == "******" and self.agent_token is None:
+                # As the reference agent: Ironic handed this boot's token to an agent
+                # before us (we were restarted outside Ironic's process), so no command
+                # can ever be authenticated. Whoever holds the token could drive a node
+                # nobody watches: make the agent unreachable instead.
+                self.log.error("Ironic says the agent token was already handed out and "
+                               "this agent has none (restarted outside Ironic's control?): "
+                               "locking down; reboot the node through Ironic to recover")
+                self.request_lockdown()
             elif token == "******":
-                self.log.warn("Ironic says the agent token was already retrieved; commands "
-                              "will be refused unless a token was configured")
+                self.log.info("Ironic says the agent token was already handed out; "
+                              "keeping the configured one")
             else:
                 self.log.warn("Ignoring an agent token shorter than {length} characters",
                               length=MIN_TOKEN_LENGTH)

@@ -150,3 +150,33 @@ class MergedTests(SynchronousTestCase):
                                 cmdline_path="/nonexistent")
         self.assertEqual(config.permitted_image_formats, ("raw", "vmdk"))
         self.assertEqual(config.container_allowed_containers, ("a:1", "b:2"))
+
+
+class MaskedTokenTests(SynchronousTestCase):
+    """Ironic's ``******``: the token went to an agent before this one."""
+
+    def make_agent(self, token: str | None) -> tuple[Agent, Clock, list[None]]:
+        clock = Clock()
+        agent = Agent(AgentConfig(agent_token=token), clock,
+                      runner=None, extensions=[])  # type: ignore[arg-type]
+        fired: list[None] = []
+        agent.lockdown_wanted.wait().addCallback(fired.append)
+        return agent, clock, fired
+
+    def test_without_a_token_the_agent_locks_itself_down(self) -> None:
+        agent, clock, fired = self.make_agent(None)
+        with capturedLogs() as events:
+            agent.process_lookup_data({"node": {"uuid": "n1"},
+                                       "config": ironic39_lookup_config(agent_token="******")})
+        self.assertTrue(agent.locked_down)          # commands refused at once
+        clock.advance(1)
+        self.assertEqual(fired, [None])             # then the API is closed for good
+        self.assertTrue(any("locking down" in e["log_format"] for e in events))
+
+    def test_a_configured_token_is_kept(self) -> None:
+        agent, clock, fired = self.make_agent("p" * 40)
+        agent.process_lookup_data({"node": {"uuid": "n1"},
+                                   "config": ironic39_lookup_config(agent_token="******")})
+        clock.advance(1)
+        self.assertEqual((agent.locked_down, fired, agent.agent_token),
+                         (False, [], "p" * 40))
