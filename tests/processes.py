@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -188,10 +189,11 @@ def start_agent(test: Any, directory: str, *, api_url: str | None = None,
     return agent
 
 
-# An agent outside the disk sandbox sees this machine's disks and /proc. What Ironic may ask
-# of it (standby.sync flushes every disk's buffers and drops the kernel's caches) must not
-# reach them: blockdev's writing verbs are shadowed on its PATH and, as root, it runs in a
-# private mount namespace where drop_caches and sysrq-trigger are /dev/null.
+# An agent outside the disk sandbox sees this machine's disks, /proc and interfaces. What
+# Ironic may ask of it (standby.sync flushes every disk's buffers and drops the kernel's
+# caches; lockdown takes the interfaces down) must not reach them: blockdev's writing verbs
+# and ``ip ... down`` are shadowed on its PATH and, as root, it runs in a private mount
+# namespace where drop_caches and sysrq-trigger are /dev/null.
 _BLOCKDEV_SHIM = """#!/bin/sh
 for arg in "$@"; do
   case "$arg" in --flushbufs|--rereadpt|--setro|--setrw|--setra|--setfra|--setbsz)
@@ -214,6 +216,13 @@ def _guard_host(argv: list[str], env: dict[str, str],
     with open(path, "w") as f:
         f.write(_BLOCKDEV_SHIM)
     os.chmod(path, 0o755)
+    from ipa_twisted.testing.sandbox_init import IP_GUARD
+    real_ip = shutil.which("ip", path=env.get("PATH"))
+    if real_ip is not None:
+        ip = os.path.join(shims, "ip")
+        with open(ip, "w") as f:
+            f.write(IP_GUARD.format(ip=real_ip))
+        os.chmod(ip, 0o755)
     env = dict(env, PATH=shims + os.pathsep + env.get("PATH", os.defpath))
     if os.geteuid() == 0:
         argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", _PRIVATE_PROC,

@@ -175,6 +175,16 @@ class StandaloneAgentTests(TestCase):
         # machine's disks.
         with open(os.path.join(directory, "host-shims", "refused.log")) as f:
             self.assertIn("blockdev --flushbufs", f.read())
+        # Lockdown, outside a network namespace of the test's own, takes no interface of
+        # this machine down: the guard refuses it, and the agent still locks itself.
+        response = await treq.post(f"http://127.0.0.1:{port}/v1/commands/?wait=true",
+                                   json={"name": "system.lockdown", "params": {}},
+                                   timeout=30, persistent=False)
+        self.assertEqual((await response.json())["command_status"], "SUCCEEDED")
+        refused = os.path.join(directory, "host-shims", "refused.log")
+        await poll(lambda: " down" in open(refused).read(), timeout=30)
+        with self.assertRaises(Exception):
+            await treq.get(f"http://127.0.0.1:{port}/", timeout=2, persistent=False)
         await agent.stop("TERM")
         self.assertTrue(agent.stopped_cleanly, agent.output[-2000:])
 

@@ -67,8 +67,9 @@ class ArgvTests(SynchronousTestCase):
                             ["twistd", "-n", "ipa"])
         self.assertEqual(argv[:5], ["unshare", "--mount", "--propagation", "private", "--"])
         self.assertEqual(argv[5:8], [sys.executable, "-m", "ipa_twisted.testing.sandbox_init"])
-        self.assertEqual(argv[8:10], ["--outer-ns", os.readlink("/proc/self/ns/mnt")])
-        self.assertEqual(argv[10:], ["--loop", "/dev/loop7", "--loop", "/dev/loop8", "--",
+        self.assertEqual(argv[8:12], ["--outer-ns", os.readlink("/proc/self/ns/mnt"),
+                                      "--outer-net", os.readlink("/proc/self/ns/net")])
+        self.assertEqual(argv[12:], ["--loop", "/dev/loop7", "--loop", "/dev/loop8", "--",
                                      "twistd", "-n", "ipa"])
         self.assertIn("--no-shadow", sandbox_argv([], ["true"], shadow=[]))
         self.assertIn("--shadow=/sbin/kexec", sandbox_argv([], ["true"],
@@ -144,6 +145,18 @@ class SandboxTests(TestCase):
         if trigger_exists:
             self.assertFalse(stat.S_ISCHR(os.stat("/proc/sysrq-trigger").st_mode))
         self.assertTrue(stat.S_ISBLK(os.stat(loops[0].path).st_mode))
+
+    async def test_no_interface_of_this_machine_goes_down(self) -> None:
+        # A name no interface has: were the guard missing, the real ip would fail on it
+        # (and nothing of this machine could be touched either way).
+        loops = await attach_loop_devices(self.runner, os.path.abspath(self.mktemp()),
+                                          [8 * MiB], self.addCleanup)
+        out, _ = await run_in_sandbox(self.runner, loops, [
+            "sh", "-c", "ip link set ipa-no-such-if down && echo refused-quietly && "
+            "cat /dev/shm/ipa-sandbox-guard/refused.log && ip -o link show lo"])
+        lines = out.decode().splitlines()
+        self.assertEqual(lines[:2], ["refused-quietly", "ip link set ipa-no-such-if down"])
+        self.assertIn("lo:", lines[2])     # other uses reach the real ip
 
     async def test_partition_nodes_appear_without_udev(self) -> None:
         loops = await attach_loop_devices(self.runner, os.path.abspath(self.mktemp()),

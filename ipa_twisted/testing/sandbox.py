@@ -139,7 +139,8 @@ def sandbox_argv(loops: Sequence[LoopDevice | str], argv: Sequence[str], *,
     """
     wrapped = ["unshare", "--mount", "--propagation", "private", "--", sys.executable,
                "-m", "ipa_twisted.testing.sandbox_init",
-               "--outer-ns", os.readlink("/proc/self/ns/mnt")]
+               "--outer-ns", os.readlink("/proc/self/ns/mnt"),
+               "--outer-net", os.readlink("/proc/self/ns/net")]
     for loop in loops:
         wrapped += ["--loop", loop.path if isinstance(loop, LoopDevice) else loop]
     if shadow is not None:

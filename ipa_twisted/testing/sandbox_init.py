@@ -13,7 +13,11 @@ see ``ipa_twisted.testing.sandbox``), it:
    ``poweroff``, ``shutdown`` and ``halt`` found on PATH);
 4. bind-mounts the new /dev/null over /proc/sysrq-trigger and /proc/sys/vm/drop_caches
    (when the kernel has them: ``standby.sync`` must not empty the host's caches);
-5. execs the program after ``--``.
+5. when the program would run in the network namespace of whoever started it (``--outer-net``:
+   this machine's own), puts an ``ip``
+   first on its PATH that refuses to take any interface down (lockdown does that): only
+   a network namespace that a test made may lose its interfaces;
+6. execs the program after ``--``.
 
 Everything it mounts disappears with the namespace when the program exits.
 """
@@ -119,6 +123,38 @@ def shadow_programs(programs: Sequence[str], true: str = "/bin/true") -> list[st
     return done
 
 
+IP_GUARD = """#!/bin/sh
+# The disk sandbox runs in this machine's network namespace: no interface goes down.
+for arg in "$@"; do
+  if [ "$arg" = down ]; then echo "ip $*" >>"$(dirname "$0")/refused.log"; exit 0; fi
+done
+exec {ip} "$@"
+"""
+GUARD_DIR = "/dev/shm/ipa-sandbox-guard"
+"""Where the ``ip`` guard lives: the sandbox's own /dev/shm, gone with the namespace."""
+
+
+def in_network_namespace(outer: str | None) -> bool:
+    """Whether this process runs in the network namespace ``outer`` (or cannot tell)."""
+    try:
+        return outer is None or os.readlink("/proc/self/ns/net") == outer
+    except OSError:
+        return True      # cannot tell: guard
+
+
+def guard_interfaces(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with an ``ip`` that refuses ``... down`` first on its PATH."""
+    real = shutil.which("ip", path=env.get("PATH"))
+    if real is None:
+        return env
+    os.makedirs(GUARD_DIR, exist_ok=True)
+    path = os.path.join(GUARD_DIR, "ip")
+    with open(path, "w") as f:
+        f.write(IP_GUARD.format(ip=real))
+    os.chmod(path, 0o755)
+    return dict(env, PATH=GUARD_DIR + os.pathsep + env.get("PATH", os.defpath))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ipa_twisted.testing.sandbox_init")
     parser.add_argument("--loop", action="append", default=[], help="a loop device to keep")
@@ -128,6 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="replace no program with /bin/true")
     parser.add_argument("--outer-ns", required=True,
                         help="the mount namespace (readlink /proc/self/ns/mnt) outside")
+    parser.add_argument("--outer-net", default=None,
+                        help="the network namespace (readlink /proc/self/ns/net) outside: "
+                             "inside it no interface may go down")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -143,10 +182,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for shadowed in (SYSRQ_TRIGGER, DROP_CACHES):
             if os.path.exists(shadowed):      # absent: nothing of the kernel's to protect
                 _mount("/dev/null", shadowed, None, MS_BIND)
+        env = dict(os.environ)
+        if in_network_namespace(args.outer_net):
+            env = guard_interfaces(env)
     except (SandboxError, OSError) as e:
         print(f"sandbox_init: {e}", file=sys.stderr)
         return 125
-    os.execvp(command[0], command)
+    os.execvpe(command[0], command, env)
     return 127   # not reached
 
 
