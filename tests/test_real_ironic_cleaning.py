@@ -28,9 +28,8 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from ipa_twisted.process import ProcessRunner
-from ipa_twisted.testing.sandbox import (LoopDevice, attach_loop_devices,
-                                         loop_devices_unavailable, sandbox_argv)
-from tests.ironic.harness import RealIronic, skip_reason, start_agent
+from ipa_twisted.testing.sandbox import LoopDevice, attach_loop_devices
+from tests.ironic.harness import skip_reason, start_agent, start_ironic
 from tests.processes import Child, child_env, physical_macs
 
 MiB = 1 << 20
@@ -49,20 +48,11 @@ exec {lsblk} "$@" {devices}
 """
 
 
-def _skip_reason() -> str | None:
-    reason = skip_reason()
-    if reason:
-        return reason
-    if not physical_macs():
-        return "no physical network interface to look the node up by"
-    return loop_devices_unavailable(TOOLS)
-
-
 class RealIronicCleaningTests(TestCase):
     timeout = 300
 
     async def setUp(self) -> None:
-        reason = _skip_reason()
+        reason = skip_reason(macs=True, tools=TOOLS, loop_devices=True)
         if reason:
             raise self.skipTest(reason)
         self.dir = os.path.abspath(self.mktemp())
@@ -70,10 +60,8 @@ class RealIronicCleaningTests(TestCase):
         self.runner = ProcessRunner(reactor, reactor)
         self.loops = await attach_loop_devices(self.runner, self.dir, [DISK_SIZE] * 2,
                                                self.addCleanup)
-        self.ironic = RealIronic(os.path.join(self.dir, "ironic"), automated_clean=True,
-                                 heartbeat_timeout=HEARTBEAT_TIMEOUT)
-        await self.ironic.start()
-        self.addCleanup(self.ironic.stop)
+        self.ironic = await start_ironic(self, self.dir, automated_clean=True,
+                                         heartbeat_timeout=HEARTBEAT_TIMEOUT)
 
     async def fill(self, loop: LoopDevice, label: str) -> None:
         """A GPT with an ext4 file system, then data to the end of the disk."""
@@ -113,14 +101,8 @@ class RealIronicCleaningTests(TestCase):
         started = reactor.seconds()
         await self.ironic.set_provision_state(uuid, "provide")
         await self.ironic.wait_for_state(uuid, "clean wait", timeout=60)
-
-        def in_sandbox(argv: list[str]) -> list[str]:
-            wrapped = sandbox_argv(self.loops, argv)
-            wrapped[0] = shutil.which(wrapped[0]) or wrapped[0]
-            return wrapped
-
-        agent = start_agent(self, self.ironic, self.dir, config="include_loop_devices = true\n",
-                            wrap=in_sandbox, env=self.agent_env())
+        agent = start_agent(self, self.ironic, self.dir, sandbox=self.loops,
+                            env=self.agent_env())
         node = await self.ironic.wait_for_state(uuid, state, timeout=240)
         return node, agent, reactor.seconds() - started
 

@@ -18,25 +18,14 @@ from twisted.web.server import Site
 from twisted.web.static import File
 
 from ipa_twisted.process import ProcessRunner
-from ipa_twisted.testing.sandbox import (attach_loop_devices, loop_devices_unavailable,
-                                         sandbox_argv)
-from tests.ironic.harness import RealIronic, skip_reason, start_agent
+from ipa_twisted.testing.sandbox import attach_loop_devices
+from tests.images import mbr_disk_image
+from tests.ironic.harness import skip_reason, start_agent, start_ironic
 from tests.processes import Child, physical_macs
 
 HEARTBEAT_TIMEOUT = 10
 IMAGE_SIZE = 48 * 1024 * 1024
 DISK_SIZE = 2 * 1024 * 1024 * 1024
-
-
-def _skip_reason() -> str | None:
-    reason = skip_reason()
-    if reason:
-        return reason
-    if shutil.which("qemu-img") is None:
-        return "qemu-img (qemu-utils) is not installed"
-    if not physical_macs():
-        return "no physical network interface to look the node up by"
-    return loop_devices_unavailable()
 
 
 class RealIronicDeployTests(TestCase):
@@ -45,7 +34,7 @@ class RealIronicDeployTests(TestCase):
     timeout = 300
 
     async def setUp(self) -> None:
-        reason = _skip_reason()
+        reason = skip_reason(macs=True, tools=("qemu-img",), loop_devices=True)
         if reason:
             raise self.skipTest(reason)
         self.dir = os.path.abspath(self.mktemp())
@@ -60,23 +49,16 @@ class RealIronicDeployTests(TestCase):
         self.images_url = f"http://127.0.0.1:{server.getHost().port}"
         # The partition image gets GRUB for BIOS: Ironic's lookup answer must allow it
         # (off by default, the CVE-2026-43003 mitigation).
-        self.ironic = RealIronic(os.path.join(self.dir, "ironic"), restrict_lookup=True,
-                                 heartbeat_timeout=HEARTBEAT_TIMEOUT,
-                                 options={"agent": {"enable_bios_bootloader_install": True}})
-        await self.ironic.start()
-        self.addCleanup(self.ironic.stop)
+        self.ironic = await start_ironic(
+            self, self.dir, restrict_lookup=True, heartbeat_timeout=HEARTBEAT_TIMEOUT,
+            options={"agent": {"enable_bios_bootloader_install": True}})
 
     def make_image(self) -> bytes:
-        """A whole-disk image: an MBR partition table, then data that differs per MiB."""
-        blocks = [hashlib.sha256(str(i).encode()).digest() * 32768 for i in range(48)]
-        image = bytearray(b"".join(blocks))
-        image[440:512] = bytes(72)  # disk identifier 0: no grub install for a whole disk
-        image[510:512] = b"\x55\xaa"
-        image[446:462] = bytes([0x80, 0, 2, 0, 0x83, 0, 0, 0]) + (2048).to_bytes(4, "little") \
-            + (IMAGE_SIZE // 512 - 2048).to_bytes(4, "little")
+        """A whole-disk image (an MBR partition table), written to images/disk.raw."""
+        image = mbr_disk_image(IMAGE_SIZE)
         with open(os.path.join(self.dir, "images", "disk.raw"), "wb") as f:
             f.write(image)
-        return bytes(image)
+        return image
 
     async def make_qcow2(self) -> str:
         raw = os.path.join(self.dir, "images", "disk.raw")
@@ -86,13 +68,7 @@ class RealIronicDeployTests(TestCase):
         return qcow2
 
     def start_agent(self) -> Child:
-        def in_sandbox(argv: list[str]) -> list[str]:
-            wrapped = sandbox_argv([self.loop], argv)
-            wrapped[0] = shutil.which(wrapped[0]) or wrapped[0]
-            return wrapped
-
-        return start_agent(self, self.ironic, self.dir, config="include_loop_devices = true\n",
-                           wrap=in_sandbox)
+        return start_agent(self, self.ironic, self.dir, sandbox=[self.loop])
 
     def read_disk(self, length: int) -> bytes:
         with open(self.loop.path, "rb") as f:

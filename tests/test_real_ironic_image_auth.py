@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import shutil
 
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
@@ -20,10 +19,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from ipa_twisted.process import ProcessRunner
-from ipa_twisted.testing.sandbox import (attach_loop_devices, loop_devices_unavailable,
-                                         sandbox_argv)
+from ipa_twisted.testing.sandbox import attach_loop_devices
 from tests.image_server import ImageResource
-from tests.ironic.harness import RealIronic, skip_reason, start_agent
+from tests.images import mbr_disk_image
+from tests.ironic.harness import skip_reason, start_agent, start_ironic
 from tests.processes import physical_macs
 
 MiB = 1024 * 1024
@@ -32,31 +31,11 @@ DISK_SIZE = 2 * 1024 * MiB
 USER, PASSWORD = "images", "only-for-ironic"
 
 
-def _skip_reason() -> str | None:
-    reason = skip_reason()
-    if reason:
-        return reason
-    if not physical_macs():
-        return "no physical network interface to look the node up by"
-    return loop_devices_unavailable()
-
-
-def _image() -> bytes:
-    """A whole-disk image: an MBR with one partition, then data that differs per MiB."""
-    image = bytearray(b"".join(hashlib.sha256(str(i).encode()).digest() * (MiB // 32)
-                               for i in range(IMAGE_SIZE // MiB)))
-    image[440:512] = bytes(72)
-    image[510:512] = b"\x55\xaa"
-    image[446:462] = bytes([0x80, 0, 2, 0, 0x83, 0, 0, 0]) + (2048).to_bytes(4, "little") \
-        + (IMAGE_SIZE // 512 - 2048).to_bytes(4, "little")
-    return bytes(image)
-
-
 class RealIronicImageServerAuthTests(TestCase):
     timeout = 300
 
     async def setUp(self) -> None:
-        reason = _skip_reason()
+        reason = skip_reason(macs=True, loop_devices=True)
         if reason:
             raise self.skipTest(reason)
         self.dir = os.path.abspath(self.mktemp())
@@ -64,21 +43,19 @@ class RealIronicImageServerAuthTests(TestCase):
         runner = ProcessRunner(reactor, reactor)
         self.loop = (await attach_loop_devices(runner, self.dir, [DISK_SIZE],
                                                self.addCleanup))[0]
-        self.image = _image()
+        self.image = mbr_disk_image(IMAGE_SIZE)
         self.resource = ImageResource(self.image, basic_auth=(USER, PASSWORD))
         root = Resource()
         root.putChild(b"disk.raw", self.resource)
         server = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
         self.addCleanup(server.stopListening)
         self.url = f"http://127.0.0.1:{server.getHost().port}/disk.raw"
-        self.ironic = RealIronic(os.path.join(self.dir, "ironic"), heartbeat_timeout=10,
-                                 options={"deploy": {
-                                     "image_server_auth_strategy": "http_basic",
-                                     "image_server_user": USER,
-                                     "image_server_password": PASSWORD,
-                                     "image_server_auth_hosts": "127.0.0.1"}})
-        await self.ironic.start()
-        self.addCleanup(self.ironic.stop)
+        self.ironic = await start_ironic(self, self.dir, heartbeat_timeout=10,
+                                         options={"deploy": {
+                                             "image_server_auth_strategy": "http_basic",
+                                             "image_server_user": USER,
+                                             "image_server_password": PASSWORD,
+                                             "image_server_auth_hosts": "127.0.0.1"}})
 
     async def test_deploy_from_a_basic_auth_image_server(self) -> None:
         uuid = await self.ironic.enroll_node(
@@ -89,14 +66,7 @@ class RealIronicImageServerAuthTests(TestCase):
             "image_os_hash_value": hashlib.sha256(self.image).hexdigest(),
             "image_disk_format": "raw", "root_gb": 1})
         await self.ironic.wait_for_state(uuid, "wait call-back", timeout=60)
-
-        def in_sandbox(argv: list[str]) -> list[str]:
-            wrapped = sandbox_argv([self.loop], argv)
-            wrapped[0] = shutil.which(wrapped[0]) or wrapped[0]
-            return wrapped
-
-        agent = start_agent(self, self.ironic, self.dir, config="include_loop_devices = true\n",
-                            wrap=in_sandbox)
+        agent = start_agent(self, self.ironic, self.dir, sandbox=[self.loop])
         node = await self.ironic.wait_for_state(uuid, "active", timeout=240)
         self.assertIsNone(node["last_error"])
         with open(self.loop.path, "rb") as f:

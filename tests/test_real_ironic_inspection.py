@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from tests.ironic.harness import RealIronic, skip_reason, start_agent
+from tests.ironic.harness import skip_reason, start_agent, start_ironic
 from tests.processes import Child, physical_macs
 
 
@@ -20,26 +20,20 @@ class RealIronicInspectionTests(TestCase):
     timeout = 180
 
     async def setUp(self) -> None:
-        reason = skip_reason()
+        reason = skip_reason(macs=True)
         if reason:
             raise self.skipTest(reason)
         self.macs = physical_macs()
-        if not self.macs:
-            raise self.skipTest("no physical network interface to inspect")
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
         # The fake boot interface cannot boot a ramdisk: the test starts the agent itself,
         # as an operator's own boot would (unmanaged inspection).
-        self.ironic = RealIronic(os.path.join(self.dir, "ironic"), restrict_lookup=True,
-                                 heartbeat_timeout=10, options={
-                                     "DEFAULT": {"default_inspect_interface": "agent"},
-                                     "inspector": {"require_managed_boot": False,
-                                                   "add_ports": "all",
-                                                   "hooks": "$default_hooks,memory"},
-                                     "auto_discovery": {"enabled": True,
-                                                        "driver": "ipa-test"}})
-        await self.ironic.start()
-        self.addCleanup(self.ironic.stop)
+        self.ironic = await start_ironic(self, self.dir, restrict_lookup=True,
+                                         heartbeat_timeout=10, options={
+            "DEFAULT": {"default_inspect_interface": "agent"},
+            "inspector": {"require_managed_boot": False, "add_ports": "all",
+                          "hooks": "$default_hooks,memory"},
+            "auto_discovery": {"enabled": True, "driver": "ipa-test"}})
 
     def start_agent(self) -> Child:
         return start_agent(self, self.ironic, self.dir, config=(

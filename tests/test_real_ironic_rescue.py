@@ -13,7 +13,7 @@ import os
 from twisted.trial.unittest import TestCase
 
 from ipa_twisted.passwords import sha512_crypt
-from tests.ironic.harness import RealIronic, skip_reason, start_agent
+from tests.ironic.harness import skip_reason, start_agent, start_ironic
 from tests.processes import Child, physical_macs, poll
 
 
@@ -21,19 +21,15 @@ class RealIronicRescueTests(TestCase):
     timeout = 240
 
     async def setUp(self) -> None:
-        reason = skip_reason()
+        reason = skip_reason(macs=True)
         if reason:
             raise self.skipTest(reason)
         self.macs = physical_macs()
-        if not self.macs:
-            raise self.skipTest("no physical network interface to look the node up by")
         self.dir = os.path.abspath(self.mktemp())
         self.etc = os.path.join(self.dir, "etc")
         os.makedirs(self.etc)
-        self.ironic = RealIronic(os.path.join(self.dir, "ironic"), restrict_lookup=True,
-                                 heartbeat_timeout=10)
-        await self.ironic.start()
-        self.addCleanup(self.ironic.stop)
+        self.ironic = await start_ironic(self, self.dir, restrict_lookup=True,
+                                         heartbeat_timeout=10)
 
     def start_agent(self, name: str) -> Child:
         return start_agent(self, self.ironic, self.dir, name=name,

@@ -13,49 +13,34 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from ipa_twisted.process import ProcessRunner
-from ipa_twisted.testing.sandbox import (attach_loop_devices, loop_devices_unavailable,
-                                         sandbox_argv)
-from tests.ironic.harness import RealIronic, skip_reason, start_agent
+from ipa_twisted.testing.sandbox import attach_loop_devices
+from tests.ironic.harness import skip_reason, start_agent, start_ironic
 from tests.processes import Child, physical_macs
 
 SERVICE_VERSION = "1.87"
 DISK_SIZE = 256 * 1024 * 1024
 CONTENT = b"serviced by ipa-twisted\n"
-
-
-def _skip_reason() -> str | None:
-    reason = skip_reason()
-    if reason:
-        return reason
-    if not physical_macs():
-        return "no physical network interface to look the node up by"
-    for tool in ("parted", "partprobe", "mkfs.ext4", "debugfs"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    return loop_devices_unavailable()
+TOOLS = ("parted", "partprobe", "mkfs.ext4", "debugfs")
 
 
 class RealIronicServiceTests(TestCase):
     timeout = 300
 
     async def setUp(self) -> None:
-        reason = _skip_reason()
+        reason = skip_reason(macs=True, tools=TOOLS, loop_devices=True)
         if reason:
             raise self.skipTest(reason)
         self.dir = os.path.abspath(self.mktemp())
         self.runner = ProcessRunner(reactor, reactor)
         self.loop = (await attach_loop_devices(self.runner, os.path.join(self.dir, "disks"),
                                                [DISK_SIZE], self.addCleanup))[0]
-        self.ironic = RealIronic(os.path.join(self.dir, "ironic"), restrict_lookup=True,
-                                 heartbeat_timeout=10)
-        await self.ironic.start()
-        self.addCleanup(self.ironic.stop)
+        self.ironic = await start_ironic(self, self.dir, restrict_lookup=True,
+                                         heartbeat_timeout=10)
 
     async def make_instance_disk(self) -> str:
         """A GPT disk with one ext4 partition holding /etc/hostname; the partition."""
@@ -76,13 +61,7 @@ class RealIronicServiceTests(TestCase):
         return out.decode(errors="replace") or err.decode(errors="replace")
 
     def start_agent(self, name: str) -> Child:
-        def in_sandbox(argv: list[str]) -> list[str]:
-            wrapped = sandbox_argv([self.loop], argv)
-            wrapped[0] = shutil.which(wrapped[0]) or wrapped[0]
-            return wrapped
-
-        return start_agent(self, self.ironic, self.dir, name=name,
-                           config="include_loop_devices = true\n", wrap=in_sandbox)
+        return start_agent(self, self.ironic, self.dir, name=name, sandbox=[self.loop])
 
     async def test_service_injects_a_file_into_the_instance_disk(self) -> None:
         root = await self.make_instance_disk()

@@ -25,21 +25,12 @@ from ipa_twisted.process import ProcessRunner
 from ipa_twisted.testing.sandbox import (attach_loop_devices, loop_devices_unavailable,
                                          sandbox_argv)
 from tests.image_server import ImageResource
+from tests.images import mbr_disk_image
 from tests.processes import SAFE_POWER, TWISTD, Child, free_port, poll
 
 MiB = 1024 * 1024
 IMAGE_SIZE = 24 * MiB
 DISK_SIZE = 5 * 1024 * MiB     # standalone: no hints, the smallest disk of >= 4 GiB
-
-
-def _image() -> bytes:
-    blocks = [hashlib.sha512(str(i).encode()).digest() * 16384 for i in range(24)]
-    image = bytearray(b"".join(blocks))
-    image[440:512] = bytes(72)
-    image[510:512] = b"\x55\xaa"
-    image[446:462] = bytes([0x80, 0, 2, 0, 0x83, 0, 0, 0]) + (2048).to_bytes(4, "little") \
-        + (IMAGE_SIZE // 512 - 2048).to_bytes(4, "little")
-    return bytes(image)
 
 
 class SandboxedDeployTests(TestCase):
@@ -54,7 +45,7 @@ class SandboxedDeployTests(TestCase):
         runner = ProcessRunner(reactor, reactor)
         self.loop = (await attach_loop_devices(runner, self.dir, [DISK_SIZE],
                                                self.addCleanup))[0]
-        self.image = _image()
+        self.image = mbr_disk_image(IMAGE_SIZE, hashlib.sha512)
         self.root = Resource()
         server = reactor.listenTCP(0, Site(self.root), interface="127.0.0.1")
         self.addCleanup(server.stopListening)

@@ -43,7 +43,8 @@ from typing import Any
 import treq
 from twisted.internet import reactor
 
-from tests.processes import ROOT, Child, free_port, sleep
+from ipa_twisted.testing.sandbox import LoopDevice, loop_devices_unavailable, sandbox_argv
+from tests.processes import ROOT, Child, free_port, physical_macs, sleep
 
 IRONIC_VENV = os.path.join(ROOT, ".venv-ironic")
 HARDWARE_TYPE = "ipa-test"
@@ -60,13 +61,23 @@ _EXEC_AS_GROUP_LEADER = (
     "os.execv(sys.argv[1], sys.argv[1:])\n")
 
 
-def skip_reason() -> str | None:
-    """Why tests with a real Ironic cannot run here, or None if they can."""
+def skip_reason(*, macs: bool = False, tools: Sequence[str] = (),
+                loop_devices: bool = False) -> str | None:
+    """Why tests with a real Ironic cannot run here, or None if they can.
+
+    ``macs``: the node is looked up by this machine's physical MACs, so there must be one;
+    ``tools``: programs the test runs; ``loop_devices``: the agent runs in the disk sandbox.
+    """
     if not os.access(os.path.join(IRONIC_VENV, "bin", "ironic"), os.X_OK):
         return "no real Ironic: run tests/ironic/setup-ironic.sh (makes .venv-ironic)"
     if os.geteuid() != 0:
         return "the agent driven by a real Ironic needs root (hardware inventory)"
-    return None
+    if macs and not physical_macs():
+        return "no physical network interface to look the node up by"
+    if loop_devices:
+        return loop_devices_unavailable(tools)
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    return f"missing tools: {', '.join(missing)}" if missing else None
 
 
 class IronicError(AssertionError):
@@ -436,15 +447,37 @@ __all__ = ["FAILED_STATES", "HARDWARE_TYPE", "IRONIC_VENV", "IronicError", "MICR
            "RealIronic", "fault_string", "skip_reason"]
 
 
+async def start_ironic(test: Any, directory: str, **options: Any) -> RealIronic:
+    """A started ``RealIronic(directory/ironic, **options)``, stopped in ``test``'s cleanup."""
+    ironic = RealIronic(os.path.join(directory, "ironic"), **options)
+    await ironic.start()
+    test.addCleanup(ironic.stop)
+    return ironic
+
+
+def in_sandbox(loops: Sequence[LoopDevice]) -> Callable[[list[str]], list[str]]:
+    """An argv wrapper running the agent in the disk sandbox, seeing only ``loops``."""
+    def wrap(argv: list[str]) -> list[str]:
+        wrapped = sandbox_argv(loops, argv)
+        wrapped[0] = shutil.which(wrapped[0]) or wrapped[0]
+        return wrapped
+    return wrap
+
+
 def start_agent(test: Any, ironic: RealIronic, directory: str, *, name: str = "agent",
                 config: str = "", wrap: Callable[[list[str]], list[str]] | None = None,
-                env: dict[str, str] | None = None, debug: bool = True) -> Child:
+                env: dict[str, str] | None = None, debug: bool = True,
+                sandbox: Sequence[LoopDevice] | None = None) -> Child:
     """A real ``twistd ipa`` looking ``ironic`` up, on a free port of 127.0.0.1.
 
     ``config`` adds ``[DEFAULT]`` lines; power commands are harmless and the kernel command
-    line is empty. ``wrap`` rewrites the argv (to run it in the disk sandbox); ``env``
-    replaces ``tests.processes.child_env()``. The process is killed in ``test``'s cleanup.
+    line is empty. ``wrap`` rewrites the argv (a network namespace); ``sandbox`` runs it in
+    the disk sandbox with those loop devices, its only disks (``include_loop_devices``);
+    ``env`` replaces ``tests.processes.child_env()``. The process is killed in ``test``'s
+    cleanup.
     """
     from tests.processes import start_agent as start
+    if sandbox is not None:
+        wrap, config = in_sandbox(sandbox), "include_loop_devices = true\n" + config
     return start(test, directory, api_url=ironic.api_url, name=name, config=config,
                  wrap=wrap, env=env, debug=debug)
