@@ -18,6 +18,9 @@ from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SkipTest
+
+from ipa_twisted.testing.sandbox import LoopDevice, sandbox_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Agents started by tests never reboot or power off this machine, whatever asks them to.
@@ -50,6 +53,14 @@ def physical_macs() -> list[str]:
                 mac = f.read().strip()
             if mac and mac != "00:00:00:00:00:00":
                 macs.append(mac)
+    return macs
+
+
+def physical_macs_or_skip() -> list[str]:
+    """``physical_macs()``; the test is skipped when there is none to look a node up by."""
+    macs = physical_macs()
+    if not macs:
+        raise SkipTest("this machine has no physical network interface to look up by")
     return macs
 
 
@@ -154,17 +165,29 @@ async def poll(check: Any, timeout: float = 30, interval: float = 0.1) -> Any:
     raise AssertionError(f"condition not met within {timeout}s (last error: {last_error!r})")
 
 
+def in_sandbox(loops: Sequence[LoopDevice]) -> Callable[[list[str]], list[str]]:
+    """An argv wrapper running a program in the disk sandbox, seeing only ``loops``."""
+    def wrap(argv: list[str]) -> list[str]:
+        wrapped = sandbox_argv(loops, argv)
+        wrapped[0] = shutil.which(wrapped[0]) or wrapped[0]
+        return wrapped
+    return wrap
+
+
 def start_agent(test: Any, directory: str, *, api_url: str | None = None,
                 name: str = "agent", config: str = "", env: dict[str, str] | None = None,
                 wrap: Callable[[list[str]], list[str]] | None = None,
-                debug: bool = True) -> Child:
+                debug: bool = True, sandbox: Sequence[LoopDevice] | None = None) -> Child:
     """A real ``twistd ipa`` on a free port (``.port``) of 127.0.0.1, killed in ``test``'s
     cleanup: looking ``api_url`` up, else standalone.
 
     ``config`` adds ``[DEFAULT]`` lines; power commands are harmless and the kernel command
-    line is empty. ``env`` replaces ``child_env()``; ``wrap`` rewrites the argv (to run it
-    in the disk sandbox).
+    line is empty. ``env`` replaces ``child_env()``; ``wrap`` rewrites the argv (a network
+    namespace); ``sandbox`` runs it in the disk sandbox with those loop devices, its only
+    disks (``include_loop_devices``).
     """
+    if sandbox is not None:
+        wrap, config = in_sandbox(sandbox), "include_loop_devices = true\n" + config
     port = free_port()
     config_path = os.path.join(directory, f"{name}.conf")
     cmdline = os.path.join(directory, f"{name}.cmdline")

@@ -10,7 +10,7 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from tests.processes import (TWISTD, Child, FakeIronicProcess, free_port, http_client,
-                             physical_macs, poll, request_json, sleep, start_agent)
+                             physical_macs_or_skip, poll, request_json, sleep, start_agent)
 
 TOKEN = "integration-token-" + "x" * 32
 NODE = "1be26c0b-03f2-4d2e-ae87-c02d7f33c123"
@@ -23,9 +23,7 @@ class IronicDrivenAgentTests(TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        self.macs = physical_macs()
-        if not self.macs:
-            raise self.skipTest("this machine has no physical network interface to look up by")
+        self.macs = physical_macs_or_skip()
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
         self.ironic = FakeIronicProcess(self, self.dir, macs=self.macs, node_uuid=NODE,

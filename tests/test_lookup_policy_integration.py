@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 
 from ipa_twisted.testing.fake_ironic import IRONIC_39_POLICY
 from ipa_twisted.tls import generate_tls_certificate
-from tests.processes import (FakeIronicProcess, free_port, http_client, physical_macs, poll,
+from tests.processes import (FakeIronicProcess, free_port, http_client, physical_macs_or_skip, poll,
                              request_json, start_agent)
 
 TOKEN = "policy-token-" + "p" * 32
@@ -76,9 +76,7 @@ class LookupPolicyTests(TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        self.macs = physical_macs()
-        if not self.macs:
-            raise self.skipTest("this machine has no physical network interface to look up by")
+        self.macs = physical_macs_or_skip()
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
         self.ironic = FakeIronicProcess(self, self.dir, macs=self.macs, node_uuid=NODE,

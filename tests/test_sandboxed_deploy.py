@@ -22,11 +22,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from ipa_twisted.process import ProcessRunner
-from ipa_twisted.testing.sandbox import (attach_loop_devices, loop_devices_unavailable,
-                                         sandbox_argv)
+from ipa_twisted.testing.sandbox import attach_loop_devices, loop_devices_unavailable
 from tests.image_server import ImageResource
 from tests.images import mbr_disk_image
-from tests.processes import SAFE_POWER, TWISTD, Child, free_port, poll
+from tests.processes import poll, start_agent
 
 MiB = 1024 * 1024
 IMAGE_SIZE = 24 * MiB
@@ -50,20 +49,8 @@ class SandboxedDeployTests(TestCase):
         server = reactor.listenTCP(0, Site(self.root), interface="127.0.0.1")
         self.addCleanup(server.stopListening)
         self.base = f"http://127.0.0.1:{server.getHost().port}"
-        self.port = free_port()
-        config = os.path.join(self.dir, "agent.conf")
-        cmdline = os.path.join(self.dir, "cmdline")
-        with open(config, "w") as f:
-            f.write(f"[DEFAULT]\ninclude_loop_devices = true\n{SAFE_POWER}")
-        with open(cmdline, "w") as f:
-            f.write("\n")
-        argv = sandbox_argv([self.loop], TWISTD + [
-            "-n", "--pidfile=", "ipa", "--standalone", "--no-default-config-files",
-            "--config-file", config, "--cmdline-path", cmdline,
-            "--listen", f"127.0.0.1:{self.port}"])
-        argv[0] = shutil.which(argv[0]) or argv[0]
-        self.agent = Child(argv)
-        self.addCleanup(self.agent.stop, "KILL")
+        self.agent = start_agent(self, self.dir, sandbox=[self.loop], debug=False)
+        self.port = self.agent.port
 
         async def up() -> bool:
             response = await treq.get(f"http://127.0.0.1:{self.port}/v1/status", timeout=2,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import shutil
 from typing import Any
 
 from twisted.internet import reactor
@@ -25,10 +24,9 @@ from twisted.web.server import Site
 
 from ipa_twisted.process import ProcessRunner
 from ipa_twisted.testing.fake_ironic import IRONIC_39_POLICY
-from ipa_twisted.testing.sandbox import (attach_loop_devices, loop_devices_unavailable,
-                                         sandbox_argv)
+from ipa_twisted.testing.sandbox import attach_loop_devices, loop_devices_unavailable
 from tests.image_server import ImageResource
-from tests.processes import (FakeIronicProcess, http_client, physical_macs, poll,
+from tests.processes import (FakeIronicProcess, http_client, physical_macs_or_skip, poll,
                              request_json, start_agent)
 
 MiB = 1024 * 1024
@@ -50,9 +48,7 @@ class SandboxedImagePolicyTests(TestCase):
         reason = loop_devices_unavailable(("sgdisk", "qemu-img"))
         if reason:
             raise self.skipTest(reason)
-        macs = physical_macs()
-        if not macs:
-            raise self.skipTest("this machine has no physical network interface to look up by")
+        macs = physical_macs_or_skip()
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
         self.runner = ProcessRunner(reactor, reactor)
@@ -66,14 +62,8 @@ class SandboxedImagePolicyTests(TestCase):
         self.ironic = FakeIronicProcess(self, self.dir, macs=macs, node_uuid=NODE, token=TOKEN,
                                         heartbeat_timeout=300, lookup_config=POLICY)
         await self.ironic.start()
-
-        def wrap(argv: list[str]) -> list[str]:
-            wrapped = sandbox_argv([self.loop], argv)
-            wrapped[0] = shutil.which(wrapped[0]) or wrapped[0]
-            return wrapped
-
         agent = start_agent(self, self.dir, api_url=f"http://127.0.0.1:{self.ironic.port}",
-                            config="include_loop_devices = true\n", wrap=wrap, debug=False)
+                            sandbox=[self.loop], debug=False)
         beats = await poll(lambda: self.ironic.records("heartbeat"), timeout=60)
         self.client = http_client(beats[0]["body"]["agent_verify_ca"])
         self.agent_url = f"https://127.0.0.1:{agent.port}"

@@ -43,7 +43,7 @@ from typing import Any
 import treq
 from twisted.internet import reactor
 
-from ipa_twisted.testing.sandbox import LoopDevice, loop_devices_unavailable, sandbox_argv
+from ipa_twisted.testing.sandbox import LoopDevice, loop_devices_unavailable
 from tests.processes import ROOT, Child, free_port, physical_macs, sleep
 
 IRONIC_VENV = os.path.join(ROOT, ".venv-ironic")
@@ -455,15 +455,6 @@ async def start_ironic(test: Any, directory: str, **options: Any) -> RealIronic:
     return ironic
 
 
-def in_sandbox(loops: Sequence[LoopDevice]) -> Callable[[list[str]], list[str]]:
-    """An argv wrapper running the agent in the disk sandbox, seeing only ``loops``."""
-    def wrap(argv: list[str]) -> list[str]:
-        wrapped = sandbox_argv(loops, argv)
-        wrapped[0] = shutil.which(wrapped[0]) or wrapped[0]
-        return wrapped
-    return wrap
-
-
 def start_agent(test: Any, ironic: RealIronic, directory: str, *, name: str = "agent",
                 config: str = "", wrap: Callable[[list[str]], list[str]] | None = None,
                 env: dict[str, str] | None = None, debug: bool = True,
@@ -477,7 +468,5 @@ def start_agent(test: Any, ironic: RealIronic, directory: str, *, name: str = "a
     cleanup.
     """
     from tests.processes import start_agent as start
-    if sandbox is not None:
-        wrap, config = in_sandbox(sandbox), "include_loop_devices = true\n" + config
     return start(test, directory, api_url=ironic.api_url, name=name, config=config,
-                 wrap=wrap, env=env, debug=debug)
+                 wrap=wrap, env=env, debug=debug, sandbox=sandbox)
