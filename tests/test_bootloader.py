@@ -569,10 +569,7 @@ class RealGrubTests(TestCase):
     timeout = 1800
 
     def setUp(self) -> None:
-        reason = loop_devices_unavailable() or rootfs.unavailable()
-        for tool in TOOLS:
-            if reason is None and shutil.which(tool) is None:
-                reason = f"{tool} is not installed"
+        reason = loop_devices_unavailable(TOOLS) or rootfs.unavailable()
         if reason is not None:
             raise SkipTest(reason)
         self.runner = ProcessRunner(reactor, reactor)

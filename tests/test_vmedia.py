@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 
 from twisted.internet import reactor
@@ -149,10 +148,7 @@ class RealVmediaTests(TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        reason = loop_devices_unavailable()
-        for tool in TOOLS:
-            if reason is None and shutil.which(tool) is None:
-                reason = f"{tool} is not installed"
+        reason = loop_devices_unavailable(TOOLS)
         if reason is not None:
             raise SkipTest(reason)
         self.runner = ProcessRunner(reactor, reactor)
