@@ -13,13 +13,11 @@ steps at priority 0 (``automated_clean=True`` turns it on, with the erase steps 
 priorities the agent gives them, as Ironic's defaults are: ``erase_devices_metadata`` 99,
 ``erase_devices`` 10).
 
-Typical use, in a ``TestCase``::
+Typical use, in a ``TestCase`` (``skip_reason(macs=True, loop_devices=True)`` first)::
 
-    ironic = RealIronic(self.mktemp(), fast_track=True)
-    await ironic.start()
-    self.addCleanup(ironic.stop)
+    ironic = await start_ironic(self, directory, fast_track=True)   # stopped in cleanup
     uuid = await ironic.enroll_node(physical_macs())
-    ...start ``twistd ipa --api-url`` + ``ironic.api_url``...
+    agent = start_agent(self, ironic, directory, sandbox=[loop])    # or no disk sandbox
     node = await ironic.wait_for_state(uuid, "active", timeout=120)
 
 Lookup only finds a node in a state that waits for an agent (``wait call-back``, ``clean
