@@ -85,7 +85,7 @@ FIRST_HEARTBEAT = {"ours": re.compile(r"Heartbeat sent in"),
                    "reference": re.compile(r"sleeping before next heartbeat")}
 BREAKDOWN = (
     ("request", "wait", "  request -> wait call-back (conductor)"),
-    ("wait", "cmd_start", "  agent boot, lookup, heartbeat -> write starts"),
+    ("wait", "cmd_start", "  agent boot, lookup, beat -> write starts"),
     ("cmd_start", "cmd_done", "  agent write (write_image step in the agent)"),
     ("cmd_done", "step_done", "  heartbeat wait: write done -> step done"),
     ("step_done", "active", "  conductor: write_image done -> active"),
@@ -586,8 +586,8 @@ async def single_deploys(bench: Bench, size_gib: float, runs: int) -> list[dict[
                 f.write(bytes(MiB))
     await bench.ironic.request("DELETE", f"/v1/nodes/{uuid}", expect=[204])
     o, r = got["ours"], got["reference"]
-    name = f"via Ironic, raw {size_gib:g} GiB + GPT"
-    rows = [row(f"{name}: request -> active (s)", o["total"], r["total"], target="<= 0.4x",
+    name = f"Ironic: raw {size_gib:g} GiB+GPT,"
+    rows = [row(f"{name} request -> active (s)", o["total"], r["total"], target="<= 0.4x",
                 max_ratio=0.4),
             row("  write_image step, as the conductor sees it (s)", o["step"], r["step"])]
     rows += [row(label + " (s)", o[start], r[start]) for start, _, label in BREAKDOWN]
@@ -725,7 +725,7 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
                                   options={"DEFAULT": {"debug": False}})
         await bench.ironic.start()
         if "deploy" in only and args.size_gib > 0:
-            rows += await bench.part(f"via Ironic, raw {args.size_gib:g} GiB",
+            rows += await bench.part(f"Ironic: raw {args.size_gib:g} GiB",
                                      single_deploys(bench, args.size_gib, args.runs))
         sizes = [float(s) for s in args.qcow2_gib.split(",") if s.strip()]
         if "qcow2" in only and sizes:
