@@ -1,4 +1,7 @@
-"""Mellanox NICs: the MAC and DHCP client-id of their InfiniBand interfaces.
+"""Mellanox (NVIDIA) NICs: the MAC and DHCP client-id of their InfiniBand interfaces, and
+the NIC firmware steps (``update_nvidia_nic_firmware_image`` and
+``update_nvidia_nic_firmware_settings``, in ``nvidia_nic``), which the reference agent's
+Mellanox manager offers too: clean, deploy and service steps, only on machines with such a NIC.
 
 An InfiniBand interface's hardware address is 20 bytes (59 characters): flags, the GID
 prefix and the port GUID, its last 8 bytes. Mellanox derives an Ethernet-like MAC from the
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from ipa_twisted.errors import IncompatibleHardwareMethodError
 from ipa_twisted.fileutils import read_text as _read
@@ -17,16 +21,11 @@ from ipa_twisted.hardware.infiniband import (INFINIBAND_ADDR_LEN, INFINIBAND_CLI
                                              generate_client_id, infiniband_address_to_mac)
 from ipa_twisted.hardware.interface import HardwareManager, HardwareSupport
 from ipa_twisted.hardware.inventory import NetworkInterface
+from ipa_twisted.hardware.vendors.nvidia_nic import NvidiaNicFirmware, nvidia_nic_steps
 from ipa_twisted.process import ProcessExecutionError
 
 MLNX_VENDOR_ID = "0x15b3"
 IP_TIMEOUT = 10.0
-
-
-
-
-
-
 
 
 class MellanoxDeviceHardwareManager(HardwareManager):
@@ -90,3 +89,26 @@ class MellanoxDeviceHardwareManager(HardwareManager):
             vendor=vendor,
             product=_read(self._net(interface_name, "device", "device")),
             client_id=generate_client_id(address))
+
+    # -- NIC firmware (ipa_twisted.hardware.vendors.nvidia_nic) ------------------------------
+    def get_clean_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
+        """The NIC firmware steps (priority 0: run when asked for)."""
+        return nvidia_nic_steps()
+
+    def get_deploy_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
+        """The same steps as for cleaning, as in the reference."""
+        return nvidia_nic_steps()
+
+    def get_service_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
+        """The same steps as for cleaning, as in the reference."""
+        return nvidia_nic_steps()
+
+    async def update_nvidia_nic_firmware_image(self, node: Any, ports: Any,
+                                               images: Any) -> None:
+        """Burn the ``images`` matching the NICs' PSIDs (``NvidiaNicFirmware.update_image``)."""
+        await NvidiaNicFirmware(self.context).update_image(images)
+
+    async def update_nvidia_nic_firmware_settings(self, node: Any, ports: Any,
+                                                  settings: Any) -> None:
+        """Set the NICs' firmware ``settings`` (``NvidiaNicFirmware.update_settings``)."""
+        await NvidiaNicFirmware(self.context).update_settings(settings)
