@@ -44,6 +44,9 @@ QEMU = "qemu-system-x86_64"
 GUEST_HTTP = "10.0.2.100:8080"
 """Where the guest finds the test's HTTP server (``http_port``)."""
 AGENT_PORT = 9999
+OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+"""UEFI firmware (Debian's ovmf) for ``VirtualMachine(uefi=True)``; the VARS file is copied."""
 
 
 def unavailable() -> str | None:
@@ -57,6 +60,14 @@ def unavailable() -> str | None:
     if os.geteuid() != 0 and not _built():
         return "building the ramdisk needs root (debootstrap, chroot, device nodes)"
     return None
+
+
+def uefi_unavailable() -> str | None:
+    """Why a UEFI guest cannot boot here (None: it can)."""
+    missing = [path for path in (OVMF_CODE, OVMF_VARS) if not os.path.exists(path)]
+    if missing:
+        return f"{', '.join(missing)} missing (bash .ci/setup installs ovmf)"
+    return unavailable()
 
 
 def _built() -> bool:
@@ -164,12 +175,15 @@ class VirtualMachine:
     """The ramdisk in QEMU with ``disks``; ``http_port`` is forwarded as ``GUEST_HTTP``.
 
     With ``probe``, the guest also runs a root shell on its second serial port
-    (``ipa-ramdisk-probe=ttyS1``, a UNIX socket on the host) for ``run_in_guest``.
+    (``ipa-ramdisk-probe=ttyS1``, a UNIX socket on the host) for ``run_in_guest``. By
+    default the guest boots with QEMU's BIOS (SeaBIOS); with ``uefi`` with OVMF, its NVRAM
+    a copy of ``OVMF_VARS`` in a directory of its own.
     """
 
     def __init__(self, ramdisk: Ramdisk, disks: list[Disk], *, memory_mb: int = 1024,
                  cpus: int = 2, http_port: int | None = None,
-                 kernel_args: str = "ipa-standalone=1", probe: bool = False) -> None:
+                 kernel_args: str = "ipa-standalone=1", probe: bool = False,
+                 uefi: bool = False) -> None:
         self.ramdisk, self.disks = ramdisk, disks
         self.memory_mb, self.cpus = memory_mb, cpus
         self.http_port, self.kernel_args = http_port, kernel_args
@@ -178,6 +192,10 @@ class VirtualMachine:
         self.probe_path = (os.path.join(tempfile.mkdtemp(prefix="ipa-probe-"), "ttyS1")
                            if probe else None)
         self._probe: _ProbeShell | None = None
+        self.nvram = None
+        if uefi:
+            self.nvram = os.path.join(tempfile.mkdtemp(prefix="ipa-nvram-"), "OVMF_VARS.fd")
+            shutil.copyfile(OVMF_VARS, self.nvram)
         self._probes = 0
         self.boot_seconds: float | None = None
         # No connection kept alive between requests: nothing is left for the reactor.
@@ -205,6 +223,9 @@ class VirtualMachine:
                 + (" ipa-ramdisk-probe=ttyS1" if self.probe_path else ""),
                 "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
                 "-nic", nic]
+        if self.nvram:
+            argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                     "-drive", f"if=pflash,format=raw,unit=1,file={self.nvram}"]
         if self.probe_path:
             argv += ["-chardev", f"socket,id=probe,path={self.probe_path},server=on,wait=off",
                      "-serial", "chardev:probe"]
@@ -258,6 +279,8 @@ class VirtualMachine:
             await self.child.stop("KILL")
         if self.probe_path:
             shutil.rmtree(os.path.dirname(self.probe_path), ignore_errors=True)
+        if self.nvram:
+            shutil.rmtree(os.path.dirname(self.nvram), ignore_errors=True)
 
     async def run_in_guest(self, argv: Sequence[str], timeout: float = 60) -> tuple[int, bytes]:
         """(exit code, standard output) of ``argv`` run by the guest's probe shell."""

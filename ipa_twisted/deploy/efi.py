@@ -104,8 +104,8 @@ def boot_entries(esp_root: str, loaders: Sequence[str],
     return entries
 
 
-def _decode(output: bytes) -> str:
-    # Some firmware records hold UTF-16 text; never fail on them.
+def decode_efibootmgr(output: bytes) -> str:
+    """``efibootmgr``'s output as text: some firmware records hold UTF-16; never fails."""
     if b"\x00" in output:
         return output.decode("utf-16-le", "replace").replace("\x00", "")
     return output.decode("utf-8", "replace")
@@ -115,7 +115,7 @@ async def boot_records(context: HardwareContext) -> list[tuple[str, str]]:
     """``(number, text)`` of every NVRAM boot record (``efibootmgr -v``)."""
     out, _ = await context.runner.execute(EFIBOOTMGR, "-v", timeout=EFIBOOTMGR_TIMEOUT)
     records = []
-    for line in _decode(out).splitlines():
+    for line in decode_efibootmgr(out).splitlines():
         match = _RECORD.match(line.strip())
         if match is not None:
             records.append((match.group(1), match.group(2)))
