@@ -195,6 +195,18 @@ class Steps(TestCase):
         self.assertEqual(self.burnt, ["0000:06:00.0"])
         self.assertFalse(os.path.exists(path))            # moved, as the reference does
 
+    async def test_file_image_fetched_once_for_every_card_of_its_psid(self) -> None:
+        self.runner.answers[("lspci", "-Dn", "-d", "15b3:")] = rec.LSPCI + \
+            "0000:81:00.0 0200: 15b3:101b\n0000:81:00.1 0200: 15b3:101b\n"
+        self.queries["0000:81:00.0"] = self.queries["0000:81:00.1"] = rec.MSTFLINT_QUERY_CX6
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(FIRMWARE)
+        await self.run_step("update_nvidia_nic_firmware_image",
+                            images=[{**CX6_IMAGE, "url": f"file://{path}"}])
+        self.assertEqual(self.burnt, ["0000:06:00.0", "0000:81:00.0"])
+        self.assertEqual(len([a for a in self.commands("mstflint") if a[1] == "-i"]), 1)
+
     async def test_same_version_not_burnt(self) -> None:
         self.queries["0000:06:00.0"] = rec.MSTFLINT_QUERY_CX6.replace("20.35.1012",
                                                                       "20.36.1012")

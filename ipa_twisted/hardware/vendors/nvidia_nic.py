@@ -11,12 +11,13 @@ network class (``02xx``), each function's PSID and firmware version from
 ``images``: a list of ``{url, checksum, checksumType, componentFlavor, version}``; every
 entry must have all five and a sha256 or sha512 checksum (md5 only with ``md5_enabled``).
 Images whose ``componentFlavor`` (a PSID) no NIC has are ignored; two for one PSID are
-refused. For each NIC (once per card: functions share the firmware) with an image, the image
-is fetched (``file://`` moved, ``http(s)://`` downloaded with the agent's HTTP client into
-memory, at most ``FIRMWARE_SIZE_LIMIT``), its checksum checked, its PSID and version read
-with ``mstflint -i <file> query`` and compared with the entry; if the card's version differs,
-a pending image is activated first (``mstfwreset -d <pci> -y --sync 1 reset``) and the
-image burnt (``mstflint -d <pci> -i <file> -y burn``).
+refused. Each image wanted by a card is fetched once (``file://`` moved, ``http(s)://``
+downloaded with the agent's HTTP client into memory, at most ``FIRMWARE_SIZE_LIMIT``), its
+checksum checked, its PSID and version read with ``mstflint -i <file> query`` and compared
+with the entry; then on each card of that PSID (once per card: its functions share the
+firmware) whose version differs, a pending image is activated first
+(``mstfwreset -d <pci> -y --sync 1 reset``) and the image burnt
+(``mstflint -d <pci> -i <file> -y burn``).
 
 ``settings``: a list of ``{deviceID, globalConfig, function0Config, function1Config}`` (the
 last three maps of mstconfig parameter to value); every entry needs a ``deviceID``, one
@@ -27,11 +28,11 @@ reset first (a failed reset is logged); every parameter is checked against what 
 ``Array[first..last]`` shown), then those that differ are set in one
 ``mstconfig -d <pci> -y set NAME=value ...``.
 
-Differences from the reference: an array index may be the last one shown (the reference
-refuses ``NAME[7]`` of ``Array[0..7]``), a parameter is known to ``mstconfig i`` when named
-there (the reference looks for the name anywhere in its text), and errors say which device.
-Everything runs through the context's runner; tests answer from recordings
-(``ipa_twisted/testing/nvidia_nic_recordings.py``).
+Unlike the reference: an image is fetched once for all cards of its PSID (the reference's
+second ``file://`` fetch fails: moved away), an array index may be the last one shown (the
+reference refuses ``NAME[7]`` of ``Array[0..7]``), a parameter is known to ``mstconfig i``
+when named there (not anywhere in its text), and errors say which device. Programs run
+through the context's runner (tests: ``ipa_twisted/testing/nvidia_nic_recordings.py``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from urllib.parse import urlparse
 
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
+from twisted.python.filepath import FilePath
 
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.errors import CommandExecutionError, RESTError
@@ -323,17 +325,20 @@ class NvidiaNicFirmware:
                 raise DuplicateComponentFlavor(f"Duplicate componentFlavor {flavor}")
             else:
                 wanted[flavor] = image
+        cards: dict[str, list[Nic]] = {}             # per PSID, one function per card
         seen = set()
         for nic in nics:
-            image = wanted.get(nic.psid or "")
-            if image is None or nic.card in seen:
-                continue
-            seen.add(nic.card)
+            if nic.psid in wanted and nic.card not in seen:
+                seen.add(nic.card)
+                cards.setdefault(nic.psid or "", []).append(nic)
+        for psid, targets in cards.items():
+            image = wanted[psid]
             directory = tempfile.mkdtemp(prefix="nvidia_firmware")
-            try:
+            try:                                        # fetched once for all its cards
                 path = await self._fetch(image, directory)
                 await self._check_image(image, path)
-                await self._update_if_needed(nic, image["version"], path)
+                for nic in targets:
+                    await self._update_if_needed(nic, image["version"], path)
             finally:
                 await deferToThread(shutil.rmtree, directory, True)
 
@@ -358,7 +363,7 @@ class NvidiaNicFirmware:
             except Exception as e:
                 raise InvalidFirmwareImageConfig(f"Cannot download the firmware image "
                                                  f"{url}: {e}") from e
-            await deferToThread(_write, path, data)
+            await deferToThread(FilePath(path).setContent, data)
         else:
             raise InvalidURLScheme(
                 f"Firmware URL scheme {parsed.scheme} is not supported. The supported "
@@ -483,11 +488,6 @@ class NvidiaNicFirmware:
                          f"Cannot set {' '.join(changes)} on {nic.pci}"):
             await self._run("mstconfig", "-d", nic.pci, "-y", "set", *changes)
         log.info("Device {pci}: set {changes}", pci=nic.pci, changes=" ".join(changes))
-
-
-def _write(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
 
 
 def _digest(path: str, algorithm: str) -> str:
