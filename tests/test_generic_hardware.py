@@ -289,24 +289,29 @@ class ManagerBasicsTests(GenericTestCase):
         self.assertEqual(manager.evaluate_hardware_support(), HardwareSupport.GENERIC)
 
     def test_steps(self) -> None:
+        BURNIN = ["burnin_cpu", "burnin_gpu", "burnin_disk", "burnin_memory", "burnin_network"]
         manager = self.manager()
         self.assertEqual([(s["step"], s["priority"], s["interface"])
                           for s in manager.get_clean_steps({}, [])],
                          [("erase_devices_metadata", 99, "deploy"),
                           ("erase_devices", 10, "deploy"),
                           ("erase_devices_express", 0, "deploy"),
+                          ("erase_pstore", 0, "deploy"), ("clean_uefi_nvram", 0, "deploy"),
                           ("delete_configuration", 0, "raid"),
-                          ("create_configuration", 0, "raid")])
+                          ("create_configuration", 0, "raid"),
+                          *[(name, 0, "deploy") for name in BURNIN]])
         self.assertEqual([(s["step"], s["priority"], s["interface"])
                           for s in manager.get_deploy_steps({}, [])],
                          [("write_image", 0, "deploy"), ("erase_devices_metadata", 0, "deploy"),
+                          ("clean_uefi_nvram", 0, "deploy"),
                           ("inject_files", 0, "deploy"), ("apply_configuration", 0, "raid")])
         service = manager.get_service_steps({}, [])
         self.assertEqual([(s["step"], s["priority"], s["interface"]) for s in service],
                          [("delete_configuration", 0, "raid"),
                           ("apply_configuration", 0, "raid"),
                           ("create_configuration", 0, "raid"),
-                          ("write_image", 0, "deploy"), ("inject_files", 0, "deploy")])
+                          ("write_image", 0, "deploy"), ("inject_files", 0, "deploy"),
+                          *[(name, 0, "deploy") for name in BURNIN if name != "burnin_disk"]])
         by_name = {s["step"]: s for s in service}
         # Ironic refuses a service step's arguments that its argsinfo does not list.
         self.assertEqual(set(by_name["write_image"]["argsinfo"]), {"image_info", "configdrive"})

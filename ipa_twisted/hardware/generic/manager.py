@@ -26,8 +26,11 @@ from ipa_twisted.deploy import inject
 from ipa_twisted.deploy.write import write_image_to_disk
 from ipa_twisted.errors import BlockDeviceEraseError, CommandExecutionError, DeviceNotFound
 from ipa_twisted.hardware import root_device
+from ipa_twisted.hardware.generic.burnin import (BurnIn, burnin_clean_steps,
+                                                 burnin_service_steps)
 from ipa_twisted.hardware.generic.disk_listing import DiskListing, Listed, UdevLookup
 from ipa_twisted.hardware.generic.erase import DiskEraser, erase_clean_steps
+from ipa_twisted.hardware.generic import pstore, uefi_nvram
 from ipa_twisted.hardware.generic.protection import (guard_special_filesystems, log_protected,
                                                      protected_devices, protected_from_erasing)
 from ipa_twisted.hardware.generic.inventory import LldpReader, MachineInventory
@@ -73,6 +76,7 @@ class GenericHardwareManager(HardwareManager):
         self._disks = DiskListing(context, udev=self._udev)
         self._eraser = DiskEraser(context, self, erase_metadata=self.erase_devices_metadata)
         self._software_raid = SoftwareRaid(context, self, wipe=self._wipe)
+        self._burnin = BurnIn(context, self)
 
     # -- inventory (ipa_twisted.hardware.generic.inventory) ----------------------------------
     async def get_cpus(self) -> CPU:
@@ -120,6 +124,16 @@ class GenericHardwareManager(HardwareManager):
         """The ``erase_devices_express`` clean step (``DiskEraser.erase_devices_express``)."""
         return await self._eraser.erase_devices_express(node, ports)
 
+    # -- firmware records (ipa_twisted.hardware.generic.pstore, .uefi_nvram) ----------------
+    async def erase_pstore(self, node: Any, ports: Any) -> None:
+        """The ``erase_pstore`` clean step (``pstore.erase_pstore``)."""
+        await pstore.erase_pstore(self.context)
+
+    async def clean_uefi_nvram(self, node: Any, ports: Any,
+                               match_patterns: Any = None) -> None:
+        """The ``clean_uefi_nvram`` clean and deploy step (``uefi_nvram``)."""
+        await uefi_nvram.clean_uefi_nvram(self.context, match_patterns)
+
     # -- software RAID (ipa_twisted.hardware.generic.raid) -----------------------------------
     async def validate_configuration(self, raid_config: Any, node: Any) -> None:
         """Check a RAID configuration (``SoftwareRaid.validate_configuration``)."""
@@ -146,6 +160,27 @@ class GenericHardwareManager(HardwareManager):
     async def software_raid_install_device(self, node: Any) -> str | None:
         """The md device to install on, when the node's RAID config asks for one."""
         return await self._software_raid.software_raid_install_device(node)
+
+    # -- burn-in (ipa_twisted.hardware.generic.burnin) ---------------------------------------
+    async def burnin_cpu(self, node: Any, ports: Any) -> None:
+        """The ``burnin_cpu`` step: stress-ng's cpu stressor (``BurnIn.stress_ng``)."""
+        await self._burnin.stress_ng(node, "cpu")
+
+    async def burnin_memory(self, node: Any, ports: Any) -> None:
+        """The ``burnin_memory`` step: stress-ng's vm stressor (``BurnIn.stress_ng``)."""
+        await self._burnin.stress_ng(node, "vm")
+
+    async def burnin_disk(self, node: Any, ports: Any) -> None:
+        """The ``burnin_disk`` step: fio on every disk (``BurnIn.fio_disk``)."""
+        await self._burnin.fio_disk(node)
+
+    async def burnin_network(self, node: Any, ports: Any) -> None:
+        """The ``burnin_network`` step: fio's net engine with a partner (``fio_network``)."""
+        await self._burnin.fio_network(node)
+
+    async def burnin_gpu(self, node: Any, ports: Any) -> None:
+        """The ``burnin_gpu`` step: gpu-burn (``BurnIn.gpu_burn``)."""
+        await self._burnin.gpu_burn(node)
 
     def _proc(self, *parts: str) -> str:
         return os.path.join(self.context.config.proc_path, *parts)
@@ -384,7 +419,9 @@ class GenericHardwareManager(HardwareManager):
     def get_clean_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
         return [{"step": "erase_devices_metadata", "priority": 99, "interface": "deploy",
                  "reboot_requested": False, "abortable": True},
-                *erase_clean_steps(), *raid_clean_steps()]
+                *erase_clean_steps(), dict(pstore.ERASE_PSTORE_STEP),
+                uefi_nvram.clean_uefi_nvram_step(abortable=True), *raid_clean_steps(),
+                *burnin_clean_steps()]
 
     def get_deploy_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
         return [
@@ -397,6 +434,7 @@ class GenericHardwareManager(HardwareManager):
                                           "required": False}}},
             {"step": "erase_devices_metadata", "priority": 0, "interface": "deploy",
              "reboot_requested": False},
+            uefi_nvram.clean_uefi_nvram_step(abortable=False),
             {**inject.INJECT_FILES_STEP, "priority": self.context.config.inject_files_priority},
             *raid_deploy_steps(),
         ]
@@ -414,7 +452,7 @@ class GenericHardwareManager(HardwareManager):
                            if step["step"] == "write_image")
         steps = [raid["delete_configuration"], raid["apply_configuration"],
                  raid["create_configuration"], write_image, dict(inject.INJECT_FILES_STEP)]
-        return [{**step, "priority": 0} for step in steps]
+        return [{**step, "priority": 0} for step in (*steps, *burnin_service_steps())]
 
 
 class _NoDiskYet(Exception):
