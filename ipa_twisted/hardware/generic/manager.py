@@ -2,7 +2,8 @@
 and full sync, and delegation of the rest to its collaborators, each given the context:
 ``inventory`` (CPU, memory, network, BMC, system), ``disk_listing`` (lsblk, udev, sysfs:
 what the install device, erasing and software RAID share), ``erase`` (disk erase steps),
-``raid`` (software RAID), ``ipa_twisted.deploy`` (write_image, inject_files).
+``raid`` (software RAID), ``burnin`` (the burn-in steps), ``ipa_twisted.deploy``
+(write_image, inject_files).
 
 Every path is under the configured roots (``sys_path``, ``proc_path``, ``dev_path``) and
 every program runs through the context's runner, so tests use fake trees and recorded
