@@ -1,6 +1,6 @@
 """The burn-in steps (``ipa_twisted.hardware.generic.burnin``): on a FakeRunner answering with
 outputs recorded from the real tools (``tests/burnin_recordings.py``), then with the real
-stress-ng, fio on a loop device, and fio's net engine between two runs inside a network
+stress-ng, fio on a loop device in the disk sandbox, and fio's net engine between two runs inside a network
 namespace the test makes."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import reactor
@@ -25,7 +26,7 @@ from ipa_twisted.hardware.inventory import BlockDevice
 from ipa_twisted.process import ProcessRunner
 from ipa_twisted.testing.fake_process import Exit, FakeRunner
 from ipa_twisted.testing.sandbox import (LoopOnlyRunner, attach_loop_devices,
-                                         loop_devices_unavailable)
+                                         loop_devices_unavailable, sandbox_argv, sandbox_env)
 from tests import burnin_recordings as rec
 from tests import netns
 
@@ -316,7 +317,10 @@ class RealToolTests(TestCase):
             raise SkipTest(reason)
         workdir = os.path.abspath(self.mktemp())
         [loop] = await attach_loop_devices(self.real, workdir, [16 << 20], self.addCleanup)
-        runner = LoopOnlyRunner(self.real, [loop.path])
+        # fio runs in the disk sandbox (a /dev holding only the loop device), and may name
+        # no other device (LoopOnlyRunner).
+        sandboxed = Wrapping(self.real, lambda argv: sandbox_argv([loop], argv), sandbox_env())
+        runner = LoopOnlyRunner(sandboxed, [loop.path])
         outputfile = os.path.join(workdir, "fio.json")
         await BurnIn(self.context(runner), Disks(loop.path)).fio_disk(
             node(agent_burnin_fio_disk_runtime=2, agent_burnin_fio_disk_loops=1,
@@ -331,17 +335,20 @@ class RealToolTests(TestCase):
         self.assertEqual(runner.refused, [])
 
 
-class InNamespace:
-    """A runner whose programs run inside a network namespace."""
+class Wrapping:
+    """A runner whose programs run wrapped (in a network namespace, in the disk sandbox)."""
 
-    def __init__(self, runner: ProcessRunner, namespace: str) -> None:
-        self._runner, self._namespace = runner, namespace
+    def __init__(self, runner: ProcessRunner, wrap: Callable[[Sequence[str]], list[str]],
+                 env: dict[str, str] | None = None) -> None:
+        self._runner, self._wrap, self._env = runner, wrap, env
 
     def which(self, name: str) -> str | None:
         return self._runner.which(name)
 
     def execute(self, *argv: str, **kwargs: Any) -> Deferred[tuple[bytes, bytes]]:
-        return self._runner.execute(*netns.in_namespace(self._namespace, argv), **kwargs)
+        if self._env is not None:
+            kwargs["env"] = {**self._env, **kwargs.get("env", {})}
+        return self._runner.execute(*self._wrap(argv), **kwargs)
 
 
 class NetworkBurnInTests(TestCase):
@@ -366,8 +373,8 @@ class NetworkBurnInTests(TestCase):
         os.makedirs(outputs)
         sides: list[Deferred[None]] = []
         for ns, role, partner in ((a, "writer", "10.99.15.2"), (b, "reader", "10.99.15.1")):
-            burnin_ = BurnIn(HardwareContext(AgentConfig(), InNamespace(real, ns), reactor,
-                                             reactor), Disks())
+            in_ns = Wrapping(real, lambda argv, ns=ns: netns.in_namespace(ns, argv))
+            burnin_ = BurnIn(HardwareContext(AgentConfig(), in_ns, reactor, reactor), Disks())
             burnin_.reader_cycle = 0.5
             sides.append(Deferred.fromCoroutine(burnin_.fio_network(node(
                 agent_burnin_fio_network_config={"role": role, "partner": partner},
