@@ -5,6 +5,7 @@ namespace the test makes."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -373,7 +374,7 @@ class NetworkBurnInTests(TestCase):
         os.makedirs(outputs)
         sides: list[Deferred[None]] = []
         for ns, role, partner in ((a, "writer", "10.99.15.2"), (b, "reader", "10.99.15.1")):
-            in_ns = Wrapping(real, lambda argv, ns=ns: netns.in_namespace(ns, argv))
+            in_ns = Wrapping(real, functools.partial(netns.in_namespace, ns))
             burnin_ = BurnIn(HardwareContext(AgentConfig(), in_ns, reactor, reactor), Disks())
             burnin_.reader_cycle = 0.5
             sides.append(Deferred.fromCoroutine(burnin_.fio_network(node(
