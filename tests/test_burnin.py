@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
 from ipa_twisted.config import AgentConfig
@@ -24,7 +24,7 @@ from ipa_twisted.hardware.generic import burnin
 from ipa_twisted.hardware.generic.burnin import BurnIn
 from ipa_twisted.hardware.generic.manager import GenericHardwareManager
 from ipa_twisted.hardware.inventory import BlockDevice
-from ipa_twisted.process import ProcessRunner
+from ipa_twisted.process import ProcessRunner, descendants
 from ipa_twisted.testing.fake_process import Exit, FakeRunner
 from ipa_twisted.testing.sandbox import (LoopOnlyRunner, attach_loop_devices,
                                          loop_devices_unavailable, sandbox_argv, sandbox_env)
@@ -140,6 +140,17 @@ class BurnInUnitTests(TestCase):
         runner.release()
         self.successResultOf(done)
         self.assertEqual(self.clock.getDelayedCalls(), [])  # the progress log loop stopped
+
+    def test_abort_stops_the_tool_and_the_progress(self) -> None:
+        """Ironic aborts the (abortable) step: the command's Deferred is cancelled."""
+        runner = FakeRunner({("fio",): rec.FIO_NET_WRITER_STDOUT}, hold=True)
+        done = Deferred.fromCoroutine(self.burnin(runner).fio_network(node(
+            agent_burnin_fio_network_config={"role": "writer", "partner": "b"})))
+        self.assertEqual(runner.pending, 1)
+        done.cancel()
+        self.failureResultOf(done)
+        self.assertEqual(self.progress[0].serialize()["state"], "failed")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     # -- fio on disks ---------------------------------------------------------------------------
     async def test_fio_disk_every_disk(self) -> None:
@@ -312,6 +323,25 @@ class RealToolTests(TestCase):
         with self.assertRaisesRegex(CommandExecutionError, r"stress-ng \(cpu\) failed"):
             await manager.burnin_cpu(node(agent_burnin_cpu_timeout="soon"), [])
 
+    async def test_abort_kills_stress_ng_and_its_workers(self) -> None:
+        if shutil.which("stress-ng") is None:
+            raise SkipTest("needs stress-ng (Debian package stress-ng)")
+        manager = GenericHardwareManager()
+        manager.bind(self.context(self.real))
+        step = Deferred.fromCoroutine(manager.burnin_cpu(node(agent_burnin_cpu_timeout=60,
+                                                              agent_burnin_cpu_cpu=1), []))
+        await deferLater(reactor, 1.0)
+        workers = descendants(os.getpid())
+        self.assertGreaterEqual(len(workers), 2)   # stress-ng and its cpu worker
+        started = reactor.seconds()
+        step.cancel()
+        with self.assertRaises(CancelledError):
+            await step
+        await deferLater(reactor, 0.5)
+        self.assertLess(reactor.seconds() - started, 10)
+        self.assertEqual([pid for pid in workers if _alive(pid)], [])
+        self.assertEqual(self.progress[0].serialize()["state"], "failed")
+
     async def test_fio_on_a_loop_device(self) -> None:
         reason = loop_devices_unavailable(["fio"])
         if reason is not None:
@@ -334,6 +364,16 @@ class RealToolTests(TestCase):
         self.assertGreater(job["write"]["io_bytes"], 0)
         self.assertGreater(job["read"]["io_bytes"], 0)
         self.assertEqual(runner.refused, [])
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for a parent that does not reap is dead)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] != b"Z"
 
 
 class Wrapping:
