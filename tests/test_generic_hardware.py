@@ -285,7 +285,7 @@ class ManagerBasicsTests(GenericTestCase):
     def test_identity_and_support(self) -> None:
         manager = self.manager()
         self.assertEqual(manager.get_version(),
-                         {"name": "generic_hardware_manager", "version": "1.1"})
+                         {"name": "generic_hardware_manager", "version": "1.2"})
         self.assertEqual(manager.evaluate_hardware_support(), HardwareSupport.GENERIC)
 
     def test_steps(self) -> None:
@@ -336,7 +336,7 @@ class ManagerBasicsTests(GenericTestCase):
 
         listed = run("service.get_service_steps", node=node, ports=[]).command_result
         self.assertEqual(listed["hardware_manager_version"],
-                         {"generic_hardware_manager": "1.1"})
+                         {"generic_hardware_manager": "1.2"})
         self.assertIn("inject_files", [s["step"] for s in
                                        listed["service_steps"]["generic_hardware_manager"]])
         injected: list[Any] = []
@@ -349,7 +349,7 @@ class ManagerBasicsTests(GenericTestCase):
         step = {"step": "inject_files", "interface": "deploy", "priority": 0,
                 "args": {"files": [{"path": "/etc/motd", "content": "aGk="}]}}
         done = run("service.execute_service_step", step=step, node=node, ports=[],
-                   service_version={"generic_hardware_manager": "1.1"})
+                   service_version={"generic_hardware_manager": "1.2"})
         self.assertEqual(done.command_status.value, "SUCCEEDED", done.command_error)
         self.assertEqual(done.command_result, {"service_result": "injected",
                                                "service_step": step})

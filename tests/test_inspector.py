@@ -317,7 +317,7 @@ class StorageServerTests(MachineTestCase):
         self.assertIsInstance(inventory["hostname"], str)
         self.assertEqual(data["configuration"], {
             "collectors": ["default"],
-            "managers": [{"name": "generic_hardware_manager", "version": "1.1"}]})
+            "managers": [{"name": "generic_hardware_manager", "version": "1.2"}]})
 
     def test_every_collector(self) -> None:
         machine = storage_server(self.mktemp())

@@ -49,7 +49,7 @@ class GenericHardwareManager(HardwareManager):
     """Inventory and (later) steps for any Linux machine; the fallback for every method."""
 
     HARDWARE_MANAGER_NAME = "generic_hardware_manager"
-    HARDWARE_MANAGER_VERSION = "1.1"
+    HARDWARE_MANAGER_VERSION = "1.2"   # the reference's, since its service steps
 
     log = Logger()
 
