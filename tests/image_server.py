@@ -122,6 +122,8 @@ class ImageResource(Resource):
             request.setHeader("content-range", f"bytes {start}-{stop - 1}/{size}")
         request.setHeader("content-length", str(stop - start))
         request.setHeader("content-type", "application/octet-stream")
+        if self.ranges:
+            request.setHeader("accept-ranges", "bytes")
         cut, stall = None, False
         if self.cuts and start < self.cuts[0] < stop:
             cut = self.cuts.pop(0)

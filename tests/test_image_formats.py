@@ -73,10 +73,9 @@ class DetectFormatTests(SynchronousTestCase):
             (qcow2_header(backing=0x1000), "backing file"),
             (qcow2_header(incompatible=1 << 2), "external data file"),
             (qcow2_header(crypt=2), "encrypted"),
-            (qcow2_header(incompatible=1 << 4), "extended L2"),
             (qcow2_header(incompatible=1 << 1), "corrupt"),
             (qcow2_header(incompatible=1 << 7), "unknown incompatible features 0x80"),
-            (qcow2_header(incompatible=1 << 3, compression=1), "zstd"),
+            (qcow2_header(incompatible=1 << 3, compression=2), "unknown compression type 2"),
             (qcow2_header(size=10**12, l1_size=1), "L1 table size"),
             (qcow2_header(l1_offset=0x200), "L1 table offset"),
         ]
@@ -87,6 +86,12 @@ class DetectFormatTests(SynchronousTestCase):
             self.assertIn(reason, caught.exception.reason)
             self.assertIn("img", str(caught.exception))
         self.assertIsNone(formats.qcow2_refusal(inspect_qcow2(qcow2_header(incompatible=1))))
+        # safe, but qemu-img converts them (images/qemu_source.py)
+        for header in (qcow2_header(incompatible=1 << 4),
+                       qcow2_header(incompatible=1 << 3, compression=1)):
+            info = inspect_qcow2(header)
+            check_safe("qcow2", info, "qcow2", "img")
+            self.assertFalse(formats.qcow2_streamable(info))
 
     def test_declared_against_detected(self) -> None:
         ok = inspect_qcow2(qcow2_header())
@@ -99,8 +104,8 @@ class DetectFormatTests(SynchronousTestCase):
         refused = [("raw", None, "qcow2", "bytes are raw"),
                    ("qcow2", ok, "raw", "bytes are qcow2"),
                    ("vmdk", None, "raw", "bytes are vmdk"),
-                   ("vmdk", None, "vmdk", "vmdk images are not supported"),
-                   ("vhd", None, None, "vhd images are not supported"),
+                   ("vmdk", None, "vmdk", "vmdk descriptor file"),
+                   ("vhd", None, None, "vhd footer truncated"),
                    ("gzip", None, "qcow2", "gzip-compressed"),
                    ("raw", None, "ploop", "not supported")]
         for detected, info, declared, reason in refused:

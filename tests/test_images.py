@@ -257,7 +257,7 @@ class RawImageTests(ImageServerMixin, TestCase):
         cases = [
             ("raw bytes declared qcow2", image_bytes(100_000), "qcow2", "bytes are raw"),
             ("qcow2 bytes declared raw", qcow2_head + bytes(70_000), "raw", "bytes are qcow2"),
-            ("vmdk", b"KDMV" + bytes(70_000), None, "vmdk images are not supported"),
+            ("vmdk", b"KDMV" + bytes(70_000), None, "unsupported vmdk version 0"),
             ("gzip of qcow2", gzip.compress(qcow2_head + bytes(70_000)), "raw",
              "gzip-compressed qcow2"),
             ("declared iso, bytes qcow2", qcow2_head + bytes(70_000), "iso", "bytes are qcow2"),

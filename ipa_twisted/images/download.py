@@ -291,6 +291,8 @@ class ImageDownload:
         self.total: int | None = None
         self.url: str | None = None
         """The URL that served the whole image, once ``stream`` returned."""
+        self.current_url: str = self.urls[0]
+        """The URL being read now."""
         self._fatal: BaseException | None = None
         self._body: _Body | None = None
         self._waiting: Deferred[Any] | None = None
@@ -363,6 +365,7 @@ class ImageDownload:
                         valve: Valve) -> str:
         failures: list[str] = []
         for url in urls:
+            self.current_url = url
             moved = [False]
 
             async def attempt(url: str = url) -> None:

@@ -4,10 +4,11 @@ The agent never trusts ``disk_format``: ``detect_format`` reads the first bytes 
 (``HEAD_SIZE`` is enough for every magic looked for), ``inspect_qcow2`` parses a qcow2 header
 and ``check_safe`` refuses what the agent will not write:
 
-- a qcow2 with a backing file, an external data file, encryption, extended L2 entries, the
-  corrupt bit or an unknown incompatible feature, or zstd-compressed clusters;
-- a format the agent cannot convert with bounded memory (vmdk, vhd, vhdx, vdi: see
-  ``UNSUPPORTED``); a compressed container holding anything but raw (or ISO) bytes;
+- a qcow2 with a backing file, an external data file, encryption, the corrupt bit or an
+  unknown incompatible feature;
+- a vmdk other than one monolithicSparse or streamOptimized file with a descriptor the
+  agent understands (no extent naming another file), a differencing vhd or vdi
+  (``converted_refusal``); a compressed container holding anything but raw (or ISO) bytes;
 - bytes that do not match the declared ``disk_format`` (qcow2 declared but raw bytes, raw
   declared but qcow2 bytes, ...). A compressed raw image declared as ``raw`` is fine;
   ``unknown`` (OCI artifacts) declares nothing.
@@ -38,13 +39,10 @@ GZIP, XZ, ZSTD, BZIP2 = "gzip", "xz", "zstd", "bzip2"
 COMPRESSED = frozenset({GZIP, XZ, ZSTD, BZIP2})
 """Stream compressions the agent undoes on the fly (the content must be raw or ISO)."""
 
-UNSUPPORTED = frozenset({VMDK, VHD, VHDX, VDI})
-"""Formats qemu-img reads that the agent refuses.
-
-Converting them with bounded memory needs random access to the source (qemu-img reading the
-URL through its curl driver): the bytes converted would not be the bytes hashed, and a vmdk
-descriptor may name other files as extents. Convert them to qcow2 or raw in Glance instead.
-"""
+CONVERTED = frozenset({VMDK, VHD, VHDX, VDI})
+"""Formats written by ``qemu-img convert`` reading the image's URL (``images/qemu_source``):
+random access through HTTP Range requests, so memory stays bounded and nothing is staged.
+qcow2 images the streaming converter cannot read (``qcow2_streamable``) go that way too."""
 
 _RAW_LIKE = frozenset({RAW, ISO})
 DECLARED_RAW = frozenset({"raw", "gpt", "ami", "ari", "aki", "iso"})
@@ -177,16 +175,13 @@ def qcow2_refusal(info: Qcow2Info) -> str | None:
         return "qcow2 image has an external data file"
     if info.crypt_method != 0:
         return "qcow2 image is encrypted"
-    if info.extended_l2:
-        return "qcow2 image uses extended L2 entries (subclusters), which are not supported"
     if info.incompatible_features & QCOW2_INCOMPAT_CORRUPT:
         return "qcow2 image is marked corrupt"
     unknown = info.incompatible_features & ~QCOW2_INCOMPAT_KNOWN
     if unknown:
         return f"qcow2 image has unknown incompatible features {unknown:#x}"
-    if info.compression_type != QCOW2_COMPRESSION_ZLIB:
-        return ("qcow2 image uses zstd-compressed clusters, which are not supported "
-                "(convert it with compression_type=zlib)")
+    if info.compression_type not in (QCOW2_COMPRESSION_ZLIB, QCOW2_COMPRESSION_ZSTD):
+        return f"qcow2 image uses an unknown compression type {info.compression_type}"
     l1_needed = -(-info.virtual_size // (info.cluster_size * (info.cluster_size // 8)))
     if info.l1_size < l1_needed or info.l1_size * 8 > QCOW2_MAX_L1_BYTES:
         return f"qcow2 L1 table size {info.l1_size} is invalid for its virtual size"
@@ -196,13 +191,92 @@ def qcow2_refusal(info: Qcow2Info) -> str | None:
     return None
 
 
+def qcow2_streamable(info: Qcow2Info) -> bool:
+    """True when ``qcow2.Qcow2Converter`` reads this (safe) qcow2 as it streams; else it is
+    converted by qemu-img like ``CONVERTED`` formats (extended L2 entries, zstd clusters)."""
+    return not info.extended_l2 and info.compression_type == QCOW2_COMPRESSION_ZLIB
+
+
+VMDK_DESCRIPTOR_OFFSET = 0x200
+VMDK_TYPES = ("monolithicsparse", "streamoptimized")
+VHD_DIFFERENCING = 4
+VDI_TYPES = {1: "dynamic", 2: "static"}
+
+
+def _vmdk_refusal(head: bytes) -> str | None:
+    """Why this vmdk is refused (as the reference's format inspector), or None."""
+    if not head.startswith(b"KDMV"):
+        return ("vmdk descriptor file: its extents are other files (only monolithicSparse "
+                "and streamOptimized single-file images are written)")
+    if len(head) < 64:
+        return "vmdk header truncated"
+    version, desc_sector, desc_sectors = (struct.unpack_from("<I", head, 4)[0],
+                                          *struct.unpack_from("<QQ", head, 28))
+    if version not in (1, 2, 3):
+        return f"unsupported vmdk version {version}"
+    if desc_sector * 512 != VMDK_DESCRIPTOR_OFFSET:
+        return "vmdk descriptor is not where qemu and the inspector expect it (sector 1)"
+    end = VMDK_DESCRIPTOR_OFFSET + min(desc_sectors * 512, (1 << 20) - 1)
+    if end > len(head):
+        return f"vmdk descriptor larger than the {len(head)} bytes inspected"
+    desc = head[VMDK_DESCRIPTOR_OFFSET:end].split(b"\0", 1)[0]
+    try:
+        text = desc.decode("ascii").lower()
+    except UnicodeDecodeError:
+        return "vmdk descriptor is not ASCII text"
+    kind = text.partition('createtype="')[2].partition('"')[0]
+    if kind not in VMDK_TYPES:
+        return f"vmdk createType {kind or 'missing'!r} (only monolithicSparse and " \
+            "streamOptimized are written)"
+    extents = 0
+    for line in (x.strip() for x in text.split("\n")):
+        if not line or line.startswith("#") or line.startswith("ddb"):
+            continue
+        if line.split(" ")[0] in ("rw", "rdonly", "noaccess"):
+            if "/" in line:
+                return "vmdk extent names a file path"
+            extents += 1
+        elif "=" not in line or " " in line.split("=")[0]:
+            return "vmdk descriptor holds a line the inspector does not understand"
+        elif line.startswith("parentfilenamehint") or (
+                line.startswith("parentcid") and line.split("=")[1].strip('" ') != "ffffffff"):
+            return "vmdk image has a parent (backing) image"
+    if extents != 1:
+        return f"vmdk descriptor names {extents} extents (one, in the file itself, is written)"
+    return None
+
+
+def converted_refusal(detected: str, head: bytes) -> str | None:
+    """Why the agent will not let qemu-img convert this image (``detected`` is one of
+    ``CONVERTED``; ``head`` its first ``HEAD_SIZE`` bytes), or None.
+
+    Parents and external files are refused here; qemu-img's own view (``qemu-img info``
+    over the URL) is checked again before anything is written.
+    """
+    if detected == VMDK:
+        return _vmdk_refusal(head)
+    if detected == VHD:
+        if len(head) < 64:
+            return "vhd footer truncated"
+        if struct.unpack_from(">I", head, 60)[0] == VHD_DIFFERENCING:
+            return "vhd image is a differencing disk (it has a parent)"
+    if detected == VDI:
+        if len(head) < 0x50:
+            return "vdi header truncated"
+        kind = struct.unpack_from("<I", head, 0x4C)[0]
+        if kind not in VDI_TYPES:
+            return f"vdi image type {kind} (only dynamic and static images are written)"
+    return None
+
+
 def check_safe(detected: str, info: Qcow2Info | None, declared: str | None,
-               image_id: str = "", *, inner: str | None = None) -> None:
+               image_id: str = "", *, inner: str | None = None, head: bytes = b"") -> None:
     """Refuse (ImageFormatRefused) what the agent must not write.
 
     ``detected`` is ``detect_format`` of the downloaded bytes; ``info`` the qcow2 header when
     they are qcow2; ``declared`` Ironic's ``disk_format`` (None: anything supported);
-    ``inner`` the format of a compressed image's content, once known.
+    ``inner`` the format of a compressed image's content, once known; ``head`` the image's
+    first bytes (for the ``CONVERTED`` formats' headers).
     """
     declared = declared.lower() if declared else None
     effective = detected
@@ -229,8 +303,10 @@ def check_safe(detected: str, info: Qcow2Info | None, declared: str | None,
                 refuse(f"declared disk_format {declared!r} but the bytes are {effective}")
         else:
             refuse(f"disk_format {declared!r} is not supported")
-    if effective in UNSUPPORTED:
-        refuse(f"{effective} images are not supported; convert the image to qcow2 or raw")
+    if effective in CONVERTED:
+        reason = converted_refusal(effective, head)
+        if reason is not None:
+            refuse(reason)
     if effective == QCOW2:
         if info is None:
             refuse("qcow2 header could not be read")

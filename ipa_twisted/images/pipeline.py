@@ -29,6 +29,8 @@ on the device (fsynced) and its checksum verified:
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -41,7 +43,7 @@ from twisted.python.failure import Failure
 
 from ipa_twisted import errors
 from ipa_twisted.config import AgentConfig
-from ipa_twisted.images import formats
+from ipa_twisted.images import formats, qemu_source
 from ipa_twisted.images.checksum import ExpectedChecksum, expected_checksum, new_hash
 from ipa_twisted.images.decompress import DecompressingSink
 from ipa_twisted.images.access import proxy_for
@@ -49,7 +51,8 @@ from ipa_twisted.images.download import ImageDownload, ImageDownloadTimeout, Val
 from ipa_twisted.images.progress import ImageProgress
 from ipa_twisted.images.qcow2 import Qcow2Converter
 from ipa_twisted.images.stages import BATCH, Worker, ZstdSink, feed_all, hash_all
-from ipa_twisted.blockdev.writer import DeviceWriter, SequentialSink, wipe_partition_tables
+from ipa_twisted.blockdev.writer import (DeviceWriter, SequentialSink, device_size,
+                                         wipe_partition_tables)
 from ipa_twisted.http import make_pool, make_proxy_http_client
 
 log = Logger()
@@ -83,6 +86,16 @@ class DigestMismatch(errors.ImageChecksumError):
         self.type = "ImageChecksumError"   # what Ironic and the reference agent call it
 
 
+class _Discard:
+    """The sink of an image qemu-img converts: the stream is hashed, its bytes dropped."""
+
+    def feed(self, data: bytes) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
 async def awaited(awaitable: Awaitable[str | None]) -> str | None:
     return await awaitable
 
@@ -93,7 +106,8 @@ class _ImageJob:
     def __init__(self, image_info: Mapping[str, Any], device: str, download: ImageDownload,
                  expected: ExpectedChecksum | None, reactor: Any, runner: Any,
                  progress: ImageProgress, writer: DeviceWriter | None = None, *,
-                 config: AgentConfig, prepare: Prepare | None = None) -> None:
+                 config: AgentConfig, prepare: Prepare | None = None,
+                 proxy_of: Callable[[str], str | None] = lambda url: None) -> None:
         self.image_id = str(image_info.get("id", ""))
         self.declared = formats.declared_format(image_info)
         self.device = device
@@ -112,6 +126,10 @@ class _ImageJob:
         self.failure: BaseException | None = None
         self.format = formats.RAW
         self.info: formats.Qcow2Info | None = None
+        self.proxy_of = proxy_of
+        self.converting: Deferred[None] | None = None
+        """qemu-img reading the image's URL onto the device (``qemu_source``), if it does."""
+        self.converted_size: int | None = None
         self._inflight: set[Deferred[Any]] = set()
         self._reset(None)
 
@@ -159,6 +177,8 @@ class _ImageJob:
         if self.failure is None:
             self.failure = reason
         self.download.abort(reason)
+        if self.converting is not None and not self.converting.called:
+            self.converting.cancel()   # kills qemu-img
 
     def _track(self, d: Deferred[Any], size: int = 0) -> None:
         self._inflight.add(d)
@@ -211,9 +231,13 @@ class _ImageJob:
                 info = formats.inspect_qcow2(head)
             except ValueError as e:
                 raise formats.ImageFormatRefused(self.image_id, f"invalid qcow2 header: {e}")
-        formats.check_safe(fmt, info, self.declared if deep else None, self.image_id)
+        formats.check_safe(fmt, info, self.declared if deep else None, self.image_id,
+                           head=head)
         if fmt not in formats.COMPRESSED:
             self._check_policy(fmt, head)
+        if self.converting is not None:   # the download started over: only hash it again
+            self.sink = _Discard()
+            return
         self.format, self.info = fmt, info
         log.info("Image {image_id} is {image_format} ({declared} declared){virtual}",
                  image_id=self.image_id, image_format=fmt, declared=self.declared or "nothing",
@@ -221,6 +245,16 @@ class _ImageJob:
         if fmt == formats.ZSTD and self.runner.which("zstd") is None:
             raise errors.ImageDownloadError(self.image_id, "zstd-compressed image but the "
                                             "zstd program is not installed")
+        if fmt in formats.CONVERTED or (info is not None
+                                        and not formats.qcow2_streamable(info)):
+            url = self.download.current_url
+            source = qemu_source.qemu_source(
+                fmt, url, authorization=self.download.headers.get("Authorization"),
+                proxy=self.proxy_of(url), config=self.config, image_id=self.image_id)
+            self.sink = _Discard()   # the stream is only hashed: qemu-img reads the URL
+            self.converting = Deferred.fromCoroutine(self._convert(source))
+            self._track(self.converting)
+            return
         needed = info.virtual_size if info else (
             self.total if fmt in (formats.RAW, formats.ISO) else None)
         if fmt not in formats.COMPRESSED:
@@ -276,6 +310,31 @@ class _ImageJob:
                 self.device, None, "", f"the image needs {needed} bytes, the device has "
                 f"{self.writer.size}")
 
+    async def _convert(self, source: qemu_source.QemuSource) -> None:
+        """qemu-img checks the image, ``prepare`` runs, then qemu-img writes the device."""
+        virtual = await qemu_source.inspect(self.runner, source, self.image_id)
+        if self.prepare is not None:
+            prepare, self.prepare = self.prepare, None
+            target = await prepare()
+            if target:
+                self.device = self.writer.device = target
+        fd = os.open(self.device, os.O_RDONLY)
+        try:
+            size = device_size(fd) if stat.S_ISBLK(os.fstat(fd).st_mode) else None
+            if size is None and os.fstat(fd).st_size < virtual:
+                os.truncate(self.device, virtual)   # a regular file (tests) grows
+        finally:
+            os.close(fd)
+        if size is not None and virtual > size:
+            raise errors.ImageWriteError(
+                self.device, None, "", f"the image needs {virtual} bytes, the device has "
+                f"{size}")
+        self.converted_size = virtual
+        log.info("Image {image_id}: qemu-img converts the {image_format} image from {url} "
+                 "onto {device}", image_id=self.image_id, image_format=source.fmt,
+                 url=source.shown([source.url])[0], device=self.device)
+        await qemu_source.convert(self.runner, source, self.device, self.image_id)
+
     def _flush(self) -> None:
         batch, size = self.batch, self.batch_size
         self.batch, self.batch_size = [], 0
@@ -285,7 +344,7 @@ class _ImageJob:
             self._track(self.hasher_thread.submit(hash_all, self.hash, batch), size)
         if self.zstd is not None:
             self._track(self.zstd.put(batch), size)
-        else:
+        elif not isinstance(self.sink, _Discard):
             self._track(self.writer_thread.submit(feed_all, self.sink, batch), size)
 
     # -- the whole job -----------------------------------------------------------------------
@@ -313,11 +372,15 @@ class _ImageJob:
             if self.hash is not None:
                 digest = await self.hasher_thread.submit(self.hash.hexdigest)
             self.progress.phase = "syncing"
-            virtual = self.info.virtual_size if self.info else self.writer.end
-            await self.writer_thread.submit(self.writer.finish, virtual)
+            if self.converted_size is not None:   # qemu-img wrote and flushed it
+                virtual = end = self.converted_size
+            else:
+                virtual = self.info.virtual_size if self.info else self.writer.end
+                await self.writer_thread.submit(self.writer.finish, virtual)
+                end = self.writer.end
             if self.expected is not None and digest != self.expected.value:
                 raise DigestMismatch(self.image_id, url, self.expected.value, str(digest))
-            return WrittenImage(format=self.format, size=self.writer.end,
+            return WrittenImage(format=self.format, size=end,
                                 virtual_size=virtual,
                                 checksum_algo=self.expected.algorithm if self.expected else None,
                                 checksum=digest, url=url)
@@ -369,7 +432,8 @@ class _ImageJob:
         if self.zstd is not None:
             await self.zstd.kill()
         await self.drain()
-        wrote = self.writer.bytes_written or self.writer.bytes_zeroed
+        wrote = (self.writer.bytes_written or self.writer.bytes_zeroed
+                 or self.converted_size is not None)
         await self.writer_thread.submit(self.writer.close)
         if wrote or isinstance(error, errors.ImageChecksumError):
             try:
@@ -451,7 +515,8 @@ async def write_image(image_info: Mapping[str, Any], device: str, *, http: Any, 
                 raise deadline["expired"]
             job = _ImageJob(image_info, device, download, expected, reactor, runner,
                             progress, writer if attempt == 1 else None, config=config,
-                            prepare=prepare)
+                            prepare=prepare,
+                            proxy_of=lambda url: proxy_for(url, proxies, no_proxy))
             deadline["job"] = job
             try:
                 written = await job.run()

@@ -30,8 +30,9 @@ Memory: one L1 table (at most 32 MiB, 16 KiB for a 1 TiB image with 64 KiB clust
 L2 tables and compressed clusters being read (a cluster each), the extents still ahead
 and the late stretches' digests.
 
-Refused earlier (``formats.check_safe``): backing files, external data files, encryption,
-extended L2 entries, zstd-compressed clusters.
+Refused earlier (``formats.check_safe``): backing files, external data files, encryption.
+Extended L2 entries and zstd-compressed clusters are not read here: the pipeline hands those
+images to qemu-img (``images/qemu_source.py``).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ from typing import Any, Protocol
 from twisted.logger import Logger
 
 from ipa_twisted import errors
-from ipa_twisted.images.formats import ImageFormatRefused, Qcow2Info, qcow2_refusal
+from ipa_twisted.images.formats import (ImageFormatRefused, Qcow2Info, qcow2_refusal,
+                                        qcow2_streamable)
 
 log = Logger()
 
@@ -87,7 +89,9 @@ class Qcow2Converter:
     """Feed it the qcow2 file in order (``feed``), then run the passes ``end_pass`` asks for."""
 
     def __init__(self, target: Target, info: Qcow2Info, image_id: str = "") -> None:
-        reason = qcow2_refusal(info)
+        reason = qcow2_refusal(info) or (
+            None if qcow2_streamable(info) else
+            "extended L2 entries and zstd-compressed clusters are converted by qemu-img")
         if reason is not None:
             raise ImageFormatRefused(image_id, reason)
         self.info = info
