@@ -75,6 +75,7 @@ def serve(directory: str, port_file: str) -> None:
                 else:
                     self.send_response(200)
                 self.send_header("Content-Length", str(end - start + 1))
+                self.send_header("Accept-Ranges", "bytes")  # qemu-img's curl driver asks
                 self.end_headers()
                 self.wfile.flush()
                 if not body:
