@@ -102,13 +102,16 @@ class RealIronic:
     def __init__(self, directory: str, *, restrict_lookup: bool = True,
                  fast_track: bool = False, require_tls: bool = True,
                  heartbeat_timeout: int = 30, callback_timeout: int = 300,
-                 automated_clean: bool = False,
+                 automated_clean: bool = False, hardware_type: str = HARDWARE_TYPE,
                  options: Mapping[str, Mapping[str, object]] | None = None) -> None:
         """``heartbeat_timeout`` is ``[api]ramdisk_heartbeat_timeout``, which Ironic hands the
         agent at lookup (it beats every 0.3 to 0.6 of it). ``callback_timeout`` bounds every
         ``* wait`` state. ``automated_clean``: ``provide`` cleans the node through the agent
         (see the module docstring). ``options`` adds to or overrides the configuration, by
-        section."""
+        section. ``hardware_type``: ``ipa-test`` (fake power and boot) or ``redfish`` (a
+        Redfish BMC: ``redfish`` power and management, ``redfish-virtual-media`` boot, the
+        ``agent`` inspect interface by default; ``driver_info`` names the BMC)."""
+        self.hardware_type = hardware_type
         self.directory = os.path.abspath(directory)
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}"
@@ -197,6 +200,18 @@ class RealIronic:
             "nova": {"send_power_notifications": False},
             "oslo_concurrency": {"lock_path": os.path.join(state, "locks")},
         }
+        if self.hardware_type == "redfish":
+            sections["DEFAULT"].update({
+                "enabled_hardware_types": "redfish",
+                "enabled_boot_interfaces": "redfish-virtual-media",
+                "enabled_management_interfaces": "redfish",
+                "enabled_power_interfaces": "redfish",
+                "default_inspect_interface": "agent",
+                "enabled_deploy_interfaces": "direct",
+                "isolinux_bin": "/usr/lib/ISOLINUX/isolinux.bin",
+                "ldlinux_c32": "/usr/lib/syslinux/modules/bios/ldlinux.c32",
+            })
+            sections["redfish"] = {"use_swift": False}
         if self._automated_clean:
             sections["conductor"]["automated_clean"] = True
             for step in ("erase_devices_priority", "erase_devices_metadata_priority"):
@@ -253,7 +268,7 @@ class RealIronic:
             code, body = await self.request("GET", "/v1/drivers?type=dynamic", timeout=2)
         except Exception:
             return False
-        return code == 200 and HARDWARE_TYPE in {d["name"] for d in body["drivers"]}
+        return code == 200 and self.hardware_type in {d["name"] for d in body["drivers"]}
 
     async def _schema(self) -> str:
         """An empty database with Ironic's schema, made once per install of .venv-ironic."""
@@ -354,8 +369,9 @@ class RealIronic:
         ``fields`` are more node fields (``name``, ``deploy_interface``, ``inspect_interface``,
         ...). ``driver_info`` adds to ``deploy_forces_oob_reboot: true``, which keeps Ironic
         from asking the agent to power off the machine (it uses the fake power instead)."""
-        body = {"driver": HARDWARE_TYPE,
-                "driver_info": {"deploy_forces_oob_reboot": True, **(driver_info or {})},
+        oob = {"deploy_forces_oob_reboot": True} if self.hardware_type == HARDWARE_TYPE else {}
+        body = {"driver": self.hardware_type,
+                "driver_info": {**oob, **(driver_info or {})},
                 "properties": dict(properties or {}),
                 "instance_info": dict(instance_info or {}), **fields}
         uuid: str = (await self.request("POST", "/v1/nodes", body, expect=[201]))[1]["uuid"]
