@@ -118,13 +118,14 @@ class LibvirtBMC:
             else:                      # libvirt 9.0 has no NVMe disk bus: QEMU's own device
                 extra += ["-drive", f"file={disk.path},if=none,id=nvme{number},format=raw,"
                                     "cache=unsafe",
-                          "-device", f"nvme,drive=nvme{number},serial={disk.serial}"]
+                          "-device", f"nvme,drive=nvme{number},serial={disk.serial},"
+                                    f"bus=pci.0,addr={0x1d - number:#x}"]
         relay = os.path.join(ROOT, "tests", "qemu_relay.py")
         nic = f"user,id=e2enet,restrict=on,hostfwd=tcp:127.0.0.1:{self.agent_port}-:9999"
         for guest, port in self.guest_forwards.items():
             nic += f",guestfwd=tcp:{guest}-cmd:{sys.executable} {relay} 127.0.0.1 {port}"
         extra += ["-netdev", nic, "-device",
-                  f"virtio-net-pci,netdev=e2enet,mac={self.mac},romfile="]
+                  f"virtio-net-pci,netdev=e2enet,mac={self.mac},romfile=,bus=pci.0,addr=0x1e"]
         args = "".join(f"<qemu:arg value={quoteattr(arg)}/>" for arg in extra)
         return f"""<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{self.name}</name><uuid>{self.uuid}</uuid>
@@ -163,6 +164,8 @@ class LibvirtBMC:
         for disk in self.disks:
             with open(disk.path, "wb") as f:
                 f.truncate(disk.size)
+            if disk.bus != "virtio":        # not libvirt's: QEMU (libvirt's user) opens it
+                os.chmod(disk.path, 0o666)
         await self._daemons()
         pools = await virsh("pool-list", "--all", "--name")
         if "default" not in pools.split():
@@ -184,13 +187,19 @@ class LibvirtBMC:
                                 ("libvirtd", "/run/libvirtd.pid")):
             if _pid_alive(pidfile) is None:
                 # /dev/kvm opens here but KVM hangs libvirtd's QEMU probe (and kills guests):
-                # libvirtd and its QEMUs see /dev/null there, in a mount namespace of their own.
+                # libvirtd and its QEMUs see /dev/null there, in a mount namespace of their
+                # own. PID 1 may not reap orphans: libvirtd runs under tests/reaper.py, which
+                # reaps the QEMUs it double-forks (else it waits on their zombies).
                 binary = shutil.which(daemon) or daemon
-                child = Child(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                               'if [ -e /dev/kvm ]; then mount --bind /dev/null /dev/kvm; fi'
-                               f' && exec {binary} -d'])
-                if await child.ended != 0:
-                    raise AssertionError(f"{daemon} -d failed: {child.output.decode()}")
+                mask = "if [ -e /dev/kvm ]; then mount --bind /dev/null /dev/kvm; fi"
+                if daemon == "virtlogd":
+                    child = Child([binary, "-d"])
+                    if await child.ended != 0:
+                        raise AssertionError(f"virtlogd -d failed: {child.output.decode()}")
+                else:
+                    reaper = os.path.join(ROOT, "tests", "reaper.py")
+                    Child(["setsid", "unshare", "--mount", "--propagation", "private", "sh",
+                           "-c", f"{mask} && exec {sys.executable} {reaper} {binary}"])
                 await poll(lambda pidfile=pidfile: _pid_alive(pidfile), timeout=20)
                 self._started.append(daemon)
         await poll(lambda: os.path.exists(LIBVIRT_SOCKET), timeout=20)
