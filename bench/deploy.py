@@ -93,8 +93,11 @@ def serve(directory: str, port_file: str) -> None:
 
 # -- our pipeline (child process) -------------------------------------------------------------
 
-def write(url: str, device: str, checksum: str | None, disk_format: str) -> None:
-    """Run write_image once; print a JSON line: elapsed, RSS before and peak (KiB)."""
+def write(url: str, device: str, checksum: str | None, disk_format: str,
+          permitted: tuple[str, ...] | None = None) -> None:
+    """Run write_image once; print a JSON line: elapsed, RSS before and peak (KiB), the
+    children's peak (KiB). ``permitted``: the image formats allowed (default: the agent's)."""
+    import resource
     sys.path.insert(0, ROOT)
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
@@ -114,7 +117,8 @@ def write(url: str, device: str, checksum: str | None, disk_format: str) -> None
     result: dict[str, Any] = {}
 
     async def main() -> None:
-        config = AgentConfig()
+        config = AgentConfig() if permitted is None else AgentConfig(
+            permitted_image_formats=permitted)
         info: dict[str, Any] = {"id": "bench", "urls": [url], "disk_format": disk_format}
         if checksum:
             info.update(os_hash_algo="sha256", os_hash_value=checksum)
@@ -125,6 +129,7 @@ def write(url: str, device: str, checksum: str | None, disk_format: str) -> None
                                     config=config)
         result["elapsed"] = time.monotonic() - started
         result["peak_rss_kib"] = status("VmHWM")
+        result["children_peak_rss_kib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         result["checksum"] = written.checksum
         result["size"] = written.size
 

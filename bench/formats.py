@@ -18,11 +18,9 @@ import hashlib
 import json
 import os
 import random
-import resource
 import subprocess  # a benchmark driver, not agent code
 import sys
 import tempfile
-import time
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,47 +34,9 @@ QEMU = {"raw": None, "qcow2": "qcow2", "vmdk": "vmdk", "vhdx": "vhdx", "vhd": "v
 
 
 def write(url: str, device: str, checksum: str, disk_format: str) -> None:
-    """Run write_image once (every format permitted); print a JSON line."""
-    from twisted.internet import reactor
-    from twisted.internet.defer import Deferred
-
-    from ipa_twisted.config import AgentConfig
-    from ipa_twisted.http import make_http_client
-    from ipa_twisted.images.pipeline import write_image
-    from ipa_twisted.process import ProcessRunner
-
-    def status(field: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-        return -1
-
-    result: dict[str, Any] = {}
-
-    async def main() -> None:
-        config = AgentConfig(permitted_image_formats=tuple(QEMU) + ("gpt",))
-        info = {"id": "bench", "urls": [url], "disk_format": disk_format,
-                "os_hash_algo": "sha256", "os_hash_value": checksum}
-        result["rss_before_kib"] = status("VmRSS")
-        started = time.monotonic()
-        written = await write_image(info, device, http=make_http_client(reactor, config),
-                                    reactor=reactor, runner=ProcessRunner(reactor, reactor),
-                                    config=config)
-        result["elapsed"] = time.monotonic() - started
-        result["peak_rss_kib"] = status("VmHWM")
-        result["children_peak_rss_kib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        result["size"] = written.size
-
-    def run() -> None:
-        done = Deferred.fromCoroutine(main())
-        done.addErrback(lambda f: result.update(error=f.getErrorMessage()))
-        done.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(run)
-    reactor.run()
-    print(json.dumps(result))
-    sys.exit(1 if "error" in result else 0)
+    """Run write_image once with every format permitted; print a JSON line."""
+    from bench import deploy
+    deploy.write(url, device, checksum, disk_format, permitted=tuple(QEMU) + ("gpt",))
 
 
 def make_raw(path: str, size: int) -> None:
