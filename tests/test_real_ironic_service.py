@@ -14,12 +14,9 @@ from __future__ import annotations
 import base64
 import os
 
-from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from ipa_twisted.process import ProcessRunner
-from ipa_twisted.testing.sandbox import attach_loop_devices
-from tests.ironic.harness import skip_reason, start_agent, start_ironic
+from tests.ironic.harness import set_up_one_disk_node, start_agent
 from tests.processes import Child, physical_macs
 
 SERVICE_VERSION = "1.87"
@@ -32,15 +29,7 @@ class RealIronicServiceTests(TestCase):
     timeout = 300
 
     async def setUp(self) -> None:
-        reason = skip_reason(macs=True, tools=TOOLS, loop_devices=True)
-        if reason:
-            raise self.skipTest(reason)
-        self.dir = os.path.abspath(self.mktemp())
-        self.runner = ProcessRunner(reactor, reactor)
-        self.loop = (await attach_loop_devices(self.runner, os.path.join(self.dir, "disks"),
-                                               [DISK_SIZE], self.addCleanup))[0]
-        self.ironic = await start_ironic(self, self.dir, restrict_lookup=True,
-                                         heartbeat_timeout=10)
+        await set_up_one_disk_node(self, DISK_SIZE, TOOLS)
 
     async def make_instance_disk(self) -> str:
         """A GPT disk with one ext4 partition holding /etc/hostname; the partition."""

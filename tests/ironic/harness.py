@@ -469,6 +469,23 @@ async def start_ironic(test: Any, directory: str, **options: Any) -> RealIronic:
     return ironic
 
 
+async def set_up_one_disk_node(test: Any, disk_size: int, tools: Sequence[str] = ()) -> None:
+    """``test``'s set-up for a real Ironic driving a sandboxed agent with one loop disk:
+    skips with the reason when it cannot run; sets ``dir``, ``runner``, ``loop`` and
+    ``ironic`` (restricted lookup, 10 s heartbeat timeout)."""
+    from ipa_twisted.process import ProcessRunner
+    from ipa_twisted.testing.sandbox import attach_loop_devices
+    reason = skip_reason(macs=True, tools=tools, loop_devices=True)
+    if reason:
+        raise test.skipTest(reason)
+    test.dir = os.path.abspath(test.mktemp())
+    test.runner = ProcessRunner(reactor, reactor)
+    test.loop = (await attach_loop_devices(test.runner, os.path.join(test.dir, "disks"),
+                                           [disk_size], test.addCleanup))[0]
+    test.ironic = await start_ironic(test, test.dir, restrict_lookup=True,
+                                     heartbeat_timeout=10)
+
+
 def start_agent(test: Any, ironic: RealIronic, directory: str, *, name: str = "agent",
                 config: str = "", wrap: Callable[[list[str]], list[str]] | None = None,
                 env: dict[str, str] | None = None, debug: bool = True,
