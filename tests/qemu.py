@@ -177,14 +177,16 @@ class VirtualMachine:
     With ``probe``, the guest also runs a root shell on its second serial port
     (``ipa-ramdisk-probe=ttyS1``, a UNIX socket on the host) for ``run_in_guest``. By
     default the guest boots with QEMU's BIOS (SeaBIOS); with ``uefi`` with OVMF, its NVRAM
-    a copy of ``OVMF_VARS`` in a directory of its own.
+    a copy of ``OVMF_VARS`` in a directory of its own. ``extra_args`` go at the end of
+    QEMU's command line (a second NIC, say).
     """
 
     def __init__(self, ramdisk: Ramdisk, disks: list[Disk], *, memory_mb: int = 1024,
                  cpus: int = 2, http_port: int | None = None,
                  kernel_args: str = "ipa-standalone=1", probe: bool = False,
-                 uefi: bool = False) -> None:
+                 uefi: bool = False, extra_args: Sequence[str] = ()) -> None:
         self.ramdisk, self.disks = ramdisk, disks
+        self.extra_args = list(extra_args)
         self.memory_mb, self.cpus = memory_mb, cpus
         self.http_port, self.kernel_args = http_port, kernel_args
         self.port = free_port()
@@ -243,7 +245,7 @@ class VirtualMachine:
                 sata += 1
             else:
                 raise ValueError(f"unknown disk kind {disk.kind}")
-        return argv
+        return argv + self.extra_args
 
     async def start(self, timeout: float = 300) -> float:
         """Boot and wait for the agent's API; the seconds it took."""
