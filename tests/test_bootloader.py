@@ -302,6 +302,43 @@ class BiosTests(BootloaderTestCase):
             self.assertEqual(result.command_status.value, "SUCCEEDED")
         self.assertEqual(self.mounts(), [])
 
+    def test_whole_disk_image_is_answered_finished(self) -> None:
+        """Nothing to install (a whole-disk image, no EFI entry possible): the command's
+        first answer already says SUCCEEDED, before the install device is even asked for
+        (Ironic polls an unfinished one again only after command_wait_interval)."""
+        pending: list[Deferred[str]] = []
+
+        class SlowDisk(Disk):
+            def get_os_install_device(self, permit_refresh: bool = False, *,
+                                      node: Any = None) -> Any:
+                pending.append(Deferred())
+                return pending[-1]
+
+        self.runner.missing.add("efibootmgr")
+        for mode, root_uuid in (("bios", None), ("bios", "0x00000000"), ("uefi", None)):
+            agent = Agent(self.fake.config(), self.clock, self.runner,  # type: ignore
+                          managers=HardwareManagers([(SlowDisk(self.device, mode), 3)]),
+                          reactor=self.clock, extensions=default_extensions())
+            with capturedLogs() as events:
+                result = self.successResultOf(Deferred.fromCoroutine(agent.execute_command(
+                    "image.install_bootloader",
+                    {"root_uuid": root_uuid, "target_boot_mode": "uefi"})))
+            self.assertEqual(result.command_status.value, "SUCCEEDED", (mode, root_uuid))
+            messages = [formatEvent(e) for e in events]
+            self.assertTrue(any("Assuming a whole disk image" in m for m in messages))
+            self.assertEqual(any("Boot mode mismatch" in m for m in messages),
+                             mode == "bios")
+        self.assertEqual((pending, self.runner.argvs), ([], []))
+
+    def test_whole_disk_image_with_an_iscsi_target_takes_the_full_path(self) -> None:
+        self.bios_layout()
+        agent = self.agent()
+        agent.extensions["iscsi"].exported_device = self.device  # type: ignore[attr-defined]
+        self.runner.missing.add("tgtadm")     # tgtd not running: nothing to delete
+        result = self.install(agent, root_uuid=None)
+        self.assertEqual(result.command_status.value, "SUCCEEDED", result.command_error)
+        self.assertIsNone(agent.extensions["iscsi"].exported_device)  # type: ignore
+
     def test_bios_install_disabled_by_default(self) -> None:
         self.bios_layout()
         agent = self.agent(config=self.fake.config())

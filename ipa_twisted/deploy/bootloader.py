@@ -24,7 +24,8 @@
    Everything mounted is unmounted in reverse order afterwards, also on failure.
 
 A root UUID of ``None`` or ``0x00000000`` means a whole-disk image: nothing is done after
-step 1. Failing programs become CommandExecutionError; a partition that cannot be found,
+step 1; when step 1 cannot run either (``nothing_to_install``), the command ends before any
+disk is looked at. Failing programs become CommandExecutionError; a partition that cannot be found,
 DeviceNotFound.
 
 A BIOS install (a partition image without an ESP and a target other than UEFI:
@@ -559,6 +560,32 @@ async def _preserve_efi_assets(context: HardwareContext, device: str, root: str,
         log.warn("Preserving the image's EFI assets failed ({error}); installing GRUB2 "
                  "instead", error=str(e))
         return False
+
+
+def nothing_to_install(context: HardwareContext, root_uuid: str | None,
+                       target_boot_mode: str | None, current_boot_mode: str) -> bool:
+    """Whether ``image.install_bootloader`` has nothing to do, whatever the disk holds.
+
+    True for a whole-disk image (a root UUID of None or ``0x00000000``: the image brings its
+    own boot loader) when step 1 cannot run either: the agent did not boot in UEFI mode, or
+    ``efibootmgr`` is not installed. Decided from the parameters, the boot mode and PATH
+    alone, before any disk or hardware manager is asked, so the command is answered as
+    finished at once (Ironic polls an unfinished one again only after
+    ``[agent]command_wait_interval``). Logs what the full path would have logged.
+    """
+    if root_uuid not in WHOLE_DISK_ROOT_UUIDS:
+        return False
+    if current_boot_mode == "uefi" and context.runner.which(efi.EFIBOOTMGR) is not None:
+        return False
+    if target_boot_mode and target_boot_mode != current_boot_mode:
+        log.warn("Boot mode mismatch: target boot mode is {target}, current boot mode is "
+                 "{current}. Installing boot loader may fail or work incorrectly.",
+                 target=target_boot_mode, current=current_boot_mode)
+    if current_boot_mode == "uefi":
+        log.warn("efibootmgr is not available in the ramdisk")
+    log.info("Not using grub2-install since root UUID is not provided. Assuming a whole "
+             "disk image")
+    return True
 
 
 def bios_install_permitted(config: Any, root_uuid: str | None,

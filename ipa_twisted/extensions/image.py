@@ -7,6 +7,9 @@ stops an iSCSI target exposing the disk (``iscsi.start_iscsi_target``) first, an
 when the configuration has one, else False). A partition image's BIOS boot loader needs the
 ``enable_bios_bootloader_install`` option (Ironic's lookup may set it; CVE-2026-43003):
 without it the command fails before any disk is looked at (``bios_install_permitted``).
+A whole-disk image on a machine where no EFI boot entry can be made has nothing to install
+(``nothing_to_install``): the command ends without asking for the install device, so its
+first answer already says it has finished, as Ironic's first poll of it expects.
 """
 
 from __future__ import annotations
@@ -62,15 +65,20 @@ class ImageExtension(Extension):
                                                  ignore):
             return
         managers = await self.agent.get_managers()
-        device = await managers.dispatch_to_managers("get_os_install_device")
+        boot = await managers.dispatch_to_managers("get_boot_info")
+        current_boot_mode = str(getattr(boot, "current_boot_mode", "bios"))
+        context = self.agent.hardware_context()
         iscsi = self.agent.extensions.get("iscsi")
+        if (getattr(iscsi, "exported_device", None) is None
+                and bootloader.nothing_to_install(context, root_uuid, target_boot_mode,
+                                                  current_boot_mode)):
+            return
+        device = await managers.dispatch_to_managers("get_os_install_device")
         cleanup = getattr(iscsi, "clean_up_started_target", None)
         if cleanup is not None:
             await cleanup(device)
-        boot = await managers.dispatch_to_managers("get_boot_info")
         await bootloader.install_bootloader(
-            self.agent.hardware_context(), str(device), root_uuid,
+            context, str(device), root_uuid,
             efi_system_part_uuid=efi_system_part_uuid,
             prep_boot_part_uuid=prep_boot_part_uuid, target_boot_mode=target_boot_mode,
-            current_boot_mode=str(getattr(boot, "current_boot_mode", "bios")),
-            ignore_failure=ignore)
+            current_boot_mode=current_boot_mode, ignore_failure=ignore)
