@@ -56,9 +56,10 @@ class Options(_options.Options):
 def check_startup_config(config: AgentConfig) -> None:
     """Raise ConfigError for settings the agent cannot start with."""
     if not config.standalone:
-        if not config.api_url:
-            raise ConfigError("api_url is required unless the agent runs standalone "
-                              "(--api-url, ipa-api-url= or [DEFAULT] api_url)")
+        if not config.api_url and not config.inspection_callback_url:
+            raise ConfigError("api_url is required unless the agent runs standalone or only "
+                              "inspects (--api-url, ipa-api-url= or [DEFAULT] api_url; "
+                              "ipa-inspection-callback-url=)")
     if config.listen_tls:
         if not (config.ssl_cert_file and config.ssl_key_file):
             raise ConfigError("listen_tls needs [ssl] cert_file and key_file")
@@ -163,6 +164,10 @@ def make_tree(options: Options, reactor: Any, *, runner: ProcessRunner | None = 
         ready = inspection.done
     if config.standalone:
         log.info("Standalone mode: no lookup, no heartbeats")
+    elif not config.api_url:
+        # As the reference: Ironic's managed inspection (not fast track) hands the ramdisk
+        # only the inspection callback; it powers the machine off once the data is in.
+        log.info("No api_url: inspection only, no lookup, no heartbeats")
     else:
         from ipa_twisted.startup.heartbeat import AdvertiseService, heartbeats
         from ipa_twisted.startup.lookup import LookupService

@@ -18,7 +18,7 @@ from twisted.web.server import Request
 
 from ipa_twisted.agent import Agent
 from ipa_twisted.commands import CommandResult
-from ipa_twisted.config import AgentConfig
+from ipa_twisted.config import AgentConfig, ConfigError
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.errors import ClockSyncError, HardwareManagerNotFound
 from ipa_twisted.hardware.dispatch import HardwareManagers
@@ -28,7 +28,7 @@ from ipa_twisted.startup.config import ConfigResolution
 from ipa_twisted.startup.hardware import ClockSync
 from ipa_twisted.startup.heartbeat import AdvertiseService
 from ipa_twisted.startup.lookup import LOOKUP_RETRY_PAUSE, LookupService
-from ipa_twisted.tap import Options, make_tree
+from ipa_twisted.tap import Options, check_startup_config, make_tree
 from ipa_twisted.testing.fake_inspector import FakeInspectionReceiver
 from ipa_twisted.testing.fake_ironic import FakeIronic
 from ipa_twisted.testing.fake_process import FakeRunner
@@ -152,6 +152,24 @@ class StartupOrderTests(TreeFixture):
         self.assertEqual(self.ironic.lookups[0].node_uuid, "node-1",
                          "the UUID inspection gave goes to lookup")
         self.assertEqual(self.ironic.heartbeats[0].node_uuid, "node-1")
+        self.successResultOf(tree.stopService())
+
+    def test_inspection_only_without_api_url(self) -> None:
+        """Ironic's managed inspection (no fast track) hands the ramdisk only the inspection
+        callback: the agent inspects, neither looks up nor heartbeats, and keeps serving."""
+        config = dict(api_url=None, inspection_callback_url="http://ironic:6385/v1/"
+                      "continue_inspection", inspection_collectors="default",
+                      inspection_dhcp_wait_timeout=0, sys_path=self.mktemp())
+        check_startup_config(self.options(**config).config)
+        tree = self.start(**config)
+        self.pump(100)
+        self.assertEqual([post.status for post in self.receiver.posts], [202])
+        self.assertEqual((self.ironic.lookups, self.ironic.heartbeats), ([], []))
+        self.assertNotIn("LookupService", [type(s).__name__ for s in tree])
+        self.assertEqual(self.reactor.tcpServers[0][0:1], (9999,))
+        self.assertTrue(tree.running)
+        with self.assertRaisesRegex(ConfigError, "api_url is required"):
+            check_startup_config(self.options(api_url=None).config)
         self.successResultOf(tree.stopService())
 
     def test_continue_inspection_answer_replaces_lookup(self) -> None:
