@@ -19,7 +19,6 @@ from typing import Any
 from ipa_twisted import errors
 from ipa_twisted.commands import async_command
 from ipa_twisted.extensions.base import Extension
-from ipa_twisted.deploy import bootloader
 
 BOOT_MODES = ("bios", "uefi")
 
@@ -57,6 +56,7 @@ class ImageExtension(Extension):
         CommandExecutionError if the boot loader cannot be installed, DeviceNotFound if a
         partition cannot be found.
         """
+        from ipa_twisted.deploy import bootloader   # loaded when first used (idle memory)
         ignore = ignore_bootloader_failure
         if ignore is None:
             ignore = bool(getattr(self.agent.config, "ignore_bootloader_failure", False))

@@ -23,8 +23,6 @@ from twisted.logger import Logger, LogLevel
 
 from ipa_twisted.blockdev.disks import destroy_disk_metadata
 from ipa_twisted.context import Deployment, HardwareContext
-from ipa_twisted.deploy import inject
-from ipa_twisted.deploy.write import write_image_to_disk
 from ipa_twisted.errors import BlockDeviceEraseError, CommandExecutionError, DeviceNotFound
 from ipa_twisted.hardware import root_device
 from ipa_twisted.hardware.generic.burnin import (BurnIn, burnin_clean_steps,
@@ -362,6 +360,7 @@ class GenericHardwareManager(HardwareManager):
     async def inject_files(self, node: Any, ports: Any, files: Any = None,
                            verify_ca: bool = True) -> None:
         """The ``inject_files`` deploy step (see ``ipa_twisted.deploy.inject``)."""
+        from ipa_twisted.deploy import inject
         await inject.inject_files(
             self.context, node, ports, files, verify_ca,
             install_device=lambda: self.get_os_install_device(permit_refresh=True, node=node))
@@ -376,6 +375,7 @@ class GenericHardwareManager(HardwareManager):
         device = await self.get_os_install_device(permit_refresh=True, node=node)
         self.log.info("Writing image {image} to {device}", image=image_info.get("id"),
                       device=device)
+        from ipa_twisted.deploy.write import write_image_to_disk
         uuids = await write_image_to_disk(self.context, device, image_info, configdrive,
                                           node=node, write=self._writer, wipe=self._wipe)
         return Deployment(image_id=image_info.get("id"), device=device, partition_uuids=uuids)
@@ -425,6 +425,7 @@ class GenericHardwareManager(HardwareManager):
                 *burnin_clean_steps()]
 
     def get_deploy_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
+        from ipa_twisted.deploy import inject   # the deploy code loads when first needed
         return [
             {"step": "write_image", "priority": 0, "interface": "deploy",
              "reboot_requested": False,
@@ -448,6 +449,7 @@ class GenericHardwareManager(HardwareManager):
         ``image_info`` a service request gives it. The erase steps are not offered: they
         would destroy the instance.
         """
+        from ipa_twisted.deploy import inject
         raid = {step["step"]: step for step in (*raid_clean_steps(), *raid_deploy_steps())}
         write_image = next(step for step in self.get_deploy_steps(node, ports)
                            if step["step"] == "write_image")

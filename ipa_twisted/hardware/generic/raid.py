@@ -45,7 +45,6 @@ from ipa_twisted.blockdev.md import (get_component_devices, get_holder_disks, ha
                                      zero_superblock)
 from ipa_twisted.blockdev.disks import Wiper
 from ipa_twisted.context import HardwareContext
-from ipa_twisted.deploy.partition import get_node_boot_mode, get_partition_table_type_from_specs
 from ipa_twisted.errors import CommandExecutionError, SoftwareRAIDError
 from ipa_twisted.hardware import root_device
 from ipa_twisted.hardware.generic.disk_source import DiskSource
@@ -441,6 +440,8 @@ class SoftwareRaid:
         if with_partitions:
             raise SoftwareRAIDError("Partitions detected on devices "
                                     f"{', '.join(with_partitions)} during RAID config")
+        from ipa_twisted.deploy.partition import (get_node_boot_mode,  # on first use
+                                                  get_partition_table_type_from_specs)
         boot_mode = get_node_boot_mode(node, sys_path=context.config.sys_path)
         table = get_partition_table_type_from_specs(node, sys_path=context.config.sys_path,
                                                     boot_mode=boot_mode)

@@ -53,7 +53,6 @@ from twisted.python.filepath import FilePath
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.errors import CommandExecutionError, RESTError
 from ipa_twisted.images.checksum import new_hash
-from ipa_twisted.images.download import fetch_small
 from ipa_twisted.process import failures_as
 
 log = Logger()
@@ -357,6 +356,7 @@ class NvidiaNicFirmware:
             log.info("Downloading the firmware image {url}", url=url)
             config = self.context.config
             try:
+                from ipa_twisted.images.download import fetch_small   # HTTP client: on use
                 data = await fetch_small(url, self.context.http(), FIRMWARE_SIZE_LIMIT,
                                          timeout=config.image_download_connection_timeout,
                                          clock=self.context.clock)
