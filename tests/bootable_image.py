@@ -405,7 +405,8 @@ async def build_bootable_image(cache_dir: str | None = None, runner: Any = None)
         shutil.move(os.path.join(root, "tmp", "core.img"), core_img)
         shutil.copy(os.path.join(root, "usr", "lib", "grub", "i386-pc", "boot.img"), boot_img)
         os.unlink(os.path.join(root, "tmp", "load.cfg"))
-        await deferToThread(_prune, root, ("usr/share/lintian", "usr/share/bash-completion"))
+        await deferToThread(_prune, root, ("usr/share/lintian", "usr/share/bash-completion",
+                                           "usr/lib/udev/hwdb.bin", "usr/lib/udev/hwdb.d"))
         used = await deferToThread(_tree_bytes, root)
         fs_mib = int(used * 1.25) // (1 << 20) + 48
         fs_image = os.path.join(work, "root.ext3")
@@ -421,6 +422,11 @@ async def build_bootable_image(cache_dir: str | None = None, runner: Any = None)
         await deferToThread(_finish_image, work, fs_image, partial)
         await deferToThread(_install_grub_boot, partial, core_img, boot_img)
         os.replace(partial, path)
+        for stale in glob.glob(os.path.join(cache_dir, "bootable-*.img")):
+            if stale != path:                     # an older recipe's image
+                for victim in (stale, stale + ".txt"):
+                    if os.path.exists(victim):
+                        os.unlink(victim)
         _write_file(path + ".txt", f"kernel: {kver}\nbuild seconds: "
                                    f"{time.monotonic() - started:.1f}\n"
                                    f"size: {os.path.getsize(path)}\n"
