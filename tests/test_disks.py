@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipa_twisted.config import AgentConfig
@@ -289,7 +289,7 @@ class EraseMetadataFakeTests(SynchronousTestCase):
         return [os.path.basename(argv[-1]) for argv in runner.argvs if argv[0] == program]
 
     def test_partitions_first_disks_concurrently(self) -> None:
-        runner = FakeRunner({("lsblk",): LSBLK, ("wipefs",): b"", ("sgdisk",): b"",
+        runner = FakeRunner({("lsblk",): LSBLK, ("wipefs",): b"", ("blockdev",): b"",
                              ("blkid",): Exit(2)},
                             hold=True)
         erasing = Deferred.fromCoroutine(self.manager(runner).erase_devices_metadata({}, []))
@@ -304,7 +304,9 @@ class EraseMetadataFakeTests(SynchronousTestCase):
         runner.release()
         self.successResultOf(erasing)
         self.assertEqual(self.names(runner, "wipefs"), ["sda2", "sdb", "sda1", "sda"])
-        self.assertEqual(self.names(runner, "sgdisk"), ["sdb", "sda"])
+        # whole disks only: the kernel re-reads their emptied tables, after the wipe
+        self.assertEqual(self.names(runner, "blockdev"), ["sdb", "sda"])
+        self.assertEqual(self.names(runner, "sgdisk"), [])
         self.assertEqual([name for name in self.wiped if name.startswith("sda")],
                          ["sda2", "sda1", "sda"])
         self.assertEqual(sorted(self.wiped), ["sda", "sda1", "sda2", "sdb"])
@@ -312,7 +314,7 @@ class EraseMetadataFakeTests(SynchronousTestCase):
                       runner.argvs)
 
     def test_errors_collected_after_trying_everything(self) -> None:
-        runner = FakeRunner({("lsblk",): LSBLK, ("wipefs",): b"", ("sgdisk",): b"",
+        runner = FakeRunner({("lsblk",): LSBLK, ("wipefs",): b"", ("blockdev",): b"",
                              ("blkid",): Exit(2),
                              ("wipefs", "--force", "--all", f"{self.system.dev_path}/sdb"):
                              Exit(1, b"", b"wipefs: error: probing initialization failed")})
@@ -324,20 +326,43 @@ class EraseMetadataFakeTests(SynchronousTestCase):
         self.assertEqual(self.wiped, ["sda2", "sda1", "sda"])
         self.flushLoggedErrors()
 
-    def test_old_wipefs_and_no_sgdisk(self) -> None:
+    def test_old_wipefs(self) -> None:
         dev = self.system.dev_path
         runner = FakeRunner({("wipefs", "--force", "--all", f"{dev}/sdb"):
                              Exit(1, b"", b"wipefs: unrecognized option '--force'"),
-                             ("wipefs", "--all", f"{dev}/sdb"): b""}, missing=["sgdisk"])
+                             ("wipefs", "--all", f"{dev}/sdb"): b"", ("blockdev",): b""})
         context = HardwareContext(self.system.config(), runner, Clock(), None)
 
         async def wipe(device: str, reactor: Any) -> None:
             self.wiped.append(device)
+            self.assertEqual(len(runner.argvs), 2)      # before the re-read
         self.successResultOf(Deferred.fromCoroutine(
             disks.destroy_disk_metadata(context, f"{dev}/sdb", wipe=wipe)))
         self.assertEqual(runner.argvs, [("wipefs", "--force", "--all", f"{dev}/sdb"),
-                                        ("wipefs", "--all", f"{dev}/sdb")])
+                                        ("wipefs", "--all", f"{dev}/sdb"),
+                                        ("blockdev", "--rereadpt", f"{dev}/sdb")])
         self.assertEqual(self.wiped, [f"{dev}/sdb"])
+
+    def test_refused_reread_is_logged(self) -> None:
+        """Partitions in use: the kernel keeps its view; the metadata is destroyed anyway
+        (no sgdisk -Z, whose second-long sleeps before each re-read buy nothing more)."""
+        dev = self.system.dev_path
+        runner = FakeRunner({("wipefs",): b"", ("blockdev", "--rereadpt"): Exit(
+            1, b"", b"blockdev: ioctl error on BLKRRPART: Device or resource busy")})
+        context = HardwareContext(self.system.config(), runner, Clock(), None)
+
+        async def wipe(device: str, reactor: Any) -> None:
+            self.wiped.append(device)
+        with capturedLogs() as events:
+            self.successResultOf(Deferred.fromCoroutine(
+                disks.destroy_disk_metadata(context, f"{dev}/sda", wipe=wipe)))
+        self.assertEqual([argv[0] for argv in runner.argvs], ["wipefs", "blockdev"])
+        self.assertEqual(self.wiped, [f"{dev}/sda"])
+        self.assertTrue(any("Device or resource busy" in formatEvent(e) for e in events))
+        # a partition's table is not re-read
+        self.successResultOf(Deferred.fromCoroutine(
+            disks.destroy_disk_metadata(context, f"{dev}/sda1", whole_disk=False, wipe=wipe)))
+        self.assertEqual([argv[0] for argv in runner.argvs], ["wipefs", "blockdev", "wipefs"])
 
 
 class LoopTestCase(TestCase):

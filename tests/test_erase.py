@@ -226,7 +226,7 @@ class EraseTestCase(SynchronousTestCase):
             ("nvme", "format"): b"Success formatting namespace:1\n",
             ("shred",): (b"", b"shred: pass 1/2 (random)...\nshred: pass 2/2 (000000)...\n"),
             ("wipefs",): b"",
-            ("sgdisk", "-Z"): b"GPT data structures destroyed!\n",
+            ("blockdev", "--rereadpt"): b"",
             ("blkid", "-p"): Exit(2),               # nothing found on the disk itself
         }
         answers.update(extra or {})

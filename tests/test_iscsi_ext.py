@@ -193,7 +193,7 @@ class WipeTests(TestCase):
             f.write(b"\xff" * (4 * MiB))
         tgtd = FakeTgtd()
         runner = FakeRunner({("tgtd",): tgtd.start, SHOW: tgtd.show, ("tgtadm",): b"",
-                             ("wipefs",): b"", ("sgdisk",): b""})
+                             ("wipefs",): b"", ("blockdev",): b""})
         agent = Agent(AgentConfig(), reactor, runner,  # type: ignore[arg-type]
                       managers=HardwareManagers([(Disk(disk), 3)]), reactor=reactor,
                       extensions=default_extensions())
@@ -201,7 +201,7 @@ class WipeTests(TestCase):
                                              {"iqn": IQN, "wipe_disk_metadata": True})
         self.assertEqual(result.command_status.value, "SUCCEEDED", result.command_error)
         self.assertEqual(runner.argvs[:2], [("wipefs", "--force", "--all", disk),
-                                            ("sgdisk", "-Z", disk)])
+                                            ("blockdev", "--rereadpt", disk)])
         with open(disk, "rb") as f:
             self.assertEqual(f.read(512), bytes(512))
 

@@ -375,7 +375,7 @@ class DeleteTests(RaidTestCase):
         self.assertEqual(self.machine.arrays, {})
         self.assertEqual(self.machine.superblocks, {})
         self.assertEqual(md.list_md_devices(manager.context), [])
-        # the holders' partition tables are gone (wipefs, sgdisk -Z, both ends zeroed)
+        # the holders' partition tables are gone (wipefs, both ends zeroed, the table re-read)
         self.assertEqual(self.wiped, [self.dev("vda"), self.dev("vdb"), self.dev("vdc")])
         self.assertEqual(self.machine.parts[self.dev("vda")], [])
         # the stop comes before the members' superblocks are zeroed

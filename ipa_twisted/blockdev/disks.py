@@ -192,9 +192,13 @@ async def destroy_disk_metadata(context: HardwareContext, device: str, *,
                                 whole_disk: bool = True, wipe: Wiper | None = None) -> None:
     """Erase the signatures and partition tables of ``device``, not its data.
 
-    ``wipefs --force --all``; then, for a whole disk, ``sgdisk -Z`` (both GPT headers and
-    the protective MBR) when sgdisk is installed; then the first and last MiB are zeroed.
-    ProcessExecutionError or OSError on failure.
+    ``wipefs --force --all``; then the first and last MiB are zeroed (the MBR, both GPT
+    headers and tables, for 512-byte and 4 KiB sectors: what the reference's ``dd`` runs and
+    ``sgdisk -Z`` erase); then, for a whole disk, the kernel re-reads its (now empty)
+    partition table (``blockdev --rereadpt``; wipefs does not with ``--force``), so stale
+    partitions go. ``sgdisk -Z`` is not run: it erases nothing more than that, and each
+    sgdisk write sleeps a second before its own re-read. ProcessExecutionError or OSError
+    on failure; a re-read the kernel refuses (partitions in use) is only logged.
     """
     runner = context.runner
     log.info("Destroying the metadata of {device}", device=device)
@@ -205,13 +209,13 @@ async def destroy_disk_metadata(context: HardwareContext, device: str, *,
                 "utf-8", "replace"):
             raise
         await runner.execute("wipefs", "--all", device, timeout=_timeout(context))
-    if whole_disk:
-        if runner.which("sgdisk") is not None:
-            await runner.execute("sgdisk", "-Z", device, timeout=_timeout(context))
-        else:
-            log.info("sgdisk is not installed: zeroing the GPT areas of {device} only",
-                     device=device)
     await (wipe or wipe_partition_tables)(device, context.reactor)
+    if whole_disk:
+        try:
+            await runner.execute("blockdev", "--rereadpt", device, timeout=_timeout(context))
+        except ProcessExecutionError as e:
+            log.info("The kernel did not re-read the partition table of {device}: {error}",
+                     device=device, error=str(e))
     log.info("Metadata of {device} destroyed", device=device)
 
 

@@ -1,6 +1,6 @@
 """FakeMdMachine: a Linux machine with md support, as parted, mdadm, wipefs and sgdisk see it.
 
-``FakeMdMachine`` answers parted, mdadm, wipefs, sgdisk and lsblk (through ``answers()``, for
+``FakeMdMachine`` answers parted, mdadm, wipefs, sgdisk, blockdev and lsblk (``answers()``, for
 a ``FakeRunner``) like a machine whose kernel has md support would, in the output formats
 recorded in the project's ramdisk (``ramdisk_recordings``, which the QEMU test re-checks),
 keeping partition tables, superblocks and ``/proc/mdstat`` in a ``FakeSystem`` tree.
@@ -122,7 +122,8 @@ class FakeMdMachine:
         return {("lsblk", "-bia", "--json"): self.lsblk,
                 ("lsblk", "--fs", "--noheadings"): self.lsblk_fs,
                 ("parted",): self.parted, ("mdadm",): self.mdadm, ("wipefs",): self.wipefs,
-                ("sgdisk", "-Z"): self.sgdisk_zap, ("partprobe",): b"", ("udevadm",): b"",
+                ("sgdisk", "-Z"): self.sgdisk_zap, ("blockdev", "--rereadpt"): self.reread,
+                ("partprobe",): b"", ("udevadm",): b"",
                 ("sync",): b"", ("mkfs.vfat",): b"mkfs.fat 4.2 (2021-01-31)\n",
                 ("blkid", "-p"): Exit(2)}
 
@@ -278,6 +279,12 @@ class FakeMdMachine:
         """``wipefs``: a whole disk loses its partition table."""
         if argv[-1] in self.disks:
             self.tables[argv[-1]] = None
+        return b""
+
+    def reread(self, argv: tuple[str, ...]) -> bytes:
+        """``blockdev --rereadpt``: a disk without a table loses its partitions."""
+        if argv[-1] in self.disks and self.tables.get(argv[-1]) is None:
+            self.parts[argv[-1]] = []
         return b""
 
     def sgdisk_zap(self, argv: tuple[str, ...]) -> bytes:
