@@ -220,6 +220,23 @@ class LookupAndHeartbeatTests(TreeFixture):
         self.assertEqual(len(self.ironic.heartbeats), before + 1)
         self.successResultOf(tree.stopService())
 
+    def test_async_completion_beats_a_second_after_the_last_beat(self) -> None:
+        """A step that ends just after a beat is reported one second after that beat, not
+        the reference's five: Ironic starts the next step (or the next deploy stage) that
+        much sooner."""
+        tree = self.start()
+        self.pump(10)
+        done = CommandResult("deploy.execute_deploy_step", {}, True)
+        self.agent.async_finished.notify(done)
+        self.pump(0.5)
+        before = len(self.ironic.heartbeats)
+        last = self.ironic.heartbeats[-1].time
+        self.agent.async_finished.notify(done)     # half a second after that beat
+        self.pump(3)
+        self.assertEqual(len(self.ironic.heartbeats), before + 1)
+        self.assertLessEqual(self.ironic.heartbeats[-1].time - last, 1.0)
+        self.successResultOf(tree.stopService())
+
     def test_lookup_retried_until_ironic_knows_the_node(self) -> None:
         self.ironic.fail_lookups(5, 500)
         tree = self.start()
