@@ -177,9 +177,10 @@ def make_agents(fake_port: int, config_dir: str) -> tuple[Agent, Agent]:
     ours_conf = os.path.join(config_dir, "ours.conf")
     with open(ours_conf, "w") as f:
         f.write(f"[DEFAULT]\nagent_token = {TOKEN}\n")
+    # As the ramdisk starts it: twistd through our launcher, which skips twistd's search
+    # for service makers (ipa_twisted/startup/launch.py).
     ours = Agent("ours", [
-        sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-        "--pidfile=", "ipa", "--standalone", "--no-default-config-files",
+        sys.executable, "-m", "ipa_twisted.startup.launch", "-n", "--pidfile=", "ipa", "--standalone", "--no-default-config-files",
         "--config-file", ours_conf, "--cmdline-path", cmdline,
         "--listen", "127.0.0.1:{port}"], dict(os.environ, PYTHONPATH=ROOT))
     ref_conf = os.path.join(config_dir, "ref-{port}.conf")

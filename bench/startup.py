@@ -1,4 +1,6 @@
-"""Start-up time (process start → first 200 on GET /) and idle RSS of `twistd ipa`.
+"""Start-up time (process start → first 200 on GET /) and idle RSS of the agent, started as
+the ramdisk starts it (`python -m ipa_twisted.startup.launch -n ipa`: twistd without its
+search for service makers).
 
 Usage: .venv/bin/python bench/startup.py [--runs 5] [--idle 10]
 Prints the median of the runs. The agent runs standalone on 127.0.0.1.
@@ -41,8 +43,7 @@ def one_run(idle: float) -> tuple[float, float]:
         env = dict(os.environ, PYTHONPATH=ROOT)
         started = time.monotonic()
         child = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-             "--pidfile=", "ipa", "--standalone", "--no-default-config-files",
+            [sys.executable, "-m", "ipa_twisted.startup.launch", "-n", "--pidfile=", "ipa", "--standalone", "--no-default-config-files",
              "--cmdline-path", cmdline.name, "--listen", f"127.0.0.1:{port}"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
