@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
@@ -25,20 +25,20 @@ from ipa_twisted.blockdev.disks import destroy_disk_metadata
 from ipa_twisted.context import Deployment, HardwareContext
 from ipa_twisted.errors import BlockDeviceEraseError, CommandExecutionError, DeviceNotFound
 from ipa_twisted.hardware import root_device
-from ipa_twisted.hardware.generic.burnin import (BurnIn, burnin_clean_steps,
-                                                 burnin_service_steps)
 from ipa_twisted.hardware.generic.disk_listing import DiskListing, Listed, UdevLookup
-from ipa_twisted.hardware.generic.erase import DiskEraser, erase_clean_steps
-from ipa_twisted.hardware.generic import pstore, uefi_nvram
 from ipa_twisted.hardware.generic.protection import (guard_special_filesystems, log_protected,
                                                      protected_devices, protected_from_erasing)
 from ipa_twisted.hardware.generic.inventory import LldpReader, MachineInventory
-from ipa_twisted.hardware.generic.raid import SoftwareRaid, raid_clean_steps, raid_deploy_steps
 from ipa_twisted.hardware.interface import HardwareManager, HardwareSupport
 from ipa_twisted.hardware.inventory import (CPU, BlockDevice, BootInfo, Memory,
                                             NetworkInterface, SystemVendorInfo)
 from ipa_twisted.process import ProcessExecutionError
 from ipa_twisted.retry import GaveUp, fixed, retry
+
+if TYPE_CHECKING:  # built on first use (below): an agent waiting for Ironic never loads them
+    from ipa_twisted.hardware.generic.burnin import BurnIn
+    from ipa_twisted.hardware.generic.erase import DiskEraser
+    from ipa_twisted.hardware.generic.raid import SoftwareRaid
 
 log = Logger()
 
@@ -69,13 +69,35 @@ class GenericHardwareManager(HardwareManager):
 
     def bind(self, context: HardwareContext) -> None:
         """Bind the manager and its collaborators (inventory, disk listing, erase, software
-        RAID) to ``context``."""
+        RAID, burn-in) to ``context``; the last three are made when first used, so that
+        their modules load only when a step needs them (the agent's idle memory)."""
         super().bind(context)
         self._inventory = MachineInventory(context, lldp=self._lldp)
         self._disks = DiskListing(context, udev=self._udev)
-        self._eraser = DiskEraser(context, self, erase_metadata=self.erase_devices_metadata)
-        self._software_raid = SoftwareRaid(context, self, wipe=self._wipe)
-        self._burnin = BurnIn(context, self)
+        self._made: dict[str, Any] = {}
+
+    def _collaborator(self, name: str, make: Callable[[], Any]) -> Any:
+        """The collaborator ``name`` for the bound context, made by ``make`` the first time."""
+        if name not in self._made:
+            self._made[name] = make()
+        return self._made[name]
+
+    @property
+    def _eraser(self) -> DiskEraser:
+        from ipa_twisted.hardware.generic.erase import DiskEraser
+        return self._collaborator("erase", lambda: DiskEraser(
+            self.context, self, erase_metadata=self.erase_devices_metadata))
+
+    @property
+    def _software_raid(self) -> SoftwareRaid:
+        from ipa_twisted.hardware.generic.raid import SoftwareRaid
+        return self._collaborator("raid", lambda: SoftwareRaid(self.context, self,
+                                                               wipe=self._wipe))
+
+    @property
+    def _burnin(self) -> BurnIn:
+        from ipa_twisted.hardware.generic.burnin import BurnIn
+        return self._collaborator("burnin", lambda: BurnIn(self.context, self))
 
     # -- inventory (ipa_twisted.hardware.generic.inventory) ----------------------------------
     async def get_cpus(self) -> CPU:
@@ -126,11 +148,13 @@ class GenericHardwareManager(HardwareManager):
     # -- firmware records (ipa_twisted.hardware.generic.pstore, .uefi_nvram) ----------------
     async def erase_pstore(self, node: Any, ports: Any) -> None:
         """The ``erase_pstore`` clean step (``pstore.erase_pstore``)."""
+        from ipa_twisted.hardware.generic import pstore
         await pstore.erase_pstore(self.context)
 
     async def clean_uefi_nvram(self, node: Any, ports: Any,
                                match_patterns: Any = None) -> None:
         """The ``clean_uefi_nvram`` clean and deploy step (``uefi_nvram``)."""
+        from ipa_twisted.hardware.generic import uefi_nvram
         await uefi_nvram.clean_uefi_nvram(self.context, match_patterns)
 
     # -- software RAID (ipa_twisted.hardware.generic.raid) -----------------------------------
@@ -418,6 +442,10 @@ class GenericHardwareManager(HardwareManager):
 
     # -- steps -------------------------------------------------------------------------------
     def get_clean_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
+        from ipa_twisted.hardware.generic import pstore, uefi_nvram
+        from ipa_twisted.hardware.generic.burnin import burnin_clean_steps
+        from ipa_twisted.hardware.generic.erase import erase_clean_steps
+        from ipa_twisted.hardware.generic.raid import raid_clean_steps
         return [{"step": "erase_devices_metadata", "priority": 99, "interface": "deploy",
                  "reboot_requested": False, "abortable": True},
                 *erase_clean_steps(), dict(pstore.ERASE_PSTORE_STEP),
@@ -426,6 +454,8 @@ class GenericHardwareManager(HardwareManager):
 
     def get_deploy_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
         from ipa_twisted.deploy import inject   # the deploy code loads when first needed
+        from ipa_twisted.hardware.generic import uefi_nvram
+        from ipa_twisted.hardware.generic.raid import raid_deploy_steps
         return [
             {"step": "write_image", "priority": 0, "interface": "deploy",
              "reboot_requested": False,
@@ -450,6 +480,8 @@ class GenericHardwareManager(HardwareManager):
         would destroy the instance.
         """
         from ipa_twisted.deploy import inject
+        from ipa_twisted.hardware.generic.burnin import burnin_service_steps
+        from ipa_twisted.hardware.generic.raid import raid_clean_steps, raid_deploy_steps
         raid = {step["step"]: step for step in (*raid_clean_steps(), *raid_deploy_steps())}
         write_image = next(step for step in self.get_deploy_steps(node, ports)
                            if step["step"] == "write_image")
