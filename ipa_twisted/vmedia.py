@@ -99,13 +99,17 @@ def _read_parameters(directory: str) -> dict[str, str]:
 
 
 async def read_vmedia_params(runner: CommandRunner, config: AgentConfig) -> dict[str, str]:
-    """Every ``key=value`` of the virtual media's ``parameters.txt``.
+    """Every ``key=value`` of the virtual media's ``parameters.txt``; ``{}`` when there is
+    no such device (as the reference: Ironic's Redfish virtual media passes everything on
+    the boot ISO's kernel command line, with ``boot_method=vmedia`` and no floppy).
 
-    VirtualMediaBootError when the device cannot be found or mounted, or the file read.
+    VirtualMediaBootError when the device cannot be mounted or the file read.
     """
     device = await find_vmedia_device(runner, config)
     if device is None:
-        raise VirtualMediaBootError("Unable to find virtual media device")
+        log.info("No virtual media parameters device ({labels}): the kernel command line "
+                 "holds the parameters", labels=", ".join(VMEDIA_LABELS))
+        return {}
     directory = tempfile.mkdtemp(prefix="ipa-vmedia-")
     try:
         await runner.execute("mount", "-o", "ro", device, directory, timeout=VMEDIA_TIMEOUT)

@@ -88,10 +88,12 @@ class VmediaTests(SynchronousTestCase):
                        self.mounted[0]), self.runner.argvs)
 
     def test_not_found(self) -> None:
-        failure = self.failureResultOf(Deferred.fromCoroutine(
-            read_vmedia_params(self.runner, self.config)),
-            VirtualMediaBootError)
-        self.assertIn("Unable to find virtual media device", str(failure.value))
+        """Booted from Redfish virtual media (an ISO, no parameters floppy): nothing to
+        read, start-up goes on with the kernel command line."""
+        result = self.successResultOf(Deferred.fromCoroutine(
+            read_vmedia_params(self.runner, self.config)))
+        self.assertEqual(result, {})
+        self.assertEqual([argv[0] for argv in self.runner.argvs], ["blkid", "blkid"])
 
     def test_mount_fails(self) -> None:
         self.fake.symlink("dev/disk/by-label/ir-vfd-dev", "../../sdb")
