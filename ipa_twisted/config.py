@@ -56,10 +56,6 @@ def _opt(default: Any, help: str, *, section: str = "DEFAULT", name: str | None 
         "kernel_aliases": kernel_aliases, "ignored": ignored})
 
 
-_NO_CONTAINERS = ("this agent has no container steps (the reference's container hardware "
-                  "manager); Ironic's agent_containers is recorded and runs nothing")
-
-
 @dataclass(frozen=True)
 class AgentConfig:
     """Every option the agent reads, with the reference agent's names and defaults."""
@@ -208,26 +204,29 @@ class AgentConfig:
                                            "cluster filesystem (VMFS, GFS2, OCFS2, ...).",
                                            name="guard-special-filesystems")
     # -- Containers ([container]; Ironic's agent_containers overrides) ----------------------
-    # Accepted (and taken from lookup) so configurations and Ironic's answer are read
-    # without complaint, but no step runs containers yet.
+    # Read by the container steps (hardware/container_manager.py) when a step is listed or
+    # runs, so lookup's values apply.
     container_allow_arbitrary_containers: bool = _opt(
         False, "Run any container image, not only allowed_containers.", section="container",
-        name="allow_arbitrary_containers", ignored=_NO_CONTAINERS)
+        name="allow_arbitrary_containers")
     container_allowed_containers: tuple[str, ...] = _opt(
-        (), "Container images that container steps may run.", section="container",
-        name="allowed_containers", list=True, ignored=_NO_CONTAINERS)
+        (), "Container images that a step's arguments may name (a docker:// or oci:// "
+        "prefix is ignored); steps of container_steps_file need not be listed.",
+        section="container",
+        name="allowed_containers", list=True)
     container_container_steps_file: str = _opt(
-        "/etc/ironic-python-agent.d/mysteps.yaml", "YAML file of container steps.",
-        section="container", name="container_steps_file", ignored=_NO_CONTAINERS)
-    container_runner: str = _opt("podman", "Container runner.", section="container",
-                                 name="runner", choices=("podman", "docker"),
-                                 ignored=_NO_CONTAINERS)
+        "/etc/ironic-python-agent.d/mysteps.yaml", "YAML (or JSON) file of container "
+        "steps; a missing file means none.",
+        section="container", name="container_steps_file")
+    container_runner: str = _opt("podman", "Container runtime that pulls and runs the "
+                                 "container steps' images.", section="container",
+                                 name="runner", choices=("podman", "docker"))
     container_pull_options: tuple[str, ...] = _opt(
         (), "Options (comma-separated) for the runner's pull.", section="container",
-        name="pull_options", list=True, ignored=_NO_CONTAINERS)
+        name="pull_options", list=True)
     container_run_options: tuple[str, ...] = _opt(
         ("--rm", "--network=host"), "Options (comma-separated) for the runner's run.",
-        section="container", name="run_options", list=True, ignored=_NO_CONTAINERS)
+        section="container", name="run_options", list=True)
     # -- Disks ([disk_utils], [disk_partitioner]) --------------------------------------------
     efi_system_partition_size: int = _opt(550, "MiB of the EFI system partition made for "
                                           "partition images on UEFI.", minimum=1,

@@ -73,6 +73,17 @@ class CommandExecutionError(RESTError):
     message = "Command execution failed"
 
 
+class ContainerNotPermittedError(CommandExecutionError):
+    """A container step named an image that ``[container] allowed_containers`` lacks."""
+
+    message = "Container image not permitted"
+
+    def __init__(self, container_url: str) -> None:
+        super().__init__(f"Container image {container_url} is not in [container]"
+                         "allowed_containers and [container]allow_arbitrary_containers is "
+                         "not enabled.")
+
+
 class AgentIsBusy(CommandExecutionError):
     """Another asynchronous command is still running."""
 
@@ -182,6 +193,12 @@ class HardwareManagerMethodNotFound(RESTError):
 
     def __init__(self, method: str) -> None:
         super().__init__(f"Could not find method: {method}")
+
+
+class HardwareManagerConfigurationError(RESTError):
+    """A hardware manager's configuration (e.g. the container steps file) is unusable."""
+
+    message = "Hardware manager configuration error"
 
 
 class IncompatibleHardwareMethodError(RESTError):

@@ -59,6 +59,18 @@ def descendants(pid: int, proc_path: str = "/proc") -> list[int]:
     return found
 
 
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+                   "NO_PROXY")
+
+
+def proxy_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The proxy variables of the agent's environment (``os.environ`` by default), to pass
+    as ``env`` to a program that fetches (a container runtime): children of the runner get
+    a minimal environment."""
+    environ = os.environ if environ is None else environ
+    return {name: environ[name] for name in PROXY_VARIABLES if environ.get(name)}
+
+
 def _tail(data: bytes) -> str:
     text = data.decode("utf-8", "replace")
     return text if len(text) <= _MAX_ERROR_OUTPUT else "..." + text[-_MAX_ERROR_OUTPUT:]

@@ -19,6 +19,7 @@ themselves. Keep the dropin's imports light: twistd imports dropins when it rebu
 plugin cache.
 """
 
+from ipa_twisted.hardware.container_manager import ContainerHardwareManager
 from ipa_twisted.hardware.generic.manager import GenericHardwareManager
 from ipa_twisted.hardware.vendors.intel_cna import IntelCnaHardwareManager
 from ipa_twisted.hardware.vendors.mellanox import MellanoxDeviceHardwareManager
@@ -26,3 +27,4 @@ from ipa_twisted.hardware.vendors.mellanox import MellanoxDeviceHardwareManager
 generic_hardware_manager = GenericHardwareManager()
 mellanox_hardware_manager = MellanoxDeviceHardwareManager()
 intel_cna_hardware_manager = IntelCnaHardwareManager()
+container_hardware_manager = ContainerHardwareManager()
