@@ -23,7 +23,7 @@ from ipa_twisted.extensions import default_extensions
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.process import ProcessRunner
 from ipa_twisted.startup.config import ConfigResolution
-from ipa_twisted.startup.hardware import ClockSync, HardwareLoading
+from ipa_twisted.startup.hardware import ClockSync, HardwareLoading, settle_then_load
 from ipa_twisted.startup.inspection import InspectionService
 from ipa_twisted.startup.lockdown import LockdownService
 from ipa_twisted.startup.tree import AgentTree, ProgramsService
@@ -142,7 +142,7 @@ def make_tree(options: Options, reactor: Any, *, runner: ProcessRunner | None = 
     http_client = http_client or _http_clients(reactor, lambda: agent.config)
     agent = Agent(config, reactor, runner, reactor=reactor, http_client=http_client,
                   extensions=default_extensions())
-    load = load_managers or HardwareManagers.load
+    load = load_managers or settle_then_load
 
     def fatal(failure: object) -> None:      # a half-started agent serves no one
         reactor.stop()

@@ -25,13 +25,13 @@ from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.hardware.inventory import NetworkInterface
 from ipa_twisted.process import ProcessExecutionError, ProcessRunner
 from ipa_twisted.startup.config import ConfigResolution
-from ipa_twisted.startup.hardware import ClockSync
+from ipa_twisted.startup.hardware import ClockSync, settle_then_load
 from ipa_twisted.startup.heartbeat import AdvertiseService
 from ipa_twisted.startup.lookup import LOOKUP_RETRY_PAUSE, LookupService
 from ipa_twisted.tap import Options, check_startup_config, make_tree
 from ipa_twisted.testing.fake_inspector import FakeInspectionReceiver
 from ipa_twisted.testing.fake_ironic import FakeIronic
-from ipa_twisted.testing.fake_process import FakeRunner
+from ipa_twisted.testing.fake_process import Exit, FakeRunner
 from ipa_twisted.when import When
 from tests.test_process import FakeProcessReactor
 
@@ -392,3 +392,29 @@ class DeferredTypeTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(second), 3)
         self.assertEqual(self.successResultOf(event.wait()), 3)
         self.assertIsInstance(second, Deferred)
+
+
+class SettleThenLoadTests(SynchronousTestCase):
+    """The agent's own start-up loads the managers once udev has settled (the ramdisk's init
+    no longer waits for udev before starting it)."""
+
+    def load(self, runner: FakeRunner) -> list[str]:
+        seen: list[str] = []
+
+        async def found(cls: type, context: HardwareContext) -> HardwareManagers:
+            seen.append(f"managers after {[' '.join(argv) for argv in runner.argvs]}")
+            return HardwareManagers([(Interfaces(), 1)])
+        self.patch(HardwareManagers, "load", classmethod(found))
+        context = HardwareContext(AgentConfig(), runner, MemoryReactorClock(), None)
+        managers = self.successResultOf(Deferred.fromCoroutine(settle_then_load(context)))
+        self.assertEqual(managers.get_current_versions(), {"fake": "1"})
+        return seen
+
+    def test_udev_settles_first(self) -> None:
+        runner = FakeRunner({("udevadm", "settle"): b""})
+        self.assertEqual(self.load(runner), ["managers after ['udevadm settle']"])
+
+    def test_managers_load_without_udev_or_when_it_fails(self) -> None:
+        self.assertEqual(self.load(FakeRunner(missing=["udevadm"])), ["managers after []"])
+        self.assertEqual(self.load(FakeRunner({("udevadm", "settle"): Exit(1)})),
+                         ["managers after ['udevadm settle']"])

@@ -5,7 +5,8 @@ agent's order::
 
     API listener        listens at once; commands that need the managers wait for them
     ConfigResolution    virtual media parameters, then mDNS           -> "config resolved"
-    HardwareLoading     hardware_initialization_delay, the managers   -> "managers loaded"
+    HardwareLoading     hardware_initialization_delay, udev settled, the managers
+                                                                      -> "managers loaded"
     ClockSync           NTP, when ntp_server is set                   -> "clock set"
     InspectionService   where inspection_callback_url is set          -> "inspected"
     LookupService       unless standalone                             -> "node known"

@@ -11,9 +11,20 @@ from twisted.python.failure import Failure
 
 from ipa_twisted.agent import Agent
 from ipa_twisted.clock_sync import sync_clock
+from ipa_twisted.context import HardwareContext
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.startup.tree import Stage
 from ipa_twisted.when import When
+
+
+async def settle_then_load(context: HardwareContext) -> HardwareManagers:
+    """The hardware managers, found and ranked once udev has handled the devices it knows
+    of (``udevadm settle``, when udev is there): disks' serial numbers, WWNs and by-path
+    links come from udev, and the ramdisk's init starts the agent without waiting for it,
+    so that the API answers sooner."""
+    from ipa_twisted.blockdev.disks import udev_settle
+    await udev_settle(context)
+    return await HardwareManagers.load(context)
 
 
 class HardwareLoading(Stage[HardwareManagers]):
