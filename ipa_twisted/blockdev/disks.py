@@ -29,6 +29,7 @@ from typing import Any
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
 
+from ipa_twisted.blockdev.gpt import Relocation, relocate_backup
 from ipa_twisted.blockdev.writer import wipe_partition_tables
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.errors import CommandExecutionError, InstanceDeployFailure
@@ -533,8 +534,22 @@ async def get_disk_identifier(context: HardwareContext, device: str) -> str:
 async def fix_gpt_partition(context: HardwareContext, device: str) -> None:
     """Move the backup GPT to the end of the disk (after a smaller image was written).
 
-    Nothing to do on a disk without GPT. InstanceDeployFailure on failure.
+    The GPT is read and, when its backup is elsewhere, rewritten in a thread
+    (``gpt.relocate_backup``: what ``sgdisk -e`` writes, without its second-long sleep);
+    one it leaves alone (none, damaged, hybrid MBR, larger than the disk) goes to
+    ``sgdisk -v`` and, when that finds the backup misplaced, ``sgdisk -e``. Nothing to do on
+    a disk without GPT. InstanceDeployFailure on failure.
     """
+    try:
+        found = await deferToThreadPool(context.reactor, context.reactor.getThreadPool(),
+                                        relocate_backup, device)
+    except OSError as e:
+        raise InstanceDeployFailure(
+            f"Failed to fix GPT data structures on disk {device}. Error: {e}") from e
+    if found is Relocation.MOVED:
+        log.info("Moved the backup GPT of {device} to the end of the disk", device=device)
+    if found is not Relocation.UNHANDLED:
+        return
     try:
         if (await read_layout(context, device)).table != "gpt":
             return
