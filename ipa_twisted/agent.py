@@ -290,7 +290,7 @@ class Agent:
             raise errors.AgentIsBusy(running.command_name)
         if spec.is_async and self._sync_in_flight:
             raise errors.AgentIsBusy(self._sync_in_flight[-1].command_name)
-        result = CommandResult(spec.name, params, spec.is_async)
+        result = CommandResult(spec.name, params, spec.is_async, spec.answer_within)
         self.results.add(result)
         self.log.info("Executing command {command}", command=full_name)
         if spec.is_async:

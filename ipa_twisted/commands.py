@@ -39,13 +39,15 @@ class CommandSpec:
     is_async: bool
     validator: Callable[..., None] | None
     attribute: str
+    answer_within: float = 0.0
+    """Async only: how long (s) the HTTP answer may wait for the command to end."""
 
 
-def _mark(name: str | None, is_async: bool,
-          validator: Callable[..., None] | None) -> Callable[[F], F]:
+def _mark(name: str | None, is_async: bool, validator: Callable[..., None] | None,
+          answer_within: float = 0.0) -> Callable[[F], F]:
     def decorate(method: F) -> F:
         method._ipa_command = CommandSpec(  # type: ignore[attr-defined]
-            name or method.__name__, is_async, validator, method.__name__)
+            name or method.__name__, is_async, validator, method.__name__, answer_within)
         return method
     return decorate
 
@@ -60,13 +62,16 @@ def sync_command(name: str | None = None,
 
 
 def async_command(name: str | None = None,
-                  validator: Callable[..., None] | None = None) -> Callable[[F], F]:
+                  validator: Callable[..., None] | None = None,
+                  answer_within: float = 0.0) -> Callable[[F], F]:
     """Expose a method as a command that runs in the background.
 
     The HTTP answer says RUNNING at once (unless ``?wait=true``); completion forces a
-    heartbeat so Ironic learns of it quickly.
+    heartbeat so Ironic learns of it quickly. With ``answer_within`` the answer waits up to
+    that many seconds for the end, for a command Ironic polls right after its answer and,
+    finding it RUNNING, only every ``[agent]command_wait_interval`` (6 s) after that.
     """
-    return _mark(name, True, validator)
+    return _mark(name, True, validator, answer_within)
 
 
 # -- parameter validation from annotations ----------------------------------------------------
@@ -140,11 +145,13 @@ class CommandResult:
     """
 
     def __init__(self, command_name: str, command_params: dict[str, Any],
-                 is_async: bool) -> None:
+                 is_async: bool, answer_within: float = 0.0) -> None:
         self.id = str(uuid.uuid4())
         self.command_name = command_name
         self.command_params = command_params
         self.is_async = is_async
+        self.answer_within = answer_within
+        """How long the HTTP answer may wait for an async command's end (its spec's)."""
         self.command_status = CommandStatus.RUNNING
         self.command_error: errors.RESTError | None = None
         self.command_result: Any = None

@@ -47,6 +47,10 @@ class ProbeExtension(Extension):
     async def slow(self, value: dict[str, Any] | None = None) -> Any:
         return await type(self).gate
 
+    @async_command("polled", answer_within=20)
+    async def polled(self) -> Any:
+        return await type(self).gate
+
     @async_command("mismatch")
     def mismatch(self) -> None:
         raise errors.VersionMismatch({"a": "1"}, {"a": "2"})
@@ -227,6 +231,40 @@ class CommandTests(APITestCase):
         self.treq.flush()
         got = self.successResultOf(self.successResultOf(waiting).json())
         self.assertEqual(got["command_status"], "SUCCEEDED")
+
+    def post(self, name: str) -> Any:
+        return self.treq.post("http://agent:9999/v1/commands/",
+                              params={"agent_token": TOKEN},
+                              data=json.dumps({"name": name, "params": {}}))
+
+    def test_polled_command_answers_when_done(self) -> None:
+        """An async command Ironic polls right after the answer (answer_within): the
+        answer waits for its end, so that first poll finds it finished."""
+        waiting = self.post("probe.polled")
+        self.clock.advance(19)
+        self.assertNoResult(waiting)
+        _, listing = self.request("GET", "/v1/commands/")   # listed (and busy) meanwhile
+        self.assertEqual([c["command_status"] for c in listing["commands"]], ["RUNNING"])
+        ProbeExtension.gate.callback("done")
+        self.treq.flush()
+        got = self.successResultOf(self.successResultOf(waiting).json())
+        self.assertEqual((got["command_status"], got["command_result"]),
+                         ("SUCCEEDED", {"result": "polled: done"}))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_polled_command_answers_running_after_its_bound(self) -> None:
+        waiting = self.post("probe.polled")
+        self.clock.advance(20)
+        self.treq.flush()
+        got = self.successResultOf(self.successResultOf(waiting).json())
+        self.assertEqual(got["command_status"], "RUNNING")
+        ProbeExtension.gate.callback("done")                # it ran on meanwhile
+        _, again = self.request("GET", f"/v1/commands/{got['id']}")
+        self.assertEqual(again["command_status"], "SUCCEEDED")
+
+    def test_other_async_commands_answer_at_once(self) -> None:
+        got = self.successResultOf(self.successResultOf(self.post("probe.slow")).json())
+        self.assertEqual(got["command_status"], "RUNNING")
 
     def test_version_mismatch_status(self) -> None:
         _, body = self.run_cmd("probe.mismatch")

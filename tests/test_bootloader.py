@@ -19,6 +19,7 @@ import shutil
 import sys
 from typing import Any
 
+from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -27,6 +28,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipa_twisted import errors
 from ipa_twisted.agent import Agent
+from ipa_twisted.api.app import AgentAPI
 from ipa_twisted.commands import CommandResult
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.extensions import default_extensions
@@ -473,6 +475,27 @@ class UefiTests(BootloaderTestCase):
             ("mount", f"{self.dev}/sda1", esp), ("efibootmgr", "-v"),
             ("efibootmgr", "-v", "-c", "-d", self.device, "-p", "1", "-w", "-L", "ubuntu",
              "-l", "\\EFI\\ubuntu\\shimx64.efi"), ("umount", esp)])
+
+    def test_answer_waits_for_the_end(self) -> None:
+        """Loaders to register: Ironic's POST is answered once they are (not RUNNING at
+        once), so its first poll finds the command finished."""
+        self.uefi_layout()
+        self.filesystems.contents[f"{self.dev}/sda1"] = {"EFI/BOOT/BOOTX64.EFI": b"MZ"}
+        self.runner.hold = True
+        agent = self.agent("uefi", config=self.fake.config(agent_token="t" * 40))
+        treq = StubTreq(AgentAPI(agent).app.resource())
+        answer = treq.post("http://agent/v1/commands/", params={"agent_token": "t" * 40},
+                           data=json.dumps({"name": "image.install_bootloader",
+                                            "params": {"root_uuid": None}}))
+        self.assertNoResult(answer)
+        self.assertGreater(self.runner.pending, 0)
+        for _ in range(50):
+            self.runner.release()
+            self.clock.advance(0.1)
+            treq.flush()
+        got = self.successResultOf(self.successResultOf(answer).json())
+        self.assertEqual(got["command_status"], "SUCCEEDED", got)
+        self.assertIn("efibootmgr", [argv[0] for argv in self.runner.argvs])
 
     def test_no_efi_partition(self) -> None:
         self.bios_layout()

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from klein import Klein
+from twisted.internet import defer
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -159,6 +160,13 @@ class AgentAPI:
         result = await self.agent.execute_command(parsed["name"], parsed["params"])
         if _wants_wait(request):
             await result.wait()
+        elif result.answer_within > 0 and not result.is_done():
+            ended = result.wait()
+            ended.addTimeout(result.answer_within, self.agent.clock)
+            try:
+                await ended        # still RUNNING after that: answered as such
+            except defer.TimeoutError:
+                pass
         return self._json(request, result)
 
     def _read_body(self, request: IRequest) -> bytes:

@@ -9,7 +9,8 @@ when the configuration has one, else False). A partition image's BIOS boot loade
 without it the command fails before any disk is looked at (``bios_install_permitted``).
 A whole-disk image on a machine where no EFI boot entry can be made has nothing to install
 (``nothing_to_install``): the command ends without asking for the install device, so its
-first answer already says it has finished, as Ironic's first poll of it expects.
+first answer already says it has finished, as Ironic's first poll of it expects. Otherwise
+the answer waits for the end, up to ``ANSWER_WITHIN`` seconds, for the same reason.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from ipa_twisted.commands import async_command
 from ipa_twisted.extensions.base import Extension
 
 BOOT_MODES = ("bios", "uefi")
+ANSWER_WITHIN = 20.0
+"""How long (s) the answer to ``install_bootloader`` waits for its end: Ironic polls it right
+after the answer and, finding it still running, looks again only after
+``[agent]command_wait_interval`` (6 s by default)."""
 
 
 def _validate(extension: Extension, root_uuid: Any = None, efi_system_part_uuid: Any = None,
@@ -42,7 +47,7 @@ class ImageExtension(Extension):
 
     name = "image"
 
-    @async_command("install_bootloader", validator=_validate)
+    @async_command("install_bootloader", validator=_validate, answer_within=ANSWER_WITHIN)
     async def install_bootloader(self, root_uuid: str | None,
                                  efi_system_part_uuid: str | None = None,
                                  prep_boot_part_uuid: str | None = None,
