@@ -182,8 +182,8 @@ class AgentConfig:
         False, "Always rebuild the config drive as a FAT for the disk's sector size (it is "
         "rebuilt anyway when the disk's sectors are too large for it, e.g. 4K).")
     disable_bootc_deploy: bool = _opt(
-        False, "Disable the bootc deploy method.",
-        ignored="this agent has no bootc deploy method")
+        False, "Refuse the execute_bootc_install deploy step (the bootc that would write "
+        "the disk comes from the deployed image).")
     image_server_auth_strategy: str = _opt("noauth", "Authentication against image "
                                            "servers: noauth or http_basic (image_info's "
                                            "value wins).", choices=("noauth", "http_basic"))

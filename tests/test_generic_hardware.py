@@ -304,13 +304,15 @@ class ManagerBasicsTests(GenericTestCase):
                           for s in manager.get_deploy_steps({}, [])],
                          [("write_image", 0, "deploy"), ("erase_devices_metadata", 0, "deploy"),
                           ("clean_uefi_nvram", 0, "deploy"),
-                          ("inject_files", 0, "deploy"), ("apply_configuration", 0, "raid")])
+                          ("inject_files", 0, "deploy"), ("apply_configuration", 0, "raid"),
+                          ("execute_bootc_install", 0, "deploy")])
         service = manager.get_service_steps({}, [])
         self.assertEqual([(s["step"], s["priority"], s["interface"]) for s in service],
                          [("delete_configuration", 0, "raid"),
                           ("apply_configuration", 0, "raid"),
                           ("create_configuration", 0, "raid"),
                           ("write_image", 0, "deploy"), ("inject_files", 0, "deploy"),
+                          ("execute_bootc_install", 0, "deploy"),
                           *[(name, 0, "deploy") for name in BURNIN if name != "burnin_disk"]])
         by_name = {s["step"]: s for s in service}
         # Ironic refuses a service step's arguments that its argsinfo does not list.

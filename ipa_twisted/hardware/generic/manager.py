@@ -3,7 +3,7 @@ and full sync, and delegation of the rest to its collaborators, each given the c
 ``inventory`` (CPU, memory, network, BMC, system), ``disk_listing`` (lsblk, udev, sysfs:
 what the install device, erasing and software RAID share), ``erase`` (disk erase steps),
 ``raid`` (software RAID), ``burnin`` (the burn-in steps), ``ipa_twisted.deploy``
-(write_image, inject_files).
+(write_image, inject_files, execute_bootc_install).
 
 Every path is under the configured roots (``sys_path``, ``proc_path``, ``dev_path``) and
 every program runs through the context's runner, so tests use fake trees and recorded
@@ -43,6 +43,13 @@ if TYPE_CHECKING:  # built on first use (below): an agent waiting for Ironic nev
 log = Logger()
 
 
+EXECUTE_BOOTC_INSTALL_STEP: dict[str, Any] = {
+    "step": "execute_bootc_install", "priority": 0, "interface": "deploy",
+    "reboot_requested": False}
+"""Called by Ironic's bootc deploy interface with ``image_source``, ``configdrive`` and
+``oci_pull_secret`` (no ``argsinfo``, as in the reference)."""
+
+
 class GenericHardwareManager(HardwareManager):
     """Inventory and (later) steps for any Linux machine; the fallback for every method."""
 
@@ -54,10 +61,13 @@ class GenericHardwareManager(HardwareManager):
     def __init__(self, udev: UdevLookup | None = None,
                  wipe: Callable[[str, Any], Awaitable[object]] | None = None,
                  writer: Callable[[Mapping[str, Any], str], Awaitable[object]] | None = None,
-                 lldp: LldpReader | None = None) -> None:
+                 lldp: LldpReader | None = None,
+                 containers_conf_dir: str | None = None) -> None:
         """For tests: ``udev`` replaces the pyudev lookup of block device properties,
         ``wipe`` the zeroing of a device's first and last MiB, ``writer`` the image
-        pipeline (``writer(image_info, device)``), ``lldp`` the capture of LLDP frames."""
+        pipeline (``writer(image_info, device)``), ``lldp`` the capture of LLDP frames,
+        ``containers_conf_dir`` podman's drop-in directory (``execute_bootc_install``)."""
+        self._containers_conf_dir = containers_conf_dir
         self._udev = udev
         self._wipe = wipe
         self._writer = writer
@@ -404,6 +414,29 @@ class GenericHardwareManager(HardwareManager):
                                           node=node, write=self._writer, wipe=self._wipe)
         return Deployment(image_id=image_info.get("id"), device=device, partition_uuids=uuids)
 
+    async def execute_bootc_install(self, node: Any, ports: Any, image_source: Any = None,
+                                    configdrive: Any = None,
+                                    oci_pull_secret: Any = None) -> str:
+        """The ``deploy.execute_bootc_install`` step of Ironic's bootc deploy interface:
+        the container image ``image_source`` installs itself with its bootc on the install
+        disk (``ipa_twisted.deploy.bootc``). Refused (CommandExecutionError) before
+        anything runs when ``disable_bootc_deploy`` is set."""
+        if self.context.config.disable_bootc_deploy:
+            self.log.error("A bootc based deployment was requested for {image}, however "
+                           "bootc based deployment is disabled (disable_bootc_deploy)",
+                           image=image_source)
+            raise CommandExecutionError("The bootc deploy interface is administratively "
+                                        "disabled (disable_bootc_deploy). Deployment "
+                                        "cannot proceed.")
+        from ipa_twisted.deploy.bootc import CONTAINERS_CONF_DIR, BootcInstaller
+        node = node if node else self._node
+        device = await self.get_os_install_device(permit_refresh=True, node=node)
+        installer = BootcInstaller(self.context, containers_conf_dir=(
+            self._containers_conf_dir or CONTAINERS_CONF_DIR))
+        return await installer.install(device, image_source, pull_secret=oci_pull_secret,
+                                       instance_info=(node or {}).get("instance_info"),
+                                       configdrive=configdrive)
+
     # -- buffers ---------------------------------------------------------------------------
     async def full_sync(self) -> None:
         """Flush everything to the disks before the machine is powered off from outside:
@@ -469,6 +502,7 @@ class GenericHardwareManager(HardwareManager):
             uefi_nvram.clean_uefi_nvram_step(abortable=False),
             {**inject.INJECT_FILES_STEP, "priority": self.context.config.inject_files_priority},
             *raid_deploy_steps(),
+            dict(EXECUTE_BOOTC_INSTALL_STEP),
         ]
 
     def get_service_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
@@ -486,7 +520,8 @@ class GenericHardwareManager(HardwareManager):
         write_image = next(step for step in self.get_deploy_steps(node, ports)
                            if step["step"] == "write_image")
         steps = [raid["delete_configuration"], raid["apply_configuration"],
-                 raid["create_configuration"], write_image, dict(inject.INJECT_FILES_STEP)]
+                 raid["create_configuration"], write_image, dict(inject.INJECT_FILES_STEP),
+                 EXECUTE_BOOTC_INSTALL_STEP]
         return [{**step, "priority": 0} for step in (*steps, *burnin_service_steps())]
 
 
