@@ -17,6 +17,8 @@ partition (file system UUID ``ROOTFS_UUID``, label ``ROOTFS_LABEL``) holding
   ``CONFIGDRIVE_MARKER`` followed by the ``uuid`` of ``openstack/latest/meta_data.json``
   (or ``CONFIGDRIVE_MISSING``) and powers the machine off. The root file system is never
   mounted: GRUB reads the kernel and the initramfs from it;
+- mdadm (unpacked, not registered with dpkg), which ``grub-install`` asks for the name
+  of an md array;
 - ``/boot/grub/grub.cfg`` booting that kernel with ``console=ttyS0``, and
   ``/etc/default/grub`` saying the same to ``grub-mkconfig``.
 
@@ -395,6 +397,12 @@ async def build_bootable_image(cache_dir: str | None = None, runner: Any = None)
             '| cpio --null -o -H newc --quiet | gzip -6 > "$2"',
             "sh", initramfs, initrd, timeout=BUILD_TIMEOUT)
         await deferToThread(_stage_root, work, kver)
+        # grub-install names a partition of an md device by the array's UUID, which it
+        # asks mdadm for: an image for software RAID carries mdadm, as real ones do.
+        # (the root is merged-/usr: /sbin and /lib stay links to /usr's)
+        await runner.execute(
+            "sh", "-c", 'dpkg-deb --fsys-tarfile "$1" | tar -x --keep-directory-symlink '
+            '-C "$2" ./sbin/mdadm', "sh", _deb("mdadm"), root, timeout=BUILD_TIMEOUT)
         shutil.move(initrd, os.path.join(root, "boot", f"initrd.img-{kver}"))
         await runner.execute(
             "chroot", root, "/usr/bin/grub-mkimage", "-O", "i386-pc", "-o", "/tmp/core.img",

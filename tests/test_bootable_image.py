@@ -124,7 +124,8 @@ class RaidDeployBootTests(TestCase):
     partition of each of two virtio disks), its config drive added and GRUB installed onto
     both holder disks from the image (``image.install_bootloader`` with ``ROOTFS_UUID``, as
     Ironic asks for software RAID); the VM then boots from the first disk under SeaBIOS.
-    About 4 minutes under TCG: run only with ``IPA_BOOTABLE_IMAGE_RAID=1``."""
+    About 4 minutes under TCG (2 cores shared): run only with ``IPA_BOOTABLE_IMAGE_RAID=1``.
+    """
 
     timeout = 1800
 
@@ -144,7 +145,7 @@ class RaidDeployBootTests(TestCase):
         from tests import qemu
         image = await bootable_image.build_bootable_image()
         ramdisk = await qemu.build_ramdisk()
-        server: Any = reactor.listenTCP(0, Site(File(image)),  # type: ignore[arg-type]
+        server: Any = reactor.listenTCP(0, Site(File(os.path.dirname(image))),  # type: ignore[arg-type]
                                         interface="127.0.0.1")
         self.addCleanup(server.stopListening)
         work = os.path.abspath(self.mktemp())
@@ -186,7 +187,7 @@ class RaidDeployBootTests(TestCase):
             while chunk := f.read(MiB):
                 digest.update(chunk)
         await step("deploy", "write_image", "deploy", configdrive=configdrive, image_info={
-            "id": "bootable", "urls": [f"http://{qemu.GUEST_HTTP}/image.raw"],
+            "id": "bootable", "urls": [f"http://{qemu.GUEST_HTTP}/{os.path.basename(image)}"],
             "disk_format": "raw", "os_hash_algo": "sha256",
             "os_hash_value": digest.hexdigest()})
         result, _, timings["install_bootloader"] = await vm.run(
@@ -211,6 +212,7 @@ class RaidDeployBootTests(TestCase):
         found = await guest.wait_for(
             rb"IPA-E2E-CONFIGDRIVE (uuid=(\S+)|none)\r?\n", timeout=BOOT_TIMEOUT)
         self.assertEqual(found.group(2), instance_uuid.encode(), guest.output[-3000:])
+        self.assertRegex(guest.output, rb"config drive on /dev/md\w+p2\b")
         self.assertEqual(await guest.ended, 0, guest.output[-3000:])
         timings["disk boot to power off"] = time.monotonic() - booted
         print("\nraid deploy and boot: " + ", ".join(f"{name} {seconds:.1f} s"
