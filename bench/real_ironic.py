@@ -80,6 +80,10 @@ COMMAND_START = {"ours": re.compile(r"Executing deploy step write_image"),
 COMMAND_DONE = {"ours": re.compile(r"deploy step write_image (completed|failed)"),
                 "reference": re.compile(r"Asynchronous command execute_deploy_step "
                                         r"completed")}
+# How long the image's bytes took (download and write), as each agent logs it: the rest of
+# its write_image step is preparing the disk before and checking it after.
+IMAGE_BYTES = {"ours": re.compile(r"Wrote image .* in ([\d.]+) s;"),
+               "reference": re.compile(r"Image streamed onto device .* in ([\d.]+) seconds")}
 # The first heartbeat (after lookup and automatic TLS): the agent's idle RSS is read then.
 FIRST_HEARTBEAT = {"ours": re.compile(r"Heartbeat sent in"),
                    "reference": re.compile(r"sleeping before next heartbeat")}
@@ -201,6 +205,14 @@ class Agent(ProcessProtocol):
             if when >= after and pattern.search(line):
                 return when
         return None
+
+    def seconds(self, pattern: re.Pattern[str]) -> float:
+        """The number the first line matching ``pattern`` logs (its first group), or NaN."""
+        for _, line in self.lines:
+            found = pattern.search(line)
+            if found:
+                return float(found.group(1))
+        return float("nan")
 
     def sample(self, children: dict[int, list[int]]) -> None:
         if self.ended.called:
@@ -511,6 +523,7 @@ class Bench:
             t.update(self.ironic_times(uuid, t["request"]))   # the conductor's own times
             t["cmd_start"] = agent.first(COMMAND_START[side]) or float("nan")
             t["cmd_done"] = agent.first(COMMAND_DONE[side]) or float("nan")
+            t["image_bytes"] = agent.seconds(IMAGE_BYTES[side])
             t["idle_rss"] = agent.idle_rss / 1024
             t["peak_rss"] = agent.peak_rss / 1024
             t["staged"] = agent.peak_staged / MiB
@@ -578,6 +591,8 @@ async def single_deploys(bench: Bench, size_gib: float, runs: int) -> list[dict[
                       "peak_rss": t["peak_rss"], "cpu": t["cpu"]}
             for start, end, _ in BREAKDOWN:
                 values[start] = t[end] - t[start]
+            values["image_bytes"] = t["image_bytes"]
+            values["disk_work"] = values["cmd_start"] - t["image_bytes"]
             for key, value in values.items():
                 got[side].setdefault(key, []).append(value)
             log(f"  run {run + 1} {side}: " + ", ".join(f"{k} {v:.1f}"
@@ -591,6 +606,11 @@ async def single_deploys(bench: Bench, size_gib: float, runs: int) -> list[dict[
                 max_ratio=0.4),
             row("  write_image step, as the conductor sees it (s)", o["step"], r["step"])]
     rows += [row(label + " (s)", o[start], r[start]) for start, _, label in BREAKDOWN]
+    at = [r["measure"] for r in rows].index(BREAKDOWN[2][2] + " (s)") + 1
+    rows[at:at] = [row("    of which the image's bytes: download + write (s)",
+                       o["image_bytes"], r["image_bytes"]),
+                   row("    of which the disk's preparation and checks (s)", o["disk_work"],
+                       r["disk_work"])]
     rows += [row("  agent peak RSS, with children (MiB)", o["peak_rss"], r["peak_rss"]),
              row("  agent CPU time (s)", o["cpu"], r["cpu"])]
     os.remove(os.path.join(bench.images, "disk.raw"))

@@ -88,6 +88,30 @@ class ConductorTimesTests(TestCase):
         self.assertEqual(found["step_start"], _at("02:17:00.247"))
 
 
+class ImageBytesTests(TestCase):
+    """``real_ironic.IMAGE_BYTES``: each agent's own time for the image's bytes."""
+
+    def test_both_agents_lines(self) -> None:
+        try:
+            patterns = _load("real_ironic").IMAGE_BYTES
+        except ImportError as e:
+            raise self.skipTest(f"bench/real_ironic.py cannot be imported: {e}")
+        lines = {   # from a bench run's agent logs
+            "ours": "2026-12-02T05:31:29+0000 [ipa_twisted.images.pipeline#info] Wrote image "
+                    "disk.raw (raw, 2147483648 bytes) to /dev/loop0 in 13.3 s; sha256 "
+                    "043bee26b97f53e0 verified",
+            "reference": "2026-12-02 05:31:58.713 11988 INFO ironic_python_agent.extensions."
+                         "standby [-] Image streamed onto device /dev/loop0 in "
+                         "18.956987857818604 seconds for 2147483648 bytes. Server originally "
+                         "reported 2147483648."}
+        for side, line in lines.items():
+            found = patterns[side].search(line)
+            self.assertIsNotNone(found, side)
+            self.assertEqual(float(found.group(1)), {"ours": 13.3,
+                                                     "reference": 18.956987857818604}[side])
+        self.assertIsNone(patterns["ours"].search(lines["reference"]))
+
+
 class RowTests(TestCase):
     """``compare.Row.met``: targets on the ratio or on our own figure."""
 
