@@ -5,17 +5,15 @@ Unit tests run on a FakeRunner; the reader is checked against PyYAML (a test-onl
 on the reference agent's example files and on generated ones. ``RealPodmanTests`` pulls and
 runs an image built here (busybox-static's busybox, ``podman import``) from a registry
 started by the test (Debian's docker-registry on 127.0.0.1), with podman's storage, run
-state and configuration in the test's own directory; it skips, saying why, when podman,
-docker-registry or busybox is missing, when not root, or when podman cannot run a
-container on this machine.
+state and configuration in the test's own directory (``tests/podman.py``); it skips,
+saying why, when podman, docker-registry or busybox is missing, when not root, or when
+podman cannot run a container on this machine.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import textwrap
 from typing import Any
 
@@ -29,7 +27,6 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from ipa_twisted import errors
 from ipa_twisted.agent import Agent
 from ipa_twisted.config import AgentConfig
-from ipa_twisted.context import HardwareContext
 from ipa_twisted.extensions.steps import execute_step, list_steps
 from ipa_twisted.hardware import yaml_subset
 from ipa_twisted.hardware.container_manager import (ContainerHardwareManager, as_options,
@@ -37,7 +34,7 @@ from ipa_twisted.hardware.container_manager import (ContainerHardwareManager, as
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.hardware.generic.manager import GenericHardwareManager
 from ipa_twisted.hardware.interface import HardwareSupport
-from ipa_twisted.process import CommandNotFoundError, ProcessRunner, proxy_environment
+from ipa_twisted.process import ProcessExecutionError, proxy_environment
 from ipa_twisted.testing.fake_process import Exit, FakeRunner
 
 try:
@@ -468,114 +465,24 @@ class ReadStepsFileTests(SynchronousTestCase):
 
 # -- real podman and a real registry -------------------------------------------------------
 
-CONTAINERS_CONF = """\
-[containers]
-default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
-
-[engine]
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-events_logfile_path = "{dir}/events.log"
-tmp_dir = "{dir}/libpod-tmp"
-{runtime}
-"""
-STORAGE_CONF = """\
-[storage]
-driver = "vfs"
-graphroot = "{dir}/storage"
-runroot = "{dir}/run"
-"""
-REGISTRY_CONF = """\
-version: 0.1
-log:
-  level: info
-storage:
-  filesystem:
-    rootdirectory: {dir}/registry
-http:
-  addr: 127.0.0.1:{port}
-"""
-
-
-def _static_executable(path: str) -> bool:
-    """Whether the ELF executable ``path`` has no program interpreter (statically linked)."""
-    import struct
-    with open(path, "rb") as f:
-        header = f.read(64)
-        if header[:4] != b"\x7fELF" or header[4] != 2:      # 64-bit only
-            return False
-        phoff, = struct.unpack_from("<Q", header, 32)
-        phentsize, phnum = struct.unpack_from("<HH", header, 54)
-        f.seek(phoff)
-        table = f.read(phentsize * phnum)
-    return all(struct.unpack_from("<I", table, i * phentsize)[0] != 3   # PT_INTERP
-               for i in range(phnum))
-
-
 class RealPodmanTests(TestCase):
     """Container steps pulling from a registry started here and running with real podman."""
 
     timeout = 300
 
     async def setUp(self) -> None:  # type: ignore[override]
-        from tests.processes import Child, child_env, free_port
-        for program in ("podman", "docker-registry", "busybox"):
-            if shutil.which(program) is None:
-                raise SkipTest(f"{program} is not installed (podman, docker-registry and "
-                               "busybox-static are in .ci/setup)")
-        if os.geteuid() != 0:
-            raise SkipTest("podman's storage and containers here need root")
-        if not _static_executable(shutil.which("busybox") or ""):
-            raise SkipTest("busybox is dynamically linked: the test image holds busybox "
-                           "alone (install busybox-static)")
-        # Short: conmon's sockets live under it (a socket path holds at most 107 bytes).
-        self.dir = tempfile.mkdtemp(prefix="ipa-podman-")
+        from tests.podman import PodmanBed
+        self.bed = bed = await PodmanBed.start(self)
+        self.dir = bed.dir
         os.makedirs(os.path.join(self.dir, "out"))
-        # Hybrid cgroup hierarchies (cgroup v1 with a unified v2 holding controllers)
-        # make crun refuse to start containers; runc copes, so it is used when present.
-        runtime = 'runtime = "runc"' if shutil.which("runc") else ""
-        conf, storage = (os.path.join(self.dir, "containers.conf"),
-                         os.path.join(self.dir, "storage.conf"))
-        with open(conf, "w") as f:
-            f.write(CONTAINERS_CONF.format(dir=self.dir, runtime=runtime))
-        with open(storage, "w") as f:
-            f.write(STORAGE_CONF.format(dir=self.dir))
-        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-               "LC_ALL": "C", "LANG": "C", "CONTAINERS_CONF": conf,
-               "CONTAINERS_STORAGE_CONF": storage}
-        self.runner = ProcessRunner(reactor, reactor, base_env=env)
-        self.addCleanup(self._remove_storage)
         # The image: busybox alone, whose command leaves a marker in /out.
-        rootfs = os.path.join(self.dir, "rootfs")
-        os.makedirs(os.path.join(rootfs, "bin"))
-        shutil.copy(shutil.which("busybox") or "", os.path.join(rootfs, "bin", "busybox"))
-        await self.runner.execute("tar", "-C", rootfs, "-cf",
-                                  os.path.join(self.dir, "rootfs.tar"), ".")
-        await self.runner.execute(
-            "podman", "import", "--change",
-            'CMD ["/bin/busybox", "sh", "-c", "echo ran > /out/marker"]',
-            os.path.join(self.dir, "rootfs.tar"), "localhost/ipa-test/busybox:1",
-            timeout=120)
-        try:
-            await self.runner.execute("podman", "run", "--rm", "--network=host", "-v",
-                                      f"{self.dir}/out:/out", "localhost/ipa-test/busybox:1",
-                                      timeout=120)
-        except Exception as e:
-            raise SkipTest(f"podman cannot run a container on this machine: {e}")
-        os.remove(os.path.join(self.dir, "out", "marker"))
-        port = free_port()
-        with open(os.path.join(self.dir, "registry.yml"), "w") as f:
-            f.write(REGISTRY_CONF.format(dir=self.dir, port=port))
-        registry_env = child_env()
-        self.registry = Child([shutil.which("docker-registry") or "", "serve",
-                               os.path.join(self.dir, "registry.yml")], env=registry_env)
-        self.addCleanup(self.registry.stop)
-        await self.registry.wait_for(rb"listening on", timeout=60)
-        self.image = f"127.0.0.1:{port}/ipa-test/busybox:1"
-        await self.runner.execute("podman", "push", "--tls-verify=false",
-                                  "localhost/ipa-test/busybox:1", self.image, timeout=120)
-        await self.runner.execute("podman", "rmi", "-a", "-f", timeout=120)
-        self.requests_before = self.registry_requests()
+        await bed.build_image("localhost/ipa-test/busybox:1", {},
+                              ["/bin/busybox", "sh", "-c", "echo ran > /out/marker"])
+        host = await bed.start_registry(self)
+        self.image = f"{host}/ipa-test/busybox:1"
+        await bed.push("localhost/ipa-test/busybox:1", self.image)
+        self.requests_before = bed.registry_requests()
+        self.runner = bed.runner
         self.agent = Agent(AgentConfig(
             container_pull_options=("--tls-verify=false",),
             container_run_options=("--rm", "--network=host", "-v", f"{self.dir}/out:/out"),
@@ -584,18 +491,8 @@ class RealPodmanTests(TestCase):
         self.manager = ContainerHardwareManager()
         self.manager.bind(self.agent.context)
 
-    async def _remove_storage(self) -> None:
-        try:
-            await self.runner.execute("podman", "rm", "-a", "-f", timeout=120)
-            await self.runner.execute("podman", "rmi", "-a", "-f", timeout=120)
-        except Exception:
-            pass
-        shutil.rmtree(self.dir, ignore_errors=True)
-
     def registry_requests(self) -> list[str]:
-        """The registry's access log lines (one per request to its API)."""
-        return [line for line in self.registry.output.decode(errors="replace").splitlines()
-                if '"GET /v2/' in line or '"HEAD /v2/' in line]
+        return self.bed.registry_requests()
 
     def marker(self) -> str | None:
         try:
@@ -646,5 +543,5 @@ class RealPodmanTests(TestCase):
                                {}, [], None, {}, errors.CleaningError)
         self.assertEqual(self.registry_requests(), self.requests_before)
         self.assertIsNone(self.marker())
-        with self.assertRaises(CommandNotFoundError.__mro__[1]):   # ProcessExecutionError
+        with self.assertRaises(ProcessExecutionError):     # never pulled
             await self.runner.execute("podman", "image", "exists", self.image)
