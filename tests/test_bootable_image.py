@@ -20,6 +20,7 @@ import uuid
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 
 from ipa_twisted.deploy.configdrive import decode_configdrive
@@ -29,6 +30,7 @@ from tests.configdrive_iso import META_DATA, make_iso
 from tests.processes import Child
 from tests.qemu import QEMU
 
+log = Logger()
 MiB = 1 << 20
 BOOT_TIMEOUT = 240.0
 
@@ -114,9 +116,10 @@ class BootableImageTests(TestCase):
         code = await guest.ended
         self.assertEqual(code, 0, guest.output[-3000:])
         self.assertIn(bootable_image.POWEROFF_MARKER.encode(), guest.output)
-        print(f"\nbootable image: {os.path.getsize(image) // MiB} MiB, built in {built:.1f} s,"
-              f" marker {to_marker:.1f} s after QEMU started, powered off after "
-              f"{time.monotonic() - booted:.1f} s")
+        log.info("Bootable image: {size} MiB, built in {built:.1f} s; marker {marker:.1f} s "
+                 "after QEMU started, powered off after {off:.1f} s",
+                 size=os.path.getsize(image) // MiB, built=built, marker=to_marker,
+                 off=time.monotonic() - booted)
 
 
 class RaidDeployBootTests(TestCase):
@@ -215,5 +218,5 @@ class RaidDeployBootTests(TestCase):
         self.assertRegex(guest.output, rb"config drive on /dev/md\w+p2\b")
         self.assertEqual(await guest.ended, 0, guest.output[-3000:])
         timings["disk boot to power off"] = time.monotonic() - booted
-        print("\nraid deploy and boot: " + ", ".join(f"{name} {seconds:.1f} s"
-                                                     for name, seconds in timings.items()))
+        log.info("RAID deploy and boot: {timings}", timings=", ".join(
+            f"{name} {seconds:.1f} s" for name, seconds in timings.items()))
