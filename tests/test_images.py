@@ -14,14 +14,16 @@ import os
 import random
 import shutil
 import struct
+import threading
 import time
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import KeyPair
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
@@ -380,6 +382,155 @@ class BoundedMemoryTests(ImageServerMixin, TestCase):
         self.assertEqual(received, sorted(received))
         self.assertTrue(any(0 < r < size for r in received))  # seen moving
         self.assertTrue(any(m["rate"] for m in moving))
+
+
+class _GatedWriter(DeviceWriter):
+    """A device whose writes wait until ``gate`` is set; ``fail_at``: the write (1-based)
+    that raises ImageWriteError, as a disk failing in the middle of the image does."""
+
+    def __init__(self, device: str, fail_at: int | None = None) -> None:
+        super().__init__(device)
+        self.gate = threading.Event()
+        self.fail_at = fail_at
+        self.writes = 0
+        self.threads: set[str] = set()
+
+    def write(self, offset: int, data: Any) -> None:
+        self.threads.add(threading.current_thread().name)
+        self.writes += 1
+        if self.fail_at is not None and self.writes >= self.fail_at:
+            raise errors.ImageWriteError(self.device, None, "",
+                                         f"write at offset {offset} failed: [Errno 5] EIO")
+        if not self.gate.wait(60):
+            raise AssertionError("the test never opened the gate")
+        super().write(offset, data)
+
+
+class _Producer:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.calls.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.calls.append("resume")
+
+
+class ValveTests(SynchronousTestCase):
+    def test_paused_above_high_resumed_at_low(self) -> None:
+        valve = Valve(high=16, low=8)
+        producer = _Producer()
+        valve.attach(producer)
+        valve.add(10)
+        valve.add(6)
+        self.assertEqual(producer.calls, [])       # 16 is not above high
+        valve.add(4)
+        valve.add(4)
+        self.assertEqual(producer.calls, ["pause"])  # once, however full
+        valve.done(10)
+        self.assertEqual(producer.calls, ["pause"])  # 14 left: still above low
+        valve.done(6)
+        self.assertEqual(producer.calls, ["pause", "resume"])
+        self.assertEqual((valve.pending, valve.paused), (8, False))
+
+    def test_a_producer_attached_while_full_starts_paused(self) -> None:
+        valve = Valve(high=16, low=8)
+        valve.add(20)
+        first, second = _Producer(), _Producer()
+        valve.attach(first)
+        self.assertEqual(first.calls, ["pause"])
+        valve.detach(first)
+        valve.attach(second)   # the next connection (a resumed download)
+        valve.done(20)
+        self.assertEqual((first.calls, second.calls), (["pause"], ["pause", "resume"]))
+
+
+def pipeline_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if "ipa-image-" in t.name]
+
+
+class OverlapTests(ImageServerMixin, TestCase):
+    """The stages run at once: the download on the reactor, hashing and writing in their
+    threads; a stage that falls behind pauses the download, one that fails stops it."""
+
+    def setUp(self) -> None:
+        self.set_up_server()
+
+    async def wait_until_still(self, progress: ImageProgress, seconds: float = 0.5) -> int:
+        """``bytes_received`` once it stopped growing for ``seconds``."""
+        last = -1
+        while progress.bytes_received != last:
+            last = progress.bytes_received
+            await deferLater(reactor, seconds, lambda: None)
+        return last
+
+    async def test_download_pauses_while_the_writer_is_behind(self) -> None:
+        size = 128 * MiB
+        data = RepeatedData(random.Random(7).randbytes(MiB + 4093), size)
+        digest = hashlib.sha256()
+        for offset in range(0, size, 16 * MiB):
+            digest.update(data[offset:offset + 16 * MiB])
+        url = self.serve("big", ImageResource(data))
+        writer = _GatedWriter(self.device)
+        self.addCleanup(writer.gate.set)
+        progress = ImageProgress(reactor)
+        ticks: list[float] = []
+        ticker = LoopingCall(lambda: ticks.append(time.monotonic()))
+        ticker.start(0.01)
+        self.addCleanup(lambda: ticker.running and ticker.stop())
+        writing = Deferred.fromCoroutine(self.write(
+            {"urls": [url], "checksum": digest.hexdigest()}, progress=progress, writer=writer))
+        held = await self.wait_until_still(progress)
+        # Paused: what the valve lets in (16 MiB and a batch), the head and the sockets'
+        # buffers, far from the whole image; the reactor kept running meanwhile.
+        self.assertGreater(held, 0)
+        self.assertLess(held, 48 * MiB)
+        self.assertEqual(writer.bytes_written, 0)
+        still = [t for t in ticks if t > ticks[-1] - 0.5]
+        self.assertGreater(len(still), 10)
+        writer.gate.set()
+        written = await writing
+        ticker.stop()
+        self.assertEqual((written.size, written.checksum), (size, digest.hexdigest()))
+        self.assertEqual(progress.bytes_received, size)
+        self.assertNotIn(threading.main_thread().name, writer.threads)
+        self.assertLess(max(b - a for a, b in zip(ticks, ticks[1:])), 1.0)
+        self.assertEqual(pipeline_threads(), [])
+
+    async def test_write_error_fails_the_pipeline_and_stops_the_download(self) -> None:
+        size = 256 * MiB
+        data = RepeatedData(random.Random(8).randbytes(MiB + 17), size)
+        self.old_disk(8 * MiB)
+        url = self.serve("failing", ImageResource(data))
+        writer = _GatedWriter(self.device, fail_at=3)
+        writer.gate.set()
+        progress = ImageProgress(reactor)
+        with capturedLogs(), self.assertRaises(errors.ImageWriteError) as caught:
+            await self.write({"urls": [url], "checksum": "0" * 64}, progress=progress,
+                             writer=writer)
+        self.assertIn("[Errno 5] EIO", str(caught.exception))
+        self.assertLess(progress.bytes_received, 64 * MiB)   # the download stopped
+        self.assertFalse(writer.opened)                      # the device was closed
+        self.assertEqual(self.device_bytes()[:MiB], bytes(MiB))  # its tables wiped
+        self.assertEqual(pipeline_threads(), [])
+
+    async def test_cancelling_stops_the_threads_and_closes_the_device(self) -> None:
+        size = 128 * MiB
+        data = RepeatedData(random.Random(9).randbytes(MiB + 5), size)
+        url = self.serve("cancelled", ImageResource(data))
+        writer = _GatedWriter(self.device)
+        progress = ImageProgress(reactor)
+        writing = Deferred.fromCoroutine(self.write(
+            {"urls": [url], "checksum": "0" * 64}, progress=progress, writer=writer))
+        await self.wait_until_still(progress)
+        writing.cancel()
+        writer.gate.set()
+        with capturedLogs(), self.assertRaises(CancelledError):
+            await writing
+        self.assertLess(progress.bytes_received, size)
+        self.assertFalse(writer.opened)
+        self.assertEqual(pipeline_threads(), [])
 
 
 class DownloadTests(ImageServerMixin, TestCase):

@@ -471,6 +471,9 @@ class ImageDownload:
         try:
             response.deliverBody(body)
             await body.done
+        except BaseException:
+            body.stop()   # cancelled (the command was): close the connection, no timer left
+            raise
         finally:
             self._body = None
         self._check_fatal()
