@@ -25,8 +25,6 @@ from ipa_twisted.fileutils import read_text as _read
 from ipa_twisted.hardware.infiniband import infiniband_ids as _infiniband_ids
 from ipa_twisted.hardware.inventory import (CPU, BootInfo, Memory, NetworkInterface,
                                             SystemFirmware, SystemVendorInfo)
-from ipa_twisted.net.lldp import get_lldp_info
-from ipa_twisted.net.vlan import bring_up_vlan_interfaces
 from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError, ProcessTimeoutError
 
 _T = TypeVar("_T")
@@ -164,6 +162,7 @@ class MachineInventory(MachineReader):
             lldp = await self._lldp(names)
         vlans: list[str] = []
         if config.enable_vlan_interfaces:
+            from ipa_twisted.net.vlan import bring_up_vlan_interfaces   # when configured
             try:
                 vlans = await bring_up_vlan_interfaces(
                     self.context.runner, names, lldp, config.enable_vlan_interfaces,
@@ -186,6 +185,7 @@ class MachineInventory(MachineReader):
         if self._lldp_reader is not None:
             return await self._lldp_reader(names)
         config = self.context.config
+        from ipa_twisted.net.lldp import get_lldp_info   # LLDP code: loaded when first asked
         try:
             return dict(await get_lldp_info(names, config.lldp_timeout, self.context.reactor,
                                             config.sys_path))
