@@ -121,9 +121,12 @@ class PodmanBed:
             f.write(CONTAINERS_CONF.format(dir=directory, runtime=runtime))
         with open(storage, "w") as f:
             f.write(STORAGE_CONF.format(dir=directory))
+        registries = os.path.join(directory, "registries.conf")
+        with open(registries, "w") as f:
+            f.write("unqualified-search-registries = []\n")
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
                "LC_ALL": "C", "LANG": "C", "CONTAINERS_CONF": conf,
-               "CONTAINERS_STORAGE_CONF": storage}
+               "CONTAINERS_STORAGE_CONF": storage, "CONTAINERS_REGISTRIES_CONF": registries}
         bed = cls(directory, ProcessRunner(reactor, reactor, base_env=env))
         test.addCleanup(bed.remove)
         await bed.build_image("localhost/ipa-test/probe:1", {}, ["/bin/busybox", "true"])
@@ -173,12 +176,17 @@ class PodmanBed:
         test.addCleanup(self.registry.stop)
         await self.registry.wait_for(rb"listening on", timeout=60)
         self.registry_host = f"127.0.0.1:{port}"
+        # Plain HTTP: as an operator would say so of a registry of their own, in
+        # registries.conf (programs that do not pass --tls-verify=false, like bootc's pull).
+        with open(os.path.join(self.dir, "registries.conf"), "a") as f:
+            f.write(f'[[registry]]\nlocation = "{self.registry_host}"\ninsecure = true\n')
         return self.registry_host
 
-    async def push(self, local: str, remote: str, *, authfile: str | None = None) -> None:
-        """Push ``local`` to ``remote`` on the registry, then drop every local image."""
+    async def push(self, local: str, remote: str, *, creds: str | None = None) -> None:
+        """Push ``local`` to ``remote`` on the registry (as ``user:password`` ``creds``),
+        then drop every local image."""
         await self.runner.execute("podman", "push", "--tls-verify=false",
-                                  *([f"--authfile={authfile}"] if authfile else []),
+                                  *([f"--creds={creds}"] if creds else []),
                                   local, remote, timeout=120)
         await self.runner.execute("podman", "rmi", "-a", "-f", timeout=120)
 

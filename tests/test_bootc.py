@@ -1,8 +1,10 @@
 """execute_bootc_install (ipa_twisted.deploy.bootc and the generic manager's step).
 
-bootc is not packaged in Debian 12, and ``bootc install to-disk`` writes a real disk, so these
+bootc is not packaged in Debian 12, and ``bootc install to-disk`` writes a real disk, so most
 tests run on recorded commands (a FakeRunner): they assert the exact argv the agent gives
-podman, as the reference agent builds it. The ``parted`` output after the install
+podman, as the reference agent builds it. ``RealPodmanBootcTests`` runs the step with real
+podman (the image pulled with the pull secret from a registry the test starts, then run
+privileged onto a loop device) and a stand-in for bootc inside the image. The ``parted`` output after the install
 (``BOOTC_LAYOUT``) was written in parted's machine format for the layout bootc documents
 for x86_64 (BIOS boot, 512 MiB EFI system partition, root), not captured from a bootc run.
 """
@@ -13,13 +15,14 @@ import base64
 import gzip
 import json
 import os
+import tempfile
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipa_twisted import errors
 from ipa_twisted.config import AgentConfig
@@ -312,3 +315,121 @@ class StepTests(SynchronousTestCase):
         self.assertFalse(os.path.exists(self.conf_dir))
         self.assertTrue(any("bootc based deployment is disabled" in e["log_format"]
                             for e in events))
+
+
+FAKE_BOOTC = """\
+#!/bin/sh
+# Stands in for bootc (not packaged in Debian): records how it was called and lays the disk
+# out as bootc would, with the GPT (head and tail) the test made.
+set -e
+printf '%s\\n' "$@" > {dir}/bootc-argv
+for arg in "$@"; do
+  case "$arg" in --root-ssh-authorized-keys=*) cat "${{arg#*=}}" > {dir}/bootc-keys;; esac
+  device="$arg"
+done
+dd if={dir}/head.img of="$device" bs=1048576 conv=notrunc 2>/dev/null
+dd if={dir}/tail.img of="$device" bs=1048576 seek={tail_mib} conv=notrunc 2>/dev/null
+"""
+
+
+class RealPodmanBootcTests(TestCase):
+    """execute_bootc_install with real podman: the image pulled with the pull secret from a
+    registry that wants a password, then run privileged with the host's /dev onto a loop
+    device. The image's bootc is a stand-in script (bootc is not in Debian) that records its
+    arguments and writes a GPT; the partition check and config drive are the real ones."""
+
+    timeout = 300
+    DISK = 1024 * 1024 * 1024
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        from ipa_twisted.process import ProcessRunner
+        from ipa_twisted.testing.sandbox import (LoopOnlyRunner, attach_loop_devices,
+                                                 loop_devices_unavailable)
+        from tests.podman import PodmanBed
+        reason = loop_devices_unavailable(("parted", "sgdisk", "mkfs.vfat", "blockdev"))
+        if reason is not None:
+            raise SkipTest(reason)
+        self.bed = bed = await PodmanBed.start(self)
+        # podman's own default storage directory, which the reference's command mounts.
+        os.makedirs("/var/lib/containers", mode=0o700, exist_ok=True)
+        real = ProcessRunner(reactor, reactor)
+        [self.loop] = await attach_loop_devices(real, os.path.join(bed.dir, "disks"),
+                                                [self.DISK], self.addCleanup)
+        layout = os.path.join(bed.dir, "layout.img")
+        with open(layout, "wb") as f:
+            f.truncate(self.DISK)
+        await real.execute("parted", "-s", layout, "--", "mklabel", "gpt",
+                           "mkpart", "BIOS-BOOT", "1MiB", "2MiB", "set", "1", "bios_grub", "on",
+                           "mkpart", "EFI-SYSTEM", "fat32", "2MiB", "130MiB", "set", "2", "esp",
+                           "on", "mkpart", "root", "xfs", "130MiB", "900MiB")
+        with open(layout, "rb") as f:
+            head = f.read(1024 * 1024)
+            f.seek(self.DISK - 1024 * 1024)
+            tail = f.read()
+        for name, data in (("head.img", head), ("tail.img", tail)):
+            with open(os.path.join(bed.dir, name), "wb") as f:
+                f.write(data)
+        await bed.build_image("localhost/ipa-test/bootc:1", {"/usr/bin/bootc": FAKE_BOOTC.format(
+            dir=bed.dir, tail_mib=self.DISK // (1024 * 1024) - 1)}, ["/usr/bin/bootc"])
+        host = await bed.start_registry(self, user="ipa", password="s3cret")
+        self.image_source = f"oci://{host}/ipa-test/bootc:1"
+        await bed.push("localhost/ipa-test/bootc:1", f"{host}/ipa-test/bootc:1",
+                       creds="ipa:s3cret")
+        self.runner = LoopOnlyRunner(bed.runner, [self.loop.path])
+        manager = GenericHardwareManager(udev=lambda name: {}, containers_conf_dir=os.path.join(
+            bed.dir, "containers.conf.d"))
+        self.context = HardwareContext(AgentConfig(include_loop_devices=True), self.runner,
+                                       reactor, reactor)
+        self.managers = await HardwareManagers.load(self.context, [manager])
+        self.node = {"uuid": "n1", "properties": {"root_device": {"name": self.loop.path}},
+                     "instance_info": {"image_source": self.image_source,
+                                       "bootc_authorized_keys": "ssh-ed25519 AAAAC3 op@ipa\n"}}
+
+    def auth_dirs(self) -> list[str]:
+        return sorted(name for name in os.listdir(tempfile.gettempdir())
+                      if name.startswith("ipa-container-auth-"))
+
+    async def deploy(self, password: str, configdrive: str | None = None) -> Any:
+        secret = base64.b64encode(base64.b64encode(f"ipa:{password}".encode())).decode()
+        step = {"interface": "deploy", "step": "execute_bootc_install",
+                "args": {"image_source": self.image_source, "configdrive": configdrive,
+                         "oci_pull_secret": secret}}
+        return await execute_step(self.managers, "deploy", step, self.node, [], None, {},
+                                  errors.DeploymentError)
+
+    async def test_install(self) -> None:
+        drive = os.path.join(self.bed.dir, "configdrive.img")
+        with open(drive, "wb") as f:
+            f.truncate(2 * 1024 * 1024)
+        await self.bed.runner.execute("mkfs.vfat", "-n", "config-2", drive)
+        with open(drive, "rb") as f:
+            configdrive = base64.b64encode(gzip.compress(f.read())).decode()
+        before = self.auth_dirs()
+        result = await self.deploy("s3cret", configdrive)
+        self.assertEqual(result, f"Container image ({self.image_source}) written to device "
+                         f"{self.loop.path}")
+        with open(os.path.join(self.bed.dir, "bootc-argv")) as f:
+            argv = f.read().splitlines()
+        self.assertEqual(argv[:5], ["install", "to-disk", "--wipe", "--skip-fetch-check",
+                                    "--root-size=256M"])
+        self.assertTrue(argv[5].startswith("--root-ssh-authorized-keys=/tmp/"), argv)
+        self.assertEqual(argv[6:], ["--disable-selinux", self.loop.path])
+        with open(os.path.join(self.bed.dir, "bootc-keys")) as f:
+            self.assertEqual(f.read(), "ssh-ed25519 AAAAC3 op@ipa\n")
+        self.assertFalse(os.path.exists(argv[5].split("=", 1)[1]))
+        self.assertEqual(self.auth_dirs(), before)
+        from ipa_twisted.blockdev import disks
+        layout = await disks.read_layout(self.context, self.loop.path)
+        self.assertEqual([p.name for p in layout.partitions],
+                         ["BIOS-BOOT", "EFI-SYSTEM", "root", "config-2"])
+        self.assertTrue(any('/manifests/1 HTTP/1.1" 200' in line
+                            for line in self.bed.registry_requests()))
+
+    async def test_wrong_pull_secret(self) -> None:
+        with self.assertRaises(errors.ImageDownloadError) as caught:
+            await self.deploy("wrong")
+        self.assertIn("Failed to pull container image", str(caught.exception))
+        self.assertFalse(os.path.exists(os.path.join(self.bed.dir, "bootc-argv")))
+        from ipa_twisted.blockdev import disks
+        layout = await disks.read_layout(self.context, self.loop.path)
+        self.assertEqual(layout.partitions, ())

@@ -29,8 +29,9 @@ inherits them. ``disable_bootc_deploy`` refuses the step before anything runs (t
 that runs comes from the tenant's image). Differences from the reference: the config drive
 is decoded before anything is pulled (a bad one changes nothing), the auth file lives in a
 private directory removed with it, the authorized keys file is removed after the run, a
-disk too small for the 768 MiB reserve is refused, and an image without bootc is named as
-such whether podman exits 0 or not.
+disk too small for the 768 MiB reserve is refused, an image without bootc is named as
+such whether podman exits 0 or not, and a podman without ``--retry-delay`` (older ones,
+like Debian 12's 4.3) is asked again without it.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ RESERVED_MiB = 768
 drive."""
 MiB = 1024 * 1024
 BOOTC_NOT_FOUND = "executable file `bootc` not found"
+RETRY_DELAY = "--retry-delay=5s"
+"""The reference's pull option; older podman (Debian 12's 4.3) does not know it."""
 
 
 def container_reference(image_source: str) -> tuple[str, str]:
@@ -138,11 +141,18 @@ class BootcInstaller:
         if pull_secret:
             auth_dir, auth_path = _write_auth(pull_secret, registry, image)
             argv.append(f"--authfile={auth_path}")
-        argv += ["--retry-delay=5s", image]
+        argv += [RETRY_DELAY, image]
         try:
             with failures_as(make=lambda e: ImageDownloadError(
                     image, f"Failed to pull container image: {e}")):
-                await runner.execute(*argv, timeout=None, env=env)
+                try:
+                    await runner.execute(*argv, timeout=None, env=env)
+                except ProcessExecutionError as e:
+                    if "unknown flag: --retry-delay" not in e.stderr_text:
+                        raise
+                    log.info("This podman has no --retry-delay: pulling without it")
+                    argv.remove(RETRY_DELAY)
+                    await runner.execute(*argv, timeout=None, env=env)
         finally:
             if auth_dir is not None:
                 shutil.rmtree(auth_dir, ignore_errors=True)
@@ -178,7 +188,7 @@ class BootcInstaller:
     async def _run(self, argv: list[str], device: str, image_source: str,
                    env: dict[str, str]) -> None:
         runner: Any = self._context.runner
-        log.info("Running bootc install from {image} onto {device}", image=argv[-1],
+        log.info("Running bootc install from {image} onto {device}", image=image_source,
                  device=device)
         try:
             out, err = await runner.execute(*argv, timeout=None, env=env)
