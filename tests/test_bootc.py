@@ -175,6 +175,22 @@ class InstallerTests(_Installer):
             self.successResultOf(self.install())
             self.assertEqual(self.runner.argvs[-2][-2], "--disable-selinux")
 
+    def test_podman_without_retry_delay(self) -> None:
+        """Debian 12's podman (4.3) has no ``pull --retry-delay`` (seen with the real one)."""
+        def pull(argv: tuple[str, ...]) -> Any:
+            if "--retry-delay=5s" in argv:
+                return Exit(125, b"", b"Error: unknown flag: --retry-delay\nSee 'podman "
+                            b"pull --help'\n")
+            return self.answer_pull(argv)
+        self.runner.answers[("podman", "pull")] = pull
+        self.successResultOf(self.install(pull_secret=OCI_PULL_SECRET))
+        self.assertEqual([argv[0:2] + argv[3:] for argv in self.runner.argvs[:2]],
+                         [("podman", "pull", "--retry-delay=5s", IMAGE),
+                          ("podman", "pull", IMAGE)])
+        self.assertEqual(self.runner.argvs[0][2], self.runner.argvs[1][2])   # --authfile
+        self.assertEqual(len(self.auth_seen), 1)
+        self.assertEqual(self.runner.argvs[4], run_argv())
+
     def test_pull_failure(self) -> None:
         self.runner.answers[("podman", "pull")] = Exit(125, b"", b"manifest unknown")
         failure = self.failureResultOf(self.install(), errors.ImageDownloadError)
