@@ -198,12 +198,15 @@ class StepListTests(Base):
                 ("steps:\n  - image: docker://x\n", "missing the required 'name'"),
                 ("steps:\n  - 3\n", "must be a mapping"),
                 ("steps:\n  - name: x\n    image: y\n", "Missing required key 'priority'"),
-                ("steps:\n  - name: x\n    image: &a y\n", "anchors")]:
+                ("steps:\n  - name: x\n    image: &a y\n", "anchors"),
+                ("steps:\n  - name: 12\n    image: y\n", "is not a string")]:
             path = self.steps_file(text)
-            error = self.assertRaises(errors.HardwareManagerConfigurationError,
-                                      self.manager.get_clean_steps, {}, [])
-            self.assertIn(expected, str(error), text)
-            self.assertIn(path, str(error))
+            for listing in (self.manager.get_clean_steps, self.manager.get_deploy_steps,
+                            self.manager.get_service_steps):
+                error = self.assertRaises(errors.HardwareManagerConfigurationError,
+                                          listing, {}, [])
+                self.assertIn(expected, str(error), text)
+                self.assertIn(path, str(error))
 
     def test_unreadable_file(self) -> None:
         path = self.steps_file("")

@@ -175,14 +175,18 @@ class ContainerHardwareManager(HardwareManager):
         steps = [container_step(), container_step(DEPRECATED_STEP_NAME)]
         for step in read_steps_file(path):
             name = step["name"]
-            if not isinstance(name, str) or name.startswith("_") \
-                    or name in self._reserved_names():
+            if not isinstance(name, str):
+                raise HardwareManagerConfigurationError(
+                    f"Container step name {name!r} in {path} is not a string.")
+            if name.startswith("_") or name in self._reserved_names():
                 raise HardwareManagerConfigurationError(
                     f"Container step '{name}' collides with an existing hardware manager "
                     f"method and would shadow it. Rename it in {path}.")
             try:
+                # Read even when not used, so a file lacking it fails in every phase.
+                priority = step["priority"]
                 steps.append({"step": name,
-                              "priority": step["priority"] if automatic else 0,
+                              "priority": priority if automatic else 0,
                               "interface": step["interface"],
                               "reboot_requested": step["reboot_requested"],
                               "abortable": step["abortable"]})
