@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import textwrap
 from typing import Any
 
@@ -548,3 +549,66 @@ class RealPodmanTests(TestCase):
         self.assertIsNone(self.marker())
         with self.assertRaises(ProcessExecutionError):     # never pulled
             await self.runner.execute("podman", "image", "exists", self.image)
+
+
+class RealIronicContainerStepTests(TestCase):
+    """A real Ironic runs ``generic_container_step`` as a manual clean step through our
+    agent, the allowlist and the runtime's options coming from Ironic's
+    ``[agent_containers]`` configuration in the lookup answer (podman's storage and
+    settings of the test given as its global options, as an operator may)."""
+
+    timeout = 300
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        from tests.ironic.harness import skip_reason, start_ironic
+        from tests.podman import PodmanBed
+        reason = skip_reason(macs=True)
+        if reason:
+            raise SkipTest(reason)
+        self.bed = bed = await PodmanBed.start(self)
+        os.makedirs(os.path.join(bed.dir, "out"))
+        await bed.build_image("localhost/ipa-test/busybox:1", {},
+                              ["/bin/busybox", "sh", "-c", "echo ran > /out/marker"])
+        host = await bed.start_registry(self)
+        self.image = f"{host}/ipa-test/busybox:1"
+        await bed.push("localhost/ipa-test/busybox:1", self.image)
+        runtime = "--runtime runc " if shutil.which("runc") else ""
+        podman = (f"--root {bed.dir}/storage --runroot {bed.dir}/run --storage-driver vfs "
+                  f"--tmpdir {bed.dir}/libpod-tmp --cgroup-manager cgroupfs "
+                  f"--events-backend file {runtime}")
+        self.dir = os.path.abspath(self.mktemp())
+        self.ironic = await start_ironic(self, self.dir, restrict_lookup=True,
+                                         heartbeat_timeout=10, options={"agent_containers": {
+                                             "allowed_containers": f"docker://{self.image}",
+                                             "pull_options": podman + "--tls-verify=false",
+                                             "run_options": podman + (
+                                                 "--ulimit nofile=1024:1024 --ulimit "
+                                                 "nproc=1024:1024 --rm --network=host "
+                                                 f"-v {bed.dir}/out:/out")}})
+
+    async def test_manual_clean_step(self) -> None:
+        from tests.ironic.harness import start_agent
+        from tests.processes import physical_macs
+        uuid = await self.ironic.enroll_node(physical_macs(), state="manageable")
+        await self.ironic.set_provision_state(uuid, "clean", clean_steps=[{
+            "interface": "deploy", "step": "generic_container_step",
+            "args": {"container_url": self.image}}])
+        await self.ironic.wait_for_state(uuid, "clean wait", timeout=60)
+        agent = start_agent(self, self.ironic, self.dir, name="clean")
+        node = await self.ironic.wait_for_state(uuid, "manageable", timeout=180)
+        self.assertIsNone(node["last_error"])
+        with open(os.path.join(self.bed.dir, "out", "marker")) as f:
+            self.assertEqual(f.read(), "ran\n")
+        self.assertIn(b"Container step completed", agent.output)
+
+        # An image Ironic's allowlist lacks fails the step before anything is pulled.
+        await agent.stop("TERM")
+        before = self.bed.registry_requests()
+        await self.ironic.set_provision_state(uuid, "clean", clean_steps=[{
+            "interface": "deploy", "step": "generic_container_step",
+            "args": {"container_url": self.image + "-other"}}])
+        await self.ironic.wait_for_state(uuid, "clean wait", timeout=60)
+        start_agent(self, self.ironic, self.dir, name="refused")
+        node = await self.ironic.wait_for_state(uuid, "clean failed", timeout=180)
+        self.assertIn("is not in [container]allowed_containers", node["last_error"])
+        self.assertEqual(self.bed.registry_requests(), before)
