@@ -7,7 +7,8 @@ the PXE boot device, and deploying sets the DISK one; ``manual-management`` has 
 need, the first of each list being the default:
 
 - boot ``fake`` (nothing to serve: the agent is started by the test),
-- deploy ``direct`` (the agent writes the image) and ``fake``,
+- deploy ``direct`` (the agent writes the image), ``fake``, ``custom-agent`` and ``bootc``
+  (the agent installs a bootable container image),
 - management ``noop`` (any boot device is fine),
 - power ``fake`` (a stored power state), or ``agent`` (reboots through the agent),
 - inspect ``agent`` (Ironic's built-in inspection) and ``no-inspect``,
@@ -36,7 +37,8 @@ class TestHardware(generic.GenericHardware):
 
     @property
     def supported_deploy_interfaces(self):
-        return [agent.AgentDeploy, agent.CustomAgentDeploy, fake.FakeDeploy]
+        return [agent.AgentDeploy, agent.CustomAgentDeploy, fake.FakeDeploy,
+                agent.BootcAgentDeploy]
 
     @property
     def supported_management_interfaces(self):
