@@ -142,6 +142,14 @@ class RaidDeployBootTests(TestCase):
             raise SkipTest(reason)
 
     async def test_deployed_onto_raid_1_boots_from_its_disks(self) -> None:
+        """Holder disks with MBR tables (BIOS's default): GRUB in the gap before 1 MiB."""
+        await self._deploy_and_boot("boot_mode:bios")
+
+    async def test_raid_1_on_gpt_holders_boots_from_its_disks(self) -> None:
+        """Holder disks with GPT (``disk_label:gpt``): GRUB in their BIOS boot partitions."""
+        await self._deploy_and_boot("boot_mode:bios,disk_label:gpt")
+
+    async def _deploy_and_boot(self, capabilities: str) -> None:
         from twisted.web.server import Site
         from twisted.web.static import File
 
@@ -165,7 +173,7 @@ class RaidDeployBootTests(TestCase):
         timings = {"boot to API": await vm.start()}
         node = {"uuid": "0d3b8c52-8f1e-4c55-9f0a-2a1e5b7c9d11", "driver_internal_info": {},
                 "instance_info": {"image_rootfs_uuid": bootable_image.ROOTFS_UUID},
-                "properties": {"capabilities": "boot_mode:bios"},
+                "properties": {"capabilities": capabilities},
                 "target_raid_config": {"logical_disks": [
                     {"size_gb": "MAX", "raid_level": "1", "controller": "software",
                      "physical_disks": [{"serial": d.serial} for d in disks]}]}}
@@ -218,5 +226,6 @@ class RaidDeployBootTests(TestCase):
         self.assertRegex(guest.output, rb"config drive on /dev/md\w+p2\b")
         self.assertEqual(await guest.ended, 0, guest.output[-3000:])
         timings["disk boot to power off"] = time.monotonic() - booted
-        log.info("RAID deploy and boot: {timings}", timings=", ".join(
+        log.info("RAID deploy ({capabilities}) and boot: {timings}", capabilities=capabilities,
+                 timings=", ".join(
             f"{name} {seconds:.1f} s" for name, seconds in timings.items()))
