@@ -15,8 +15,9 @@ partition (file system UUID ``ROOTFS_UUID``, label ``ROOTFS_LABEL``) holding
   assembles any md arrays (``mdadm --assemble --scan``), finds the file system labelled
   ``config-2`` (a partition of the disk or of an md device), mounts it, prints
   ``CONFIGDRIVE_MARKER`` followed by the ``uuid`` of ``openstack/latest/meta_data.json``
-  (or ``CONFIGDRIVE_MISSING``) and powers the machine off. The root file system is never
-  mounted: GRUB reads the kernel and the initramfs from it;
+  (or ``CONFIGDRIVE_MISSING``) and powers the machine off (or, when the config drive's
+  meta_data holds ``STAY_META_DATA``, prints ``STAY_MARKER`` and idles). The root file
+  system is never mounted: GRUB reads the kernel and the initramfs from it;
 - mdadm (unpacked, not registered with dpkg), which ``grub-install`` asks for the name
   of an md array;
 - ``/boot/grub/grub.cfg`` booting that kernel with ``console=ttyS0``, and
@@ -64,6 +65,10 @@ CONFIGDRIVE_MARKER = "IPA-E2E-CONFIGDRIVE uuid="
 CONFIGDRIVE_MISSING = "IPA-E2E-CONFIGDRIVE none"
 """Printed instead when no file system labelled config-2 was found."""
 POWEROFF_MARKER = "IPA-E2E-DEPLOYED-OS powering off"
+STAY_META_DATA = {"ipa_e2e": "stay"}
+"""In the config drive's meta_data (Ironic's ``configdrive={"meta_data": {...}}``): the
+deployed system stays up (idle) after printing the uuid, instead of powering off."""
+STAY_MARKER = "IPA-E2E-DEPLOYED-OS staying up"
 ROOTFS_UUID = "6b1d7c3e-2f4a-4e5b-9c8d-1a2b3c4d5e6f"
 """File system UUID of the image's root partition (Ironic's ``image_rootfs_uuid``)."""
 ROOTFS_LABEL = "ipa-e2e-root"
@@ -105,11 +110,13 @@ while [ "$tries" -lt 40 ]; do
 done
 echo "ipa-e2e: md arrays: $(grep ^md /proc/mdstat | tr '\n' ';')"
 uuid=
+stay=
 if [ -n "$found" ]; then
   echo "ipa-e2e: config drive on $found"
   if mount -o ro -t iso9660 "$found" /mnt 2>/dev/null || mount -o ro -t vfat "$found" /mnt; then
-    uuid=$(sed -n 's/.*"uuid"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' \
-           /mnt/openstack/latest/meta_data.json | head -n 1)
+    meta=/mnt/openstack/latest/meta_data.json
+    uuid=$(sed -n 's/.*"uuid"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' "$meta" | head -n 1)
+    grep -q '"ipa_e2e"[[:space:]]*:[[:space:]]*"stay"' "$meta" && stay=1
     umount /mnt
   fi
 fi
@@ -117,6 +124,10 @@ if [ -n "$uuid" ]; then
   echo "@CONFIGDRIVE@$uuid"
 else
   echo "@MISSING@"
+fi
+if [ -n "$stay" ]; then
+  echo "@STAY@"
+  while :; do sleep 3600; done
 fi
 echo "@POWEROFF@"
 sync
@@ -266,7 +277,7 @@ def _stage_initramfs(work: str, kver: str, modules: list[str]) -> str:
     _write_file(os.path.join(initramfs, "init"),
                 INIT.replace("@MARKER@", MARKER).replace("@CONFIGDRIVE@", CONFIGDRIVE_MARKER)
                 .replace("@MISSING@", CONFIGDRIVE_MISSING)
-                .replace("@POWEROFF@", POWEROFF_MARKER), 0o755)
+                .replace("@POWEROFF@", POWEROFF_MARKER).replace("@STAY@", STAY_MARKER), 0o755)
     for directory in ("dev", "proc", "sys", "mnt", "tmp", "run", "bin", "sbin", "usr/bin",
                       "usr/sbin"):
         os.makedirs(os.path.join(initramfs, directory), exist_ok=True)

@@ -27,7 +27,7 @@ from ipa_twisted.deploy.configdrive import decode_configdrive
 from ipa_twisted.process import ProcessRunner
 from tests import bootable_image
 from tests.configdrive_iso import META_DATA, make_iso
-from tests.processes import Child
+from tests.processes import Child, sleep
 from tests.qemu import QEMU
 
 log = Logger()
@@ -62,12 +62,11 @@ class BootableImageTests(TestCase):
             raise SkipTest(reason)
         self.runner = ProcessRunner(reactor, reactor)
 
-    async def _disk_with_config_drive(self, image: str, instance_uuid: str) -> str:
+    async def _disk_with_config_drive(self, image: str, meta_data: dict[str, Any]) -> str:
         """A disk file: the image from sector 0, and at the end of the disk a partition
         holding the config drive Ironic would send (placed and aligned as the agent does)."""
         files = dict(META_DATA)
-        files["openstack/latest/meta_data.json"] = json.dumps(
-            {"uuid": instance_uuid, "hostname": "e2e-node"}).encode()
+        files["openstack/latest/meta_data.json"] = json.dumps(meta_data).encode()
         sent = base64.b64encode(gzip.compress(make_iso(files)))
         iso = decode_configdrive(sent, downloaded=False)
         disk = str(os.path.abspath(self.mktemp()))
@@ -85,6 +84,32 @@ class BootableImageTests(TestCase):
             f.write(iso)
         return disk
 
+    def _boot(self, disk: str, machine: str) -> Child:
+        """QEMU (SeaBIOS, TCG) booting ``disk`` on a virtio disk; killed at cleanup."""
+        guest = Child([QEMU, "-machine", machine, "-accel", "tcg", "-m", "256",
+                       "-display", "none", "-monitor", "none", "-serial", "stdio",
+                       "-no-reboot", "-nic", "none",
+                       "-drive", f"file={disk},if=none,id=disk0,format=raw,cache=unsafe",
+                       "-device", "virtio-blk-pci,drive=disk0,serial=e2e-disk0"])
+        self.addCleanup(guest.stop, "KILL")
+        return guest
+
+    async def test_stays_up_when_the_config_drive_says_so(self) -> None:
+        """With ``STAY_META_DATA`` in the meta_data, the system idles instead of powering
+        off (as a deployed instance would stay up under Ironic); on QEMU's i440FX machine."""
+        image = await bootable_image.build_bootable_image()
+        instance_uuid = str(uuid.uuid4())
+        disk = await self._disk_with_config_drive(
+            image, {"uuid": instance_uuid, **bootable_image.STAY_META_DATA})
+        guest = self._boot(disk, "pc")
+        found = await guest.wait_for(rb"IPA-E2E-CONFIGDRIVE (uuid=(\S+)|none)\r?\n",
+                                     timeout=BOOT_TIMEOUT)
+        self.assertEqual(found.group(2), instance_uuid.encode(), guest.output[-3000:])
+        await guest.wait_for(bootable_image.STAY_MARKER.encode(), timeout=60)
+        await sleep(3)
+        self.assertFalse(guest.ended.called, guest.output[-3000:])
+        self.assertNotIn(bootable_image.POWEROFF_MARKER.encode(), guest.output)
+
     async def test_boots_and_reads_the_config_drive(self) -> None:
         started = time.monotonic()
         image = await bootable_image.build_bootable_image()
@@ -99,15 +124,10 @@ class BootableImageTests(TestCase):
         self.assertEqual(out.decode().strip(), bootable_image.ROOTFS_UUID)
 
         instance_uuid = str(uuid.uuid4())
-        disk = await self._disk_with_config_drive(image, instance_uuid)
-        argv = [QEMU, "-machine", "q35", "-accel", "tcg", "-m", "256",
-                "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
-                "-nic", "none",
-                "-drive", f"file={disk},if=none,id=disk0,format=raw,cache=unsafe",
-                "-device", "virtio-blk-pci,drive=disk0,serial=e2e-disk0"]
+        disk = await self._disk_with_config_drive(image, {"uuid": instance_uuid,
+                                                          "hostname": "e2e-node"})
         booted = time.monotonic()
-        guest = Child(argv)
-        self.addCleanup(guest.stop, "KILL")
+        guest = self._boot(disk, "q35")
         await guest.wait_for(bootable_image.MARKER.encode(), timeout=BOOT_TIMEOUT)
         to_marker = time.monotonic() - booted
         found = await guest.wait_for(
