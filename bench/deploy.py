@@ -7,9 +7,14 @@ Usage: .venv/bin/python bench/deploy.py [--size-gib 2] [--runs 3] [--qcow2-gib 1
    server in a child process, with Range support) and written to a loop device on a sparse
    file (as root with losetup; otherwise to a regular file, and the output says so) by
    ``write_image`` in a child process, sha256 verified on the stream and read back once;
-   the reference pipe writes the same device in the same run. Median of RUNS runs each, and
-   the ratio pipe time / our time (target >= 0.9). Our time includes the final fsync; the
-   pipe's dd does not fsync.
+   the pipe (``iflag=fullblock``, ``conv=fsync``, openssl waited for) writes the same
+   device in the same run, and each stage's physical limit is measured between them (fio
+   O_DIRECT writes at QD1 and QD``--depth``, hashlib sha256/sha512 on one core, curl to
+   /dev/null). Medians of RUNS runs; our rate against the pipe's (target >= 1.0) and the
+   lowest limit's (target >= 0.9). The CPU seconds per GiB of ours (the writing process,
+   and by stage: the reactor, the hash thread, the write thread) and of the pipe's
+   programs are printed too: on a machine shared with other work they move less than the
+   rates, and they tell whether the stages, added up, fit the cores.
 2. Peak RSS of ``write_image`` deploying a qcow2 of 1, 4 and 8 GiB virtual size (made by
    ``qemu-img convert`` from a sparse raw with random data spread through it, 1/16 of the
    virtual size), checked against that raw with ``cmp``.
@@ -93,11 +98,54 @@ def serve(directory: str, port_file: str) -> None:
 
 # -- our pipeline (child process) -------------------------------------------------------------
 
+class ThreadCPU:
+    """CPU seconds each of this process's threads used from now on, by Python thread name,
+    sampled every ``interval`` s from /proc (a pool thread's figures are kept once it is
+    gone)."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import threading
+        self.seconds: dict[str, float] = {}
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._stop = threading.Event()
+        self.sample(threading)
+        self._before = dict(self.seconds)
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True,
+                                        name="bench-sampler")
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        import threading
+        while not self._stop.wait(interval):
+            self.sample(threading)
+
+    def sample(self, threading: Any) -> None:
+        names = {t.native_id: t.name for t in threading.enumerate()}
+        for tid, name in names.items():
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            self.seconds[name] = (int(fields[11]) + int(fields[12])) / self._tick
+
+    def stop(self) -> dict[str, float]:
+        import threading
+        self.sample(threading)
+        self._stop.set()
+        self._thread.join()
+        return {name: seconds - self._before.get(name, 0.0)
+                for name, seconds in self.seconds.items()}
+
+
 def write(url: str, device: str, checksum: str | None, disk_format: str,
           permitted: tuple[str, ...] | None = None) -> None:
     """Run write_image once; print a JSON line: elapsed, RSS before and peak (KiB), the
-    children's peak (KiB). ``permitted``: the image formats allowed (default: the agent's)."""
+    children's peak (KiB), CPU seconds (the whole process, and by stage: the reactor, the
+    hash and the write threads). ``permitted``: the image formats allowed (default: the
+    agent's)."""
     import resource
+    import threading
     sys.path.insert(0, ROOT)
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
@@ -123,11 +171,20 @@ def write(url: str, device: str, checksum: str | None, disk_format: str,
         if checksum:
             info.update(os_hash_algo="sha256", os_hash_value=checksum)
         result["rss_before_kib"] = status("VmRSS")
+        sampler = ThreadCPU()
+        cpu = resource.getrusage(resource.RUSAGE_SELF)
         started = time.monotonic()
         written = await write_image(info, device, http=make_http_client(reactor, config),
                                     reactor=reactor, runner=ProcessRunner(reactor, reactor),
                                     config=config)
         result["elapsed"] = time.monotonic() - started
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        result["cpu_s"] = (after.ru_utime - cpu.ru_utime) + (after.ru_stime - cpu.ru_stime)
+        by_name = sampler.stop()
+        stages = {"reactor": threading.main_thread().name, "hash": "ipa-image-hash",
+                  "write": "ipa-image-write"}
+        result["stage_cpu_s"] = {stage: sum(s for name, s in by_name.items() if key in name)
+                                 for stage, key in stages.items()}
         result["peak_rss_kib"] = status("VmHWM")
         result["children_peak_rss_kib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         result["checksum"] = written.checksum
@@ -191,6 +248,13 @@ class Bench:
             subprocess.run(["losetup", "-d", device], check=False)
             self.loops.remove(device)
 
+    def server_cpu(self) -> float:
+        """CPU seconds the image server has used so far."""
+        assert self.server is not None
+        with open(f"/proc/{self.server.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def ours(self, url: str, device: str, checksum: str | None,
              disk_format: str) -> dict[str, Any]:
         out = subprocess.run([sys.executable, __file__, "write", url, device, checksum or "",
@@ -201,19 +265,31 @@ class Bench:
         result: dict[str, Any] = json.loads(lines[-1])
         return result
 
-    def pipe(self, url: str, device: str, fullblock: bool = True) -> float:
-        """Seconds for ``curl | tee >(openssl dgst -sha256) | dd`` to write ``device``.
+    def pipe(self, url: str, device: str, fullblock: bool = True) -> tuple[float, float]:
+        """Seconds for ``curl | tee >(openssl dgst -sha256) | dd`` to write ``device``, and
+        the CPU seconds its programs used.
 
         ``fullblock`` makes dd gather whole 4 MiB blocks from the pipe before each
         O_DIRECT write (without it each short pipe read is its own write); ``conv=fsync``
         ends it with an fsync, as our writer ends."""
+        import resource
         iflag = " iflag=fullblock" if fullblock else ""
+        cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
+        # tee >(openssl ...) through a named pipe: bash waits for openssl, so its time and
+        # its CPU (counted once a child is reaped) are the pipe's
+        fifo = os.path.join(self.workdir, "hash.fifo")
+        if not os.path.exists(fifo):
+            os.mkfifo(fifo)
         subprocess.run(["bash", "-o", "pipefail", "-c",
-                        f"curl -sf {url} | tee >(openssl dgst -sha256 >/dev/null) | "
-                        f"dd of={device} bs=4M{iflag} oflag=direct conv=fsync status=none"],
+                        f"openssl dgst -sha256 <{fifo} >/dev/null & "
+                        f"curl -sf {url} | tee {fifo} | "
+                        f"dd of={device} bs=4M{iflag} oflag=direct conv=fsync status=none; "
+                        "s=$?; wait $! || exit 1; exit $s"],
                        check=True)
-        return time.monotonic() - started
+        elapsed = time.monotonic() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return elapsed, (after.ru_utime - cpu.ru_utime) + (after.ru_stime - cpu.ru_stime)
 
     def close(self) -> None:
         for device in list(self.loops):
@@ -221,6 +297,9 @@ class Bench:
         if self.server is not None:
             self.server.kill()
             self.server.wait()
+
+
+RATES = ("ours", "pipe", "pipe_plain", "fio_qd1", "fio_qdn", "sha256", "sha512", "curl")
 
 
 def log(message: str) -> None:
@@ -310,21 +389,35 @@ def raw_bench(bench: Bench, size_gib: float, runs: int, depth: int) -> list[dict
     url = bench.url("image.raw")
     sample = os.urandom(256 * MiB)
     got: dict[str, list[float]] = {key: [] for key in (
-        "ours", "pipe", "pipe_plain", "fio_qd1", "fio_qdn", "sha256", "sha512", "curl")}
+        "ours", "pipe", "pipe_plain", "fio_qd1", "fio_qdn", "sha256", "sha512", "curl",
+        "ours_cpu", "pipe_cpu", "hash_cpu", "reactor_cpu", "write_cpu", "hash_busy",
+        "ours_rss", "ceiling")}
     have_fio = shutil.which("fio") is not None and is_loop
     if not have_fio:
         log("no device limit: fio is not installed (apt-get install -y fio) or no loop device")
     for run in range(runs):
+        served = bench.server_cpu()
         result = bench.ours(url, device, checksum, "raw")
+        served = bench.server_cpu() - served
         if result["checksum"] != checksum:
             raise RuntimeError("checksum mismatch")
         got["ours"].append(size / result["elapsed"] / MiB)
+        got["ours_cpu"].append(result["cpu_s"] / (size / GiB))
+        for stage in ("hash", "reactor", "write"):
+            got[f"{stage}_cpu"].append(result["stage_cpu_s"][stage] / (size / GiB))
+        got["hash_busy"].append(result["stage_cpu_s"]["hash"] / result["elapsed"])
+        # every stage's CPU, ours and the server's, shared by the machine's cores (the
+        # kernel's work for the loop device is left out: an upper bound)
+        got["ceiling"].append((os.cpu_count() or 1) * size / MiB / (result["cpu_s"] + served))
+        got["ours_rss"].append(result["peak_rss_kib"] / 1024)
         if run == 0:
             if device_sha256(device, size) != checksum:
                 raise RuntimeError("the device does not hold the image")
             log("  read back from the device: sha256 matches")
-        got["pipe"].append(size / bench.pipe(url, device, fullblock=True) / MiB)
-        got["pipe_plain"].append(size / bench.pipe(url, device, fullblock=False) / MiB)
+        elapsed, cpu = bench.pipe(url, device, fullblock=True)
+        got["pipe"].append(size / elapsed / MiB)
+        got["pipe_cpu"].append(cpu / (size / GiB))
+        got["pipe_plain"].append(size / bench.pipe(url, device, fullblock=False)[0] / MiB)
         if have_fio:
             got["fio_qd1"].append(fio_write(device, size, 1))
             got["fio_qdn"].append(fio_write(device, size, depth))
@@ -332,7 +425,11 @@ def raw_bench(bench: Bench, size_gib: float, runs: int, depth: int) -> list[dict
         got["sha512"].append(hash_rate("sha512", sample))
         got["curl"].append(curl_rate(url))
         log(f"  run {run + 1} (MiB/s): "
-            + ", ".join(f"{k} {v[-1]:.0f}" for k, v in got.items() if v))
+            + ", ".join(f"{k} {v[-1]:.0f}" for k, v in got.items() if v and k in RATES)
+            + "; CPU s/GiB: " + ", ".join(f"{k[:-4]} {v[-1]:.2f}" for k, v in got.items()
+                                           if v and k.endswith("_cpu"))
+            + f"; hash thread busy {got['hash_busy'][-1]:.2f}, "
+              f"peak RSS {got['ours_rss'][-1]:.0f} MiB")
     bench.detach(device)
     os.remove(os.path.join(bench.workdir, "raw-target"))
     os.remove(os.path.join(bench.workdir, "image.raw"))
@@ -356,6 +453,18 @@ def raw_bench(bench: Bench, size_gib: float, runs: int, depth: int) -> list[dict
         {"measure": "limit: one core, sha256 | sha512 (MiB/s)", "ours": got["sha256"],
          "theirs": got["sha512"], "fmt": "{:.0f}"},
         {"measure": "limit: loopback HTTP, curl to /dev/null", "ours": got["curl"],
+         "theirs": [], "fmt": "{:.0f}"},
+        {"measure": "CPU s per GiB written: ours | pipe, fullblock", "ours": got["ours_cpu"],
+         "theirs": got["pipe_cpu"], "fmt": "{:.2f}", "target": "<= 1.0x", "max_ratio": 1.0},
+        {"measure": "  ours by stage: hash thread | reactor", "ours": got["hash_cpu"],
+         "theirs": got["reactor_cpu"], "fmt": "{:.2f}"},
+        {"measure": "  ours by stage: write thread", "ours": got["write_cpu"], "theirs": [],
+         "fmt": "{:.2f}"},
+        {"measure": "  ours: hash thread's CPU / wall time", "ours": got["hash_busy"],
+         "theirs": [], "fmt": "{:.2f}"},
+        {"measure": f"  ours vs the stages sharing {os.cpu_count()} cores (MiB/s)",
+         "ours": got["ours"], "theirs": got["ceiling"], "fmt": "{:.0f}"},
+        {"measure": "  ours: peak RSS of the writing process (MiB)", "ours": got["ours_rss"],
          "theirs": [], "fmt": "{:.0f}"},
     ]
     return rows
@@ -429,8 +538,9 @@ def main() -> None:
     for row in rows:
         ours = statistics.median(row["ours"]) if row["ours"] else float("nan")
         theirs = statistics.median(row["theirs"]) if row["theirs"] else float("nan")
-        print(f"{row['measure']:<52} {ours:>8.0f} {theirs:>8.0f} {ours / theirs:>6.2f} "
-              f"{row.get('target', '')}")
+        fmt = row.get("fmt", "{:.0f}")
+        print(f"{row['measure']:<52} {fmt.format(ours):>8} {fmt.format(theirs):>8} "
+              f"{ours / theirs:>6.2f} {row.get('target', '')}")
 
 
 if __name__ == "__main__":
