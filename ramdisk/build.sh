@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Build the ipa-twisted deploy ramdisk: a Debian kernel and an initramfs whose init starts the
-# agent (`twistd ipa`). Made from Debian packages (debootstrap, minbase variant) and wheels
-# of this checkout and its Python dependencies (pip wheel); see docs/ramdisk.md.
+# agent (`twistd ipa`, through ipa_twisted.startup.launch). Made from Debian packages
+# (debootstrap, minbase variant) and wheels of this checkout and its Python dependencies
+# (pip wheel); see docs/ramdisk.md.
 #
 #   ramdisk/build.sh [--output DIR] [--suite SUITE] [--mirror URL] [--all-drivers]
 #                    [--extra-packages "pkg ..."] [--force] [--print-hash]
+#                    [--agent ours|reference]
 #
+# --agent reference builds the same ramdisk around the reference agent instead
+# (ironic-python-agent $IPA_REFERENCE_VERSION, default 13.0.0, from the package index,
+# installed the same way), for bench/boot.py; default DIR then .cache/ramdisk-reference.
 # Writes DIR/vmlinuz, DIR/initrd.img and DIR/manifest.txt (default DIR: .cache/ramdisk). The
 # build is skipped when DIR/stamp holds the hash of everything that goes in (this script,
 # ramdisk/*, the agent's sources, the options): rebuilt only when one of them changes.
@@ -15,7 +20,9 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
-output=$repo/.cache/ramdisk
+output=
+agent=${IPA_RAMDISK_AGENT:-ours}
+reference_version=${IPA_REFERENCE_VERSION:-13.0.0}
 suite=${IPA_RAMDISK_SUITE:-bookworm}
 mirror=${IPA_RAMDISK_MIRROR:-}
 extra_packages=${IPA_RAMDISK_EXTRA_PACKAGES:-}
@@ -23,7 +30,7 @@ all_drivers=0
 force=0
 print_hash=0
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while (($#)); do
   case "$1" in
     --output) output=$2; shift 2;;
@@ -33,6 +40,7 @@ while (($#)); do
     --all-drivers) all_drivers=1; shift;;
     --force) force=1; shift;;
     --print-hash) print_hash=1; shift;;
+    --agent) agent=$2; shift 2;;
     -h|--help) usage 0;;
     *) echo "build.sh: unknown argument $1" >&2; usage 2 >&2;;
   esac
@@ -40,6 +48,17 @@ done
 
 say() { echo "ramdisk: $*" >&2; }
 die() { say "$*"; exit 1; }
+
+case "$agent" in
+  ours) output=${output:-$repo/.cache/ramdisk}; site_dir=/usr/lib/ipa-twisted
+        requirement=$repo; package=ipa-twisted;;
+  reference) output=${output:-$repo/.cache/ramdisk-reference}
+             site_dir=/usr/lib/ironic-python-agent
+             # Programs it needs at start-up that ours does not: lshw (memory, system).
+             extra_packages="lshw${extra_packages:+ $extra_packages}"
+             requirement=ironic-python-agent==$reference_version; package=ironic-python-agent;;
+  *) die "--agent is ours or reference, not $agent";;
+esac
 
 # The mirror apt already uses on this machine, else Debian's.
 if [ -z "$mirror" ]; then
@@ -52,7 +71,8 @@ fi
 # -- what goes in, and its hash --------------------------------------------------------------
 inputs_hash() {
   {
-    echo "suite=$suite all_drivers=$all_drivers extra=$extra_packages"
+    echo "suite=$suite all_drivers=$all_drivers extra=$extra_packages agent=$agent"
+    [ "$agent" = ours ] || echo "reference=$reference_version"
     cd "$repo"
     find ramdisk pyproject.toml ipa_twisted twisted/plugins -type f \
          \( -name '*.py' -o -name '*.toml' -o -path 'ramdisk/*' \) \
@@ -101,7 +121,7 @@ if [ -n "$extra_packages" ]; then packages="$packages,$(echo "$extra_packages" |
 
 # -- 1. wheels of the agent and its Python dependencies (in parallel with debootstrap) --------
 step "building wheels with $python"
-( "$python" -m pip wheel -q --disable-pip-version-check --wheel-dir "$work/wheels" "$repo" \
+( "$python" -m pip wheel -q --disable-pip-version-check --wheel-dir "$work/wheels" "$requirement" \
     >"$work/wheels.log" 2>&1 ) &
 wheels_pid=$!
 
@@ -176,8 +196,8 @@ chroot "$root" depmod "$kver"
 rm -rf "$kernel"
 
 # -- 4. the agent ------------------------------------------------------------------------------
-step "installing the agent"
-site=$root/usr/lib/ipa-twisted
+step "installing the agent ($agent)"
+site=$root$site_dir
 # For the ramdisk's Python (whatever runs this script): its version, and every manylinux
 # platform its C library accepts (pip does not expand one into the older ones).
 guest_python=$(chroot "$root" /usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
@@ -187,17 +207,32 @@ for ((minor=glibc_minor; minor>=5; minor--)); do platforms+=(--platform "manylin
 platforms+=(--platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platform manylinux1_x86_64)
 "$python" -m pip install -q --disable-pip-version-check --no-index --find-links "$work/wheels" \
   --target "$site" --only-binary=:all: --python-version "$guest_python" --implementation cp \
-  "${platforms[@]}" ipa-twisted >"$work/install.log" 2>&1 \
+  "${platforms[@]}" "$package" >"$work/install.log" 2>&1 \
   || { cat "$work/install.log" >&2; die "installing the wheels failed (log above)"; }
 # Not needed at run time: console scripts made for this machine's Python, test suites.
 rm -rf "$site/bin"
 find "$site" -depth -type d \( -name test -o -name tests \) -path "$site/twisted/*" -exec rm -rf {} +
+if [ "$agent" = ours ]; then
 install -m 0755 /dev/stdin "$root/usr/local/bin/twistd" <<'EOF'
 #!/bin/sh
 # twistd with the agent's Python packages (installed apart from Debian's).
 export PYTHONPATH=/usr/lib/ipa-twisted${PYTHONPATH:+:$PYTHONPATH}
 exec /usr/bin/python3 -c 'from twisted.scripts.twistd import run; run()' "$@"
 EOF
+# What init starts: `twistd -n --pidfile= ipa`, without twistd's search for service makers.
+install -m 0755 /dev/stdin "$root/usr/local/bin/ipa-agent" <<'EOF'
+#!/bin/sh
+export PYTHONPATH=/usr/lib/ipa-twisted${PYTHONPATH:+:$PYTHONPATH}
+exec /usr/bin/python3 -m ipa_twisted.startup.launch -n --pidfile= ipa "$@"
+EOF
+else
+install -m 0755 /dev/stdin "$root/usr/local/bin/ipa-agent" <<EOF
+#!/bin/sh
+# The reference agent (its console script's entry point), with its packages.
+export PYTHONPATH=$site_dir\${PYTHONPATH:+:\$PYTHONPATH}
+exec /usr/bin/python3 -c 'from ironic_python_agent.cmd.agent import run; run()' "\$@"
+EOF
+fi
 install -m 0755 /dev/stdin "$root/usr/local/bin/ironic-collect-introspection-data" <<'EOF'
 #!/bin/sh
 export PYTHONPATH=/usr/lib/ipa-twisted${PYTHONPATH:+:$PYTHONPATH}
@@ -213,12 +248,17 @@ EOF
 done
 # Byte-compile with the ramdisk's own Python (slow to do at every boot under emulation), and
 # write the Twisted plugin cache so twistd need not scan for dropins.
-chroot "$root" /usr/bin/python3 -m compileall -q /usr/lib/ipa-twisted /usr/lib/python3 \
+chroot "$root" /usr/bin/python3 -m compileall -q "$site_dir" /usr/lib/python3 \
   >/dev/null 2>&1 || true
+if [ "$agent" = ours ]; then
 chroot "$root" env PYTHONPATH=/usr/lib/ipa-twisted /usr/bin/python3 -c \
   "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 chroot "$root" env PYTHONPATH=/usr/lib/ipa-twisted /usr/bin/python3 -c \
   "import ipa_twisted, twisted, klein, treq; print('agent', ipa_twisted.__version__)" >&2
+else
+chroot "$root" env PYTHONPATH="$site_dir" /usr/bin/python3 -c \
+  "import importlib.metadata as m; print('reference agent', m.version('ironic-python-agent'))" >&2
+fi
 
 # -- 5. the system around it -------------------------------------------------------------------
 step "configuring and trimming"
@@ -234,7 +274,10 @@ rm -rf "$root"/var/cache/apt/* "$root"/var/lib/apt/lists/* "$root"/usr/share/doc
        "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/usr/share/locale/* \
        "$root"/usr/share/i18n/* "$root"/var/log/* "$root"/usr/share/zoneinfo/right \
        "$root"/usr/share/zoneinfo/posix "$root"/usr/lib/python3*/test \
-       "$root"/usr/share/bash-completion "$root"/usr/share/lintian "$root"/tmp/*
+       "$root"/usr/share/bash-completion "$root"/usr/share/lintian "$root"/tmp/* \
+       "$root"/usr/lib/udev/hwdb.d "$root"/lib/udev/hwdb.d "$root"/var/lib/dpkg/info
+# (hwdb.d is the source of hwdb.bin, which stays; dpkg's per-package file lists are only for
+# dpkg: every byte left out is a byte the kernel need not unpack at boot.)
 
 # -- 6. the initramfs ----------------------------------------------------------------------------
 step "packing the initramfs (${compress[0]})"
@@ -247,6 +290,7 @@ elapsed=$(since)
 {
   echo "hash: $hash"
   echo "suite: $suite"
+  echo "agent: $agent$([ "$agent" = ours ] || echo " (ironic-python-agent $reference_version)")"
   echo "mirror: $mirror"
   echo "kernel: $kver ($kernel_package)"
   echo "packages: minbase,$packages"
