@@ -164,11 +164,13 @@ _BOOT_CODE_END = 0x1B8
 _BLOCKLIST = 0x200 - 12
 
 
-def unavailable() -> str | None:
-    """Why the image cannot be built here (a skip reason), or None."""
+def unavailable(cache_dir: str | None = None) -> str | None:
+    """Why the image cannot be had here (a skip reason), or None: it is built for the
+    present inputs in ``cache_dir``, or it can be built."""
     if os.uname().machine not in ("x86_64", "amd64"):
         return "the bootable test image is built for x86_64 only"
-    if glob.glob(os.path.join(CACHE_DIR, "bootable-*.img")):
+    built = _image_path(cache_dir or CACHE_DIR)
+    if built is not None and os.path.exists(built):
         return None
     if os.geteuid() != 0:
         return ("building the bootable test image needs root (chroot, device nodes, "
@@ -192,7 +194,16 @@ def _kernel_deb() -> str | None:
     return found[-1] if found else None
 
 
-def _cache_key(tarball: str, debs: list[str]) -> str:
+def _image_path(cache_dir: str) -> str | None:
+    """Where the image made of the present inputs is kept; None while some are missing."""
+    tarball = rootfs.tarball_path()
+    inputs = [_kernel_deb()] + [_deb(name) for name in INITRAMFS_DEBS]
+    if not os.path.exists(tarball) or None in inputs:
+        return None
+    return os.path.join(cache_dir, f"bootable-{_cache_key(tarball, inputs)}.img")
+
+
+def _cache_key(tarball: str, debs: list[Any]) -> str:
     digest = hashlib.sha256()
     with open(os.path.abspath(__file__), "rb") as f:
         digest.update(f.read())
@@ -360,10 +371,10 @@ async def build_bootable_image(cache_dir: str | None = None, runner: Any = None)
     ``ROOTFS_UUID``; the console markers are ``MARKER``, ``CONFIGDRIVE_MARKER`` and
     ``CONFIGDRIVE_MISSING``.
     """
-    reason = unavailable()
+    cache_dir = cache_dir or CACHE_DIR
+    reason = unavailable(cache_dir)
     if reason is not None:
         raise SkipTest(reason)
-    cache_dir = cache_dir or CACHE_DIR
     runner = runner or ProcessRunner(reactor, reactor)
     if _kernel_deb() is None or any(_deb(name) is None for name in INITRAMFS_DEBS):
         from tests.qemu import build_ramdisk          # fills the download cache
@@ -373,9 +384,9 @@ async def build_bootable_image(cache_dir: str | None = None, runner: Any = None)
     if kernel_deb is None or None in debs:
         raise AssertionError(f"the ramdisk build left no kernel or no {INITRAMFS_DEBS} "
                              f"packages in {DEBS_DIR}")
-    tarball = await rootfs.debian_rootfs(runner)
-    inputs = [kernel_deb] + [d for d in debs if d is not None]
-    path = os.path.join(cache_dir, f"bootable-{_cache_key(tarball, inputs)}.img")
+    await rootfs.debian_rootfs(runner)
+    tarball, path = rootfs.tarball_path(), _image_path(cache_dir)
+    assert path is not None
     if os.path.exists(path):
         return path
     os.makedirs(cache_dir, exist_ok=True)
