@@ -37,6 +37,7 @@ from ipa_twisted.images.download import ImageDownload, Valve, fetch_small
 from ipa_twisted.images.formats import ImageFormatRefused
 from ipa_twisted.images.pipeline import WrittenImage, write_image
 from ipa_twisted.images.progress import ImageProgress
+from ipa_twisted.images.stages import StreamingHeap, streaming_heap
 from ipa_twisted.blockdev.writer import DeviceWriter, wipe_partition_tables
 from ipa_twisted.process import ProcessRunner
 from tests.image_server import ImageResource, RepeatedData
@@ -446,6 +447,38 @@ class ValveTests(SynchronousTestCase):
         self.assertEqual((first.calls, second.calls), (["pause"], ["pause", "resume"]))
 
 
+class _Libc:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def mallopt(self, option: int, value: int) -> int:
+        self.calls.append(("mallopt", option, value))
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+class StreamingHeapTests(SynchronousTestCase):
+    def test_thresholds_while_images_stream_then_defaults_and_trim(self) -> None:
+        libc = _Libc()
+        heap = StreamingHeap(libc, mmap_threshold=4 * MiB, trim_threshold=32 * MiB)
+        heap.hold()
+        self.assertEqual(libc.calls, [("mallopt", -3, 4 * MiB), ("mallopt", -1, 32 * MiB)])
+        heap.hold()      # a second image at once: nothing more
+        heap.release()
+        self.assertEqual(len(libc.calls), 2)
+        heap.release()   # the last one: glibc's defaults back, free memory returned
+        self.assertEqual(libc.calls[2:], [("mallopt", -3, 128 * 1024),
+                                          ("mallopt", -1, 128 * 1024), ("malloc_trim", 0)])
+
+    def test_a_c_library_without_mallopt(self) -> None:
+        heap = StreamingHeap(object())
+        heap.hold()
+        heap.release()   # nothing to call, nothing raised
+
+
 def pipeline_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if "ipa-image-" in t.name]
 
@@ -478,7 +511,12 @@ class OverlapTests(ImageServerMixin, TestCase):
         ticks: list[float] = []
         ticker = LoopingCall(lambda: ticks.append(time.monotonic()))
         ticker.start(0.01)
-        self.addCleanup(lambda: ticker.running and ticker.stop())
+
+        def stop_ticking() -> None:
+            if ticker.running:
+                ticker.stop()
+
+        self.addCleanup(stop_ticking)
         writing = Deferred.fromCoroutine(self.write(
             {"urls": [url], "checksum": digest.hexdigest()}, progress=progress, writer=writer))
         held = await self.wait_until_still(progress)
@@ -487,16 +525,18 @@ class OverlapTests(ImageServerMixin, TestCase):
         self.assertGreater(held, 0)
         self.assertLess(held, 48 * MiB)
         self.assertEqual(writer.bytes_written, 0)
+        self.assertEqual(streaming_heap._users, 1)   # held while the image streams
         still = [t for t in ticks if t > ticks[-1] - 0.5]
         self.assertGreater(len(still), 10)
         writer.gate.set()
         written = await writing
-        ticker.stop()
+        stop_ticking()
         self.assertEqual((written.size, written.checksum), (size, digest.hexdigest()))
         self.assertEqual(progress.bytes_received, size)
         self.assertNotIn(threading.main_thread().name, writer.threads)
         self.assertLess(max(b - a for a, b in zip(ticks, ticks[1:])), 1.0)
         self.assertEqual(pipeline_threads(), [])
+        self.assertEqual(streaming_heap._users, 0)
 
     async def test_write_error_fails_the_pipeline_and_stops_the_download(self) -> None:
         size = 256 * MiB

@@ -50,7 +50,8 @@ from ipa_twisted.images.access import proxy_for
 from ipa_twisted.images.download import ImageDownload, ImageDownloadTimeout, Valve, fetch_small
 from ipa_twisted.images.progress import ImageProgress
 from ipa_twisted.images.qcow2 import Qcow2Converter
-from ipa_twisted.images.stages import BATCH, Worker, ZstdSink, feed_all, hash_all
+from ipa_twisted.images.stages import (BATCH, Worker, ZstdSink, feed_all, hash_all,
+                                      streaming_heap)
 from ipa_twisted.blockdev.writer import (DeviceWriter, SequentialSink, device_size,
                                          wipe_partition_tables)
 from ipa_twisted.http import make_pool, make_proxy_http_client
@@ -498,6 +499,7 @@ async def write_image(image_info: Mapping[str, Any], device: str, *, http: Any, 
             job.fail(error)
 
     timer = reactor.callLater(limit, expire) if limit and limit > 0 else None
+    streaming_heap.hold()
     try:
         download = ImageDownload(image_info, http=http, clock=reactor, config=config,
                                  client_for=client_for)
@@ -546,6 +548,7 @@ async def write_image(image_info: Mapping[str, Any], device: str, *, http: Any, 
     finally:
         if timer is not None and timer.active():
             timer.cancel()
+        streaming_heap.release()
         progress.stop(phase)
         for pool in pools:
             await pool.closeCachedConnections()
