@@ -17,12 +17,14 @@ import json
 import os
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 
 from ipa_twisted.net.vlan import vlan_ids_from_lldp
 from tests import netns, qemu
 from tests.processes import poll
 
+log = Logger()
 MAC = "52:54:00:1d:d0:01"
 VLANS = [100, 200]
 TLV_SYSTEM_NAME = 5
@@ -77,6 +79,9 @@ class LLDPAndVLANInVMTests(TestCase):
         for vlan in VLANS:
             self.assertIn(f"{name}.{vlan}", interfaces, sorted(interfaces))
             self.assertEqual(interfaces[f"{name}.{vlan}"]["mac_address"], MAC)
+        log.info("LLDP on {name}: {count} TLVs, VLANs {vlans}; interfaces {names}",
+                 name=name, count=len(tlvs), vlans=vlan_ids_from_lldp(tlvs),
+                 names=sorted(interfaces))
         # ... and they are real VLAN interfaces, up, in the guest.
         code, out = await vm.run_in_guest(["ip", "-d", "-j", "link", "show"], timeout=120)
         self.assertEqual(code, 0, out)
