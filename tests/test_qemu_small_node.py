@@ -195,19 +195,22 @@ BOOT_FAILURES = re.compile(r"Initramfs unpacking failed.*|Kernel panic.*|Out of 
 
 async def boot(vm: qemu.VirtualMachine, timeout: float) -> float:
     """``vm.start`` that gives up as soon as the console shows the boot failed (the
-    initramfs not unpacked whole, a panic) or QEMU ended, with the console's line."""
+    initramfs not unpacked whole, a panic), QEMU ended or ``timeout`` passed."""
     started = Deferred.fromCoroutine(vm.start(timeout=timeout))
+    deadline = time.monotonic() + timeout
     while not started.called:
         failed = BOOT_FAILURES.search(vm.console)
         ended = vm.child is not None and vm.child.ended.called
-        if failed or ended:
+        late = time.monotonic() > deadline
+        if failed or ended or late:
             started.cancel()
             try:
                 await started
             except (CancelledError, AssertionError):
                 pass
             raise AssertionError(failed.group(0).strip() if failed else
-                                 f"QEMU ended: {vm.console[-500:]}")
+                                 f"QEMU ended: {vm.console[-500:]}" if ended else
+                                 f"no answer in {timeout} s: {_reason(vm.console)}")
         await sleep(2)
     return float(await started)
 
