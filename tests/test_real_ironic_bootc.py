@@ -10,8 +10,8 @@ node's config drive, or None) and ``oci_pull_secret``: the password part of
 ``instance_info['image_pull_secret']`` (else ``driver_info``'s, else ``[deploy]
 image_server_*``, else ``[oci]authentication_config``), base64-encoded once more. Ironic
 itself never asks the registry anything in this interface (only ``autodetect`` does, to
-tell a bootc image from a disk image), so a plain HTTP registry on 127.0.0.1 is the
-agent's podman's business alone: here the sandboxed agent sees a private /etc/containers
+tell a bootc image from a disk image: ``RealIronicAutodetectTests``), so a plain HTTP
+registry on 127.0.0.1 is the agent's podman's business alone: here the sandboxed agent sees a private /etc/containers
 (as a ramdisk would carry) whose registries.conf marks the test's registry insecure.
 
 The registry wants a password; the node's ``image_pull_secret`` is the registry token
@@ -38,10 +38,18 @@ USER, PASSWORD = "ipa", "s3cret"
 AUTHORIZED_KEYS = "ssh-ed25519 AAAAC3 op@ipa\n"
 
 
-class RealIronicBootcTests(TestCase):
-    """Ironic's ``bootc`` deploy interface drives ``execute_bootc_install`` on our agent."""
+class BootcDeployBed(TestCase):
+    """A real Ironic, a registry holding the bootc test image and a loop disk for the
+    sandboxed agent (no tests of its own)."""
 
     timeout = 600
+    registry_password: str | None = PASSWORD
+    """The registry's password for ``USER``; None: the registry wants none."""
+    push_index = False
+    """Push the image as an image index (one image manifest, for this machine's platform),
+    as bootc images are published; else as an image manifest alone."""
+    ironic_options: dict[str, dict[str, object]] = {
+        "DEFAULT": {"enabled_deploy_interfaces": "direct,custom-agent,bootc"}}
 
     async def setUp(self) -> None:  # type: ignore[override]
         from ipa_twisted.process import ProcessRunner
@@ -64,15 +72,32 @@ class RealIronicBootcTests(TestCase):
         await self.make_stand_in_layout()
         await bed.build_image("localhost/ipa-test/bootc:1", {"/usr/bin/bootc": FAKE_BOOTC.format(
             dir=bed.dir, tail_mib=DISK // (1024 * 1024) - 1)}, ["/usr/bin/bootc"])
-        host = await bed.start_registry(self, user=USER, password=PASSWORD)
+        password = self.registry_password
+        host = await bed.start_registry(self, user=USER if password else None,
+                                        password=password)
         self.image_source = f"oci://{host}/ipa-test/bootc:1"
-        await bed.push("localhost/ipa-test/bootc:1", f"{host}/ipa-test/bootc:1",
-                       creds=f"{USER}:{PASSWORD}")
+        if self.push_index:
+            await self.push_index_of("localhost/ipa-test/bootc:1", f"{host}/ipa-test/bootc:1")
+        else:
+            await bed.push("localhost/ipa-test/bootc:1", f"{host}/ipa-test/bootc:1",
+                           creds=f"{USER}:{password}" if password else None)
         self.etc = self.private_etc_containers()
         self.dir = os.path.abspath(self.mktemp())
         self.ironic = await start_ironic(
             self, self.dir, restrict_lookup=True, heartbeat_timeout=10,
-            options={"DEFAULT": {"enabled_deploy_interfaces": "direct,custom-agent,bootc"}})
+            options=self.ironic_options)
+
+    async def push_index_of(self, local: str, remote: str) -> None:
+        """Push ``local`` to ``remote`` as an OCI image index holding it, then drop every
+        local image."""
+        run = self.bed.runner.execute
+        await run("podman", "manifest", "create", "localhost/ipa-test/index:1", timeout=120)
+        await run("podman", "manifest", "add", "localhost/ipa-test/index:1",
+                  f"containers-storage:{local}", timeout=120)
+        await run("podman", "manifest", "push", "--all", "--format", "oci",
+                  "--tls-verify=false", "localhost/ipa-test/index:1", f"docker://{remote}",
+                  timeout=120)
+        await run("podman", "rmi", "-a", "-f", timeout=120)
 
     async def make_stand_in_layout(self) -> None:
         """head.img and tail.img: the first and last MiB of a GPT-partitioned disk of the
@@ -122,25 +147,28 @@ class RealIronicBootcTests(TestCase):
         return start_agent(self, self.ironic, self.dir, wrap=wrap,
                            config="include_loop_devices = true\n")
 
-    async def deploy(self, pull_secret: str, target: str,
-                     configdrive: str | None = None) -> tuple[dict[str, Any], str]:
-        """Enroll a ``bootc`` node, deploy the test's image with ``pull_secret`` as its
-        ``image_pull_secret``, start the agent once Ironic waits for it; the node once in
-        ``target`` and the agent's output."""
+    async def deploy(self, pull_secret: str | None, target: str,
+                     configdrive: str | None = None,
+                     deploy_interface: str = "bootc") -> tuple[dict[str, Any], str]:
+        """Enroll a node with ``deploy_interface``, deploy the test's image with
+        ``pull_secret`` as its ``image_pull_secret`` (None: none), start the agent once
+        Ironic waits for it; the node once in ``target`` and the agent's output."""
         from tests.processes import physical_macs
         uuid = await self.ironic.enroll_node(
-            physical_macs(), deploy_interface="bootc",
+            physical_macs(), deploy_interface=deploy_interface,
             properties={"root_device": {"name": self.loop.path}, "local_gb": 1,
                         "cpu_arch": "x86_64"})
         started = reactor.seconds()
-        await self.ironic.deploy(uuid, {
-            "image_source": self.image_source, "image_pull_secret": pull_secret,
-            "bootc_authorized_keys": AUTHORIZED_KEYS}, configdrive=configdrive)
+        instance_info = {"image_source": self.image_source,
+                         "bootc_authorized_keys": AUTHORIZED_KEYS}
+        if pull_secret is not None:
+            instance_info["image_pull_secret"] = pull_secret
+        await self.ironic.deploy(uuid, instance_info, configdrive=configdrive)
         await self.ironic.wait_for_state(uuid, "wait call-back", timeout=120)
         agent = self.start_agent()
         node = await self.ironic.wait_for_state(uuid, target, timeout=420)
-        print(f"\n  bootc: deploy request to {target} in {reactor.seconds() - started:.1f}s")
-        self.assertEqual(node["deploy_interface"], "bootc")
+        print(f"\n  {deploy_interface}: deploy request to {target} in "
+              f"{reactor.seconds() - started:.1f}s")
         return node, agent.output.decode(errors="replace")
 
     def stand_in_argv(self) -> list[str] | None:
@@ -159,6 +187,24 @@ class RealIronicBootcTests(TestCase):
                                   reactor, reactor)
         return await disks.read_layout(context, self.loop.path)
 
+    def assert_stand_in_ran(self, log: str) -> None:
+        """The image's bootc ran onto the loop device as the reference agent runs it."""
+        self.assertIn(f"Container image ({self.image_source}) written to device "
+                      f"{self.loop.path}", log)
+        argv = self.stand_in_argv()
+        assert argv is not None, log[-3000:]
+        self.assertEqual(argv[:5], ["install", "to-disk", "--wipe", "--skip-fetch-check",
+                                    f"--root-size={DISK // 2 ** 20 - 768}M"])
+        self.assertTrue(argv[5].startswith("--root-ssh-authorized-keys=/tmp/"), argv)
+        self.assertEqual(argv[6:], ["--disable-selinux", self.loop.path])
+        with open(os.path.join(self.bed.dir, "bootc-keys")) as f:
+            self.assertEqual(f.read(), AUTHORIZED_KEYS)
+
+
+class RealIronicBootcTests(BootcDeployBed):
+    """Ironic's ``bootc`` deploy interface drives ``execute_bootc_install`` on our agent,
+    the image in a registry that wants a password."""
+
     async def test_deploy(self) -> None:
         """The node's image_pull_secret is the registry token (base64 of user:password,
         no colon): Ironic hands it on, the image is pulled, its bootc runs on the disk
@@ -173,19 +219,11 @@ class RealIronicBootcTests(TestCase):
         node, log = await self.deploy(token, "active", configdrive=base64.b64encode(
             gzip.compress(drive_bytes)).decode())
         self.assertIsNone(node["last_error"])
+        self.assertEqual(node["deploy_interface"], "bootc")
 
         # Ironic's own step called the agent's, with the image and the pull secret.
         self.assertIn("Executing deploy step execute_bootc_install", log)
-        self.assertIn(f"Container image ({self.image_source}) written to device "
-                      f"{self.loop.path}", log)
-        argv = self.stand_in_argv()
-        assert argv is not None, log[-3000:]
-        self.assertEqual(argv[:5], ["install", "to-disk", "--wipe", "--skip-fetch-check",
-                                    f"--root-size={DISK // 2 ** 20 - 768}M"])
-        self.assertTrue(argv[5].startswith("--root-ssh-authorized-keys=/tmp/"), argv)
-        self.assertEqual(argv[6:], ["--disable-selinux", self.loop.path])
-        with open(os.path.join(self.bed.dir, "bootc-keys")) as f:
-            self.assertEqual(f.read(), AUTHORIZED_KEYS)
+        self.assert_stand_in_ran(log)
         # The registry wants the password: the manifest was served, so the secret came.
         requests = self.bed.registry_requests()
         self.assertTrue(any('/manifests/1 HTTP/1.1" 200' in line for line in requests),
@@ -212,3 +250,32 @@ class RealIronicBootcTests(TestCase):
         self.assertFalse(any('/manifests/1 HTTP/1.1" 200' in line
                              for line in self.bed.registry_requests()))
         self.assertEqual((await self.disk_layout()).partitions, ())
+
+
+class RealIronicAutodetectTests(BootcDeployBed):
+    """Ironic's ``autodetect`` deploy interface asks the registry itself (its OCI client,
+    HTTPS first, plain HTTP once ``[oci]permit_fallback_to_http_transport`` allows it),
+    finds a container image with no disk type, switches the node to ``bootc`` and deploys
+    through our agent. The registry wants no password here: with htpasswd (Basic) auth,
+    Ironic's client needs a user and a password (``image_pull_secret`` ``user:password``),
+    which its bootc step then cuts down to the password, which podman cannot use (see
+    ``test_user_password_pull_secret``)."""
+
+    registry_password = None
+    push_index = True
+    ironic_options = {
+        "DEFAULT": {"enabled_deploy_interfaces": "direct,custom-agent,bootc,autodetect",
+                    "autodetect_deploy_interfaces": "bootc,direct"},
+        "oci": {"permit_fallback_to_http_transport": True}}
+
+    async def test_autodetect(self) -> None:
+        node, log = await self.deploy(None, "active", deploy_interface="autodetect")
+        self.assertIsNone(node["last_error"])
+        self.assertIn("autodetect switching to deploy interface: bootc",
+                      "\n".join(self.ironic.log_lines("INFO")))
+        self.assert_stand_in_ran(log)
+        # Ironic's own requests (python-requests) found the manifest over plain HTTP.
+        requests = self.bed.registry_requests()
+        self.assertTrue(any("python-requests" in line and '/manifests/1 HTTP/1.1" 200'
+                            in line for line in requests), requests)
+        print(f"  deploy_interface once active: {node['deploy_interface']}")

@@ -7,8 +7,9 @@ the PXE boot device, and deploying sets the DISK one; ``manual-management`` has 
 need, the first of each list being the default:
 
 - boot ``fake`` (nothing to serve: the agent is started by the test),
-- deploy ``direct`` (the agent writes the image), ``fake``, ``custom-agent`` and ``bootc``
-  (the agent installs a bootable container image),
+- deploy ``direct`` (the agent writes the image), ``fake``, ``custom-agent``, ``bootc``
+  (the agent installs a bootable container image) and ``autodetect`` (one of them, chosen
+  by the image),
 - management ``noop`` (any boot device is fine),
 - power ``fake`` (a stored power state), or ``agent`` (reboots through the agent),
 - inspect ``agent`` (Ironic's built-in inspection) and ``no-inspect``,
@@ -16,7 +17,8 @@ need, the first of each list being the default:
 """
 
 from ironic.drivers import generic
-from ironic.drivers.modules import agent, agent_power, fake, inspector, noop, noop_mgmt
+from ironic.drivers.modules import (agent, agent_power, autodetect, fake, inspector, noop,
+                                    noop_mgmt)
 from ironic.drivers.modules.network import noop as noop_net
 from ironic.drivers.modules.storage import noop as noop_storage
 
@@ -38,7 +40,7 @@ class TestHardware(generic.GenericHardware):
     @property
     def supported_deploy_interfaces(self):
         return [agent.AgentDeploy, agent.CustomAgentDeploy, fake.FakeDeploy,
-                agent.BootcAgentDeploy]
+                agent.BootcAgentDeploy, autodetect.AutodetectDeploy]
 
     @property
     def supported_management_interfaces(self):
