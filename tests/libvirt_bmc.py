@@ -9,10 +9,14 @@ undefined, the pool it defined removed, the emulator and the daemons it started 
 
 The domain: ``type='qemu'`` (KVM opens here but its guests die), no ``<kernel>`` (a
 direct-kernel-boot domain ignores Redfish boot-device changes), an empty SATA CD-ROM for
-virtual media, file-backed virtio and NVMe disks with serials, the serial console in a file,
-and one virtio NIC on QEMU's user network with ``restrict=on``: the guest reaches only the
-forwarded addresses (``guest_forwards``, through ``tests/qemu_relay.py``) and the host reaches
-the guest's agent on ``127.0.0.1:agent_port``. Nothing is bridged to this machine's network.
+virtual media, file-backed virtio and NVMe disks with serials, the serial console in a file
+(appended to across power cycles), one virtio NIC on QEMU's user network: the guest reaches
+this machine's loopback services (Ironic, the image server) at ``GUEST_HOST`` (the user
+network's alias of the host) and the host reaches the guest's agent on
+``127.0.0.1:agent_port``; optionally a second NIC on a user network of its own with
+``restrict=on``. Nothing is bridged to this machine's network. (QEMU's ``guestfwd`` with a
+command would keep the guest off everything else, but libvirt's seccomp sandbox forbids QEMU
+to spawn it: the guest died on its first connection.)
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import shutil
 import signal
 import sys
 import uuid as uuidlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from xml.sax.saxutils import quoteattr
 
@@ -32,6 +36,8 @@ SUSHY_VENV = os.path.join(ROOT, ".venv-sushy")
 OVMF = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 SEABIOS = "/usr/share/seabios/bios-256k.bin"
 LIBVIRT_SOCKET = "/run/libvirt/libvirt-sock"
+GUEST_HOST = "10.0.2.2"
+"""This machine's 127.0.0.1 as the guest sees it (QEMU's user network)."""
 
 
 def unavailable() -> str | None:
@@ -88,8 +94,8 @@ class LibvirtBMC:
     disks: Sequence[VMDisk]
     mac: str
     memory_mb: int = 1024
-    guest_forwards: Mapping[str, int] = field(default_factory=dict)
-    """Guest ``IP:port`` → a port of the host's 127.0.0.1."""
+    second_mac: str | None = None
+    """A second NIC on a network of its own (no forwards): a port inspection creates."""
     uuid: str = field(default_factory=lambda: str(uuidlib.uuid4()))
     agent_port: int = field(default_factory=free_port)
     sushy_port: int = field(default_factory=free_port)
@@ -120,12 +126,13 @@ class LibvirtBMC:
                                     "cache=unsafe",
                           "-device", f"nvme,drive=nvme{number},serial={disk.serial},"
                                     f"bus=pci.0,addr={0x1d - number:#x}"]
-        relay = os.path.join(ROOT, "tests", "qemu_relay.py")
-        nic = f"user,id=e2enet,restrict=on,hostfwd=tcp:127.0.0.1:{self.agent_port}-:9999"
-        for guest, port in self.guest_forwards.items():
-            nic += f",guestfwd=tcp:{guest}-cmd:{sys.executable} {relay} 127.0.0.1 {port}"
+        nic = f"user,id=e2enet,hostfwd=tcp:127.0.0.1:{self.agent_port}-:9999"
         extra += ["-netdev", nic, "-device",
                   f"virtio-net-pci,netdev=e2enet,mac={self.mac},romfile=,bus=pci.0,addr=0x1e"]
+        if self.second_mac:
+            extra += ["-netdev", "user,id=e2enet2,restrict=on,net=10.0.3.0/24", "-device",
+                      f"virtio-net-pci,netdev=e2enet2,mac={self.second_mac},romfile=,"
+                      "bus=pci.0,addr=0x1c"]
         args = "".join(f"<qemu:arg value={quoteattr(arg)}/>" for arg in extra)
         return f"""<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{self.name}</name><uuid>{self.uuid}</uuid>
@@ -140,7 +147,8 @@ class LibvirtBMC:
     {''.join(disks)}
     <disk type='file' device='cdrom'><driver name='qemu' type='raw'/>
       <target dev='sda' bus='sata'/><readonly/></disk>
-    <serial type='file'><source path={quoteattr(self.console_path)}/><target port='0'/></serial>
+    <serial type='file'><source path={quoteattr(self.console_path)} append='on'/>
+      <target port='0'/></serial>
     <graphics type='vnc' listen='127.0.0.1' autoport='yes'/>
     <video><model type='vga'/></video>
     <memballoon model='none'/>
