@@ -14,7 +14,8 @@ Usage: .venv/bin/python bench/deploy.py [--size-gib 2] [--runs 3] [--qcow2-gib 1
    lowest limit's (target >= 0.9). The CPU seconds per GiB of ours (the writing process,
    and by stage: the reactor, the hash thread, the write thread) and of the pipe's
    programs are printed too: on a machine shared with other work they move less than the
-   rates, and they tell whether the stages, added up, fit the cores.
+   rates, and they tell whether the stages, added up, fit the cores; so does the share of
+   the wall time the hash thread spent waiting for a core (runnable, not running).
 2. Peak RSS of ``write_image`` deploying a qcow2 of 1, 4 and 8 GiB virtual size (made by
    ``qemu-img convert`` from a sparse raw with random data spread through it, 1/16 of the
    virtual size), checked against that raw with ``cmp``.
@@ -99,17 +100,20 @@ def serve(directory: str, port_file: str) -> None:
 # -- our pipeline (child process) -------------------------------------------------------------
 
 class ThreadCPU:
-    """CPU seconds each of this process's threads used from now on, by Python thread name,
+    """CPU seconds each of this process's threads used from now on, and seconds it waited
+    for a core (runnable, not running: other threads held both), by Python thread name,
     sampled every ``interval`` s from /proc (a pool thread's figures are kept once it is
     gone)."""
 
     def __init__(self, interval: float = 0.05) -> None:
         import threading
         self.seconds: dict[str, float] = {}
+        self.waiting: dict[str, float] = {}
         self._tick = os.sysconf("SC_CLK_TCK")
         self._stop = threading.Event()
         self.sample(threading)
         self._before = dict(self.seconds)
+        self._waited_before = dict(self.waiting)
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True,
                                         name="bench-sampler")
         self._thread.start()
@@ -125,17 +129,23 @@ class ThreadCPU:
             try:
                 with open(f"/proc/self/task/{tid}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
+                with open(f"/proc/self/task/{tid}/schedstat") as f:
+                    waited = int(f.read().split()[1]) / 1e9
+            except (OSError, IndexError):
                 continue
             self.seconds[name] = (int(fields[11]) + int(fields[12])) / self._tick
+            self.waiting[name] = waited
 
-    def stop(self) -> dict[str, float]:
+    def stop(self) -> tuple[dict[str, float], dict[str, float]]:
+        """CPU seconds and seconds waiting for a core, by thread name."""
         import threading
         self.sample(threading)
         self._stop.set()
         self._thread.join()
-        return {name: seconds - self._before.get(name, 0.0)
-                for name, seconds in self.seconds.items()}
+        return ({name: seconds - self._before.get(name, 0.0)
+                 for name, seconds in self.seconds.items()},
+                {name: seconds - self._waited_before.get(name, 0.0)
+                 for name, seconds in self.waiting.items()})
 
 
 def write(url: str, device: str, checksum: str | None, disk_format: str,
@@ -180,11 +190,13 @@ def write(url: str, device: str, checksum: str | None, disk_format: str,
         result["elapsed"] = time.monotonic() - started
         after = resource.getrusage(resource.RUSAGE_SELF)
         result["cpu_s"] = (after.ru_utime - cpu.ru_utime) + (after.ru_stime - cpu.ru_stime)
-        by_name = sampler.stop()
+        by_name, waited = sampler.stop()
         stages = {"reactor": threading.main_thread().name, "hash": "ipa-image-hash",
                   "write": "ipa-image-write"}
         result["stage_cpu_s"] = {stage: sum(s for name, s in by_name.items() if key in name)
                                  for stage, key in stages.items()}
+        result["stage_wait_s"] = {stage: sum(s for name, s in waited.items() if key in name)
+                                  for stage, key in stages.items()}
         result["peak_rss_kib"] = status("VmHWM")
         result["children_peak_rss_kib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         result["checksum"] = written.checksum
@@ -391,7 +403,7 @@ def raw_bench(bench: Bench, size_gib: float, runs: int, depth: int) -> list[dict
     got: dict[str, list[float]] = {key: [] for key in (
         "ours", "pipe", "pipe_plain", "fio_qd1", "fio_qdn", "sha256", "sha512", "curl",
         "ours_cpu", "pipe_cpu", "hash_cpu", "reactor_cpu", "write_cpu", "hash_busy",
-        "ours_rss", "ceiling")}
+        "ours_rss", "ceiling", "hash_waiting")}
     have_fio = shutil.which("fio") is not None and is_loop
     if not have_fio:
         log("no device limit: fio is not installed (apt-get install -y fio) or no loop device")
@@ -406,6 +418,7 @@ def raw_bench(bench: Bench, size_gib: float, runs: int, depth: int) -> list[dict
         for stage in ("hash", "reactor", "write"):
             got[f"{stage}_cpu"].append(result["stage_cpu_s"][stage] / (size / GiB))
         got["hash_busy"].append(result["stage_cpu_s"]["hash"] / result["elapsed"])
+        got["hash_waiting"].append(result["stage_wait_s"]["hash"] / result["elapsed"])
         # every stage's CPU, ours and the server's, shared by the machine's cores (the
         # kernel's work for the loop device is left out: an upper bound)
         got["ceiling"].append((os.cpu_count() or 1) * size / MiB / (result["cpu_s"] + served))
@@ -429,6 +442,7 @@ def raw_bench(bench: Bench, size_gib: float, runs: int, depth: int) -> list[dict
             + "; CPU s/GiB: " + ", ".join(f"{k[:-4]} {v[-1]:.2f}" for k, v in got.items()
                                            if v and k.endswith("_cpu"))
             + f"; hash thread busy {got['hash_busy'][-1]:.2f}, "
+              f"waiting for a core {got['hash_waiting'][-1]:.2f}, "
               f"peak RSS {got['ours_rss'][-1]:.0f} MiB")
     bench.detach(device)
     os.remove(os.path.join(bench.workdir, "raw-target"))
@@ -460,8 +474,8 @@ def raw_bench(bench: Bench, size_gib: float, runs: int, depth: int) -> list[dict
          "theirs": got["reactor_cpu"], "fmt": "{:.2f}"},
         {"measure": "  ours by stage: write thread", "ours": got["write_cpu"], "theirs": [],
          "fmt": "{:.2f}"},
-        {"measure": "  ours: hash thread's CPU / wall time", "ours": got["hash_busy"],
-         "theirs": [], "fmt": "{:.2f}"},
+        {"measure": "  ours: hash thread's CPU | wait for a core / wall",
+         "ours": got["hash_busy"], "theirs": got["hash_waiting"], "fmt": "{:.2f}"},
         {"measure": f"  ours vs the stages sharing {os.cpu_count()} cores (MiB/s)",
          "ours": got["ours"], "theirs": got["ceiling"], "fmt": "{:.0f}"},
         {"measure": "  ours: peak RSS of the writing process (MiB)", "ours": got["ours_rss"],
