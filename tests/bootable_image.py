@@ -24,16 +24,21 @@ partition (file system UUID ``ROOTFS_UUID``, label ``ROOTFS_LABEL``) holding
   ``/etc/default/grub`` saying the same to ``grub-mkconfig``.
 
 The image boots as it is from a plain disk under SeaBIOS (GRUB finds its partition by
-UUID). Written onto an md RAID 1 with metadata 1.2 (which the agent creates over a
-partition of each holder disk) it does not boot by itself: the firmware reads the holder
-disk's own partition table, so GRUB must be installed onto the holders from the image
+UUID). ``uefi=True`` gives the UEFI variant instead: a GPT, an EFI system partition with
+GRUB at the removable-media path ``EFI/BOOT/BOOTX64.EFI`` (booted by OVMF with empty NVRAM;
+GRUB needs more than 256 MiB of RAM there), then the same root partition.
+
+Written onto an md RAID 1 with metadata 1.2 (which the agent creates over a partition of
+each holder disk) the image does not boot by itself: the firmware reads the holder disk's
+own partition table, so GRUB must be installed onto the holders from the image
 (``install_bootloader`` with the root UUID, which Ironic calls for software RAID).
 
 Needs root (the root file system tarball, ``chroot`` for ``grub-mkimage``, device nodes),
 ``dpkg-deb``, ``tar``, ``zstd``, ``cpio``, ``gzip``, ``mke2fs`` (with ``-d``) and
-``parted``. About 40 s the first time (given the ramdisk's downloads and the root file
-system tarball), nothing afterwards: the image is kept in ``.cache/bootable-image``, keyed
-by the inputs' names and this file's text.
+``parted`` (and ``mkfs.vfat``, ``mmd`` and ``mcopy`` for UEFI). 10-40 s the first time
+(given the ramdisk's downloads and the root file system tarball), nothing afterwards: the
+image is kept in ``.cache/bootable-image``, keyed by the inputs' names and this file's
+text.
 """
 
 from __future__ import annotations
@@ -82,6 +87,9 @@ MODULES = ("virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod", "ahci", "nvme", 
 """Kernel modules of the initramfs (with what they depend on), loaded in order by /init."""
 CORE_MODULES = ("biosdisk", "part_msdos", "ext2", "search_fs_uuid")
 """Built into GRUB's core image; the rest is loaded from the image's /boot/grub/i386-pc."""
+EFI_CORE_MODULES = ("part_gpt", "ext2", "search_fs_uuid")
+"""The same for UEFI (the rest from /boot/grub/x86_64-efi)."""
+ESP_MIB = 32
 BUILD_TIMEOUT = 900.0
 _PRUNE = ("usr/share/doc", "usr/share/man", "usr/share/locale", "usr/share/info",
           "usr/share/lintian", "usr/share/bash-completion", "usr/lib/x86_64-linux-gnu/gconv",
@@ -164,20 +172,21 @@ _BOOT_CODE_END = 0x1B8
 _BLOCKLIST = 0x200 - 12
 
 
-def unavailable(cache_dir: str | None = None) -> str | None:
+def unavailable(cache_dir: str | None = None, *, uefi: bool = False) -> str | None:
     """Why the image cannot be had here (a skip reason), or None: it is built for the
     present inputs in ``cache_dir``, or it can be built."""
     if os.uname().machine not in ("x86_64", "amd64"):
         return "the bootable test image is built for x86_64 only"
-    built = _image_path(cache_dir or CACHE_DIR)
+    built = _image_path(cache_dir or CACHE_DIR, uefi)
     if built is not None and os.path.exists(built):
         return None
     if os.geteuid() != 0:
         return ("building the bootable test image needs root (chroot, device nodes, "
                 "the root file system tarball)")
-    missing = [tool for tool in ("dpkg-deb", "tar", "zstd", "cpio", "gzip", "mke2fs",
-                                 "parted", "chroot")
-               if shutil.which(tool) is None]
+    tools = ["dpkg-deb", "tar", "zstd", "cpio", "gzip", "mke2fs", "parted", "chroot"]
+    if uefi:
+        tools += ["mkfs.vfat", "mmd", "mcopy"]
+    missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         return (f"{', '.join(missing)} not installed (needed to build the bootable test "
                 "image; bash .ci/setup installs them)")
@@ -194,13 +203,18 @@ def _kernel_deb() -> str | None:
     return found[-1] if found else None
 
 
-def _image_path(cache_dir: str) -> str | None:
+def _variant(uefi: bool) -> str:
+    return "uefi" if uefi else "bios"
+
+
+def _image_path(cache_dir: str, uefi: bool) -> str | None:
     """Where the image made of the present inputs is kept; None while some are missing."""
     tarball = rootfs.tarball_path()
     inputs = [_kernel_deb()] + [_deb(name) for name in INITRAMFS_DEBS]
     if not os.path.exists(tarball) or None in inputs:
         return None
-    return os.path.join(cache_dir, f"bootable-{_cache_key(tarball, inputs)}.img")
+    return os.path.join(cache_dir,
+                        f"bootable-{_variant(uefi)}-{_cache_key(tarball, inputs)}.img")
 
 
 def _cache_key(tarball: str, debs: list[Any]) -> str:
@@ -298,15 +312,16 @@ def _stage_initramfs(work: str, kver: str, modules: list[str]) -> str:
     return initramfs
 
 
-def _stage_root(work: str, kver: str) -> None:
+def _stage_root(work: str, kver: str, uefi: bool) -> None:
     """Put the kernel, GRUB's files and configuration into ``work/root``."""
     root = os.path.join(work, "root")
     _prune(root, (rootfs.FAKE_KERNEL,))
     boot = os.path.join(root, "boot")
     shutil.copy2(os.path.join(work, "kernel", "boot", f"vmlinuz-{kver}"),
                  os.path.join(boot, f"vmlinuz-{kver}"))
-    shutil.copytree(os.path.join(root, "usr", "lib", "grub", "i386-pc"),
-                    os.path.join(boot, "grub", "i386-pc"), dirs_exist_ok=True)
+    platform = "x86_64-efi" if uefi else "i386-pc"
+    shutil.copytree(os.path.join(root, "usr", "lib", "grub", platform),
+                    os.path.join(boot, "grub", platform), dirs_exist_ok=True)
     _write_file(os.path.join(boot, "grub", "grub.cfg"),
                 GRUB_CFG.format(uuid=ROOTFS_UUID, kver=kver, cmdline=KERNEL_COMMAND_LINE))
     _write_file(os.path.join(root, "etc", "default", "grub"),
@@ -314,7 +329,7 @@ def _stage_root(work: str, kver: str) -> None:
     _write_file(os.path.join(root, "etc", "fstab"), f"UUID={ROOTFS_UUID} / ext3 defaults 0 1\n")
     _write_file(os.path.join(root, "etc", "hostname"), "ipa-e2e-deployed\n")
     _write_file(os.path.join(root, "tmp", "load.cfg"),
-                f"search.fs_uuid {ROOTFS_UUID} root hd0,msdos1\n"
+                f"search.fs_uuid {ROOTFS_UUID} root {'hd0,gpt2' if uefi else 'hd0,msdos1'}\n"
                 "set prefix=($root)'/boot/grub'\n")
 
 
@@ -351,20 +366,25 @@ def _install_grub_boot(image: str, core_img: str, boot_img: str) -> None:
         f.write(core)
 
 
-def _finish_image(work: str, fs_image: str, image: str) -> None:
-    """Copy the file system after the first MiB of the image (holes kept)."""
-    with open(fs_image, "rb") as source, open(image, "r+b") as target:
+def _place(part_image: str, image: str, at: int) -> None:
+    """Copy a partition's content into the image at byte ``at`` (holes kept)."""
+    with open(part_image, "rb") as source, open(image, "r+b") as target:
         offset = 0
         while chunk := source.read(1 << 20):
             if chunk.count(0) != len(chunk):
-                target.seek((1 << 20) + offset)
+                target.seek(at + offset)
                 target.write(chunk)
             offset += len(chunk)
 
 
-async def build_bootable_image(cache_dir: str | None = None, runner: Any = None) -> str:
+async def build_bootable_image(cache_dir: str | None = None, runner: Any = None, *,
+                               uefi: bool = False) -> str:
     """The path of the bootable whole-disk raw image (see the module docstring), built
     first if it is not in ``cache_dir`` (default ``.cache/bootable-image``) yet.
+
+    With ``uefi`` the image is for UEFI instead: a GPT with an EFI system partition
+    holding GRUB as ``EFI/BOOT/BOOTX64.EFI`` (the removable-media path, which firmware
+    boots with empty NVRAM), then the same root partition (partition 2).
 
     SkipTest when it cannot be built here (``unavailable()``); AssertionError or
     ProcessExecutionError when building fails. The root file system's UUID is
@@ -372,7 +392,7 @@ async def build_bootable_image(cache_dir: str | None = None, runner: Any = None)
     ``CONFIGDRIVE_MISSING``.
     """
     cache_dir = cache_dir or CACHE_DIR
-    reason = unavailable(cache_dir)
+    reason = unavailable(cache_dir, uefi=uefi)
     if reason is not None:
         raise SkipTest(reason)
     runner = runner or ProcessRunner(reactor, reactor)
@@ -385,7 +405,7 @@ async def build_bootable_image(cache_dir: str | None = None, runner: Any = None)
         raise AssertionError(f"the ramdisk build left no kernel or no {INITRAMFS_DEBS} "
                              f"packages in {DEBS_DIR}")
     await rootfs.debian_rootfs(runner)
-    tarball, path = rootfs.tarball_path(), _image_path(cache_dir)
+    tarball, path = rootfs.tarball_path(), _image_path(cache_dir, uefi)
     assert path is not None
     if os.path.exists(path):
         return path
@@ -418,7 +438,7 @@ async def build_bootable_image(cache_dir: str | None = None, runner: Any = None)
             "sh", "-c", 'cd "$1" && find . -print0 | LC_ALL=C sort -z '
             '| cpio --null -o -H newc --quiet | gzip -6 > "$2"',
             "sh", initramfs, initrd, timeout=BUILD_TIMEOUT)
-        await deferToThread(_stage_root, work, kver)
+        await deferToThread(_stage_root, work, kver, uefi)
         # grub-install names a partition of an md device by the array's UUID, which it
         # asks mdadm for: an image for software RAID carries mdadm, as real ones do.
         # (the root is merged-/usr: /sbin and /lib stay links to /usr's)
@@ -426,10 +446,12 @@ async def build_bootable_image(cache_dir: str | None = None, runner: Any = None)
             "sh", "-c", 'dpkg-deb --fsys-tarfile "$1" | tar -x --keep-directory-symlink '
             '-C "$2" ./sbin/mdadm', "sh", _deb("mdadm"), root, timeout=BUILD_TIMEOUT)
         shutil.move(initrd, os.path.join(root, "boot", f"initrd.img-{kver}"))
+        platform, grub_modules = (("x86_64-efi", EFI_CORE_MODULES) if uefi
+                                  else ("i386-pc", CORE_MODULES))
         await runner.execute(
-            "chroot", root, "/usr/bin/grub-mkimage", "-O", "i386-pc", "-o", "/tmp/core.img",
-            "-c", "/tmp/load.cfg", "-p", "/boot/grub", "-d", "/usr/lib/grub/i386-pc",
-            *CORE_MODULES, timeout=BUILD_TIMEOUT)
+            "chroot", root, "/usr/bin/grub-mkimage", "-O", platform, "-o", "/tmp/core.img",
+            "-c", "/tmp/load.cfg", "-p", "/boot/grub", "-d", f"/usr/lib/grub/{platform}",
+            *grub_modules, timeout=BUILD_TIMEOUT)
         core_img = os.path.join(work, "core.img")
         boot_img = os.path.join(work, "boot.img")
         shutil.move(os.path.join(root, "tmp", "core.img"), core_img)
@@ -444,15 +466,34 @@ async def build_bootable_image(cache_dir: str | None = None, runner: Any = None)
                              "-L", ROOTFS_LABEL, "-E", "lazy_itable_init=0", fs_image,
                              f"{fs_mib}M", timeout=BUILD_TIMEOUT)
         partial = os.path.join(work, "disk.img")
-        with open(partial, "wb") as f:
-            f.truncate((fs_mib + 1) << 20)
-        await runner.execute("parted", "-s", partial, "--", "mklabel", "msdos", "mkpart",
-                             "primary", "ext2", "1MiB", "100%", "set", "1", "boot", "on",
-                             timeout=BUILD_TIMEOUT)
-        await deferToThread(_finish_image, work, fs_image, partial)
-        await deferToThread(_install_grub_boot, partial, core_img, boot_img)
+        if uefi:
+            esp_image = os.path.join(work, "esp.vfat")
+            await runner.execute("mkfs.vfat", "-C", "-n", "ESP", esp_image,
+                                 str(ESP_MIB * 1024), timeout=BUILD_TIMEOUT)
+            await runner.execute("mmd", "-i", esp_image, "::/EFI", "::/EFI/BOOT",
+                                 timeout=BUILD_TIMEOUT)
+            await runner.execute("mcopy", "-i", esp_image, core_img,
+                                 "::/EFI/BOOT/BOOTX64.EFI", timeout=BUILD_TIMEOUT)
+            root_start = 1 + ESP_MIB
+            with open(partial, "wb") as f:
+                f.truncate((root_start + fs_mib + 1) << 20)       # + the backup GPT
+            await runner.execute(
+                "parted", "-s", partial, "--", "mklabel", "gpt",
+                "mkpart", "ESP", "fat32", "1MiB", f"{root_start}MiB", "set", "1", "esp", "on",
+                "mkpart", "root", "ext2", f"{root_start}MiB", f"{root_start + fs_mib}MiB",
+                timeout=BUILD_TIMEOUT)
+            await deferToThread(_place, esp_image, partial, 1 << 20)
+            await deferToThread(_place, fs_image, partial, root_start << 20)
+        else:
+            with open(partial, "wb") as f:
+                f.truncate((fs_mib + 1) << 20)
+            await runner.execute("parted", "-s", partial, "--", "mklabel", "msdos", "mkpart",
+                                 "primary", "ext2", "1MiB", "100%", "set", "1", "boot", "on",
+                                 timeout=BUILD_TIMEOUT)
+            await deferToThread(_place, fs_image, partial, 1 << 20)
+            await deferToThread(_install_grub_boot, partial, core_img, boot_img)
         os.replace(partial, path)
-        for stale in glob.glob(os.path.join(cache_dir, "bootable-*.img")):
+        for stale in glob.glob(os.path.join(cache_dir, f"bootable-{_variant(uefi)}-*.img")):
             if stale != path:                     # an older recipe's image
                 for victim in (stale, stale + ".txt"):
                     if os.path.exists(victim):

@@ -28,7 +28,7 @@ from ipa_twisted.process import ProcessRunner
 from tests import bootable_image
 from tests.configdrive_iso import META_DATA, make_iso
 from tests.processes import Child, sleep
-from tests.qemu import QEMU
+from tests.qemu import OVMF_CODE, OVMF_VARS, QEMU, uefi_unavailable
 
 log = Logger()
 MiB = 1 << 20
@@ -62,7 +62,8 @@ class BootableImageTests(TestCase):
             raise SkipTest(reason)
         self.runner = ProcessRunner(reactor, reactor)
 
-    async def _disk_with_config_drive(self, image: str, meta_data: dict[str, Any]) -> str:
+    async def _disk_with_config_drive(self, image: str, meta_data: dict[str, Any],
+                                      gpt: bool = False) -> str:
         """A disk file: the image from sector 0, and at the end of the disk a partition
         holding the config drive Ironic would send (placed and aligned as the agent does)."""
         files = dict(META_DATA)
@@ -75,7 +76,9 @@ class BootableImageTests(TestCase):
         with open(disk, "wb") as f:
             f.truncate(size)
         _copy_sparse(image, disk)
-        end = size // MiB * MiB
+        if gpt:                         # its backup table to the end of the larger disk
+            await self.runner.execute("sgdisk", "-e", disk)
+        end = (size - (MiB if gpt else 0)) // MiB * MiB      # GPT: its backup at the end
         start = (end - len(iso)) // MiB * MiB
         await self.runner.execute("parted", "-s", disk, "--", "mkpart", "primary",
                                   f"{start // 512}s", f"{end // 512 - 1}s")
@@ -84,15 +87,47 @@ class BootableImageTests(TestCase):
             f.write(iso)
         return disk
 
-    def _boot(self, disk: str, machine: str) -> Child:
-        """QEMU (SeaBIOS, TCG) booting ``disk`` on a virtio disk; killed at cleanup."""
-        guest = Child([QEMU, "-machine", machine, "-accel", "tcg", "-m", "256",
-                       "-display", "none", "-monitor", "none", "-serial", "stdio",
-                       "-no-reboot", "-nic", "none",
-                       "-drive", f"file={disk},if=none,id=disk0,format=raw,cache=unsafe",
-                       "-device", "virtio-blk-pci,drive=disk0,serial=e2e-disk0"])
+    def _boot(self, disk: str, machine: str, uefi: bool = False) -> Child:
+        """QEMU (TCG; SeaBIOS, or OVMF with fresh NVRAM) booting ``disk`` on a virtio
+        disk; killed at cleanup."""
+        # GRUB for UEFI runs out of memory loading the kernel with 256 MiB under OVMF.
+        argv = [QEMU, "-machine", machine, "-accel", "tcg", "-m", "512" if uefi else "256",
+                "-display", "none", "-monitor", "none", "-serial", "stdio",
+                "-no-reboot", "-nic", "none",
+                "-drive", f"file={disk},if=none,id=disk0,format=raw,cache=unsafe",
+                "-device", "virtio-blk-pci,drive=disk0,serial=e2e-disk0"]
+        if uefi:
+            nvram = os.path.abspath(self.mktemp())
+            shutil.copyfile(OVMF_VARS, nvram)
+            argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                     "-drive", f"if=pflash,format=raw,unit=1,file={nvram}"]
+        guest = Child(argv)
         self.addCleanup(guest.stop, "KILL")
         return guest
+
+    async def test_uefi_image_boots_and_reads_the_config_drive(self) -> None:
+        """The UEFI variant (GPT, GRUB on the EFI system partition's removable-media
+        path) under OVMF with empty NVRAM."""
+        reason = uefi_unavailable() or bootable_image.unavailable(uefi=True)
+        if reason is not None:
+            raise SkipTest(reason)
+        image = await bootable_image.build_bootable_image(uefi=True)
+        out, _ = await self.runner.execute("blkid", "-p", "-o", "value", "-s", "UUID",
+                                           "--offset", str((1 + bootable_image.ESP_MIB) * MiB),
+                                           image)
+        self.assertEqual(out.decode().strip(), bootable_image.ROOTFS_UUID)
+        instance_uuid = str(uuid.uuid4())
+        disk = await self._disk_with_config_drive(image, {"uuid": instance_uuid}, gpt=True)
+        booted = time.monotonic()
+        guest = self._boot(disk, "q35", uefi=True)
+        await guest.wait_for(bootable_image.MARKER.encode(), timeout=BOOT_TIMEOUT)
+        found = await guest.wait_for(rb"IPA-E2E-CONFIGDRIVE (uuid=(\S+)|none)\r?\n",
+                                     timeout=BOOT_TIMEOUT)
+        self.assertEqual(found.group(2), instance_uuid.encode(), guest.output[-3000:])
+        self.assertEqual(await guest.ended, 0, guest.output[-3000:])
+        log.info("Bootable UEFI image: {size} MiB; powered off {off:.1f} s after QEMU "
+                 "started", size=os.path.getsize(image) // MiB,
+                 off=time.monotonic() - booted)
 
     async def test_stays_up_when_the_config_drive_says_so(self) -> None:
         """With ``STAY_META_DATA`` in the meta_data, the system idles instead of powering
