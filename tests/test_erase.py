@@ -740,6 +740,24 @@ class ProtectedDiskTests(EraseTestCase):
                           if e.get("step") == "erase_devices_metadata"},
                          {self.dev("vda"), self.dev("sdb")})
 
+    def test_metadata_erase_leaves_raid_members(self) -> None:
+        """As the reference: a disk holding an md member keeps its partition table and the
+        member its superblock, so an array built by manual cleaning survives the metadata
+        erase of automated cleaning (a real Ironic runs them in that order)."""
+        members = {self.dev("vda"), self.dev("sdb")}
+
+        def lsblk_fs(argv: tuple[str, ...]) -> str:
+            if argv[-1] in members:
+                return LSBLK_FS_RAID_MEMBER
+            return argv[-1].split("/")[-1] + "\n"
+        manager = self.manager(FakeRunner(self.answers(
+            {("lsblk", "--fs", "--noheadings"): lsblk_fs}), missing=["smartctl"]))
+        with capturedLogs() as events:
+            self.result(manager.erase_devices_metadata({"uuid": "n1"}, []))
+        self.assertEqual(self.writes(), {self.dev("nvme0n1"), self.dev("sda")})
+        skipped = {e["device"] for e in events if "RAID member" in str(e.get("reason"))}
+        self.assertEqual(skipped, members)
+
     def test_express_leaves_protected_disks(self) -> None:
         manager = self.manager()
         result = self.result(manager.erase_devices_express(

@@ -250,6 +250,22 @@ async def has_md_superblock(context: HardwareContext, device: str) -> bool | Non
     return True
 
 
+async def is_raid_member(context: HardwareContext, device: str) -> bool:
+    """Whether ``device`` or one of its partitions is an md RAID member (``lsblk --fs``
+    shows ``linux_raid_member``), as the reference's erase steps check before erasing; True
+    also when lsblk cannot tell (erasing a member breaks its array)."""
+    try:
+        out, _ = await context.runner.execute("lsblk", "--fs", "--noheadings", device,
+                                              timeout=MD_COMMAND_TIMEOUT)
+    except CommandNotFoundError:
+        return False
+    except ProcessExecutionError as e:
+        log.warn("Cannot tell whether {device} is a RAID member: {error}", device=device,
+                 error=str(e))
+        return True
+    return b"linux_raid_member" in out
+
+
 async def zero_superblock(context: HardwareContext, device: str) -> None:
     """Remove the md superblock of ``device`` (a warning, not an error, if it fails)."""
     try:

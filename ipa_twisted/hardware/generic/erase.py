@@ -33,6 +33,7 @@ from twisted.internet.defer import DeferredSemaphore
 from twisted.logger import Logger
 
 from ipa_twisted.blockdev.drives import AtaSecurity, parse_ata_security, parse_nvme_id_ctrl
+from ipa_twisted.blockdev.md import is_raid_member
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.errors import BlockDeviceEraseError
 from ipa_twisted.hardware.generic.disk_source import DiskSource
@@ -480,7 +481,7 @@ class DiskEraser:
         name = os.path.basename(device.name)
         if self.source.is_virtual_media(device):
             return "it is the virtual media device"
-        if await self._is_raid_member(device.name):
+        if await is_raid_member(self.context, device.name):
             return "it is a software RAID member (its RAID device is erased instead)"
         if self.source.is_read_only(name):
             if settings.skip_read_only:
@@ -491,21 +492,6 @@ class DiskEraser:
                 "(agent_erase_skip_read_only).")
         return None
 
-    async def _is_raid_member(self, device: str) -> bool:
-        """Whether ``device`` (or one of its partitions) holds an md superblock.
-
-        True also when lsblk cannot tell (erasing a RAID member would break its array).
-        """
-        try:
-            out, _ = await self.context.runner.execute("lsblk", "--fs", "--noheadings",
-                                                       device, timeout=PROBE_TIMEOUT)
-        except CommandNotFoundError:
-            return False
-        except ProcessExecutionError as e:
-            self.log.warn("Cannot tell whether {device} is a RAID member: {error}",
-                          device=device, error=str(e))
-            return True
-        return b"linux_raid_member" in out
 
 
 def _is_nvme(device: str) -> bool:
@@ -523,4 +509,3 @@ def erase_clean_steps() -> list[dict[str, Any]]:
         {"step": "erase_devices_express", "priority": 0, "interface": "deploy",
          "reboot_requested": False, "abortable": True},
     ]
-

@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
 
 from ipa_twisted.blockdev.disks import destroy_disk_metadata
+from ipa_twisted.blockdev.md import is_raid_member
 from ipa_twisted.context import Deployment, HardwareContext
 from ipa_twisted.errors import BlockDeviceEraseError, CommandExecutionError, DeviceNotFound
 from ipa_twisted.hardware import root_device
@@ -329,9 +330,10 @@ class GenericHardwareManager(HardwareManager):
 
         Disks are erased concurrently; on each, its partitions first (their file system
         signatures), then the disk itself (see ``disks.destroy_disk_metadata``).
-        Read-only, removable and virtual media devices are skipped, and so are the disks
-        the node's ``skip_block_devices`` protects (each logged with the entry that protects
-        it). If a disk to erase holds a shared cluster filesystem nothing is erased:
+        Read-only, removable and virtual media devices are skipped, and so are software
+        RAID members (the disks holding them: their md device is erased, as the reference
+        does) and the disks the node's ``skip_block_devices`` protects (each logged with
+        the entry that protects it). If a disk to erase holds a shared cluster filesystem nothing is erased:
         ProtectedDeviceError (``guard_special_filesystems``). BlockDeviceEraseError
         naming every device that failed, after all were tried.
         """
@@ -348,9 +350,16 @@ class GenericHardwareManager(HardwareManager):
                 disks_.append(disk)
         await guard_special_filesystems(
             self.context, [d.device.name for d in disks_ if self._skip_erasing(d) is None])
+        reasons: dict[str, str | None] = {}
+        for disk in disks_:
+            reasons[disk.kname] = self._skip_erasing(disk)
+            if reasons[disk.kname] is None and await is_raid_member(self.context,
+                                                                    disk.device.name):
+                reasons[disk.kname] = ("it is a software RAID member (its RAID device is "
+                                       "erased instead)")
         jobs = []
         for disk in disks_:
-            reason = self._skip_erasing(disk)
+            reason = reasons[disk.kname]
             if reason is not None:
                 self.log.info("Skipping the metadata erase of {device}: {reason}",
                               device=disk.device.name, reason=reason)
