@@ -333,9 +333,9 @@ class GenericHardwareManager(HardwareManager):
         Read-only, removable and virtual media devices are skipped, and so are software
         RAID members (the disks holding them: their md device is erased, as the reference
         does) and the disks the node's ``skip_block_devices`` protects (each logged with
-        the entry that protects it). If a disk to erase holds a shared cluster filesystem nothing is erased:
-        ProtectedDeviceError (``guard_special_filesystems``). BlockDeviceEraseError
-        naming every device that failed, after all were tried.
+        the entry that protects it). If a disk to erase holds a shared cluster filesystem
+        nothing is erased: ProtectedDeviceError (``guard_special_filesystems``).
+        BlockDeviceEraseError naming every device that failed, after all were tried.
         """
         listed = await self._disks.list_devices(include_partitions=True)
         all_disks = [item for item in listed if item.kind != "part"]
