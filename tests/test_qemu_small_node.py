@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.server import Site
@@ -39,7 +38,7 @@ from twisted.web.server import Site
 from ipa_twisted.process import ProcessExecutionError, ProcessRunner
 from tests import qemu
 from tests.image_server import ImageResource
-from tests.processes import sleep
+from tests.processes import Child, sleep
 
 log = Logger()
 MiB = 1 << 20
@@ -194,25 +193,28 @@ BOOT_FAILURES = re.compile(r"Initramfs unpacking failed.*|Kernel panic.*|Out of 
 
 
 async def boot(vm: qemu.VirtualMachine, timeout: float) -> float:
-    """``vm.start`` that gives up as soon as the console shows the boot failed (the
-    initramfs not unpacked whole, a panic), QEMU ended or ``timeout`` passed."""
-    started = Deferred.fromCoroutine(vm.start(timeout=timeout))
-    deadline = time.monotonic() + timeout
-    while not started.called:
+    """Start ``vm`` and wait for the agent's API (as ``vm.start``), giving up as soon as
+    the console shows the boot failed (the initramfs not unpacked whole, a panic), QEMU
+    ended or ``timeout`` passed; the seconds it took."""
+    started = time.monotonic()
+    vm.child = Child(vm.argv())
+    while True:
         failed = BOOT_FAILURES.search(vm.console)
-        ended = vm.child is not None and vm.child.ended.called
-        late = time.monotonic() > deadline
-        if failed or ended or late:
-            started.cancel()
-            try:
-                await started
-            except (CancelledError, AssertionError):
-                pass
-            raise AssertionError(failed.group(0).strip() if failed else
-                                 f"QEMU ended: {vm.console[-500:]}" if ended else
-                                 f"no answer in {timeout} s: {_reason(vm.console)}")
-        await sleep(2)
-    return float(await started)
+        if failed:
+            raise AssertionError(failed.group(0).strip())
+        if vm.child.ended.called:
+            raise AssertionError(f"QEMU ended: {vm.console[-500:]}")
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"no answer in {timeout} s: {_reason(vm.console)}")
+        try:
+            response = await vm.http.get(f"{vm.url}/v1/status", timeout=5)
+            await response.content()
+            if response.code == 200:
+                vm.boot_seconds = time.monotonic() - started
+                return vm.boot_seconds
+        except Exception:  # not listening yet
+            pass
+        await sleep(1)
 
 
 async def deploy_on_small_node(ramdisk: qemu.Ramdisk, image: SparseImage, work: str,
