@@ -6,7 +6,8 @@ on the device (fsynced) and its checksum verified:
 - the body arrives on the reactor thread (``download.ImageDownload``), in batches of
   ``BATCH`` bytes handed to two dedicated worker threads: one hashes (hashlib releases the
   GIL), one decompresses/converts and writes (``writer.DeviceWriter``). A ``Valve`` pauses
-  the HTTP transport while more than ``Valve.high`` bytes wait in either;
+  the HTTP transport while more than ``Valve.high`` bytes wait in either; while images
+  stream, ``stages.streaming_heap`` keeps the freed batches' memory for the next reads;
 - the checksum is settled first (an MD5-only image is refused unless ``md5_enabled``);
   the format is detected from the first bytes (a compressed image's from its first
   decompressed bytes) and refused (``formats.check_safe``; ``formats.check_permitted``
