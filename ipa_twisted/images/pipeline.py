@@ -1,3 +1,4 @@
+# Over 500 lines: the one place where an image's stages are put together and torn down, in order.
 """The image pipeline: HTTP body -> checksum -> (decompress | qcow2 convert | raw) -> device.
 
 ``write_image`` streams one image to a device with bounded memory and returns once the data is

@@ -181,6 +181,10 @@ class RealIronic:
             "agent": {
                 "require_tls": self._require_tls,
                 "image_download_source": "http",
+                # Ironic 39 reads this in a retry decorator at import, before the
+                # configuration file is loaded: it stays at its default (6 s) whatever is
+                # set here. Kept so a later Ironic that reads it at call time polls faster,
+                # the same for both agents.
                 "command_wait_interval": 1,
                 "post_deploy_get_power_state_retries": 2,
                 "post_deploy_get_power_state_retry_interval": 1,
