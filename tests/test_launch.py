@@ -8,6 +8,7 @@ import sys
 import treq
 from twisted import plugin
 from twisted.plugin import IPlugin
+from twisted.scripts._twistd_unix import ServerOptions as UnixServerOptions
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipa_twisted import tap
@@ -22,7 +23,7 @@ class LauncherOptionsTests(SynchronousTestCase):
         def no_cache(*args: object, **kwargs: object) -> None:
             raise AssertionError("the launcher read twistd's plugin caches")
         self.patch(plugin, "getCache", no_cache)
-        self.patch(launch.twistd.ServerOptions, "_getPlugins", staticmethod(no_cache))
+        self.patch(UnixServerOptions, "_getPlugins", staticmethod(no_cache))
         cmdline = self.mktemp()
         with open(cmdline, "w") as f:
             f.write("\n")
@@ -33,7 +34,7 @@ class LauncherOptionsTests(SynchronousTestCase):
         self.assertIsInstance(options.subOptions, tap.Options)
         self.assertTrue(options.subOptions.config.standalone)
         self.assertEqual(list(options.loadedPlugins), ["ipa"])
-        self.assertEqual(options.loadedPlugins["ipa"].module, "ipa_twisted.tap")
+        self.assertEqual(options.loadedPlugins["ipa"].tapname, "ipa")
         self.assertTrue(IPlugin.providedBy(options.loadedPlugins["ipa"]))
 
     def test_other_service_makers_are_unknown(self) -> None:

@@ -29,8 +29,6 @@ from typing import Any
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
 
-from ipa_twisted.blockdev.gpt import Relocation, relocate_backup
-from ipa_twisted.blockdev.writer import wipe_partition_tables
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.errors import CommandExecutionError, InstanceDeployFailure
 from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError, failures_as
@@ -210,7 +208,10 @@ async def destroy_disk_metadata(context: HardwareContext, device: str, *,
                 "utf-8", "replace"):
             raise
         await runner.execute("wipefs", "--all", device, timeout=_timeout(context))
-    await (wipe or wipe_partition_tables)(device, context.reactor)
+    if wipe is None:   # the writer (mmap, O_DIRECT) is loaded when first used
+        from ipa_twisted.blockdev.writer import wipe_partition_tables
+        wipe = wipe_partition_tables
+    await wipe(device, context.reactor)
     if whole_disk:
         try:
             await runner.execute("blockdev", "--rereadpt", device, timeout=_timeout(context))
@@ -540,6 +541,7 @@ async def fix_gpt_partition(context: HardwareContext, device: str) -> None:
     ``sgdisk -v`` and, when that finds the backup misplaced, ``sgdisk -e``. Nothing to do on
     a disk without GPT. InstanceDeployFailure on failure.
     """
+    from ipa_twisted.blockdev.gpt import Relocation, relocate_backup   # when first used
     try:
         found = await deferToThreadPool(context.reactor, context.reactor.getThreadPool(),
                                         relocate_backup, device)

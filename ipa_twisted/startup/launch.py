@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.application import app
 from twisted.scripts import twistd
+from twisted.scripts._twistd_unix import ServerOptions as UnixServerOptions  # twistd's, here
 
 
 def agent_service_makers(interface: Any, package: Any = None) -> Iterable[Any]:
@@ -23,7 +24,7 @@ def agent_service_makers(interface: Any, package: Any = None) -> Iterable[Any]:
     return [ipa]
 
 
-class ServerOptions(twistd.ServerOptions):
+class ServerOptions(UnixServerOptions):
     """twistd's options, whose only sub-command is ``ipa``."""
 
     _getPlugins = staticmethod(agent_service_makers)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # built on first use (below): an agent waiting for Ironic nev
     from ipa_twisted.hardware.generic.raid import SoftwareRaid
 
 log = Logger()
+_Made = TypeVar("_Made")
 
 
 EXECUTE_BOOTC_INSTALL_STEP: dict[str, Any] = {
@@ -87,11 +88,11 @@ class GenericHardwareManager(HardwareManager):
         self._disks = DiskListing(context, udev=self._udev)
         self._made: dict[str, Any] = {}
 
-    def _collaborator(self, name: str, make: Callable[[], Any]) -> Any:
+    def _collaborator(self, name: str, make: Callable[[], _Made]) -> _Made:
         """The collaborator ``name`` for the bound context, made by ``make`` the first time."""
         if name not in self._made:
             self._made[name] = make()
-        return self._made[name]
+        return cast(_Made, self._made[name])
 
     @property
     def _eraser(self) -> DiskEraser:

@@ -92,29 +92,28 @@ class MellanoxDeviceHardwareManager(HardwareManager):
     # -- NIC firmware (ipa_twisted.hardware.vendors.nvidia_nic) ------------------------------
     def get_clean_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
         """The NIC firmware steps (priority 0: run when asked for)."""
-        return _nvidia().nvidia_nic_steps()
+        from ipa_twisted.hardware.vendors.nvidia_nic import nvidia_nic_steps  # on first use
+        return nvidia_nic_steps()
 
     def get_deploy_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
         """The same steps as for cleaning, as in the reference."""
-        return _nvidia().nvidia_nic_steps()
+        from ipa_twisted.hardware.vendors.nvidia_nic import nvidia_nic_steps  # on first use
+        return nvidia_nic_steps()
 
     def get_service_steps(self, node: Any, ports: Any) -> list[dict[str, Any]]:
         """The same steps as for cleaning, as in the reference."""
-        return _nvidia().nvidia_nic_steps()
+        from ipa_twisted.hardware.vendors.nvidia_nic import nvidia_nic_steps  # on first use
+        return nvidia_nic_steps()
 
     async def update_nvidia_nic_firmware_image(self, node: Any, ports: Any,
                                                images: Any) -> None:
         """Burn the ``images`` matching the NICs' PSIDs (``NvidiaNicFirmware.update_image``)."""
-        await _nvidia().NvidiaNicFirmware(self.context).update_image(images)
+        from ipa_twisted.hardware.vendors.nvidia_nic import NvidiaNicFirmware
+        await NvidiaNicFirmware(self.context).update_image(images)
 
     async def update_nvidia_nic_firmware_settings(self, node: Any, ports: Any,
                                                   settings: Any) -> None:
         """Set the NICs' firmware ``settings`` (``NvidiaNicFirmware.update_settings``)."""
-        await _nvidia().NvidiaNicFirmware(self.context).update_settings(settings)
+        from ipa_twisted.hardware.vendors.nvidia_nic import NvidiaNicFirmware
+        await NvidiaNicFirmware(self.context).update_settings(settings)
 
-
-def _nvidia() -> Any:
-    """``ipa_twisted.hardware.vendors.nvidia_nic``, imported when its steps are first asked
-    for (the agent's idle memory)."""
-    from ipa_twisted.hardware.vendors import nvidia_nic
-    return nvidia_nic
