@@ -26,7 +26,7 @@ import time
 import uuid as uuidlib
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
@@ -104,7 +104,8 @@ class ImageSite(Site):
     def getResourceFor(self, request: Any) -> Any:
         target = urlsplit(request.path)
         if target.scheme:
-            request.postpath = [unquote(part) for part in (target.path or b"/")[1:].split(b"/")]
+            path = target.path or b"/"
+            request.postpath = [unquote_to_bytes(part) for part in path[1:].split(b"/")]
         return super().getResourceFor(request)
 
 
