@@ -148,7 +148,12 @@ async def sleep(seconds: float) -> None:
 
 
 async def poll(check: Any, timeout: float = 30, interval: float = 0.1) -> Any:
-    """Call ``check()`` (sync or async) until it returns something truthy."""
+    """Call ``check()`` (sync or async) until it returns something truthy.
+
+    ``timeout`` counts the pauses between checks, not the checks' own time: a check that
+    hangs needs its own time limit, and a slow one stretches the wait (on a loaded machine
+    that is the point; a test that needs a wall-clock deadline keeps its own).
+    """
     waited = 0.0
     last_error: Exception | None = None
     while waited < timeout:
