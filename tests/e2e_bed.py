@@ -131,7 +131,11 @@ class Bed:
     """Ironic, the BMC, the VM and the servers in ``directory``; ``say`` shows progress."""
 
     def __init__(self, directory: str, say: Callable[[str], None] | None = None,
-                 vm_name: str | None = None) -> None:
+                 vm_name: str | None = None, fast_track: bool = True) -> None:
+        """``fast_track``: Ironic's ``[deploy]fast_track``: the ramdisk booted for inspection
+        stays up (powered on, heartbeating) through cleaning and deploy, as metal3 runs it;
+        without it each of those boots the ramdisk again (a minute or more under TCG)."""
+        self.fast_track = fast_track
         self.directory = os.path.abspath(directory)
         self.say = say or (lambda line: None)
         self.transitions = Transitions(say)
@@ -183,7 +187,7 @@ class Bed:
         agent_port = free_port()
         self.ironic = ProxiedIronic(
             os.path.join(self.directory, "ironic"), hardware_type="redfish",
-            require_tls=False, callback_timeout=900,
+            require_tls=False, callback_timeout=900, fast_track=self.fast_track,
             options={"deploy": {"http_root": http_root, "http_url": http_url,
                                 "default_boot_mode": "bios",
                                 "erase_devices_metadata_priority": 99},
