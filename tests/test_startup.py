@@ -4,11 +4,12 @@ inspection receiver), fake hardware managers. No real network, no programs run."
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from treq.testing import StubTreq
 from twisted.application.service import IService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
@@ -25,7 +26,8 @@ from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.hardware.inventory import NetworkInterface
 from ipa_twisted.process import ProcessExecutionError, ProcessRunner
 from ipa_twisted.startup.config import ConfigResolution
-from ipa_twisted.startup.hardware import ClockSync, settle_then_load
+from ipa_twisted.startup.hardware import (UDEV_TRIGGER_POLL, UDEV_TRIGGER_WAIT, ClockSync,
+                                          settle_then_load)
 from ipa_twisted.startup.heartbeat import AdvertiseService
 from ipa_twisted.startup.lookup import LOOKUP_RETRY_PAUSE, LookupService
 from ipa_twisted.tap import Options, check_startup_config, make_tree
@@ -418,3 +420,34 @@ class SettleThenLoadTests(SynchronousTestCase):
         self.assertEqual(self.load(FakeRunner(missing=["udevadm"])), ["managers after []"])
         self.assertEqual(self.load(FakeRunner({("udevadm", "settle"): Exit(1)})),
                          ["managers after ['udevadm settle']"])
+
+    def pending_load(self) -> tuple[str, MemoryReactorClock, FakeRunner, Deferred[Any]]:
+        pending = self.mktemp()
+        with open(pending, "w"):
+            pass
+        runner = FakeRunner({("udevadm", "settle"): b""})
+        self.patch(HardwareManagers, "load", classmethod(
+            lambda cls, context: succeed(HardwareManagers([(Interfaces(), 1)]))))
+        clock = MemoryReactorClock()
+        context = HardwareContext(AgentConfig(), runner, clock, None)
+        loading = Deferred.fromCoroutine(settle_then_load(context, pending))
+        return pending, clock, runner, loading
+
+    def test_udev_settles_once_the_ramdisks_trigger_is_done(self) -> None:
+        # init starts the agent beside `udevadm trigger`: settling before the events are
+        # queued would load the managers without the disks.
+        pending, clock, runner, loading = self.pending_load()
+        clock.advance(5)
+        self.assertNoResult(loading)
+        self.assertEqual(runner.argvs, [])
+        os.unlink(pending)
+        clock.advance(UDEV_TRIGGER_POLL)
+        self.assertEqual(self.successResultOf(loading).get_current_versions(), {"fake": "1"})
+        self.assertEqual(runner.argvs, [("udevadm", "settle")])
+
+    def test_a_trigger_never_done_is_waited_for_a_bounded_time(self) -> None:
+        pending, clock, runner, loading = self.pending_load()
+        clock.pump([UDEV_TRIGGER_POLL] * int(UDEV_TRIGGER_WAIT / UDEV_TRIGGER_POLL + 2))
+        self.assertEqual(self.successResultOf(loading).get_current_versions(), {"fake": "1"})
+        self.assertEqual(runner.argvs, [("udevadm", "settle")])
+        self.assertTrue(os.path.exists(pending))

@@ -35,7 +35,9 @@ class ConfigResolution(Stage[AgentConfig]):
         self._resolve_mdns = resolve_mdns or self._discover
 
     async def _read_vmedia(self, config: AgentConfig) -> Mapping[str, str]:
+        from ipa_twisted.startup.hardware import udev_triggered
         from ipa_twisted.vmedia import get_vmedia_params
+        await udev_triggered(self._reactor)   # the ramdisk's devices announced to udev
         return await get_vmedia_params(self._runner, config)
 
     async def _discover(self, config: AgentConfig) -> AgentConfig:

@@ -2,27 +2,61 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from ipa_twisted.agent import Agent
 from ipa_twisted.clock_sync import sync_clock
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.hardware.dispatch import HardwareManagers
+from ipa_twisted.retry import GaveUp, fixed, retry
 from ipa_twisted.startup.tree import Stage
 from ipa_twisted.when import When
 
+log = Logger()
 
-async def settle_then_load(context: HardwareContext) -> HardwareManagers:
+#: Present while the ramdisk's init is still announcing the devices to udev (``udevadm
+#: trigger``), which it does beside the agent: until then ``udevadm settle`` could return
+#: before the devices' events are even queued.
+UDEV_TRIGGER_PENDING = "/run/ipa-ramdisk/udev-trigger-pending"
+UDEV_TRIGGER_WAIT = 60.0     # seconds, at most
+UDEV_TRIGGER_POLL = 0.1
+
+
+class _TriggerPending(Exception):
+    """The ramdisk's init has not finished ``udevadm trigger`` yet."""
+
+
+async def udev_triggered(clock: IReactorTime, pending: str = UDEV_TRIGGER_PENDING) -> None:
+    """Return once ``pending`` is gone (at once where it never was: outside the ramdisk),
+    or after ``UDEV_TRIGGER_WAIT`` seconds (logged)."""
+    async def gone() -> None:
+        if os.path.exists(pending):
+            raise _TriggerPending(pending)
+    try:
+        await retry(gone, clock, "Waiting for the ramdisk's udev trigger ({path})",
+                    backoff=fixed(UDEV_TRIGGER_POLL), deadline=UDEV_TRIGGER_WAIT,
+                    retry_on=_TriggerPending, log=log, level=LogLevel.debug,
+                    fields={"path": pending})
+    except GaveUp:
+        log.warn("udev trigger still pending after {seconds}s ({path}); going on",
+                 seconds=UDEV_TRIGGER_WAIT, path=pending)
+
+
+async def settle_then_load(context: HardwareContext,
+                           pending: str = UDEV_TRIGGER_PENDING) -> HardwareManagers:
     """The hardware managers, found and ranked once udev has handled the devices it knows
-    of (``udevadm settle``, when udev is there): disks' serial numbers, WWNs and by-path
-    links come from udev, and the ramdisk's init starts the agent without waiting for it,
-    so that the API answers sooner."""
+    of (the ramdisk's trigger done, then ``udevadm settle``, when udev is there): disks'
+    serial numbers, WWNs and by-path links come from udev, and the ramdisk's init starts
+    the agent without waiting for it, so that the API answers sooner."""
     from ipa_twisted.blockdev.disks import udev_settle
+    await udev_triggered(context.clock, pending)
     await udev_settle(context)
     return await HardwareManagers.load(context)
 
