@@ -212,6 +212,10 @@ platforms+=(--platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --pl
 # Not needed at run time: console scripts made for this machine's Python, test suites.
 rm -rf "$site/bin"
 find "$site" -depth -type d \( -name test -o -name tests \) -path "$site/twisted/*" -exec rm -rf {} +
+# Twisted's SSH, mail and chat protocols (and their dropins, before the plugin cache is
+# written): no agent code imports them, and every byte left out is one the kernel need not
+# unpack at boot (~5 MB).
+rm -rf "$site"/twisted/{conch,mail,words} "$site"/twisted/plugins/{twisted_conch,twisted_mail,twisted_words,cred_sshkeys}.py
 if [ "$agent" = ours ]; then
 install -m 0755 /dev/stdin "$root/usr/local/bin/twistd" <<'EOF'
 #!/bin/sh
@@ -276,6 +280,13 @@ rm -rf "$root"/var/cache/apt/* "$root"/var/lib/apt/lists/* "$root"/usr/share/doc
        "$root"/usr/share/zoneinfo/posix "$root"/usr/lib/python3*/test \
        "$root"/usr/share/bash-completion "$root"/usr/share/lintian "$root"/tmp/* \
        "$root"/usr/lib/udev/hwdb.d "$root"/lib/udev/hwdb.d "$root"/var/lib/dpkg/info
+# Package management and what only it runs (apt, debconf, Perl: ~14 MB), glibc's iconv
+# converters (~8 MB: UTF-8 and Latin-1 are built in; Python has its own codecs) and pydoc's
+# topics: nothing in the ramdisk runs them at run time (the same base for either agent).
+rm -rf "$root"/usr/bin/apt* "$root"/usr/lib/apt "$root"/usr/lib/x86_64-linux-gnu/libapt-* \
+       "$root"/usr/bin/perl* "$root"/usr/lib/x86_64-linux-gnu/perl-base "$root"/usr/share/perl5 \
+       "$root"/usr/bin/debconf* "$root"/usr/share/debconf "$root"/usr/lib/x86_64-linux-gnu/gconv \
+       "$root"/usr/lib/python3*/pydoc_data
 # (hwdb.d is the source of hwdb.bin, which stays; dpkg's per-package file lists are only for
 # dpkg: every byte left out is a byte the kernel need not unpack at boot.)
 
