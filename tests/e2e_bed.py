@@ -188,8 +188,11 @@ class Bed:
         self.ironic = ProxiedIronic(
             os.path.join(self.directory, "ironic"), hardware_type="redfish",
             require_tls=False, callback_timeout=900, fast_track=self.fast_track,
+            # fast_track_timeout: Ironic's default; the harness's 30 s is shorter than the
+            # conductor holds the node's lock after inspection, during which heartbeats are
+            # refused (HTTP 409), so the next stage found the agent stale and rebooted it.
             options={"deploy": {"http_root": http_root, "http_url": http_url,
-                                "default_boot_mode": "bios",
+                                "default_boot_mode": "bios", "fast_track_timeout": 300,
                                 "erase_devices_metadata_priority": 99},
                      "conductor": {"file_url_allowed_paths": qemu.RAMDISK_OUTPUT,
                                    "automated_clean": True,
