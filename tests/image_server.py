@@ -132,3 +132,33 @@ class ImageResource(Resource):
         sender = _Sender(request, data, start, stop, cut, stall)
         request.registerProducer(sender, False)
         return NOT_DONE_YET
+
+
+def serve(test: Any, resource: Resource) -> int:
+    """Serve ``resource`` on a free port of 127.0.0.1 for ``test``'s length; return the port.
+
+    At the test's end the port stops listening and the connections still open are aborted
+    and waited for: a VM's user network (QEMU) may keep a download's connection open after
+    the guest is gone, which trial would report as a dirty reactor.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+    from twisted.protocols.policies import WrappingFactory
+    from twisted.web.server import Site
+
+    from tests.processes import sleep
+
+    factory = WrappingFactory(Site(resource))
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+
+    async def close() -> None:
+        await port.stopListening()
+        for protocol in list(factory.protocols):
+            protocol.transport.abortConnection()
+        for _ in range(100):                    # connectionLost comes on a later turn
+            if not factory.protocols:
+                return
+            await sleep(0.05)
+
+    test.addCleanup(lambda: Deferred.fromCoroutine(close()))
+    return int(port.getHost().port)

@@ -28,13 +28,12 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
-from twisted.web.server import Site
 
 from ipa_twisted.blockdev.md import parse_mdstat
 from ipa_twisted.process import ProcessRunner
 from ipa_twisted.testing.ramdisk_recordings import RECORDINGS
 from tests import qemu
-from tests.image_server import ImageResource
+from tests.image_server import ImageResource, serve
 
 log = Logger()
 MiB = 1 << 20
@@ -154,10 +153,9 @@ class RamdiskInQemuTests(TestCase):
             round(ramdisk.seconds, 1)
         await self.prepare_disks()
         image, marker = whole_disk_image()
-        server = reactor.listenTCP(0, Site(ImageResource(image)), interface="127.0.0.1")
-        self.addCleanup(server.stopListening)
+        http_port = serve(self, ImageResource(image))
         vm = qemu.VirtualMachine(ramdisk, list(self.disks.values()),
-                                 http_port=server.getHost().port, probe=True)
+                                 http_port=http_port, probe=True)
         self.addCleanup(vm.stop)
         self.addCleanup(self.keep_console, vm)
         self.timings["boot to API"] = round(await vm.start(), 1)
