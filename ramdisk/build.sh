@@ -60,6 +60,14 @@ case "$agent" in
   *) die "--agent is ours or reference, not $agent";;
 esac
 
+# One build of DIR at a time: tests running side by side (the suite and the end-to-end VM
+# test) may ask for it at once; the second waits, then finds the first's build up to date.
+if [ "$print_hash" = 0 ]; then
+  mkdir -p "$output"
+  exec 9>"$output.lock"
+  flock 9
+fi
+
 # The mirror apt already uses on this machine, else Debian's.
 if [ -z "$mirror" ]; then
   mirror=$(grep -rhoE '^(deb|URIs:)[[:space:]]+(\[[^]]*\][[:space:]]+)?https?://[^[:space:]]+/debian/?' \
