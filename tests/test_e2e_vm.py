@@ -12,7 +12,8 @@ config drive, the VM powered off through the agent and booted from its disks, th
 system's marker and the config drive's uuid seen on the serial console; rescue and unrescue
 (the deployed system boots again).
 
-The longest VM test (about 10-15 minutes under TCG; ``IPA_SKIP_E2E_VM=1`` leaves it out):
+The longest VM test (about 8-9 minutes under TCG on 2 idle cores, 15-18 under load;
+``IPA_SKIP_E2E_VM=1`` leaves it out):
 run it alone with ``PYTHONPATH=. .venv/bin/python -m twisted.trial tests.test_e2e_vm``.
 Needs root, the
 ramdisk build's tools, ``.venv-ironic`` and ``.venv-sushy`` (``bash .ci/setup`` makes them).
