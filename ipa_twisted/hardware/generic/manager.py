@@ -1,3 +1,4 @@
+# Over 500 lines: the step lists (clean, deploy, service), each step a thin delegation.
 """The generic hardware manager: its step lists, the install device, the metadata erase
 and full sync, and delegation of the rest to its collaborators, each given the context:
 ``inventory`` (CPU, memory, network, BMC, system), ``disk_listing`` (lsblk, udev, sysfs:
