@@ -758,6 +758,21 @@ class ProtectedDiskTests(EraseTestCase):
         skipped = {e["device"] for e in events if "RAID member" in str(e.get("reason"))}
         self.assertEqual(skipped, members)
 
+    def test_metadata_erase_leaves_members_of_running_arrays_udev_has_not_seen(self) -> None:
+        """A member of an array the kernel runs is left even when lsblk, reading udev's
+        database, does not show it yet (seen with a real Ironic: one of two members just
+        built by mdadm was wiped)."""
+        self.system.write("proc/mdstat", "Personalities : [raid1]\n"
+                          "md0 : active raid1 sdb1[1] vda1[0]\n"
+                          "      1046528 blocks super 1.2 [2/2] [UU]\n\n"
+                          "unused devices: <none>\n")
+        manager = self.manager()
+        with capturedLogs() as events:
+            self.result(manager.erase_devices_metadata({"uuid": "n1"}, []))
+        self.assertEqual(self.writes(), {self.dev("nvme0n1"), self.dev("sda")})
+        skipped = {e["device"] for e in events if "RAID member" in str(e.get("reason"))}
+        self.assertEqual(skipped, {self.dev("vda"), self.dev("sdb")})
+
     def test_express_leaves_protected_disks(self) -> None:
         manager = self.manager()
         result = self.result(manager.erase_devices_express(

@@ -251,9 +251,22 @@ async def has_md_superblock(context: HardwareContext, device: str) -> bool | Non
 
 
 async def is_raid_member(context: HardwareContext, device: str) -> bool:
-    """Whether ``device`` or one of its partitions is an md RAID member (``lsblk --fs``
-    shows ``linux_raid_member``), as the reference's erase steps check before erasing; True
-    also when lsblk cannot tell (erasing a member breaks its array)."""
+    """Whether ``device`` or one of its partitions is an md RAID member, as the reference's
+    erase steps check before erasing: a member of an array the kernel runs (``{proc}/
+    mdstat``), or a device ``lsblk --fs`` shows as ``linux_raid_member`` (an array not
+    assembled); True also when lsblk cannot tell (erasing a member breaks its array).
+
+    The kernel is asked first: lsblk reads file system types from udev's database, which
+    may not have seen a superblock mdadm has just written (a real Ironic's automated
+    cleaning, right after the manual cleaning that built the array, wiped one of the two
+    members that way).
+    """
+    name = os.path.basename(os.path.realpath(device)) if os.path.exists(device) \
+        else os.path.basename(device)
+    for array in list_md_devices(context):
+        for member in array.members:
+            if member == name or os.path.basename(parent_disk(context, member)) == name:
+                return True
     try:
         out, _ = await context.runner.execute("lsblk", "--fs", "--noheadings", device,
                                               timeout=MD_COMMAND_TIMEOUT)
