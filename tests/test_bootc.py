@@ -348,6 +348,26 @@ dd if={dir}/tail.img of="$device" bs=1048576 seek={tail_mib} conv=notrunc 2>/dev
 """
 
 
+
+async def stand_in_layout(runner: Any, directory: str, size: int) -> None:
+    """``head.img`` and ``tail.img`` in ``directory``: the first and last MiB of a disk of
+    ``size`` bytes with the GPT a bootc install leaves, which the stand-in bootc writes."""
+    layout = os.path.join(directory, "layout.img")
+    with open(layout, "wb") as f:
+        f.truncate(size)
+    await runner.execute("parted", "-s", layout, "--", "mklabel", "gpt",
+                         "mkpart", "BIOS-BOOT", "1MiB", "2MiB", "set", "1", "bios_grub", "on",
+                         "mkpart", "EFI-SYSTEM", "fat32", "2MiB", "130MiB", "set", "2", "esp",
+                         "on", "mkpart", "root", "xfs", "130MiB", "900MiB")
+    with open(layout, "rb") as f:
+        head = f.read(1024 * 1024)
+        f.seek(size - 1024 * 1024)
+        tail = f.read()
+    os.remove(layout)
+    for name, data in (("head.img", head), ("tail.img", tail)):
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(data)
+
 class RealPodmanBootcTests(TestCase):
     """execute_bootc_install with real podman: the image pulled with the pull secret from a
     registry that wants a password, then run privileged with the host's /dev onto a loop
@@ -371,20 +391,7 @@ class RealPodmanBootcTests(TestCase):
         real = ProcessRunner(reactor, reactor)
         [self.loop] = await attach_loop_devices(real, os.path.join(bed.dir, "disks"),
                                                 [self.DISK], self.addCleanup)
-        layout = os.path.join(bed.dir, "layout.img")
-        with open(layout, "wb") as f:
-            f.truncate(self.DISK)
-        await real.execute("parted", "-s", layout, "--", "mklabel", "gpt",
-                           "mkpart", "BIOS-BOOT", "1MiB", "2MiB", "set", "1", "bios_grub", "on",
-                           "mkpart", "EFI-SYSTEM", "fat32", "2MiB", "130MiB", "set", "2", "esp",
-                           "on", "mkpart", "root", "xfs", "130MiB", "900MiB")
-        with open(layout, "rb") as f:
-            head = f.read(1024 * 1024)
-            f.seek(self.DISK - 1024 * 1024)
-            tail = f.read()
-        for name, data in (("head.img", head), ("tail.img", tail)):
-            with open(os.path.join(bed.dir, name), "wb") as f:
-                f.write(data)
+        await stand_in_layout(real, bed.dir, self.DISK)
         await bed.build_image("localhost/ipa-test/bootc:1", {"/usr/bin/bootc": FAKE_BOOTC.format(
             dir=bed.dir, tail_mib=self.DISK // (1024 * 1024) - 1)}, ["/usr/bin/bootc"])
         host = await bed.start_registry(self, user="ipa", password="s3cret")

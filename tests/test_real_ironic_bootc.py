@@ -56,7 +56,7 @@ class BootcDeployBed(TestCase):
         from ipa_twisted.testing.sandbox import attach_loop_devices
         from tests.ironic.harness import skip_reason, start_ironic
         from tests.podman import PodmanBed
-        from tests.test_bootc import FAKE_BOOTC
+        from tests.test_bootc import FAKE_BOOTC, stand_in_layout
         reason = skip_reason(macs=True, loop_devices=True,
                              tools=("parted", "sgdisk", "mkfs.vfat", "blockdev"))
         if reason:
@@ -69,7 +69,7 @@ class BootcDeployBed(TestCase):
         self.runner = ProcessRunner(reactor, reactor)
         [self.loop] = await attach_loop_devices(self.runner, os.path.join(bed.dir, "disks"),
                                                 [DISK], self.addCleanup)
-        await self.make_stand_in_layout()
+        await stand_in_layout(self.runner, self.bed.dir, DISK)
         await bed.build_image("localhost/ipa-test/bootc:1", {"/usr/bin/bootc": FAKE_BOOTC.format(
             dir=bed.dir, tail_mib=DISK // (1024 * 1024) - 1)}, ["/usr/bin/bootc"])
         password = self.registry_password
@@ -98,26 +98,6 @@ class BootcDeployBed(TestCase):
                   "--tls-verify=false", "localhost/ipa-test/index:1", f"docker://{remote}",
                   timeout=120)
         await run("podman", "rmi", "-a", "-f", timeout=120)
-
-    async def make_stand_in_layout(self) -> None:
-        """head.img and tail.img: the first and last MiB of a GPT-partitioned disk of the
-        loop device's size, which the stand-in bootc writes."""
-        layout = os.path.join(self.bed.dir, "layout.img")
-        with open(layout, "wb") as f:
-            f.truncate(DISK)
-        await self.runner.execute(
-            "parted", "-s", layout, "--", "mklabel", "gpt",
-            "mkpart", "BIOS-BOOT", "1MiB", "2MiB", "set", "1", "bios_grub", "on",
-            "mkpart", "EFI-SYSTEM", "fat32", "2MiB", "130MiB", "set", "2", "esp", "on",
-            "mkpart", "root", "xfs", "130MiB", "900MiB")
-        with open(layout, "rb") as f:
-            head = f.read(1024 * 1024)
-            f.seek(DISK - 1024 * 1024)
-            tail = f.read()
-        os.remove(layout)
-        for name, data in (("head.img", head), ("tail.img", tail)):
-            with open(os.path.join(self.bed.dir, name), "wb") as f:
-                f.write(data)
 
     def private_etc_containers(self) -> str:
         """The /etc/containers the agent sees: this machine's, with the test bed's storage
