@@ -148,6 +148,13 @@ class ThreadCPU:
                  for name, seconds in self.waiting.items()})
 
 
+def machine_times() -> tuple[int, int]:
+    """Clock ticks all cores spent busy (anything but idle and I/O wait), and in all."""
+    with open("/proc/stat") as f:
+        ticks = [int(t) for t in f.readline().split()[1:]]
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
+
 def write(url: str, device: str, checksum: str | None, disk_format: str,
           permitted: tuple[str, ...] | None = None) -> None:
     """Run write_image once; print a JSON line: elapsed, RSS before and peak (KiB), the
@@ -183,11 +190,14 @@ def write(url: str, device: str, checksum: str | None, disk_format: str,
         result["rss_before_kib"] = status("VmRSS")
         sampler = ThreadCPU()
         cpu = resource.getrusage(resource.RUSAGE_SELF)
+        machine = machine_times()
         started = time.monotonic()
         written = await write_image(info, device, http=make_http_client(reactor, config),
                                     reactor=reactor, runner=ProcessRunner(reactor, reactor),
                                     config=config)
         result["elapsed"] = time.monotonic() - started
+        busy, total = (after - before for after, before in zip(machine_times(), machine))
+        result["machine_busy"] = busy / total if total else float("nan")
         after = resource.getrusage(resource.RUSAGE_SELF)
         result["cpu_s"] = (after.ru_utime - cpu.ru_utime) + (after.ru_stime - cpu.ru_stime)
         by_name, waited = sampler.stop()
@@ -403,7 +413,7 @@ def raw_bench(bench: Bench, size_gib: float, runs: int, depth: int) -> list[dict
     got: dict[str, list[float]] = {key: [] for key in (
         "ours", "pipe", "pipe_plain", "fio_qd1", "fio_qdn", "sha256", "sha512", "curl",
         "ours_cpu", "pipe_cpu", "hash_cpu", "reactor_cpu", "write_cpu", "hash_busy",
-        "ours_rss", "ceiling", "hash_waiting")}
+        "ours_rss", "ceiling", "hash_waiting", "machine_busy")}
     have_fio = shutil.which("fio") is not None and is_loop
     if not have_fio:
         log("no device limit: fio is not installed (apt-get install -y fio) or no loop device")
@@ -423,6 +433,7 @@ def raw_bench(bench: Bench, size_gib: float, runs: int, depth: int) -> list[dict
         # kernel's work for the loop device is left out: an upper bound)
         got["ceiling"].append((os.cpu_count() or 1) * size / MiB / (result["cpu_s"] + served))
         got["ours_rss"].append(result["peak_rss_kib"] / 1024)
+        got["machine_busy"].append(result["machine_busy"])
         if run == 0:
             if device_sha256(device, size) != checksum:
                 raise RuntimeError("the device does not hold the image")
@@ -443,7 +454,8 @@ def raw_bench(bench: Bench, size_gib: float, runs: int, depth: int) -> list[dict
                                            if v and k.endswith("_cpu"))
             + f"; hash thread busy {got['hash_busy'][-1]:.2f}, "
               f"waiting for a core {got['hash_waiting'][-1]:.2f}, "
-              f"peak RSS {got['ours_rss'][-1]:.0f} MiB")
+              f"peak RSS {got['ours_rss'][-1]:.0f} MiB, "
+              f"all cores busy {got['machine_busy'][-1]:.2f} of the write's wall time")
     bench.detach(device)
     os.remove(os.path.join(bench.workdir, "raw-target"))
     os.remove(os.path.join(bench.workdir, "image.raw"))

@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from ipa_twisted import errors
 from ipa_twisted.images import formats
@@ -268,6 +268,28 @@ class DeviceWriterTests(SynchronousTestCase):
         self.assertEqual(self.read(), bytes(expected))
         self.assertEqual((writer.bytes_written, writer.bytes_zeroed),
                          (sum(len(d) for _, d in pieces), 200_001))
+
+    def test_a_failed_background_write_fails_the_next_wait(self) -> None:
+        failing = {"at": 2 * 64 * 1024}
+
+        class Failing(DeviceWriter):
+            def _pwrite(self, fd: int, data: memoryview, offset: int) -> None:
+                if fd == self._direct_fd and offset == failing["at"]:
+                    raise errors.ImageWriteError(self.device, None, "", "injected")
+                super()._pwrite(fd, data, offset)
+
+        writer = Failing(self.path, direct=True, stage_size=64 * 1024)
+        writer.open()
+        if writer._direct_fd < 0:
+            raise SkipTest("the temporary directory's file system refuses O_DIRECT")
+        data = os.urandom(6 * 64 * 1024)
+        with self.assertRaises(errors.ImageWriteError) as caught:
+            writer.write(0, data)   # the third stage fails while the writer fills others
+            writer.flush()
+        self.assertIn("injected", str(caught.exception))
+        writer.close()
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(2 * 64 * 1024), data[:2 * 64 * 1024])
 
     def test_sequential_sink_checks_the_head_first(self) -> None:
         writer = DeviceWriter(self.path)
