@@ -224,31 +224,34 @@ find "$site" -depth -type d \( -name test -o -name tests \) -path "$site/twisted
 # written): no agent code imports them, and every byte left out is one the kernel need not
 # unpack at boot (~5 MB).
 rm -rf "$site"/twisted/{conch,mail,words} "$site"/twisted/plugins/{twisted_conch,twisted_mail,twisted_words,cred_sshkeys}.py
+# Every launcher runs Python with -S: the agents' packages come from PYTHONPATH, and the
+# `site` module's work (Debian's dist-packages paths, .pth files, sitecustomize's apport
+# hook) cost 0.3 s of each start under emulation for nothing here. Both agents get it.
 if [ "$agent" = ours ]; then
 install -m 0755 /dev/stdin "$root/usr/local/bin/twistd" <<'EOF'
 #!/bin/sh
 # twistd with the agent's Python packages (installed apart from Debian's).
 export PYTHONPATH=/usr/lib/ipa-twisted${PYTHONPATH:+:$PYTHONPATH}
-exec /usr/bin/python3 -c 'from twisted.scripts.twistd import run; run()' "$@"
+exec /usr/bin/python3 -S -c 'from twisted.scripts.twistd import run; run()' "$@"
 EOF
 # What init starts: `twistd -n --pidfile= ipa`, without twistd's search for service makers.
 install -m 0755 /dev/stdin "$root/usr/local/bin/ipa-agent" <<'EOF'
 #!/bin/sh
 export PYTHONPATH=/usr/lib/ipa-twisted${PYTHONPATH:+:$PYTHONPATH}
-exec /usr/bin/python3 -m ipa_twisted.startup.launch -n --pidfile= ipa "$@"
+exec /usr/bin/python3 -S -m ipa_twisted.startup.launch -n --pidfile= ipa "$@"
 EOF
 else
 install -m 0755 /dev/stdin "$root/usr/local/bin/ipa-agent" <<EOF
 #!/bin/sh
 # The reference agent (its console script's entry point), with its packages.
 export PYTHONPATH=$site_dir\${PYTHONPATH:+:\$PYTHONPATH}
-exec /usr/bin/python3 -c 'from ironic_python_agent.cmd.agent import run; run()' "\$@"
+exec /usr/bin/python3 -S -c 'from ironic_python_agent.cmd.agent import run; run()' "\$@"
 EOF
 fi
 install -m 0755 /dev/stdin "$root/usr/local/bin/ironic-collect-introspection-data" <<'EOF'
 #!/bin/sh
 export PYTHONPATH=/usr/lib/ipa-twisted${PYTHONPATH:+:$PYTHONPATH}
-exec /usr/bin/python3 -c 'from ipa_twisted.inspector.cli import main; main()' "$@"
+exec /usr/bin/python3 -S -c 'from ipa_twisted.inspector.cli import main; main()' "$@"
 EOF
 for action in reboot poweroff; do
   install -m 0755 /dev/stdin "$root/usr/local/sbin/$action" <<EOF

@@ -57,4 +57,4 @@ class RamdiskBuildOptionsTests(TestCase):
             script = f.read()
         self.assertIn("/usr/local/bin/ipa-agent &", init)
         self.assertIn('"$root/usr/local/bin/ipa-agent"', script)
-        self.assertIn("-m ipa_twisted.startup.launch -n --pidfile= ipa", script)
+        self.assertIn("-S -m ipa_twisted.startup.launch -n --pidfile= ipa", script)

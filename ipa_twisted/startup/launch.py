@@ -9,12 +9,20 @@ the same options, logging, signals and exit codes; ``twistd ipa ...`` keeps work
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import gc
 
-from twisted.application import app
-from twisted.scripts import twistd
-from twisted.scripts._twistd_unix import ServerOptions as UnixServerOptions  # twistd's, here
+# Start-up allocates hundreds of thousands of long-lived objects (modules, classes,
+# functions) and no garbage worth collecting, so the cyclic collector only slows it down:
+# measured 12 % of the import time (241 -> 211 ms on the host, more under emulation). It is
+# switched back on once the reactor runs (``main``), with the API already listening.
+gc.disable()
+
+from collections.abc import Iterable  # noqa: E402
+from typing import Any  # noqa: E402
+
+from twisted.application import app  # noqa: E402
+from twisted.scripts import twistd  # noqa: E402
+from twisted.scripts._twistd_unix import ServerOptions as UnixServerOptions  # noqa: E402
 
 
 def agent_service_makers(interface: Any, package: Any = None) -> Iterable[Any]:
@@ -30,9 +38,22 @@ class ServerOptions(UnixServerOptions):
     _getPlugins = staticmethod(agent_service_makers)
 
 
+def run_app(config: Any) -> None:
+    """twistd's ``runApp``, with the cyclic garbage collector back on once the reactor runs.
+
+    The options are parsed by now, so the reactor they chose (``--reactor``) is installed.
+    """
+    from twisted.internet import reactor
+    reactor.callWhenRunning(gc.enable)  # type: ignore[attr-defined]
+    twistd.runApp(config)
+
+
 def main() -> None:
     """Run twistd with ``sys.argv[1:]``, as ``twistd`` would."""
-    app.run(twistd.runApp, ServerOptions)
+    try:
+        app.run(run_app, ServerOptions)
+    finally:
+        gc.enable()
 
 
 if __name__ == "__main__":
