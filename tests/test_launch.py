@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -40,6 +41,33 @@ class LauncherOptionsTests(SynchronousTestCase):
     def test_other_service_makers_are_unknown(self) -> None:
         options = launch.ServerOptions()
         self.assertEqual([name for name, *_ in options.subCommands], ["ipa"])
+
+
+class GarbageCollectorTests(SynchronousTestCase):
+    def test_collector_is_back_on_once_the_reactor_runs(self) -> None:
+        from twisted.internet import reactor
+        started: list[object] = []
+        when_running: list[object] = []
+        self.patch(reactor, "callWhenRunning",
+                   lambda f, *a, **kw: when_running.append(f))
+        self.patch(launch.twistd, "runApp", started.append)
+        self.addCleanup(gc.enable)
+        gc.disable()   # as importing the launcher did
+        launch.run_app("config")
+        self.assertEqual(started, ["config"])
+        self.assertFalse(gc.isenabled())   # start-up (runApp) runs without it
+        self.assertEqual(when_running, [gc.enable])
+        when_running[0]()  # type: ignore[operator]
+        self.assertTrue(gc.isenabled())
+
+    def test_main_turns_it_back_on_when_twistd_fails(self) -> None:
+        def fail(*args: object) -> None:
+            raise SystemExit(2)
+        self.patch(launch.app, "run", fail)
+        self.addCleanup(gc.enable)
+        gc.disable()
+        self.assertRaises(SystemExit, launch.main)
+        self.assertTrue(gc.isenabled())
 
 
 class LauncherProcessTests(TestCase):
