@@ -20,10 +20,13 @@ reaches ``wait call-back``, as a machine would boot its ramdisk.
    temp dir (the reference downloads a qcow2 whole before converting it; in a ramdisk its
    temp dir is RAM).
 3. ``fleet``: N nodes deployed at once, each agent with its own loop disk and MAC, then the
-   same for the other side: time until all are active, bytes the image server sent, each
+   same for the other side (the first side alternates from one N to the next): time until all are active, bytes the image server sent, each
    agent's peak RSS, CPU time and idle RSS (read when it logs its first heartbeat, after
    lookup), the latter against the floor of the fixed stack (``bench/bare_klein.py`` under twistd,
    measured in the same run).
+
+Before every deploy its disks are emptied (``blkdiscard`` punches their blocks out of the
+sparse files), so neither side writes over blocks the other one allocated.
 
 With ``--json`` the rows are printed as one JSON list for ``bench/compare.py``. Needs root,
 loop devices, ``.venv-ironic`` (``tests/ironic/setup-ironic.sh``), qemu-img and sgdisk.
@@ -360,6 +363,13 @@ class Bench:
         return await attach_loop_devices(self.runner, os.path.join(self.workdir, "disks"),
                                          sizes, lambda *call: self.cleanups.append(call))
 
+    async def fresh(self, loops: Sequence[LoopDevice]) -> None:
+        """Punch every block of ``loops`` out of their sparse files (``blkdiscard``), so each
+        side writes to disks in the same state: writing a file's first time allocates its
+        blocks, which costs more than writing over them again."""
+        for loop in loops:
+            await self.runner.execute("blkdiscard", loop.path, timeout=120)
+
     async def release_last_loop(self) -> None:
         """Detach the last loop device attached and remove its file."""
         for _ in range(2):   # its detach, then its file's removal
@@ -579,6 +589,7 @@ async def single_deploys(bench: Bench, size_gib: float, runs: int) -> list[dict[
     got: dict[str, dict[str, list[float]]] = {side: {} for side in SIDES}
     for run in range(runs):
         for side in SIDES:
+            await bench.fresh([loop])
             t = await bench.deploy(side, uuid, loop, "disk.raw", "raw")
             with open(loop.path, "rb") as f:
                 f.seek(size // 2)
@@ -634,6 +645,7 @@ async def qcow2_deploys(bench: Bench, sizes: Sequence[float]) -> list[dict[str, 
                                          "cpu_arch": "x86_64"})
         got: dict[str, dict[str, list[float]]] = {side: {} for side in SIDES}
         for side in SIDES:
+            await bench.fresh([loop])
             t = await bench.deploy(side, uuid, loop, "disk.qcow2", "qcow2")
             with open(loop.path, "rb") as f, open(raw, "rb") as g:
                 # the GPT headers change: the agents move the backup GPT to the disk's end
@@ -695,9 +707,11 @@ async def fleets(bench: Bench, sizes: Sequence[int], size_gib: float) -> list[di
         name=f"bench-fleet-{i}") for i, (mac, loop) in enumerate(zip(macs, loops))]
     rows: list[dict[str, Any]] = []
     floor = await floor_rss(bench)
-    for n in sizes:
+    for k, n in enumerate(sizes):
         got: dict[str, dict[str, list[float]]] = {}
-        for side in SIDES:
+        # Each size starts with the other side, and every side with its disks emptied.
+        for side in (SIDES if k % 2 == 0 else SIDES[::-1]):
+            await bench.fresh(loops[:n])
             sent = bench.bytes_sent()
             started = time.time()
             results = await gatherResults([
