@@ -52,6 +52,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.path.join(ROOT, "ramdisk", "build.sh")
@@ -310,11 +311,26 @@ def main() -> None:
         verdict = med(c, "ours", "api") <= 0.5 * med(c, "reference", "api")
         print(f"target ({c}): API, ours <= 0.5 x reference: {'met' if verdict else 'MISSED'}")
     if args.json:
-        print(json.dumps([{
-            "measure": f"boot in QEMU (TCG) to API answering, {c} (s)", "fmt": "{:.1f}",
-            "ours": [boot.api for boot in boots[c, "ours"]],
-            "theirs": [boot.api for boot in boots[c, "reference"]],
-            "target": "<= 0.5x", "max_ratio": 0.5} for c in configurations]))
+        def values(c: str, agent: str, f: Any) -> list[float]:
+            return [f(boot) for boot in boots[c, agent]]
+        rows: list[dict[str, Any]] = []
+        for c in configurations:
+            rows.append({"measure": f"boot in QEMU (TCG), {c}: start -> API (s)",
+                         "fmt": "{:.1f}", "ours": values(c, "ours", lambda b: b.api),
+                         "theirs": values(c, "reference", lambda b: b.api),
+                         "target": "<= 0.5x", "max_ratio": 0.5})
+            rows.append({"measure": "  QEMU start -> agent started (s)", "fmt": "{:.1f}",
+                         "ours": values(c, "ours", lambda b: b.agent_started),
+                         "theirs": values(c, "reference", lambda b: b.agent_started)})
+            rows.append({"measure": "  agent started -> API answers (s)", "fmt": "{:.1f}",
+                         "ours": values(c, "ours", lambda b: b.api - b.agent_started),
+                         "theirs": values(c, "reference",
+                                          lambda b: b.api - b.agent_started)})
+            if c == "with Ironic":
+                rows.append({"measure": "  QEMU start -> first heartbeat (s)",
+                             "fmt": "{:.1f}", "ours": values(c, "ours", lambda b: b.heartbeat),
+                             "theirs": values(c, "reference", lambda b: b.heartbeat)})
+        print(json.dumps(rows))
 
 
 if __name__ == "__main__":

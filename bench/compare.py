@@ -4,6 +4,7 @@ our image pipeline against the best pipe and each stage's physical limit: one ta
 Usage: .venv/bin/python bench/compare.py [--runs 5] [--idle 10] [--duration 5]
            [--only startup,wrk,deploy,ironic] [--size-gib 2] [--deploy-runs 3]
            [--ironic-runs 2] [--qcow2-gib 1,4,8] [--fleet 8,16] [--fleet-gib 1]
+           [--boot-runs 3] [--only startup,wrk,deploy,ironic,boot]
 
 Prints one table: measure | ours | baseline | ratio | target | met?, then one line naming
 the rows that missed their target. ``startup`` and ``wrk`` are measured here (medians of
@@ -322,11 +323,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--idle", type=float, default=10.0, help="seconds before RSS")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
-    parser.add_argument("--only", default="startup,wrk,deploy,ironic",
+    parser.add_argument("--only", default="startup,wrk,deploy,ironic,boot",
                         help="parts, comma-separated: startup, wrk, deploy (bench/deploy.py: "
                              "raw write against the pipe and each stage's limit), ironic "
                              "(bench/real_ironic.py: deploys, qcow2, fleets through a real "
-                             "Ironic)")
+                             "Ironic), boot (bench/boot.py: both ramdisks booted in QEMU to "
+                             "their API, built first if needed)")
+    parser.add_argument("--boot-runs", default="3", help="boots of each ramdisk per "
+                        "configuration in boot")
     parser.add_argument("--size-gib", default="2", help="raw image size (deploy, ironic)")
     parser.add_argument("--deploy-runs", default="3", help="runs of each in deploy")
     parser.add_argument("--ironic-runs", default="2", help="deploys of each side in ironic")
@@ -423,6 +427,9 @@ def main() -> None:
             "--fleet-gib", args.fleet_gib])
         notes.append(f"via Ironic: medians of {args.ironic_runs} deploys of each side, "
                      "alternating; qcow2 and fleets: one of each")
+    if "boot" in parts:
+        rows += script_rows("boot.py", ["--runs", args.boot_runs])
+        notes.append(f"boot: medians of {args.boot_runs} boots of each ramdisk, alternating")
     print("; ".join(notes) + ". ratio = ours / baseline (the reference agent unless the "
           "row names another)")
     print(f"| {'measure':<50} | {'ours':>9} | {'baseline':>9} | {'ratio':>6} | "
