@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import pickle
+import sys
+import time
+import uuid
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -15,7 +21,7 @@ from zope.interface.verify import verifyObject
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.errors import (HardwareManagerMethodNotFound, HardwareManagerNotFound,
                                 IncompatibleHardwareMethodError, VersionMismatch)
-from ipa_twisted.hardware.dispatch import HardwareManagers
+from ipa_twisted.hardware.dispatch import HardwareManagers, discover_managers
 from ipa_twisted.hardware.generic.manager import GenericHardwareManager
 from ipa_twisted.hardware.interface import HardwareManager, HardwareSupport, IHardwareManager
 from ipa_twisted.context import HardwareContext
@@ -191,6 +197,111 @@ class LoadTests(DispatchTestCase):
         generics = [m for m in managers.managers if isinstance(m, GenericHardwareManager)]
         self.assertEqual(len(generics), 1)
         self.assertEqual(managers.support_of(generics[0]), HardwareSupport.GENERIC)
+
+
+_DROPIN_MANAGER = """
+from ipa_twisted.hardware.interface import HardwareManager
+
+
+class DropinManager(HardwareManager):
+    HARDWARE_MANAGER_NAME = "dropin"
+
+    def evaluate_hardware_support(self) -> int:
+        return 1
+
+
+manager = DropinManager()
+"""
+
+_DROPIN_WORDS = """
+from twisted.plugin import IPlugin
+from twisted.words.iwords import IProtocolPlugin
+from zope.interface import implementer
+
+
+@implementer(IPlugin, IProtocolPlugin)
+class Chat:
+    name = "chat"
+
+
+chat = Chat()
+"""
+
+_WORDS = "twisted.words.iwords"
+
+
+class PluginCacheTests(SynchronousTestCase):
+    """discover_managers finds managers in a plugin package's cache without importing the
+    Twisted interfaces other dropins provide, as a fresh agent process would."""
+
+    def setUp(self) -> None:
+        from twisted.plugin import IPlugin, getPlugins
+        root = os.path.abspath(self.mktemp())
+        self.name = f"ipa_test_dropins_{uuid.uuid4().hex}"
+        directory = os.path.join(root, self.name)
+        os.makedirs(directory)
+        past = time.time() - 100
+        for file, text in [("__init__.py", ""), ("hardware.py", _DROPIN_MANAGER),
+                           ("chat.py", _DROPIN_WORDS)]:
+            path = os.path.join(directory, file)
+            with open(path, "w") as f:
+                f.write(text)
+            os.utime(path, (past, past))
+        sys.path.insert(0, root)
+        self.addCleanup(sys.path.remove, root)
+        self.addCleanup(sys.modules.pop, self.name, None)
+        self.package = importlib.import_module(self.name)
+        list(getPlugins(IPlugin, self.package))  # the cache, as twistd or a build writes it
+        self.cache = os.path.join(directory, "dropin.cache")
+        with open(self.cache, "rb") as f:
+            self.written = f.read()
+        for dropin in ("hardware", "chat"):
+            self.addCleanup(sys.modules.pop, f"{self.name}.{dropin}", None)
+        # A fresh process: Twisted's words interfaces not imported yet.
+        import twisted.words
+        words = sys.modules.pop(_WORDS)
+
+        def restore() -> None:
+            sys.modules[_WORDS] = words
+            twisted.words.iwords = words  # type: ignore[attr-defined]
+        self.addCleanup(restore)
+
+    def names(self, managers: list[object]) -> list[str]:
+        return [getattr(m, "HARDWARE_MANAGER_NAME", type(m).__name__) for m in managers]
+
+    def test_found_without_importing_other_interfaces(self) -> None:
+        import twisted.plugin
+        managers = discover_managers(self.package)
+        self.assertEqual(self.names(managers), ["generic_hardware_manager", "dropin"])
+        self.assertNotIn(_WORDS, sys.modules)
+        self.assertIs(twisted.plugin.pickle, pickle)  # type: ignore[attr-defined]
+        with open(self.cache, "rb") as f:
+            self.assertEqual(f.read(), self.written)
+
+    def test_rebuilt_cache_holds_the_real_interfaces(self) -> None:
+        # The manager's dropin changed: Twisted rebuilds its entry and writes the cache
+        # back, with the chat dropin's entry as it was read (a stand-in for IProtocolPlugin).
+        changed = time.time() - 10
+        os.utime(os.path.join(os.path.dirname(self.cache), "hardware.py"), (changed, changed))
+        os.utime(self.cache, (changed - 40, changed - 40))
+        managers = discover_managers(self.package)
+        self.assertEqual(self.names(managers), ["generic_hardware_manager", "dropin"])
+        self.assertGreater(os.path.getmtime(self.cache), changed)   # written back
+        with open(self.cache, "rb") as f:
+            written = f.read()
+        self.assertEqual(written, self.written)   # the same interfaces, by module and name
+        from twisted.plugin import IPlugin
+        provided = pickle.loads(written)["chat"].plugins[0].provided
+        # the very interfaces (a stand-in would only compare equal: same name and module)
+        self.assertEqual({id(i) for i in provided},
+                         {id(IPlugin), id(sys.modules[_WORDS].IProtocolPlugin)})
+
+    def test_the_same_managers_as_getplugins(self) -> None:
+        from twisted.plugin import getPlugins
+
+        import twisted.plugins
+        usual = {type(m) for m in getPlugins(IHardwareManager, twisted.plugins)}
+        self.assertEqual({type(m) for m in discover_managers()}, usual)
 
 
 class DispatchToManagersTests(DispatchTestCase):

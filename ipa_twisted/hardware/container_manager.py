@@ -43,7 +43,6 @@ from twisted.logger import Logger
 
 from ipa_twisted.errors import (ContainerNotPermittedError, HardwareManagerConfigurationError,
                                 InvalidCommandParamsError)
-from ipa_twisted.hardware import yaml_subset
 from ipa_twisted.hardware.interface import HardwareManager, HardwareSupport
 from ipa_twisted.process import ProcessExecutionError, proxy_environment
 
@@ -112,6 +111,8 @@ def read_steps_file(path: str) -> list[dict[str, Any]]:
     if len(raw) > STEPS_FILE_MAX_SIZE:
         raise HardwareManagerConfigurationError(
             f"Container steps file {path} is larger than {STEPS_FILE_MAX_SIZE} bytes")
+    # Loaded here, when there is a file to read: most ramdisks have none.
+    from ipa_twisted.hardware import yaml_subset
     try:
         data = yaml_subset.load(raw.decode("utf-8"))
     except (UnicodeDecodeError, yaml_subset.YamlSubsetError) as e:

@@ -8,12 +8,17 @@ are dropped and the rest are asked in order of support (highest first), then nam
 
 from __future__ import annotations
 
+import importlib
+import pickle
+import sys
 from collections.abc import Iterable, Mapping, Sequence
+from types import ModuleType
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface.interface import InterfaceClass
 
 from ipa_twisted.errors import (HardwareManagerMethodNotFound, HardwareManagerNotFound,
                                 IncompatibleHardwareMethodError, VersionMismatch)
@@ -36,15 +41,86 @@ def manager_version(manager: object) -> str:
     return str(getattr(manager, "HARDWARE_MANAGER_VERSION", None) or _DEFAULT_VERSION)
 
 
-def discover_managers() -> list[object]:
-    """Our GenericHardwareManager, then every plugin providing IHardwareManager."""
-    from twisted.plugin import getPlugins
+def _twisteds_own(module: str) -> bool:
+    """Whether ``module`` is Twisted's own (``twisted`` is a regular package: only its
+    ``twisted.plugins`` takes modules from other distributions)."""
+    return (module == "twisted" or module.startswith("twisted.")) and not (
+        module == "twisted.plugins" or module.startswith("twisted.plugins."))
 
-    import twisted.plugins
+
+class _PluginCachePickle:
+    """What ``twisted.plugin`` uses as ``pickle`` while hardware managers are discovered.
+
+    Twisted's ``dropin.cache`` lists what each of its dropins provides: trial's reporters
+    (``twisted.trial.itrial``, which imports ``unittest`` and ``argparse``),
+    ``twisted.cred.strcred``, ``twisted.words.iwords``... Read the usual way, it imports
+    them all (about 0.8 MiB the agent then holds for good) to find none of them a hardware
+    manager. Here an interface of a Twisted module not imported yet is read as a stand-in,
+    an empty interface of the same name: like the real one it neither extends
+    ``IHardwareManager`` (Twisted's interfaces cannot extend another package's) nor has an
+    adapter to it (registering one would have imported its module), so ``getPlugins``
+    finds the same plugins. A cache Twisted rebuilds (a dropin changed) gets the real
+    interfaces back, imported then, before it is written.
+    """
+
+    def __init__(self) -> None:
+        self._standins: dict[int, tuple[InterfaceClass, str, str]] = {}
+
+    def load(self, file: Any) -> Any:
+        """``pickle.load``, with the stand-ins."""
+        standins = self._standins
+
+        class Unpickler(pickle.Unpickler):
+            def find_class(self, module: str, name: str) -> Any:
+                if module not in sys.modules and _twisteds_own(module):
+                    standin = InterfaceClass(name, __module__=module)
+                    standins[id(standin)] = (standin, module, name)
+                    return standin
+                return super().find_class(module, name)
+
+        return Unpickler(file).load()
+
+    def dumps(self, cache: dict[str, Any]) -> bytes:
+        """``pickle.dumps`` of a plugin cache, with the real interfaces."""
+        for dropin in cache.values():
+            for plugin in dropin.plugins:
+                plugin.provided = [self._real(interface) for interface in plugin.provided]
+        return pickle.dumps(cache)
+
+    def _real(self, interface: Any) -> Any:
+        found = self._standins.get(id(interface))
+        if found is None or found[0] is not interface:
+            return interface
+        return getattr(importlib.import_module(found[1]), found[2])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(pickle, name)
+
+
+def discover_managers(package: ModuleType | None = None) -> list[object]:
+    """Our GenericHardwareManager, then every plugin providing IHardwareManager.
+
+    Found with ``twisted.plugin.getPlugins`` in ``package`` (default: ``twisted.plugins``,
+    every dropin on the path), reading its caches without importing Twisted's own
+    interfaces (see ``_PluginCachePickle``).
+    """
+    from twisted import plugin
+
+    if package is None:
+        package = importlib.import_module("twisted.plugins")
 
     # A fresh generic manager first: deduplication by class then drops the dropin's shared
     # module-level instance of it.
-    return [GenericHardwareManager(), *getPlugins(IHardwareManager, twisted.plugins)]
+    found: list[object] = [GenericHardwareManager()]
+    usual = getattr(plugin, "pickle", None)
+    if usual is not pickle:   # a Twisted that reads its caches some other way
+        return [*found, *plugin.getPlugins(IHardwareManager, package)]
+    plugin.pickle = _PluginCachePickle()  # type: ignore[attr-defined]
+    try:
+        found += plugin.getPlugins(IHardwareManager, package)
+    finally:
+        plugin.pickle = pickle  # type: ignore[attr-defined]
+    return found
 
 
 class HardwareManagers:
