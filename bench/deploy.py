@@ -379,14 +379,15 @@ def fio_write(device: str, size: int, depth: int, block: int = 8 * MiB) -> float
     return float(job["write"]["io_bytes"]) / (float(job["job_runtime"]) / 1000) / MiB
 
 
-def hash_rate(name: str, data: bytes, seconds: float = 1.0) -> float:
-    """MiB/s of one core hashing ``data`` with hashlib (OpenSSL), 8 MiB per update."""
+def hash_rate(name: str, data: bytes, seconds: float = 1.0, update: int = MiB) -> float:
+    """MiB/s of one core hashing ``data`` with hashlib (OpenSSL), ``update`` bytes per
+    update: 1 MiB, the size of the socket reads our pipeline hashes."""
     view = memoryview(data)
     digest = hashlib.new(name)
     done, started = 0, time.monotonic()
     while time.monotonic() - started < seconds:
-        for offset in range(0, len(view), 8 * MiB):
-            digest.update(view[offset:offset + 8 * MiB])
+        for offset in range(0, len(view), update):
+            digest.update(view[offset:offset + update])
         done += len(view)
     return done / (time.monotonic() - started) / MiB
 
