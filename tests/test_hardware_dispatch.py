@@ -244,8 +244,8 @@ class PluginCacheTests(SynchronousTestCase):
         for file, text in [("__init__.py", ""), ("hardware.py", _DROPIN_MANAGER),
                            ("chat.py", _DROPIN_WORDS)]:
             path = os.path.join(directory, file)
-            with open(path, "w") as f:
-                f.write(text)
+            with open(path, "w") as source:
+                source.write(text)
             os.utime(path, (past, past))
         sys.path.insert(0, root)
         self.addCleanup(sys.path.remove, root)

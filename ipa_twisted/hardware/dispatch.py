@@ -115,11 +115,11 @@ def discover_managers(package: ModuleType | None = None) -> list[object]:
     usual = getattr(plugin, "pickle", None)
     if usual is not pickle:   # a Twisted that reads its caches some other way
         return [*found, *plugin.getPlugins(IHardwareManager, package)]
-    plugin.pickle = _PluginCachePickle()  # type: ignore[attr-defined]
+    setattr(plugin, "pickle", _PluginCachePickle())  # noqa: B010 - for getCache only
     try:
         found += plugin.getPlugins(IHardwareManager, package)
     finally:
-        plugin.pickle = pickle  # type: ignore[attr-defined]
+        setattr(plugin, "pickle", pickle)  # noqa: B010
     return found
 
 
