@@ -48,6 +48,22 @@ def _twisteds_own(module: str) -> bool:
         module == "twisted.plugins" or module.startswith("twisted.plugins."))
 
 
+class _StandInUnpickler(pickle.Unpickler):
+    """Reads a plugin cache, with stand-ins for interfaces of Twisted modules not imported
+    (see ``_PluginCachePickle``), recorded in ``standins``."""
+
+    def __init__(self, file: Any, standins: dict[int, tuple[InterfaceClass, str, str]]) -> None:
+        super().__init__(file)
+        self._standins = standins
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module not in sys.modules and _twisteds_own(module):
+            standin = InterfaceClass(name, __module__=module)
+            self._standins[id(standin)] = (standin, module, name)
+            return standin
+        return super().find_class(module, name)
+
+
 class _PluginCachePickle:
     """What ``twisted.plugin`` uses as ``pickle`` while hardware managers are discovered.
 
@@ -68,17 +84,7 @@ class _PluginCachePickle:
 
     def load(self, file: Any) -> Any:
         """``pickle.load``, with the stand-ins."""
-        standins = self._standins
-
-        class Unpickler(pickle.Unpickler):
-            def find_class(self, module: str, name: str) -> Any:
-                if module not in sys.modules and _twisteds_own(module):
-                    standin = InterfaceClass(name, __module__=module)
-                    standins[id(standin)] = (standin, module, name)
-                    return standin
-                return super().find_class(module, name)
-
-        return Unpickler(file).load()
+        return _StandInUnpickler(file, self._standins).load()
 
     def dumps(self, cache: dict[str, Any]) -> bytes:
         """``pickle.dumps`` of a plugin cache, with the real interfaces."""
