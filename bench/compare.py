@@ -24,6 +24,7 @@ nothing on this machine; read-only tools (``lsblk``, ``ip``) stay real. Ours run
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import json
 import os
@@ -345,6 +346,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=SCRATCH) as config_dir, fake_ironic() as fake_port:
         ours, theirs = make_agents(fake_port, config_dir)
         if "startup" in parts:
+            # Byte-compiled, as the ramdisk ships it and as pip leaves the reference and the
+            # floor's packages: under PYTHONDONTWRITEBYTECODE our tree would be compiled
+            # from source at every start, slower and with ~0.7 MiB more heap left behind.
+            for tree in ("ipa_twisted", os.path.join("twisted", "plugins")):
+                compileall.compile_dir(os.path.join(ROOT, tree), quiet=1)
             startup = Row("start-up to first 200 on GET / (s)", target="<= 0.5x",
                           max_ratio=0.5)
             rss = Row(f"idle RSS after {args.idle:g} s (MiB)", fmt="{:.1f}",
