@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
 import sys
 
 import treq
@@ -44,30 +45,43 @@ class LauncherOptionsTests(SynchronousTestCase):
 
 
 class GarbageCollectorTests(SynchronousTestCase):
-    def test_collector_is_back_on_once_the_reactor_runs(self) -> None:
+    def setUp(self) -> None:
+        before = gc.get_threshold()
+        self.addCleanup(lambda: gc.set_threshold(*before))
+        gc.set_threshold(launch.STARTUP_THRESHOLD, 10, 10)   # as importing the launcher did
+
+    def test_usual_thresholds_are_back_once_the_reactor_runs(self) -> None:
         from twisted.internet import reactor
         started: list[object] = []
         when_running: list[object] = []
         self.patch(reactor, "callWhenRunning",
                    lambda f, *a, **kw: when_running.append(f))
         self.patch(launch.twistd, "runApp", started.append)
-        self.addCleanup(gc.enable)
-        gc.disable()   # as importing the launcher did
+        self.patch(launch, "_thresholds", (700, 10, 10))
         launch.run_app("config")
         self.assertEqual(started, ["config"])
-        self.assertFalse(gc.isenabled())   # start-up (runApp) runs without it
-        self.assertEqual(when_running, [gc.enable])
+        self.assertEqual(gc.get_threshold()[0], launch.STARTUP_THRESHOLD)  # during start-up
+        self.assertEqual(when_running, [launch.restore_gc_thresholds])
         when_running[0]()  # type: ignore[operator]
-        self.assertTrue(gc.isenabled())
+        self.assertEqual(gc.get_threshold(), (700, 10, 10))
 
-    def test_main_turns_it_back_on_when_twistd_fails(self) -> None:
+    def test_main_restores_them_when_twistd_fails(self) -> None:
         def fail(*args: object) -> None:
             raise SystemExit(2)
         self.patch(launch.app, "run", fail)
-        self.addCleanup(gc.enable)
-        gc.disable()
+        self.patch(launch, "_thresholds", (700, 10, 10))
         self.assertRaises(SystemExit, launch.main)
-        self.assertTrue(gc.isenabled())
+        self.assertEqual(gc.get_threshold(), (700, 10, 10))
+
+    def test_the_launcher_raises_the_young_generation_when_imported(self) -> None:
+        def child(code: str) -> list[str]:
+            return subprocess.run([sys.executable, "-c", code], env=child_env(),
+                                  capture_output=True, text=True, check=True).stdout.split()
+        (usual,) = child("import gc; print(gc.get_threshold()[0])")
+        self.assertEqual(
+            child("import gc, ipa_twisted.startup.launch as l; "
+                  "print(gc.get_threshold()[0], l._thresholds[0], gc.isenabled())"),
+            [str(launch.STARTUP_THRESHOLD), usual, "True"])
 
 
 class LauncherProcessTests(TestCase):

@@ -12,10 +12,21 @@ from __future__ import annotations
 import gc
 
 # Start-up allocates hundreds of thousands of long-lived objects (modules, classes,
-# functions) and no garbage worth collecting, so the cyclic collector only slows it down:
-# measured 12 % of the import time (241 -> 211 ms on the host, more under emulation). It is
-# switched back on once the reactor runs (``main``), with the API already listening.
-gc.disable()
+# functions) and little garbage, so the cyclic collector's frequent young-generation passes
+# mostly re-scan survivors: with a young generation of 20000 objects instead of 700 the
+# imports took 6 % less on the host (0.232 -> 0.217 s, medians of 7). Switching the
+# collector off saved 12 % but left 0.6 MiB more idle RSS (56.3 against 55.7-55.8 MiB, 3
+# runs each), the garbage of start-up piling up in the heap. Python's thresholds come back
+# once the reactor runs (``run_app``), with the API already listening.
+STARTUP_THRESHOLD = 20000
+_thresholds = gc.get_threshold()
+gc.set_threshold(STARTUP_THRESHOLD, *_thresholds[1:])
+
+
+def restore_gc_thresholds() -> None:
+    """Python's collector thresholds as they were before start-up."""
+    gc.set_threshold(*_thresholds)
+
 
 from collections.abc import Iterable  # noqa: E402
 from typing import Any  # noqa: E402
@@ -39,12 +50,12 @@ class ServerOptions(UnixServerOptions):
 
 
 def run_app(config: Any) -> None:
-    """twistd's ``runApp``, with the cyclic garbage collector back on once the reactor runs.
+    """twistd's ``runApp``, with the collector's usual thresholds back once the reactor runs.
 
     The options are parsed by now, so the reactor they chose (``--reactor``) is installed.
     """
     from twisted.internet import reactor
-    reactor.callWhenRunning(gc.enable)  # type: ignore[attr-defined]
+    reactor.callWhenRunning(restore_gc_thresholds)  # type: ignore[attr-defined]
     twistd.runApp(config)
 
 
@@ -53,7 +64,7 @@ def main() -> None:
     try:
         app.run(run_app, ServerOptions)
     finally:
-        gc.enable()
+        restore_gc_thresholds()
 
 
 if __name__ == "__main__":
