@@ -65,11 +65,12 @@ from ipa_twisted.process import ProcessRunner  # noqa: E402
 from ipa_twisted.testing.sandbox import (LoopDevice, attach_loop_devices,  # noqa: E402
                                          loop_devices_unavailable, sandbox_argv)
 from tests.ironic.harness import RealIronic, skip_reason  # noqa: E402
-from tests.processes import SAFE_POWER, TWISTD, free_port, physical_macs  # noqa: E402
+from tests.processes import SAFE_POWER, free_port, physical_macs  # noqa: E402
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 SIDES = ("ours", "reference")
+LAUNCH = [sys.executable, "-m", "ipa_twisted.startup.launch"]
 # Tools the reference would use to change this machine beyond its sandbox (kernel modules,
 # clock, BMC, EFI variables, udev, services); disk tools stay real: in the sandbox they can
 # only reach its loop device. lshw is not installed here: its stub answers a minimal JSON.
@@ -435,7 +436,8 @@ class Bench:
             with open(config, "w") as f:
                 f.write(f"[DEFAULT]\nadvertise_port = {port}\ninclude_loop_devices = true\n"
                         f"{SAFE_POWER}")
-            argv = TWISTD + ["-n", "--pidfile=", "ipa", "--no-default-config-files",
+            # As the ramdisk starts it: twistd without its search for service makers.
+            argv = LAUNCH + ["-n", "--pidfile=", "ipa", "--no-default-config-files",
                              "--config-file", config, "--cmdline-path", cmdline,
                              "--listen", f"127.0.0.1:{port}", "--api-url",
                              self.ironic.api_url]
