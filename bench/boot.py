@@ -50,7 +50,6 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +62,8 @@ IRONIC_HOST, IRONIC_PORT = "10.0.2.100", 6385
 """Where the guest reaches the fake Ironic (QEMU's ``guestfwd`` to the host's port)."""
 VM_MAC = "52:54:00:12:34:56"
 CONFIGURATIONS = ("standalone", "with Ironic")
+from compare import fake_ironic  # noqa: E402  (a sibling script: bench/ is on the path)
+
 USERSPACE = re.compile(rb"ipa-ramdisk: kernel file systems mounted at ([\d.]+) s")
 AGENT_STARTED = re.compile(rb"ipa-ramdisk: starting the agent at ([\d.]+) s")
 AGENT_PORT = 9999
@@ -124,26 +125,6 @@ def qemu_argv(agent: str, disk: str, port: int, memory: int, cpus: int,
             "-device", "virtio-blk-pci,drive=disk0,serial=boot-bench-disk"]
 
 
-@contextlib.contextmanager
-def fake_ironic(record: str) -> Iterator[int]:
-    """A fake Ironic on 127.0.0.1 that knows ``VM_MAC`` and records each request; its port."""
-    child = subprocess.Popen(
-        [sys.executable, "-m", "ipa_twisted.testing.fake_ironic", "--port", "0",
-         "--mac", VM_MAC, "--record", record],
-        env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert child.stdout is not None
-        line = child.stdout.readline()
-        match = re.match(r"listening on (\d+)", line)
-        if not match:
-            raise RuntimeError(f"fake Ironic did not start: {line!r}")
-        yield int(match.group(1))
-    finally:
-        child.terminate()
-        child.wait(10)
-
-
 def ironic_times(record: str, started_wall: float) -> tuple[float, float]:
     """(first answered lookup, first accepted heartbeat), seconds from ``started_wall``."""
     lookup = heartbeat = float("nan")
@@ -187,7 +168,7 @@ def boot_once(agent: str, memory: int, cpus: int, timeout: float,
     with contextlib.ExitStack() as stack:
         scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="ipa-boot-"))
         record = os.path.join(scratch, "ironic.jsonl")
-        ironic_port = (stack.enter_context(fake_ironic(record))
+        ironic_port = (stack.enter_context(fake_ironic(["--mac", VM_MAC, "--record", record]))
                        if configuration == "with Ironic" else None)
         disk = os.path.join(scratch, "disk.img")
         with open(disk, "wb") as f:

@@ -110,11 +110,14 @@ def macs() -> list[str]:
 
 
 @contextlib.contextmanager
-def fake_ironic() -> Iterator[int]:
-    args = [sys.executable, "-m", "ipa_twisted.testing.fake_ironic", "--port", "0",
-            "--token", TOKEN, "--reissue-tokens"]
-    for mac in macs():
-        args += ["--mac", mac]
+def fake_ironic(options: list[str] | None = None) -> Iterator[int]:
+    """``ipa_twisted.testing.fake_ironic`` on 127.0.0.1 with ``options`` (default: our
+    token, given at every lookup, and this machine's MACs); its port."""
+    if options is None:
+        options = ["--token", TOKEN, "--reissue-tokens"]
+        for mac in macs():
+            options += ["--mac", mac]
+    args = [sys.executable, "-m", "ipa_twisted.testing.fake_ironic", "--port", "0", *options]
     child = subprocess.Popen(args, env=dict(os.environ, PYTHONPATH=ROOT),
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
