@@ -22,11 +22,8 @@ Client. ``tls_policy`` is the policy of the agent's HTTP client (``ipa_twisted.h
 - ``certfile`` + ``keyfile``: a client certificate is presented;
 - otherwise: the platform's trust store, with service_identity hostname checks.
 
-Certificates. ``generate_tls_certificate`` makes what automatic TLS serves and sends to Ironic
-as ``agent_verify_ca``: an EC P-256 key and a self-signed certificate whose subject
-alternative name is the advertised IP address, valid from a day before now (a ramdisk's clock
-may be behind Ironic's until NTP runs) for ``valid_for_days`` days from now. The certificate
-and key are written, mode 0600, into a new private (0700) directory.
+Certificates. ``generate_tls_certificate`` (``ipa_twisted.certificates``, re-exported here)
+makes what automatic TLS serves and sends to Ironic as ``agent_verify_ca``.
 
 PEM files are read when a server or policy is made (start-up, or automatic TLS's switch),
 not per connection.
@@ -34,13 +31,8 @@ not per connection.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import re
-import socket
-import tempfile
-import time
 import weakref
 from collections.abc import Callable
 from functools import lru_cache
@@ -51,7 +43,7 @@ from OpenSSL import SSL
 from twisted.internet._sslverify import IOpenSSLTrustRoot  # not re-exported publicly
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import (IOpenSSLClientConnectionCreator,
-                                         IOpenSSLServerConnectionCreator, IReactorTime)
+                                         IOpenSSLServerConnectionCreator)
 from twisted.internet.ssl import (AcceptableCiphers, Certificate, CertificateOptions,
                                   PrivateCertificate, TLSVersion, optionsForClientTLS,
                                   trustRootFromCertificates)
@@ -60,20 +52,16 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 if TYPE_CHECKING:
-    from cryptography import x509
-
     from ipa_twisted.config import AgentConfig
+
+from ipa_twisted.certificates import CLOCK_SKEW as CLOCK_SKEW  # re-exported, as before
+from ipa_twisted.certificates import CURVES as CURVES
+from ipa_twisted.certificates import DEFAULT_VALIDITY_DAYS as DEFAULT_VALIDITY_DAYS
+from ipa_twisted.certificates import TlsCertificate as TlsCertificate
+from ipa_twisted.certificates import generate_tls_certificate as generate_tls_certificate
 
 log = Logger()
 
-CLOCK_SKEW = datetime.timedelta(days=1)
-"""How far before now a generated certificate becomes valid, unless told (automatic TLS
-passes ``auto_tls_allowed_clock_skew``)."""
-
-CURVES = ("p256", "p384", "p521")
-"""Elliptic curves a generated certificate's key may use (``tls_certificate_curve``)."""
-
-DEFAULT_VALIDITY_DAYS = 90
 TLS_VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
 """The ``tls_min_version`` values (Ironic's spelling), as Twisted's TLSVersion."""
 
@@ -83,14 +71,6 @@ DEFAULT_TLS12_CIPHERS = ("ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-S
 
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
-
-
-class TlsCertificate(NamedTuple):
-    """A generated certificate: its PEM ``text`` and the files of it and its key."""
-
-    text: str
-    path: str
-    private_key_path: str
 
 
 class TLSSettings(NamedTuple):
@@ -363,82 +343,3 @@ def tls_policy(config: AgentConfig,
         client_certificate=client_certificate, minimum_version=fixed.minimum_version,
         cipher_suites=fixed.cipher_suites,
         settings=None if current is None else lambda: TLSSettings.of(current()))
-
-
-# -- Certificates --------------------------------------------------------------------------
-
-def _subject_alternative_name(host: str) -> x509.GeneralName:
-    from cryptography import x509
-    try:
-        return x509.IPAddress(ipaddress.ip_address(host.strip("[]")))
-    except ValueError:
-        return x509.DNSName(host)
-
-
-def _write_private(path: str, data: bytes) -> None:
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as f:
-        f.write(data)
-
-
-def generate_tls_certificate(ip_address: str, common_name: str | None = None,
-                             valid_for_days: int = DEFAULT_VALIDITY_DAYS, *,
-                             clock: IReactorTime | None = None,
-                             directory: str | None = None, curve: str = "p256",
-                             clock_skew: float | None = None) -> TlsCertificate:
-    """A new self-signed certificate for ``ip_address`` and its key, written to files.
-
-    ``common_name`` defaults to this host's name. ``ip_address`` is normally an IP
-    address (the SAN is then an IP address entry); a host name gives a DNS name entry.
-    ``clock`` gives "now" (default: the system clock). The files go into ``directory``
-    (default: a new private temporary directory). ``curve`` (one of CURVES) is the key's
-    elliptic curve; the certificate is valid from ``clock_skew`` seconds before now
-    (default CLOCK_SKEW).
-    """
-    # Loaded here: only automatic TLS (and tests) make certificates.
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-    now = datetime.datetime.fromtimestamp(
-        clock.seconds() if clock is not None else time.time(), datetime.timezone.utc)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
-                                         common_name or socket.gethostname() or "ipa")])
-    curves: dict[str, ec.EllipticCurve] = {
-        "p256": ec.SECP256R1(), "p384": ec.SECP384R1(), "p521": ec.SECP521R1()}
-    if curve not in curves:
-        raise ValueError(f"unknown curve {curve!r}: not one of {', '.join(CURVES)}")
-    skew = CLOCK_SKEW if clock_skew is None else datetime.timedelta(seconds=clock_skew)
-    key = ec.generate_private_key(curves[curve])
-    public_key = key.public_key()
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - skew)
-        .not_valid_after(now + datetime.timedelta(days=valid_for_days))
-        .add_extension(x509.SubjectAlternativeName(
-            [_subject_alternative_name(ip_address)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=False,
-            crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                       critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),
-                       critical=False)
-        .sign(key, hashes.SHA256()))
-    text = certificate.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(serialization.Encoding.PEM,
-                                serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    if directory is None:
-        directory = tempfile.mkdtemp(prefix="ipa-tls-")   # mode 0700
-    path = os.path.join(directory, "agent.crt")
-    key_path = os.path.join(directory, "agent.key")
-    _write_private(path, text)
-    _write_private(key_path, key_pem)
-    return TlsCertificate(text.decode("ascii"), path, key_path)
-

@@ -17,7 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from treq.client import HTTPClient
 from treq.testing import StubTreq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Protocol
@@ -35,10 +35,12 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from ipa_twisted.agent import Agent as IronicAgent
+from ipa_twisted.certificates import generate_in_child
 from ipa_twisted.config import AgentConfig, ConfigError
 from ipa_twisted.http import make_http_client, make_pool
 from ipa_twisted.ironic.client import IronicClient, callback_url
 from ipa_twisted.net.autotls import SwitchableTLSFactory, auto_tls_possible, prepare_api_tls
+from ipa_twisted.process import ProcessExecutionError, ProcessRunner
 from ipa_twisted.testing.fake_ironic import FakeIronic
 from ipa_twisted.tap import check_startup_config, server_tls_options
 from ipa_twisted.tls import (CLOCK_SKEW, TlsCertificate, generate_tls_certificate,
@@ -255,6 +257,65 @@ class HandshakeTestCase(TestCase):
             self.assertIn(reason, repr(e))
             return
         raise self.failureException(f"{url} answered")
+
+
+class ChildCertificateTests(TestCase):
+    """Automatic TLS's certificate made in a child process, as the agent makes it."""
+
+    async def test_made_in_a_child_as_in_the_agent(self) -> None:
+        clock = Clock()
+        clock.advance(NOW)
+        with capturedLogs() as events:
+            made = await generate_in_child(ProcessRunner(reactor, reactor), "192.0.2.5",
+                                           clock=clock, directory=directory(self),
+                                           curve="p384", clock_skew=600)
+        [ran] = [e["argv"] for e in events if e.get("log_format") == "Running {argv}"]
+        self.assertEqual(ran[1:4], ("-S", "-m", "ipa_twisted.certificates"))
+        cert = load(made)
+        key = cert.public_key()
+        assert isinstance(key, ec.EllipticCurvePublicKey)
+        self.assertEqual(key.curve.name, "secp384r1")
+        now = datetime.datetime.fromtimestamp(NOW, datetime.timezone.utc)
+        self.assertEqual(cert.not_valid_before_utc, now - datetime.timedelta(seconds=600))
+        self.assertEqual(cert.not_valid_after_utc, now + datetime.timedelta(days=90))
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertEqual(san.get_values_for_type(x509.IPAddress),
+                         [ipaddress.ip_address("192.0.2.5")])
+        with open(made.path) as f:
+            self.assertEqual(f.read(), made.text)
+        with open(made.private_key_path, "rb") as f:
+            self.assertEqual(serialization.load_pem_private_key(f.read(), None).public_key(),
+                             key)
+        for path in (made.path, made.private_key_path):
+            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+
+    async def test_a_failed_child_leaves_nothing_and_the_agent_makes_it(self) -> None:
+        class Failing:
+            """A runner whose child writes half a certificate and dies."""
+
+            def __init__(self) -> None:
+                self.argv: tuple[str, ...] = ()
+
+            def execute(self, *argv: str, **kwargs: Any) -> Deferred[tuple[bytes, bytes]]:
+                self.argv = argv
+                with open(os.path.join(argv[5], "agent.crt"), "w") as f:
+                    f.write("-----BEGIN CERT")
+                return fail(ProcessExecutionError(argv, 1, b"", b"MemoryError"))
+
+        fake = FakeIronic(version="1.68")
+        ironic = IronicClient("http://ironic:6385", StubTreq(fake.app.resource()), reactor,
+                              "test")
+        where, runner = directory(self), Failing()
+        with capturedLogs() as events:
+            tls = await prepare_api_tls(IRONIC_CONFIG, ironic, "127.0.0.1", directory=where,
+                                        runner=runner)  # type: ignore[arg-type]
+        self.assertEqual(runner.argv[4:6], ("127.0.0.1", where))
+        self.assertIn("making it in the agent", " ".join(formatEvent(e) for e in events))
+        self.assertEqual(tls.protocol, "https")
+        assert tls.certificate is not None
+        self.assertEqual(load(tls.certificate).public_key().curve.name,  # type: ignore
+                         "secp384r1")
+        self.assertEqual(sorted(os.listdir(where)), ["agent.crt", "agent.key"])
 
 
 class AutoTLSTests(HandshakeTestCase):

@@ -34,8 +34,10 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from ipa_twisted.certificates import TlsCertificate, generate_in_child, generate_tls_certificate
 from ipa_twisted.config import AgentConfig
-from ipa_twisted.tls import ServerTLS, TlsCertificate, generate_tls_certificate
+from ipa_twisted.process import ProcessExecutionError, ProcessRunner
+from ipa_twisted.tls import ServerTLS
 
 log = Logger()
 
@@ -66,14 +68,17 @@ def auto_tls_possible(config: AgentConfig) -> bool:
 async def prepare_api_tls(config: AgentConfig, ironic: _SupportsAutoTLS | None,
                           advertise_host: str, *, clock: IReactorTime | None = None,
                           directory: str | None = None,
-                          current: Callable[[], AgentConfig] | None = None) -> ApiTLS:
+                          current: Callable[[], AgentConfig] | None = None,
+                          runner: ProcessRunner | None = None) -> ApiTLS:
     """Decide on automatic TLS and, when used, generate its certificate and context.
 
     ``ironic`` is asked whether it supports API 1.68 (its answer is cached by the client).
     ``clock`` and ``directory`` go to ``generate_tls_certificate``, with the
-    ``tls_certificate_curve`` and ``auto_tls_allowed_clock_skew`` options. The context's TLS
-    version and ciphers follow ``current()``, the configuration in force (default:
-    ``config``), connection by connection.
+    ``tls_certificate_curve`` and ``auto_tls_allowed_clock_skew`` options; with a
+    ``runner``, it runs in a child process (``generate_in_child``: the agent keeps none of
+    the memory it takes), and here only if the child fails. The context's TLS version and
+    ciphers follow ``current()``, the configuration in force (default: ``config``),
+    connection by connection.
     """
     unchanged = ApiTLS(None, None, config.advertise_protocol)
     if ironic is None or not auto_tls_possible(config):
@@ -82,15 +87,27 @@ async def prepare_api_tls(config: AgentConfig, ironic: _SupportsAutoTLS | None,
         log.info("Ironic does not support automatic TLS (API 1.68); serving the API over "
                  "{protocol}", protocol=config.advertise_protocol)
         return unchanged
-    certificate = generate_tls_certificate(
-        advertise_host, clock=clock, directory=directory,
-        curve=config.tls_certificate_curve, clock_skew=config.auto_tls_allowed_clock_skew)
+    certificate = await _certificate(config, advertise_host, clock, directory, runner)
     context = ServerTLS(certificate.path, certificate.private_key_path,
                         current or (lambda: config))
     log.info("Automatic TLS: serving the API over HTTPS with a self-signed certificate for "
              "{host} (TLS {version} or later)", host=advertise_host,
              version=context.settings.minimum_version)
     return ApiTLS(context, certificate.text, "https", certificate)
+
+
+async def _certificate(config: AgentConfig, host: str, clock: IReactorTime | None,
+                       directory: str | None, runner: ProcessRunner | None) -> TlsCertificate:
+    curve, skew = config.tls_certificate_curve, config.auto_tls_allowed_clock_skew
+    if runner is not None:
+        try:
+            return await generate_in_child(runner, host, clock=clock, directory=directory,
+                                           curve=curve, clock_skew=skew)
+        except (ProcessExecutionError, OSError) as e:
+            log.warn("Could not make the automatic TLS certificate in a child process "
+                     "({error}); making it in the agent", error=e)
+    return generate_tls_certificate(host, clock=clock, directory=directory, curve=curve,
+                                    clock_skew=skew)
 
 
 class SwitchableTLSFactory(WrappingFactory):

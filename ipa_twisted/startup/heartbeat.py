@@ -46,7 +46,8 @@ class AdvertiseService(Stage[Advertised]):
         if self._api_tls is not None:
             self._api_tls.close_outdated()
             tls = await prepare_api_tls(config, self._ironic(), host, clock=self._clock,
-                                        current=lambda: self._agent.config)
+                                        current=lambda: self._agent.config,
+                                        runner=self._agent.runner)
             if tls.context is not None:
                 self._api_tls.start_tls(tls.context)
             protocol, verify_ca = tls.protocol, tls.agent_verify_ca
