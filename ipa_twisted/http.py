@@ -10,6 +10,13 @@ reactor's hot path.
 
 Proxies (image downloads' ``proxies``): ``make_proxy_http_client`` forwards http URLs through
 an http:// proxy and tunnels https URLs through it with CONNECT, TLS end to end.
+
+Addresses. A URL whose host is an IP address (Ironic's and image servers' usually are)
+is connected to directly; only host names go through the reactor's resolver
+(``HostnameEndpoint``: getaddrinfo in the reactor's thread pool, then happy eyeballs). An
+IPv6 address in a URL (``http://[fd00::1]:6385/``) works: treq's URL library would IDNA-encode
+it as if it were a host name and fail (hyperlink issues 68 and 188), so ``AgentHTTPClient``
+leaves such a host as it is.
 """
 
 from __future__ import annotations
@@ -18,13 +25,17 @@ from collections.abc import Callable, Hashable
 from typing import Any
 from urllib.parse import urlsplit
 
+from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint,
+                                        TCP6ClientEndpoint, wrapClientTLS)
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, HTTPConnectionPool, ProxyAgent
+from twisted.web.error import SchemeNotSupported
 from twisted.web.client import _HTTP11ClientFactory  # the pool's factory; not public
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
@@ -87,6 +98,24 @@ def make_pool(reactor: object) -> HTTPConnectionPool:
     return pool
 
 
+class _LiteralHostURL(EncodedURL):
+    """A URL whose host is an IPv6 address: its ``to_uri`` encodes all but the host."""
+
+    def to_uri(self) -> EncodedURL:
+        uri: EncodedURL = EncodedURL.to_uri(self.replace(host="ip-literal.invalid"))
+        return uri.replace(host=self.host)
+
+
+class AgentHTTPClient(HTTPClient):
+    """treq's client, taking URLs whose host is an IPv6 address too."""
+
+    def request(self, method: str, url: Any, **kwargs: Any) -> Deferred[Any]:
+        text = url.decode("ascii") if isinstance(url, bytes) else url
+        if isinstance(text, str) and "[" in urlsplit(text).netloc:   # an IPv6 address
+            url = _LiteralHostURL.from_text(text)
+        return super().request(method, url, **kwargs)
+
+
 def make_http_client(reactor: object, config: ConfigSource, *,
                      pool: HTTPConnectionPool | None = None,
                      connect_timeout: float = CONNECT_TIMEOUT,
@@ -101,9 +130,42 @@ def make_http_client(reactor: object, config: ConfigSource, *,
     """
     policy = _policy(config, verify)
     pool = pool if pool is not None else make_pool(reactor)
-    agent = Agent(reactor, contextFactory=policy, connectTimeout=connect_timeout,
-                  pool=_TLSKeyedPool(pool, policy))
-    return HTTPClient(agent)
+    agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, policy, connect_timeout),
+                                       pool=_TLSKeyedPool(pool, policy))
+    return AgentHTTPClient(agent)
+
+
+def tcp_endpoint(reactor: Any, host: str, port: int,
+                 timeout: float) -> IStreamClientEndpoint:
+    """A TCP client endpoint for ``host`` (brackets around an IPv6 address allowed): an IP
+    address is connected to as it is, a host name is resolved first."""
+    address = host.strip("[]")
+    if isIPAddress(address):
+        return TCP4ClientEndpoint(reactor, address, port, timeout=timeout)
+    if isIPv6Address(address):
+        return TCP6ClientEndpoint(reactor, address, port, timeout=timeout)
+    return HostnameEndpoint(reactor, host, port, timeout=timeout)
+
+
+@implementer(IAgentEndpointFactory)
+class _Endpoints:
+    """The endpoints of an Agent's URLs: ``tcp_endpoint``, wrapped in TLS for https."""
+
+    def __init__(self, reactor: Any, policy: AgentTLSPolicy, connect_timeout: float) -> None:
+        self._reactor, self._policy, self._timeout = reactor, policy, connect_timeout
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        try:
+            host = uri.host.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError(f"The host of {uri.toBytes()!r} is not ASCII; encode it with "
+                             "IDNA first") from None
+        endpoint = tcp_endpoint(self._reactor, host, uri.port, self._timeout)
+        if uri.scheme == b"http":
+            return endpoint
+        if uri.scheme == b"https":
+            return wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
+        raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
 
 
 class HTTPClients:
@@ -225,8 +287,8 @@ class _TunnelEndpoints:
         self._timeout = connect_timeout
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        proxy = HostnameEndpoint(self._reactor, self._proxy_host, self._proxy_port,
-                                 timeout=self._timeout)
+        proxy = tcp_endpoint(self._reactor, self._proxy_host, self._proxy_port,
+                             self._timeout)
         host = uri.host.decode("idna") if isinstance(uri.host, bytes) else uri.host
         tunnel = ConnectTunnelEndpoint(proxy, host.strip("[]"), uri.port)
         if uri.scheme == b"https":
@@ -265,9 +327,9 @@ def make_proxy_http_client(reactor: Any, config: ConfigSource, proxy_url: str, *
     host, port = parts.hostname, parts.port or 80
     pool = pool if pool is not None else make_pool(reactor)
     policy = _policy(config)
-    forward = ProxyAgent(HostnameEndpoint(reactor, host, port, timeout=connect_timeout),
+    forward = ProxyAgent(tcp_endpoint(reactor, host, port, connect_timeout),
                          reactor=reactor, pool=pool)
     tunnel = Agent.usingEndpointFactory(
         reactor, _TunnelEndpoints(reactor, host, port, policy, connect_timeout),
         pool=_TLSKeyedPool(pool, policy))
-    return HTTPClient(_SchemeAgent(forward, tunnel))
+    return AgentHTTPClient(_SchemeAgent(forward, tunnel))

@@ -14,7 +14,9 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import (SSL4ServerEndpoint, TCP4ServerEndpoint,
+                                        TCP6ServerEndpoint)
+from twisted.internet.interfaces import IHostnameResolver, IHostResolution, IResolutionReceiver
 from twisted.internet.ssl import (AcceptableCiphers, Certificate, CertificateOptions,
                                   PrivateCertificate, TLSVersion)
 from twisted.internet.testing import MemoryReactorClock
@@ -22,6 +24,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from ipa_twisted.config import AgentConfig
 from ipa_twisted.http import HTTPClients, make_http_client, make_pool
@@ -263,6 +266,36 @@ class ClientFactoryTests(SynchronousTestCase):
         self.assertEqual((host, port, timeout), ("127.0.0.1", 6385, 7))
 
 
+    def test_ip_addresses_are_connected_to_without_resolving(self) -> None:
+        memory = MemoryReactorClock()
+        asked: list[str] = []
+        resolver = memory.nameResolver
+
+        @implementer(IHostnameResolver)
+        class Recording:
+            def resolveHostName(self, receiver: IResolutionReceiver, hostName: str,
+                                *args: Any, **kwargs: Any) -> IHostResolution:
+                asked.append(hostName)
+                return resolver.resolveHostName(receiver, hostName, *args, **kwargs)
+
+        memory.installNameResolver(Recording())
+        client = make_http_client(memory, AgentConfig())
+        for url in ("http://192.0.2.1:6385/", "http://[2001:db8::1]:6385/",
+                    "https://192.0.2.1/", "http://ironic.example:6385/"):
+            client.get(url)
+        memory.advance(0)
+        self.assertEqual([(host, port, timeout) for host, port, _, timeout, _
+                          in memory.tcpClients],
+                         [("192.0.2.1", 6385, 30), ("2001:db8::1", 6385, 30),
+                          ("192.0.2.1", 443, 30), ("127.0.0.1", 6385, 30)])
+        self.assertEqual(asked, ["ironic.example"])   # the memory resolver's 127.0.0.1
+
+    def test_unsupported_scheme(self) -> None:
+        client = make_http_client(MemoryReactorClock(), AgentConfig())
+        failure = self.failureResultOf(client.get("ftp://192.0.2.1/"))
+        self.assertIn("Unsupported scheme", str(failure.value))
+
+
 class _Hello(Resource):
     isLeaf = True
 
@@ -279,6 +312,13 @@ class RealConnectionTests(TestCase):
         client = make_http_client(reactor, config, pool=pool)
         response = await client.get(url)
         return response.code, await response.content()
+
+    async def test_ipv6_address_in_the_url(self) -> None:
+        # treq's URL library cannot encode such a URL by itself (hyperlink issue 188)
+        port = await TCP6ServerEndpoint(reactor, 0, interface="::1").listen(Site(_Hello()))
+        self.addCleanup(port.stopListening)
+        self.assertEqual(await self.get(f"http://[::1]:{port.getHost().port}/?a=b c",
+                                        AgentConfig()), (200, b"hello"))
 
     async def test_connections_are_reused(self) -> None:
         site = Site(_Hello())
