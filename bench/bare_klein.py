@@ -7,6 +7,12 @@ reactor and as a ``twistd -y`` application (twistd's own modules added):
 
     BARE_KLEIN_PORT=8080 python bench/bare_klein.py
     BARE_KLEIN_PORT=8080 twistd -n --pidfile= -y bench/bare_klein.py
+
+"In use" (``BARE_KLEIN_TLS_DIR=DIR``, with ``agent.crt`` and ``agent.key`` in DIR): the same
+app serving HTTPS with that certificate, and treq imported, the HTTP client every agent on
+this stack talks to Ironic with: the fixed stack as an agent driven by Ironic must use it
+(automatic TLS, lookup and heartbeats), still without any agent code. ``real_ironic.py``
+reports it beside the bare floor, for the agents' idle RSS at their first heartbeat.
 """
 
 from __future__ import annotations
@@ -27,15 +33,29 @@ def root(request: Request) -> bytes:
 
 
 PORT = int(os.environ["BARE_KLEIN_PORT"])
+TLS_DIR = os.environ.get("BARE_KLEIN_TLS_DIR")
 site = Site(app.resource())
+tls = None
+if TLS_DIR:
+    import treq  # noqa: F401  (imported as an agent's Ironic client is: its memory counts)
+    from twisted.internet.ssl import PrivateCertificate
+
+    with open(os.path.join(TLS_DIR, "agent.crt")) as crt, \
+            open(os.path.join(TLS_DIR, "agent.key")) as key:
+        tls = PrivateCertificate.loadPEM(crt.read() + key.read()).options()
 
 if __name__ == "__main__":
     from twisted.internet import reactor
 
-    reactor.listenTCP(PORT, site, interface="127.0.0.1")  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    if tls is None:
+        reactor.listenTCP(PORT, site, interface="127.0.0.1")  # type: ignore[arg-type]
+    else:
+        reactor.listenSSL(PORT, site, tls, interface="127.0.0.1")  # type: ignore[attr-defined]
+    reactor.run()
 else:  # twistd -y: the module-level ``application`` is what twistd runs
-    from twisted.application.internet import TCPServer
+    from twisted.application.internet import SSLServer, TCPServer
 
     application = service.Application("bare-klein")
-    TCPServer(PORT, site, interface="127.0.0.1").setServiceParent(application)
+    server = (TCPServer(PORT, site, interface="127.0.0.1") if tls is None else
+              SSLServer(PORT, site, tls, interface="127.0.0.1"))
+    server.setServiceParent(application)
