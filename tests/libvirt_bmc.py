@@ -36,6 +36,7 @@ SUSHY_VENV = os.path.join(ROOT, ".venv-sushy")
 OVMF = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 SEABIOS = "/usr/share/seabios/bios-256k.bin"
 LIBVIRT_SOCKET = "/run/libvirt/libvirt-sock"
+LIBVIRT_LOGS = "/var/log/libvirt"
 GUEST_HOST = "10.0.2.2"
 """This machine's 127.0.0.1 as the guest sees it (QEMU's user network)."""
 
@@ -191,6 +192,9 @@ class LibvirtBMC:
         await self._start_sushy()
 
     async def _daemons(self) -> None:
+        # Where virtlogd and the QEMU driver write their logs: Debian's libvirt-daemon-system
+        # makes it, and setup-sushy.sh installs without it (no default network, no services).
+        os.makedirs(os.path.join(LIBVIRT_LOGS, "qemu"), mode=0o700, exist_ok=True)
         for daemon, pidfile in (("virtlogd", "/run/virtlogd.pid"),
                                 ("libvirtd", "/run/libvirtd.pid")):
             if _pid_alive(pidfile) is None:

@@ -504,8 +504,10 @@ REFERENCE_OPTIONS: tuple[tuple[str, str, str | None], ...] = (
     ("mdns", "interfaces", None),
 )
 
-REFERENCE_SOURCE = os.environ.get("IPA_REFERENCE_SOURCE",
-                                  "/work/ref/src/ironic_python_agent")
+REFERENCE_SOURCE = os.environ.get("IPA_REFERENCE_SOURCE", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "reference",
+    "ironic-python-agent-13.0.0", "ironic_python_agent"))
+"""The reference agent's source: ``.ci/setup`` unpacks its 13.0.0 wheel there."""
 
 
 def _reference_options_from_source(root: str) -> list[tuple[str, str, str | None]]:
@@ -556,8 +558,8 @@ class ReferenceCompatibilityTests(ConfigTestCase):
 
     def test_list_matches_the_reference_source(self) -> None:
         if not os.path.isdir(REFERENCE_SOURCE):
-            raise SkipTest(f"reference agent source not at {REFERENCE_SOURCE} "
-                           "(set IPA_REFERENCE_SOURCE)")
+            raise SkipTest(f"reference agent source not at {REFERENCE_SOURCE} (bash .ci/setup "
+                           "puts it there; or set IPA_REFERENCE_SOURCE)")
         self.assertEqual(_reference_options_from_source(REFERENCE_SOURCE),
                          list(REFERENCE_OPTIONS))
 
