@@ -21,7 +21,10 @@ to spawn it: the guest died on its first connection.)
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
+import shlex
 import shutil
 import signal
 import sys
@@ -37,6 +40,8 @@ OVMF = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 SEABIOS = "/usr/share/seabios/bios-256k.bin"
 LIBVIRT_SOCKET = "/run/libvirt/libvirt-sock"
 LIBVIRT_LOGS = "/var/log/libvirt"
+QEMU_USER = "libvirt-qemu"
+"""The user libvirtd's QEMU driver is built to run guests as (Debian); it must exist."""
 GUEST_HOST = "10.0.2.2"
 """This machine's 127.0.0.1 as the guest sees it (QEMU's user network)."""
 
@@ -74,6 +79,17 @@ async def virsh(*args: str, check: bool = True) -> str:
     if check and code != 0:
         raise AssertionError(f"virsh {' '.join(args)} failed ({code}): {output.strip()}")
     return output
+
+
+def _id_taken(number: int) -> bool:
+    """Whether ``number`` is a user or group id on this machine."""
+    for lookup in (pwd.getpwuid, grp.getgrgid):
+        try:
+            lookup(number)
+            return True
+        except KeyError:
+            pass
+    return False
 
 
 def _pid_alive(pidfile: str) -> int | None:
@@ -203,18 +219,51 @@ class LibvirtBMC:
                 # own. PID 1 may not reap orphans: libvirtd runs under tests/reaper.py, which
                 # reaps the QEMUs it double-forks (else it waits on their zombies).
                 binary = shutil.which(daemon) or daemon
-                mask = "if [ -e /dev/kvm ]; then mount --bind /dev/null /dev/kvm; fi"
                 if daemon == "virtlogd":
                     child = Child([binary, "-d"])
                     if await child.ended != 0:
                         raise AssertionError(f"virtlogd -d failed: {child.output.decode()}")
                 else:
                     reaper = os.path.join(ROOT, "tests", "reaper.py")
+                    namespace = self._libvirtd_namespace()
                     Child(["setsid", "unshare", "--mount", "--propagation", "private", "sh",
-                           "-c", f"{mask} && exec {sys.executable} {reaper} {binary}"])
+                           "-c", f"{namespace} && exec {sys.executable} {reaper} {binary}"])
                 await poll(lambda pidfile=pidfile: _pid_alive(pidfile), timeout=20)
                 self._started.append(daemon)
         await poll(lambda: os.path.exists(LIBVIRT_SOCKET), timeout=20)
+
+    def _libvirtd_namespace(self) -> str:
+        """Shell commands run in libvirtd's own mount namespace before it starts.
+
+        /dev/kvm is masked (see ``_daemons``). On a machine without Debian's libvirt-daemon-system
+        (setup-sushy.sh installs without recommends), there is no ``libvirt-qemu`` user and
+        no qemu.conf, and libvirtd's QEMU driver refuses to start: libvirtd then sees, in
+        its namespace only, that user and group added to copies of /etc/passwd and
+        /etc/group, and an /etc/libvirt in this test's directory whose qemu.conf runs the
+        guest as root. The machine's own files are not changed.
+        """
+        commands = ["if [ -e /dev/kvm ]; then mount --bind /dev/null /dev/kvm; fi"]
+        try:
+            pwd.getpwnam(QEMU_USER)
+            return commands[0]
+        except KeyError:
+            pass
+        etc = os.path.abspath(os.path.join(self.directory, "etc"))
+        shutil.copytree("/etc/libvirt", os.path.join(etc, "libvirt"), dirs_exist_ok=True)
+        with open(os.path.join(etc, "libvirt", "qemu.conf"), "w") as f:
+            f.write('user = "root"\ngroup = "root"\n')
+        uid = next(n for n in range(64055, 65000) if not _id_taken(n))
+        for name, line in (("passwd", f"{QEMU_USER}:x:{uid}:{uid}:Libvirt Qemu:"
+                                      "/var/lib/libvirt:/usr/sbin/nologin\n"),
+                           ("group", f"{QEMU_USER}:x:{uid}:\n")):
+            copy = os.path.join(etc, name)
+            shutil.copyfile(os.path.join("/etc", name), copy)
+            with open(copy, "a") as f:
+                f.write(line)
+            commands.append(f"mount --bind {shlex.quote(copy)} /etc/{name}")
+        commands.append(f"mount --bind {shlex.quote(os.path.join(etc, 'libvirt'))} "
+                        "/etc/libvirt")
+        return " && ".join(commands)
 
     async def _start_sushy(self) -> None:
         config = os.path.join(self.directory, "sushy.conf")
