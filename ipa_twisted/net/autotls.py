@@ -26,6 +26,7 @@ not None, ``api_factory.start_tls(tls.context)``; heartbeat with
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
@@ -100,6 +101,8 @@ async def _certificate(config: AgentConfig, host: str, clock: IReactorTime | Non
                        directory: str | None, runner: ProcessRunner | None) -> TlsCertificate:
     curve, skew = config.tls_certificate_curve, config.auto_tls_allowed_clock_skew
     if runner is not None:
+        # One private directory for the child's files or, if it fails, the agent's own.
+        directory = directory or tempfile.mkdtemp(prefix="ipa-tls-")
         try:
             return await generate_in_child(runner, host, clock=clock, directory=directory,
                                            curve=curve, clock_skew=skew)
