@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import configparser
 import io
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from ipa_twisted.config import (
     OPTIONS,
     AgentConfig,
     ConfigError,
+    _parse_ini,
     default_config_files,
     ini_name,
     ini_names,
@@ -684,3 +687,45 @@ class APIURLListTests(ConfigTestCase):
         self.assertIn("no URL", self.error(cli={"api_url": ","}))
         self.assertIn("not 'mdns' or an http:// or https:// URL",
                       self.error(cli={"api_url": "ironic:6385"}))
+
+
+class IniParserTests(SynchronousTestCase):
+    """``_parse_ini`` reads what ``configparser`` read before it (``interpolation=None,
+    strict=False``, no default section): the same sections, names and values, and it
+    refuses the same files."""
+
+    ATOMS = ("[DEFAULT]", "[a]", "[A]", "x = 1", "X=2", "y: 3", " cont", "\tcont2", "  ",
+             "", "# c", "; c", " # ic", "k = v # not", "k2 =", "= v", "noval", "[b] tail",
+             "a=b=c", "a:b=c", "  z = 4", "k = %(x)s", "[DEFAULT]x", "k = v ;c", "K-2 = w")
+
+    @staticmethod
+    def configparser_reads(text: str) -> Any:
+        parser = configparser.ConfigParser(default_section="\0", interpolation=None,
+                                           strict=False, empty_lines_in_values=False)
+        try:
+            parser.read_string(text)
+        except configparser.Error:
+            return "refused"
+        return {section: dict(parser.items(section, raw=True))
+                for section in parser.sections()}
+
+    @staticmethod
+    def ours(text: str) -> Any:
+        try:
+            return _parse_ini(io.StringIO(text))
+        except ConfigError:
+            return "refused"
+
+    def test_same_as_configparser(self) -> None:
+        chooser = random.Random(16)
+        for _ in range(5000):
+            text = "\n".join(chooser.choice(self.ATOMS)
+                             for _ in range(chooser.randint(1, 8)))
+            text += chooser.choice(("", "\n"))
+            self.assertEqual(self.ours(text), self.configparser_reads(text), repr(text))
+
+    def test_continuation_and_repeats(self) -> None:
+        text = ("[DEFAULT]\nA = 1\n  two\n\tthree\n\n  z = 4\nb = first\nb = last\n"
+                "[x]\n[x]\nc: d\n")
+        self.assertEqual(self.ours(text), {"DEFAULT": {"a": "1\ntwo\nthree", "z": "4",
+                                                       "b": "last"}, "x": {"c": "d"}})
