@@ -9,7 +9,7 @@ to it (``ipa_twisted.tap`` passes ``default_extensions()``).
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -64,6 +64,40 @@ class CommandGroup(Protocol):
         """The spec and bound method of command ``name``."""
 
 
+class Extensions(Mapping[str, CommandGroup]):
+    """The agent's extensions by name. A factory with a ``name`` attribute (a class, or
+    ``ipa_twisted.extensions.ExtensionOnDemand``) is called when its extension is first
+    looked up; any other is called at once to learn the name."""
+
+    def __init__(self, agent: Agent,
+                 factories: Iterable[Callable[[Agent], CommandGroup]]) -> None:
+        self._agent = agent
+        self._made: dict[str, CommandGroup] = {}
+        self._factories: dict[str, Callable[[Agent], CommandGroup] | None] = {}
+        for make in factories:
+            name = getattr(make, "name", None)
+            if isinstance(name, str) and name:
+                self._factories[name] = make
+            else:
+                made = make(agent)
+                self._factories[made.name] = None
+                self._made[made.name] = made
+
+    def __getitem__(self, name: str) -> CommandGroup:
+        made = self._made.get(name)
+        if made is None:
+            make = self._factories[name]
+            assert make is not None
+            made = self._made[name] = make(self._agent)
+        return made
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._factories)
+
+    def __len__(self) -> int:
+        return len(self._factories)
+
+
 class Agent:
     """Everything the API and the extensions share about this agent's run."""
 
@@ -103,8 +137,8 @@ class Agent:
         """Fires when the API should close and heartbeats stop, the process kept
         (lockdown), the current answer sent."""
         self.locked_down = False
-        made = [make(self) for make in extensions]
-        self.extensions: dict[str, Any] = {extension.name: extension for extension in made}
+        self.extensions = Extensions(self, extensions)
+        """The extensions by name; one given with a ``name`` is made when first used."""
 
     @property
     def config(self) -> AgentConfig:
