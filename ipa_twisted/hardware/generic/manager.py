@@ -23,13 +23,9 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
 
 from ipa_twisted.blockdev.disks import destroy_disk_metadata
-from ipa_twisted.blockdev.md import is_raid_member
 from ipa_twisted.context import Deployment, HardwareContext
 from ipa_twisted.errors import BlockDeviceEraseError, CommandExecutionError, DeviceNotFound
-from ipa_twisted.hardware import root_device
 from ipa_twisted.hardware.generic.disk_listing import DiskListing, Listed, UdevLookup
-from ipa_twisted.hardware.generic.protection import (guard_special_filesystems, log_protected,
-                                                     protected_devices, protected_from_erasing)
 from ipa_twisted.hardware.generic.inventory import LldpReader, MachineInventory
 from ipa_twisted.hardware.interface import HardwareManager, HardwareSupport
 from ipa_twisted.hardware.inventory import (CPU, BlockDevice, BootInfo, Memory,
@@ -273,6 +269,9 @@ class GenericHardwareManager(HardwareManager):
         ``permit_refresh`` is accepted for compatibility: the disks are listed afresh on
         every call, and refreshing the node from Ironic is the caller's business.
         """
+        from ipa_twisted.hardware import root_device
+        from ipa_twisted.hardware.generic.protection import protected_devices
+
         node = node if node is not None else self._node
         dev_path = self.context.config.dev_path
         listed = [listed.device for listed in await self._disks.list_devices(False)]
@@ -339,6 +338,11 @@ class GenericHardwareManager(HardwareManager):
         nothing is erased: ProtectedDeviceError (``guard_special_filesystems``).
         BlockDeviceEraseError naming every device that failed, after all were tried.
         """
+        from ipa_twisted.blockdev.md import is_raid_member
+        from ipa_twisted.hardware.generic.protection import (guard_special_filesystems,
+                                                             log_protected,
+                                                             protected_from_erasing)
+
         listed = await self._disks.list_devices(include_partitions=True)
         all_disks = [item for item in listed if item.kind != "part"]
         protection = await protected_from_erasing(self.context, node,
