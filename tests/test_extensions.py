@@ -6,6 +6,7 @@ import base64
 import gzip
 import io
 import tarfile
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet import reactor
@@ -386,3 +387,54 @@ class ConfigFollowsTests(SynchronousTestCase):
         self.assertEqual(context.config.metrics_backend, "statsd")
         agent.config = agent.config.override(lldp_timeout=5.0)
         self.assertEqual(context.config.lldp_timeout, 5.0)
+
+
+class ExtensionsOnDemandTests(SynchronousTestCase):
+    """Extensions given with a name are made when first used; the rest at once."""
+
+    def test_made_on_first_use_once(self) -> None:
+        made: list[Any] = []
+
+        class Named:
+            name = "named"
+
+            def __init__(self, agent: Agent) -> None:
+                made.append(self)
+
+            def command(self, name: str) -> tuple[Any, Any]:
+                raise AssertionError("not called")
+
+        agent = Agent(AgentConfig(), Clock(), FakeRunner([]), extensions=[Named])
+        self.assertEqual((list(agent.extensions), made), (["named"], []))
+        first = agent.extensions["named"]
+        self.assertIs(agent.extensions.get("named"), first)
+        self.assertEqual(made, [first])
+        self.assertIsNone(agent.extensions.get("other"))
+
+    def test_factory_without_a_name_is_made_at_once(self) -> None:
+        made: list[Any] = []
+
+        def factory(agent: Agent) -> Any:
+            extension = SimpleNamespace(name="anonymous")
+            made.append(extension)
+            return extension
+
+        agent = Agent(AgentConfig(), Clock(), FakeRunner([]), extensions=[factory])
+        self.assertEqual(len(made), 1)
+        self.assertIs(agent.extensions["anonymous"], made[0])
+
+    def test_every_default_extension_loads_under_its_name(self) -> None:
+        for extension in default_extensions():
+            self.assertEqual(extension.load().name, extension.name)
+
+    def test_a_wrong_name_is_refused(self) -> None:
+        from ipa_twisted.extensions import ExtensionOnDemand
+        with self.assertRaises(RuntimeError) as caught:
+            ExtensionOnDemand("clean", "poll", "PollExtension").load()
+        self.assertIn("is named 'poll', not 'clean'", str(caught.exception))
+
+    def test_unknown_extension_is_404(self) -> None:
+        agent = Agent(AgentConfig(), Clock(), FakeRunner([]),
+                      extensions=default_extensions())
+        with self.assertRaises(errors.RequestedObjectNotFoundError):
+            agent.check_command("nothing.here", {})

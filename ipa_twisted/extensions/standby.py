@@ -52,7 +52,8 @@ class StandbyExtension(Extension):
             outcome = result.command_result
             if (result.command_name == "execute_deploy_step" and isinstance(outcome, dict)
                     and isinstance(outcome.get("deploy_result"), Deployment)):
-                return outcome["deploy_result"]
+                deployment: Deployment = outcome["deploy_result"]
+                return deployment
         return Deployment()
 
     @async_command("prepare_image", validator=_validate_image)

@@ -55,7 +55,7 @@ def run_app(config: Any) -> None:
     The options are parsed by now, so the reactor they chose (``--reactor``) is installed.
     """
     from twisted.internet import reactor
-    reactor.callWhenRunning(restore_gc_thresholds)  # type: ignore[attr-defined]
+    reactor.callWhenRunning(restore_gc_thresholds)
     twistd.runApp(config)
 
 
