@@ -43,7 +43,7 @@ from ipa_twisted.net.autotls import SwitchableTLSFactory, auto_tls_possible, pre
 from ipa_twisted.process import ProcessExecutionError, ProcessRunner
 from ipa_twisted.testing.fake_ironic import FakeIronic
 from ipa_twisted.tap import check_startup_config, server_tls_options
-from ipa_twisted.tls import (CLOCK_SKEW, TlsCertificate, generate_tls_certificate,
+from ipa_twisted.tls import (CLOCK_SKEW, ServerTLS, TlsCertificate, generate_tls_certificate,
                              server_context_from, tls_version)
 
 NOW = 1_750_000_000.0
@@ -257,6 +257,45 @@ class HandshakeTestCase(TestCase):
             self.assertIn(reason, repr(e))
             return
         raise self.failureException(f"{url} answered")
+
+
+class LoadedOnFirstConnectionTests(HandshakeTestCase):
+    """``ServerTLS(load_now=False)`` (automatic TLS) reads its files and makes its OpenSSL
+    context when the first connection arrives, not before; the default checks at once."""
+
+    async def test_automatic_tls_loads_on_the_first_connection(self) -> None:
+        fake = FakeIronic(version="1.68")
+        ironic = IronicClient("http://ironic:6385", StubTreq(fake.app.resource()), reactor,
+                              "test")
+        tls = await prepare_api_tls(IRONIC_CONFIG, ironic, "127.0.0.1",
+                                    directory=directory(self))
+        assert tls.certificate is not None and tls.agent_verify_ca is not None
+        saved = {path: open(path, "rb").read() for path in
+                 (tls.certificate.path, tls.certificate.private_key_path)}
+        for path in saved:                  # not read yet: missing files go unnoticed
+            os.remove(path)
+        port = self.serve_tls(tls.context)
+        url = f"https://127.0.0.1:{port}/"
+        with capturedLogs() as events:
+            await self.refused(self.client(ClientPolicy(tls.agent_verify_ca)), url, "")
+        self.assertIn(f"Cannot serve TLS with certificate {tls.certificate.path}: ",
+                      " ".join(formatEvent(e) for e in events))
+        self.flushLoggedErrors()
+        for path, data in saved.items():
+            with open(path, "wb") as f:
+                f.write(data)
+        self.assertEqual(await self.get(self.client(ClientPolicy(tls.agent_verify_ca)), url),
+                         b"hello over TLS")
+        for path in saved:                  # read once: later connections need no files
+            os.remove(path)
+        self.assertEqual(await self.get(self.client(ClientPolicy(tls.agent_verify_ca)), url),
+                         b"hello over TLS")
+
+    def test_operator_files_are_checked_at_once(self) -> None:
+        missing = os.path.join(directory(self), "missing.pem")
+        with self.assertRaises(OSError):
+            ServerTLS(missing, missing, lambda: IRONIC_CONFIG)
+        ServerTLS(missing, missing, lambda: IRONIC_CONFIG, load_now=False)
 
 
 class ChildCertificateTests(TestCase):

@@ -89,8 +89,9 @@ async def prepare_api_tls(config: AgentConfig, ironic: _SupportsAutoTLS | None,
                  "{protocol}", protocol=config.advertise_protocol)
         return unchanged
     certificate = await _certificate(config, advertise_host, clock, directory, runner)
+    # Loaded on the first connection: an idle agent keeps none of OpenSSL's memory.
     context = ServerTLS(certificate.path, certificate.private_key_path,
-                        current or (lambda: config))
+                        current or (lambda: config), load_now=False)
     log.info("Automatic TLS: serving the API over HTTPS with a self-signed certificate for "
              "{host} (TLS {version} or later)", host=advertise_host,
              version=context.settings.minimum_version)
