@@ -29,6 +29,9 @@ from typing import Any
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
 
+from ipa_twisted.blockdev.udev import DISK_COMMAND_TIMEOUT as DISK_COMMAND_TIMEOUT
+from ipa_twisted.blockdev.udev import command_timeout
+from ipa_twisted.blockdev.udev import udev_settle as udev_settle  # disks.udev_settle
 from ipa_twisted.context import HardwareContext
 from ipa_twisted.errors import CommandExecutionError, InstanceDeployFailure
 from ipa_twisted.process import CommandNotFoundError, ProcessExecutionError, failures_as
@@ -37,8 +40,6 @@ from ipa_twisted.retry import GaveUp, fixed, retry
 log = Logger()
 
 MiB = 1 << 20
-DISK_COMMAND_TIMEOUT = 300.0
-"""Longest wait for one partitioning or probing command."""
 PARTITION_WAIT_ATTEMPTS = 20
 PARTITION_WAIT_DELAY = 0.5
 PARTPROBE_RETRY_DELAY = 1.0
@@ -82,10 +83,6 @@ class DiskLayout:
     """``gpt``, ``msdos``, another parted label name, or ``unknown`` (no table)."""
     partitions: tuple[Partition, ...]
     free: tuple[FreeSpace, ...]
-
-
-def _timeout(context: HardwareContext) -> float:
-    return min(context.config.command_timeout, DISK_COMMAND_TIMEOUT)
 
 
 def partition_index_to_path(device: str, index: int) -> str:
@@ -144,7 +141,7 @@ async def read_layout(context: HardwareContext, device: str) -> DiskLayout:
     """The partition table of ``device`` (``table`` is ``unknown`` if it has none)."""
     out, err = await context.runner.execute(
         "parted", "-s", "-m", device, "unit", "B", "print", "free",
-        timeout=_timeout(context), check_exit_code=False)
+        timeout=command_timeout(context), check_exit_code=False)
     try:
         return parse_parted_machine_output(device, out.decode("utf-8", "replace"))
     except ValueError as e:
@@ -182,7 +179,7 @@ async def create_partition_table(context: HardwareContext, device: str,
              device=device)
     with failures_as(CommandExecutionError, f"Failed to create partition table on {device}"):
         await context.runner.execute("parted", device, "-s", "--", "mklabel", table_type,
-                                     timeout=_timeout(context))
+                                     timeout=command_timeout(context))
 
 
 # -- erasing ------------------------------------------------------------------------------------
@@ -202,19 +199,19 @@ async def destroy_disk_metadata(context: HardwareContext, device: str, *,
     runner = context.runner
     log.info("Destroying the metadata of {device}", device=device)
     try:
-        await runner.execute("wipefs", "--force", "--all", device, timeout=_timeout(context))
+        await runner.execute("wipefs", "--force", "--all", device, timeout=command_timeout(context))
     except ProcessExecutionError as e:
         if isinstance(e, CommandNotFoundError) or "--force" not in e.stderr.decode(
                 "utf-8", "replace"):
             raise
-        await runner.execute("wipefs", "--all", device, timeout=_timeout(context))
+        await runner.execute("wipefs", "--all", device, timeout=command_timeout(context))
     if wipe is None:   # the writer (mmap, O_DIRECT) is loaded when first used
         from ipa_twisted.blockdev.writer import wipe_partition_tables
         wipe = wipe_partition_tables
     await wipe(device, context.reactor)
     if whole_disk:
         try:
-            await runner.execute("blockdev", "--rereadpt", device, timeout=_timeout(context))
+            await runner.execute("blockdev", "--rereadpt", device, timeout=command_timeout(context))
         except ProcessExecutionError as e:
             log.info("The kernel did not re-read the partition table of {device}: {error}",
                      device=device, error=str(e))
@@ -313,7 +310,7 @@ async def find_shared_filesystems(context: HardwareContext, devices: Sequence[st
         return []
     out, _ = await context.runner.execute("lsblk", "-bia", "--json", "-o",
                                           GUARD_LSBLK_COLUMNS, *devices,
-                                          timeout=_timeout(context))
+                                          timeout=command_timeout(context))
     try:
         tops = json.loads(out)["blockdevices"]
     except (ValueError, KeyError, TypeError) as e:
@@ -358,18 +355,6 @@ async def find_shared_filesystems(context: HardwareContext, devices: Sequence[st
 
 # -- the kernel's view --------------------------------------------------------------------------
 
-async def udev_settle(context: HardwareContext) -> bool:
-    """Wait for udev's event queue to empty; False (logged) if it cannot be waited for."""
-    if context.runner.which("udevadm") is None:
-        return False
-    try:
-        await context.runner.execute("udevadm", "settle", timeout=_timeout(context))
-    except ProcessExecutionError as e:
-        log.warn("udevadm settle failed: {error}", error=str(e))
-        return False
-    return True
-
-
 async def partprobe(context: HardwareContext, device: str) -> bool:
     """Have the kernel re-read the partition table of ``device``; False (logged) if not.
 
@@ -378,7 +363,7 @@ async def partprobe(context: HardwareContext, device: str) -> bool:
     """
     try:
         await retry(lambda: context.runner.execute("partprobe", device,
-                                                   timeout=_timeout(context)),
+                                                   timeout=command_timeout(context)),
                     context.clock, "partprobe {device}", backoff=fixed(PARTPROBE_RETRY_DELAY),
                     attempts=max(context.config.partprobe_attempts, 1),
                     retry_on=lambda e: (isinstance(e, ProcessExecutionError)
@@ -395,7 +380,7 @@ async def partprobe(context: HardwareContext, device: str) -> bool:
 async def rescan_device(context: HardwareContext, device: str) -> bool:
     """Flush buffers, settle udev, re-read the partition table, settle again."""
     try:
-        await context.runner.execute("sync", timeout=_timeout(context))
+        await context.runner.execute("sync", timeout=command_timeout(context))
     except ProcessExecutionError as e:
         log.warn("sync failed: {error}", error=str(e))
     await udev_settle(context)
@@ -500,7 +485,7 @@ class _NotYet(Exception):
 async def probe(context: HardwareContext, path: str) -> dict[str, str]:
     """What ``blkid -p`` finds on ``path`` (TYPE, UUID, LABEL, PART_ENTRY_UUID ...)."""
     out, _ = await context.runner.execute("blkid", "-p", "-o", "export", path,
-                                          timeout=_timeout(context), check_exit_code=[0, 2])
+                                          timeout=command_timeout(context), check_exit_code=[0, 2])
     values: dict[str, str] = {}
     for line in out.decode("utf-8", "replace").splitlines():
         key, sep, value = line.partition("=")
@@ -556,11 +541,11 @@ async def fix_gpt_partition(context: HardwareContext, device: str) -> None:
         if (await read_layout(context, device)).table != "gpt":
             return
         out, _ = await context.runner.execute("sgdisk", "-v", device,
-                                              timeout=_timeout(context))
+                                              timeout=command_timeout(context))
         if _MISPLACED_BACKUP_GPT not in " ".join(out.decode("utf-8", "replace").split()):
             return
         log.info("Moving the backup GPT of {device} to the end of the disk", device=device)
-        await context.runner.execute("sgdisk", "-e", device, timeout=_timeout(context))
+        await context.runner.execute("sgdisk", "-e", device, timeout=command_timeout(context))
     except (ProcessExecutionError, CommandExecutionError) as e:
         raise InstanceDeployFailure(
             f"Failed to fix GPT data structures on disk {device}. Error: {e}") from e

@@ -55,7 +55,7 @@ async def settle_then_load(context: HardwareContext,
     of (the ramdisk's trigger done, then ``udevadm settle``, when udev is there): disks'
     serial numbers, WWNs and by-path links come from udev, and the ramdisk's init starts
     the agent without waiting for it, so that the API answers sooner."""
-    from ipa_twisted.blockdev.disks import udev_settle
+    from ipa_twisted.blockdev.udev import udev_settle
     await udev_triggered(context.clock, pending)
     await udev_settle(context)
     return await HardwareManagers.load(context)

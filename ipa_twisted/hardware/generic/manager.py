@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
 
-from ipa_twisted.blockdev.disks import destroy_disk_metadata
 from ipa_twisted.context import Deployment, HardwareContext
 from ipa_twisted.errors import BlockDeviceEraseError, CommandExecutionError, DeviceNotFound
 from ipa_twisted.hardware.generic.disk_listing import DiskListing, Listed, UdevLookup
@@ -394,6 +393,8 @@ class GenericHardwareManager(HardwareManager):
     async def _erase_disk(self, disk: Listed, partitions: list[Listed]
                           ) -> dict[str, Exception]:
         """Erase ``partitions`` then ``disk``; {device: error} of what failed."""
+        from ipa_twisted.blockdev.disks import destroy_disk_metadata
+
         failed: dict[str, Exception] = {}
         for item in [*partitions, disk]:
             try:
