@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Protocol
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -24,6 +25,9 @@ from ipa_twisted.context import HardwareContext
 from ipa_twisted.hardware.dispatch import HardwareManagers
 from ipa_twisted.process import ProcessRunner
 from ipa_twisted.when import Observers, When
+
+if TYPE_CHECKING:
+    from ipa_twisted.metrics import Metrics
 
 MIN_TOKEN_LENGTH = 32
 
@@ -125,8 +129,6 @@ class Agent:
         self.heartbeat_timeout = config.heartbeat_timeout
         self.lookup_config: dict[str, Any] = {}
         self.results = CommandResults()
-        from ipa_twisted.metrics import Metrics
-        self.metrics = Metrics(self.reactor)
         self._running_async: CommandResult | None = None
         self._sync_in_flight: list[CommandResult] = []
         self.async_finished: Observers[CommandResult] = Observers()
@@ -139,6 +141,12 @@ class Agent:
         self.locked_down = False
         self.extensions = Extensions(self, extensions)
         """The extensions by name; one given with a ``name`` is made when first used."""
+
+    @cached_property
+    def metrics(self) -> Metrics:
+        """The statsd metrics of commands; made (and its module imported) at the first."""
+        from ipa_twisted.metrics import Metrics
+        return Metrics(self.reactor)
 
     @property
     def config(self) -> AgentConfig:

@@ -48,11 +48,26 @@ def _opt(default: Any, help: str, *, section: str = "DEFAULT", name: str | None 
     numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
     if numeric and minimum is None:
         minimum = 0
-    return field(default=default, metadata={
-        "help": help, "section": section, "name": name, "kernel": kernel,
-        "secret": secret, "choices": choices, "minimum": minimum, "maximum": maximum,
-        "url": url or urls, "urls": urls, "list": list, "aliases": aliases,
-        "kernel_aliases": kernel_aliases, "ignored": ignored})
+    given = {"help": help, "section": section, "name": name, "kernel": kernel,
+             "secret": secret, "choices": choices, "minimum": minimum, "maximum": maximum,
+             "url": url or urls, "urls": urls, "list": list, "aliases": aliases,
+             "kernel_aliases": kernel_aliases, "ignored": ignored}
+    return field(default=default, metadata=_Metadata(
+        (key, value) for key, value in given.items() if value != _METADATA_DEFAULTS.get(key)))
+
+
+_METADATA_DEFAULTS: dict[str, Any] = {
+    "section": "DEFAULT", "name": None, "kernel": None, "secret": False, "choices": None,
+    "minimum": None, "maximum": None, "url": False, "urls": False, "list": False,
+    "aliases": (), "kernel_aliases": (), "ignored": None}
+
+
+class _Metadata(dict[str, Any]):
+    """An option's metadata, holding only what differs from ``_METADATA_DEFAULTS`` (130
+    options of 14 keys each, kept for the agent's whole run)."""
+
+    def __missing__(self, key: str) -> Any:
+        return _METADATA_DEFAULTS[key]
 
 
 # The dataclass gives fields, ``replace`` and frozenness; ``__init__``, ``__repr__``,
