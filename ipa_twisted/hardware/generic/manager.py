@@ -25,7 +25,7 @@ from twisted.logger import Logger, LogLevel
 from ipa_twisted.context import Deployment, HardwareContext
 from ipa_twisted.errors import BlockDeviceEraseError, CommandExecutionError, DeviceNotFound
 from ipa_twisted.hardware.generic.disk_listing import DiskListing, Listed, UdevLookup
-from ipa_twisted.hardware.generic.inventory import LldpReader, MachineInventory
+from ipa_twisted.hardware.generic.inventory import InterfaceListing, LldpReader
 from ipa_twisted.hardware.interface import HardwareManager, HardwareSupport
 from ipa_twisted.hardware.inventory import (CPU, BlockDevice, BootInfo, Memory,
                                             NetworkInterface, SystemVendorInfo)
@@ -35,6 +35,7 @@ from ipa_twisted.retry import GaveUp, fixed, retry
 if TYPE_CHECKING:  # built on first use (below): an agent waiting for Ironic never loads them
     from ipa_twisted.hardware.generic.burnin import BurnIn
     from ipa_twisted.hardware.generic.erase import DiskEraser
+    from ipa_twisted.hardware.generic.machine import MachineDetails
     from ipa_twisted.hardware.generic.raid import SoftwareRaid
 
 log = Logger()
@@ -76,11 +77,12 @@ class GenericHardwareManager(HardwareManager):
         return HardwareSupport.GENERIC
 
     def bind(self, context: HardwareContext) -> None:
-        """Bind the manager and its collaborators (inventory, disk listing, erase, software
-        RAID, burn-in) to ``context``; the last three are made when first used, so that
-        their modules load only when a step needs them (the agent's idle memory)."""
+        """Bind the manager and its collaborators (interface and disk listings, the other
+        inventory getters, erase, software RAID, burn-in) to ``context``; all but the
+        listings are made when first used, so that their modules load only when needed
+        (the agent's idle memory)."""
         super().bind(context)
-        self._inventory = MachineInventory(context, lldp=self._lldp)
+        self._interfaces = InterfaceListing(context, lldp=self._lldp)
         self._disks = DiskListing(context, udev=self._udev)
         self._made: dict[str, Any] = {}
 
@@ -89,6 +91,11 @@ class GenericHardwareManager(HardwareManager):
         if name not in self._made:
             self._made[name] = make()
         return cast(_Made, self._made[name])
+
+    @property
+    def _machine(self) -> MachineDetails:
+        from ipa_twisted.hardware.generic.machine import MachineDetails
+        return self._collaborator("machine", lambda: MachineDetails(self.context))
 
     @property
     def _eraser(self) -> DiskEraser:
@@ -107,38 +114,38 @@ class GenericHardwareManager(HardwareManager):
         from ipa_twisted.hardware.generic.burnin import BurnIn
         return self._collaborator("burnin", lambda: BurnIn(self.context, self))
 
-    # -- inventory (ipa_twisted.hardware.generic.inventory) ----------------------------------
+    # -- inventory (ipa_twisted.hardware.generic.inventory and .machine) ---------------------
     async def get_cpus(self) -> CPU:
-        """The CPU (``MachineInventory.get_cpus``)."""
-        return await self._inventory.get_cpus()
+        """The CPU (``MachineDetails.get_cpus``)."""
+        return await self._machine.get_cpus()
 
     async def get_memory(self) -> Memory:
-        """The memory (``MachineInventory.get_memory``)."""
-        return await self._inventory.get_memory()
+        """The memory (``MachineDetails.get_memory``)."""
+        return await self._machine.get_memory()
 
     async def list_network_interfaces(self) -> list[NetworkInterface]:
-        """The network interfaces (``MachineInventory.list_network_interfaces``)."""
-        return await self._inventory.list_network_interfaces()
+        """The network interfaces (``InterfaceListing.list_network_interfaces``)."""
+        return await self._interfaces.list_network_interfaces()
 
     async def get_bmc_address(self) -> str | None:
-        """The BMC's IPv4 address (``MachineInventory.get_bmc_address``)."""
-        return await self._inventory.get_bmc_address()
+        """The BMC's IPv4 address (``MachineDetails.get_bmc_address``)."""
+        return await self._machine.get_bmc_address()
 
     async def get_bmc_mac(self) -> str | None:
-        """The BMC's MAC address (``MachineInventory.get_bmc_mac``)."""
-        return await self._inventory.get_bmc_mac()
+        """The BMC's MAC address (``MachineDetails.get_bmc_mac``)."""
+        return await self._machine.get_bmc_mac()
 
     async def get_bmc_v6address(self) -> str | None:
-        """The BMC's IPv6 address (``MachineInventory.get_bmc_v6address``)."""
-        return await self._inventory.get_bmc_v6address()
+        """The BMC's IPv6 address (``MachineDetails.get_bmc_v6address``)."""
+        return await self._machine.get_bmc_v6address()
 
     async def get_system_vendor_info(self) -> SystemVendorInfo:
-        """Product, serial, manufacturer, firmware (``MachineInventory``)."""
-        return await self._inventory.get_system_vendor_info()
+        """Product, serial, manufacturer, firmware (``MachineDetails``)."""
+        return await self._machine.get_system_vendor_info()
 
     def get_boot_info(self) -> BootInfo:
-        """The boot mode and PXE MAC (``MachineInventory.get_boot_info``)."""
-        return self._inventory.get_boot_info()
+        """The boot mode and PXE MAC (``MachineDetails.get_boot_info``)."""
+        return self._machine.get_boot_info()
 
     # -- erasing (ipa_twisted.hardware.generic.erase) ----------------------------------------
     async def erase_devices(self, node: Any, ports: Any) -> dict[str, Any]:
