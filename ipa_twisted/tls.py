@@ -31,7 +31,6 @@ not per connection.
 
 from __future__ import annotations
 
-import os
 import re
 import weakref
 from collections.abc import Callable

@@ -19,7 +19,7 @@ The ``Authorization`` header (``access.authorization_header``) is, as in the ref
 registry's bearer token), else HTTP basic auth with ``image_server_user``/``_password`` when
 image_info's ``image_server_auth_strategy`` is ``http_basic``, else the same from the
 agent's own options. ``proxies`` and ``no_proxy`` pick a proxy per URL (``access.proxy_for``); the
-client for a proxy comes from ``ipa_twisted.http.make_proxy_http_client``. ``abort`` stops a
+client for a proxy comes from ``ipa_twisted.proxy.make_proxy_http_client``. ``abort`` stops a
 transfer at once, also while it waits for an answer or for its next retry
 (``image_download_max_duration`` uses it).
 """

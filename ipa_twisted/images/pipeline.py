@@ -56,7 +56,8 @@ from ipa_twisted.images.stages import (BATCH, Worker, ZstdSink, feed_all, hash_a
                                       streaming_heap)
 from ipa_twisted.blockdev.writer import (DeviceWriter, SequentialSink, device_size,
                                          wipe_partition_tables)
-from ipa_twisted.http import make_pool, make_proxy_http_client
+from ipa_twisted.http import make_pool
+from ipa_twisted.proxy import make_proxy_http_client
 
 log = Logger()
 
