@@ -224,11 +224,10 @@ class ContainerHardwareManager(HardwareManager):
 
     def __getattr__(self, name: str) -> Any:
         """A step of the steps file, as the callable that runs it (the dispatcher finds
-        steps by name)."""
-        if name.startswith("_") or name in self._reserved_names():
+        steps by name). The reserved names are worked out only for a name the file has: the
+        dispatcher asks every manager for every method, and most machines have no file."""
+        if name.startswith("_") or self._context is None:
             raise AttributeError(f"{type(self).__name__} object has no attribute {name}")
-        if self._context is None:
-            raise AttributeError(name)
         try:
             steps = read_steps_file(self._steps_file())
         except HardwareManagerConfigurationError as e:
@@ -237,7 +236,7 @@ class ContainerHardwareManager(HardwareManager):
                            error=str(e))
             steps = []
         for step in steps:
-            if step.get("name") == name:
+            if step.get("name") == name and name not in self._reserved_names():
                 return partial(self._container_step, container_url=step.get("image"),
                                pull_options=step.get("pull_options"),
                                run_options=step.get("run_options"), trusted=True)
