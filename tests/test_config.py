@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import io
 import os
 import random
@@ -392,6 +393,46 @@ class MetadataTests(SynchronousTestCase):
         cli = {f.name: f.default for f in OPTIONS}
         config, _ = load_config(cli=cli, default_files=False, cmdline_path=self.mktemp())
         self.assertEqual(config.override(cmdline_path="/proc/cmdline"), AgentConfig())
+
+
+class AgentConfigObjectTests(SynchronousTestCase):
+    """AgentConfig's hand-written ``__init__``, ``__repr__``, ``__eq__`` and ``__hash__``
+    behave as the generated ones did, and the repr hides secrets."""
+
+    def test_defaults_keywords_and_unknown_options(self) -> None:
+        config = AgentConfig(api_url="http://ironic:6385")
+        self.assertEqual((config.api_url, config.listen_port), ("http://ironic:6385", 9999))
+        with self.assertRaises(TypeError) as raised:
+            AgentConfig(no_such_option=1, api_url="x")   # type: ignore[call-arg]
+        self.assertIn("no_such_option", str(raised.exception))
+        with self.assertRaises(dataclasses.FrozenInstanceError):
+            config.api_url = "changed"  # type: ignore[misc]
+
+    def test_equality_hash_and_replace(self) -> None:
+        first, second = AgentConfig(listen_port=1), AgentConfig(listen_port=1)
+        self.assertEqual(first, second)
+        self.assertEqual(hash(first), hash(second))
+        self.assertNotEqual(first, AgentConfig(listen_port=2))
+        self.assertNotEqual(first, object())
+        self.assertEqual(dataclasses.replace(first, listen_port=2), AgentConfig(listen_port=2))
+        self.assertEqual(first.override(listen_port=2).listen_port, 2)
+
+    def test_repr_hides_secrets(self) -> None:
+        text = repr(AgentConfig(agent_token="token-value", image_server_password="pw-value",
+                                api_url="http://ironic:6385"))
+        self.assertIn("agent_token=<secret>", text)
+        self.assertIn("image_server_password=<secret>", text)
+        self.assertNotIn("token-value", text)
+        self.assertNotIn("pw-value", text)
+        self.assertIn("api_url='http://ironic:6385'", text)
+        self.assertIn("agent_token=None", repr(AgentConfig()))
+
+    def test_metadata_defaults(self) -> None:
+        token = _FIELD["agent_token"].metadata
+        self.assertEqual((token["secret"], token["section"], token["aliases"]),
+                         (True, "DEFAULT", ()))
+        self.assertNotIn("secret", dict(_FIELD["api_url"].metadata))   # stored sparsely
+        self.assertIs(_FIELD["api_url"].metadata["secret"], False)
 
 
 class DocsTests(SynchronousTestCase):
