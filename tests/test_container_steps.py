@@ -144,6 +144,19 @@ class SupportTests(Base):
 
 
 class StepListTests(Base):
+    def test_other_managers_methods_are_quiet_misses(self) -> None:
+        """The dispatcher asks every manager for every method: without a steps file such a
+        miss reads nothing and logs nothing; with one, a file step cannot take the name of
+        another manager's method."""
+        with capturedLogs() as events:
+            self.assertIsNone(getattr(self.manager, "erase_devices_metadata", None))
+            self.assertIsNone(getattr(self.manager, "cache_node", None))
+        self.assertEqual(events, [])
+        self.steps_file("steps:\n  - name: erase_devices_metadata\n    image: x\n"
+                        "  - name: my_step\n    image: quay.io/x\n")
+        self.assertIsNone(getattr(self.manager, "erase_devices_metadata", None))
+        self.assertIsNotNone(getattr(self.manager, "my_step", None))
+
     def test_without_steps_file(self) -> None:
         steps = self.manager.get_clean_steps({}, [])
         self.assertEqual([s["step"] for s in steps],

@@ -35,6 +35,7 @@ may have changed it since). Image references match the allowlist exactly, ignori
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from functools import partial
 from typing import Any, ClassVar
@@ -226,7 +227,8 @@ class ContainerHardwareManager(HardwareManager):
         """A step of the steps file, as the callable that runs it (the dispatcher finds
         steps by name). The reserved names are worked out only for a name the file has: the
         dispatcher asks every manager for every method, and most machines have no file."""
-        if name.startswith("_") or self._context is None:
+        if (name.startswith("_") or self._context is None
+                or not os.path.exists(self._steps_file())):   # no file: no file steps
             raise AttributeError(f"{type(self).__name__} object has no attribute {name}")
         try:
             steps = read_steps_file(self._steps_file())
